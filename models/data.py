@@ -1,0 +1,344 @@
+"""QM9 molecules: load, cache, split and batch.
+
+Source of truth is the CSV that the `qm9pack` wheel ships (all 130,831 characterised molecules with
+B3LYP coordinates). Without qm9pack, the original QM9 release (one .xyz file per molecule in a
+tar.bz2, plus the list of 3,054 uncharacterised molecules) is downloaded and parsed instead. Either
+way the molecules are converted once into a compact .npz cache that later loads read in well under a
+second.
+
+Inside the models a batch is a dense padded tensor set (DESIGN.md):
+    types [B, N] long (index into ATOM_SYMBOLS), pos [B, N, 3] float (centred), mask [B, N] bool.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ATOM_SYMBOLS = ("H", "C", "N", "O", "F")
+ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
+SYMBOL_TO_TYPE = {s: i for i, s in enumerate(ATOM_SYMBOLS)}
+NUMBER_TO_TYPE = {z: i for i, z in enumerate(ATOMIC_NUMBERS)}
+
+# EDM / Cormorant split of the 130,831 characterised molecules (sorted by QM9 index):
+# a permutation from np.random.seed(0), then 100,000 train / 17,748 valid / 13,083 test.
+QM9_N_MOLECULES = 130_831
+QM9_SPLIT_SIZES = {"train": 100_000, "valid": 17_748, "test": 13_083}
+QM9_SPLIT_SEED = 0
+
+QM9_XYZ_URL = "https://springernature.figshare.com/ndownloader/files/3195389"  # dsgdb9nsd.xyz.tar.bz2
+QM9_EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"  # uncharacterized.txt
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names the file, the record and the problem."""
+
+
+@dataclass
+class MoleculeSet:
+    """Molecules as ragged, concatenated arrays (the same layout as the labels HDF5 file).
+
+    numbers [A] int8 atomic numbers, positions [A, 3] float32 Angstrom (as in the source, not centred),
+    n_atoms [S] int32, offset [S] int64, smiles [S] str, ids [S] int32 (QM9 index, 1-based).
+    """
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    n_atoms: np.ndarray
+    offset: np.ndarray
+    smiles: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.n_atoms)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(atomic numbers [n], positions [n, 3]) of molecule i."""
+        lo, n = int(self.offset[i]), int(self.n_atoms[i])
+        return self.numbers[lo:lo + n], self.positions[lo:lo + n]
+
+    def subset(self, idx) -> "MoleculeSet":
+        idx = np.asarray(idx, dtype=np.int64)
+        n_atoms = self.n_atoms[idx]
+        atom_idx = np.concatenate([np.arange(self.offset[i], self.offset[i] + self.n_atoms[i]) for i in idx]) \
+            if len(idx) else np.zeros(0, dtype=np.int64)
+        offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64) if len(idx) else np.zeros(0, np.int64)
+        return MoleculeSet(self.numbers[atom_idx], self.positions[atom_idx], n_atoms, offset,
+                           self.smiles[idx], self.ids[idx])
+
+    def to_atoms(self, i: int):
+        import ase
+        numbers, positions = self[i]
+        return ase.Atoms(numbers=numbers.astype(int), positions=positions.astype(np.float64))
+
+    def n_atoms_histogram(self, n_max: int | None = None) -> np.ndarray:
+        """Probability of each molecule size 0..n_max, used to pick sizes at sampling time."""
+        n_max = int(self.n_atoms.max()) if n_max is None else n_max
+        counts = np.bincount(self.n_atoms, minlength=n_max + 1)[: n_max + 1].astype(np.float64)
+        return counts / counts.sum()
+
+    def type_indices(self) -> np.ndarray:
+        """Atom-type indices [A] (H C N O F -> 0..4)."""
+        lut = np.full(128, -1, dtype=np.int64)
+        for z, t in NUMBER_TO_TYPE.items():
+            lut[z] = t
+        return lut[self.numbers]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _check_molecule(symbols: list[str], xyz: np.ndarray, where: str) -> np.ndarray:
+    """Validate one molecule and return its atomic numbers; `where` names the file and record."""
+    unknown = sorted({s for s in symbols if s not in SYMBOL_TO_TYPE})
+    if unknown:
+        raise DataError(f"{where}: unknown element(s) {unknown}; QM9 has only {list(ATOM_SYMBOLS)}")
+    if xyz.shape != (len(symbols), 3):
+        raise DataError(f"{where}: {len(symbols)} elements but coordinates of shape {xyz.shape}")
+    if len(symbols) == 0:
+        raise DataError(f"{where}: molecule has no atoms")
+    if not np.isfinite(xyz).all():
+        raise DataError(f"{where}: non-finite (NaN or Inf) coordinates")
+    if len(symbols) > 1:
+        d = np.linalg.norm(xyz[:, None] - xyz[None], axis=-1) + np.eye(len(symbols)) * 1e9
+        if d.min() < 0.5:
+            i, j = np.unravel_index(d.argmin(), d.shape)
+            raise DataError(f"{where}: atoms {i} and {j} overlap ({d.min():.3f} A apart)")
+    return np.array([ATOMIC_NUMBERS[SYMBOL_TO_TYPE[s]] for s in symbols], dtype=np.int8)
+
+
+def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray]]) -> MoleculeSet:
+    """records: (qm9 index, smiles, numbers [n], positions [n, 3]) -> MoleculeSet sorted by index."""
+    records.sort(key=lambda r: r[0])
+    n_atoms = np.array([len(r[2]) for r in records], dtype=np.int32)
+    return MoleculeSet(
+        numbers=np.concatenate([r[2] for r in records]).astype(np.int8),
+        positions=np.concatenate([r[3] for r in records]).astype(np.float32),
+        n_atoms=n_atoms,
+        offset=np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64),
+        smiles=np.array([r[1] for r in records]),
+        ids=np.array([r[0] for r in records], dtype=np.int32),
+    )
+
+
+def read_qm9pack_csv(paths: list[Path]) -> MoleculeSet:
+    """Read qm9pack's CSV files (columns Index, SMILES, Elements, XYZ_Ang, ...)."""
+    import csv
+
+    csv.field_size_limit(1 << 24)
+    records = []
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"Index", "SMILES", "Elements", "XYZ_Ang"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(f"{path}: not a qm9pack CSV, missing column(s) {sorted(missing)}")
+            for row in reader:
+                where = f"{path}, line {reader.line_num} (QM9 index {row.get('Index')})"
+                try:
+                    index = int(row["Index"])
+                    symbols = [s.strip(" '\"") for s in row["Elements"].strip("[] ").split(",") if s.strip()]
+                    flat = row["XYZ_Ang"].replace("[", " ").replace("]", " ").replace(",", " ").split()
+                    xyz = np.array([float(v) for v in flat], dtype=np.float64)
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise DataError(f"{where}: malformed row ({e})") from None
+                if xyz.size % 3:
+                    raise DataError(f"{where}: {xyz.size} coordinate values, not a multiple of 3")
+                numbers = _check_molecule(symbols, xyz.reshape(-1, 3), where)
+                records.append((index, row["SMILES"], numbers, xyz.reshape(-1, 3)))
+    if not records:
+        raise DataError(f"{', '.join(map(str, paths))}: no molecules")
+    return _pack(records)
+
+
+def parse_qm9_xyz(text: str, where: str) -> tuple[int, str, np.ndarray, np.ndarray]:
+    """One file of the original QM9 release -> (index, relaxed SMILES, numbers, positions).
+
+    Layout: n atoms; 'gdb <index> <17 properties>'; n lines 'El x y z charge'; frequencies;
+    'SMILES_GDB SMILES_B3LYP'; InChIs. Numbers may use Mathematica exponents ('1.2*^-6').
+    """
+    lines = text.splitlines()
+    try:
+        n = int(lines[0])
+        index = int(lines[1].split()[1])
+        symbols, xyz = [], []
+        for line in lines[2:2 + n]:
+            fields = line.replace("*^", "e").split()
+            symbols.append(fields[0])
+            xyz.append([float(v) for v in fields[1:4]])
+        smiles = lines[3 + n].split()[-1]
+    except (IndexError, ValueError) as e:
+        raise DataError(f"{where}: malformed QM9 xyz record ({e})") from None
+    numbers = _check_molecule(symbols, np.array(xyz, dtype=np.float64).reshape(-1, 3), where)
+    return index, smiles, numbers, np.array(xyz, dtype=np.float64)
+
+
+def read_qm9_tarball(tar_path: Path, excluded_path: Path | None) -> MoleculeSet:
+    """The original release: dsgdb9nsd.xyz.tar.bz2, minus the uncharacterised molecules."""
+    excluded: set[int] = set()
+    if excluded_path is not None:
+        # uncharacterized.txt: a header, then rows whose first column is the QM9 index.
+        for line in Path(excluded_path).read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0].isdigit():
+                excluded.add(int(fields[0]))
+    records = []
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".xyz"):
+                    continue
+                text = tar.extractfile(member).read().decode()
+                rec = parse_qm9_xyz(text, f"{tar_path}:{member.name}")
+                if rec[0] not in excluded:
+                    records.append(rec)
+    except (tarfile.TarError, EOFError, OSError) as e:  # truncated or corrupt archives
+        raise DataError(f"{tar_path}: not a readable tar archive ({e})") from None
+    if not records:
+        raise DataError(f"{tar_path}: no .xyz molecules found")
+    return _pack(records)
+
+
+def download(url: str, dest: Path) -> Path:
+    """Download url to dest atomically (temp file + rename), with a progress bar."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".")
+    try:
+        with urllib.request.urlopen(url) as r, os.fdopen(fd, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def qm9pack_csv_files() -> list[Path] | None:
+    """qm9pack's data files, found without importing qm9pack (its import needs pkg_resources)."""
+    spec = importlib.util.find_spec("qm9pack")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    files = sorted(data.glob("qm9_part*.csv"))
+    return files or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache and splits
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MOLGEN_DATA", "data"))
+
+
+def save_cache(mols: MoleculeSet, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, version=CACHE_VERSION, numbers=mols.numbers, positions=mols.positions,
+             n_atoms=mols.n_atoms, offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids)
+    os.replace(tmp, path)
+
+
+def load_cache(path: Path) -> MoleculeSet:
+    with np.load(path, allow_pickle=False) as z:
+        if int(z["version"]) != CACHE_VERSION:
+            raise DataError(f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; delete it to rebuild")
+        return MoleculeSet(z["numbers"], z["positions"], z["n_atoms"], z["offset"], z["smiles"], z["ids"])
+
+
+def load_qm9(split: str | None = None, data_dir: str | Path | None = None, source: str = "auto") -> MoleculeSet:
+    """All of QM9 (split=None) or one of 'train' / 'valid' / 'test' (the EDM split).
+
+    source: 'auto' (qm9pack if installed, else download), 'qm9pack' or 'download'.
+    The first call writes data_dir/qm9.npz; later calls read only that.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    cache = data_dir / "qm9.npz"
+    if cache.exists():
+        mols = load_cache(cache)
+    else:
+        csvs = qm9pack_csv_files() if source in ("auto", "qm9pack") else None
+        if csvs:
+            mols = read_qm9pack_csv(csvs)
+        elif source == "qm9pack":
+            raise DataError("qm9pack is not installed: `pip install qm9pack` (or use source='download')")
+        else:
+            raw = data_dir / "raw"
+            tar = raw / "dsgdb9nsd.xyz.tar.bz2"
+            excluded = raw / "uncharacterized.txt"
+            if not tar.exists():
+                download(QM9_XYZ_URL, tar)
+            if not excluded.exists():
+                download(QM9_EXCLUDED_URL, excluded)
+            mols = read_qm9_tarball(tar, excluded)
+        save_cache(mols, cache)
+    if split is None:
+        return mols
+    return mols.subset(split_indices(len(mols))[split])
+
+
+def split_indices(n: int) -> dict[str, np.ndarray]:
+    """EDM sizes on the full set; a smaller set (a test fixture) is split in the same proportions."""
+    perm = np.random.RandomState(QM9_SPLIT_SEED).permutation(n)
+    if n == QM9_N_MOLECULES:
+        n_train, n_valid = QM9_SPLIT_SIZES["train"], QM9_SPLIT_SIZES["valid"]
+    else:
+        n_test = int(0.1 * n)
+        n_train = int(round(n * QM9_SPLIT_SIZES["train"] / QM9_N_MOLECULES))
+        n_valid = n - n_train - n_test
+    return {"train": perm[:n_train], "valid": perm[n_train:n_train + n_valid], "test": perm[n_train + n_valid:]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+class PaddedMolecules:
+    """Molecules as padded tensors, all padded to the same n_max so every batch has one shape.
+
+    types [S, n_max] long, pos [S, n_max, 3] float32 (centre of geometry at 0), mask [S, n_max] bool.
+    """
+
+    def __init__(self, mols: MoleculeSet, n_max: int | None = None):
+        n_max = int(mols.n_atoms.max()) if n_max is None else n_max
+        if mols.n_atoms.max() > n_max:
+            raise DataError(f"a molecule has {mols.n_atoms.max()} atoms, more than n_max={n_max}")
+        S = len(mols)
+        types = np.zeros((S, n_max), dtype=np.int64)
+        pos = np.zeros((S, n_max, 3), dtype=np.float32)
+        mask = np.arange(n_max)[None, :] < mols.n_atoms[:, None]
+        all_types = mols.type_indices()
+        types[mask] = all_types
+        pos[mask] = mols.positions
+        self.types = torch.from_numpy(types)
+        self.pos = remove_mean(torch.from_numpy(pos), torch.from_numpy(mask))
+        self.mask = torch.from_numpy(mask)
+        self.n_max = n_max
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {"types": self.types[idx].to(device), "pos": self.pos[idx].to(device), "mask": self.mask[idx].to(device)}
+
+
+def remove_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Subtract the masked mean over atoms: x [B, N, D], mask [B, N] -> x with zero centre, 0 at padding."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+    return (x - mean) * m
