@@ -1,0 +1,93 @@
+"""Checkpoints: atomic writes, safe loads (weights_only), and rebuilding a model from a checkpoint alone.
+
+A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so
+`torch.load(weights_only=True)` reads it; configs are stored as dicts and turned back into the
+arch's and process's dataclasses here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from models import ARCHS, PROCESSES
+
+FORMAT = "molgen-bench-ckpt-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """state: the checkpoint dict; its metadata (everything but tensors' dicts) also goes to config.json."""
+    state = {"format": FORMAT, **state}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+
+    atomic_write(Path(path).with_name("config.json"), write_json)
+
+
+def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None) -> dict:
+    """Load safely; with arch / gen given, refuse a checkpoint trained for another one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or pickled objects we refuse to load
+        raise CheckpointError(f"{path}: not a readable MolGen-Bench checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a MolGen-Bench checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r}, expected {FORMAT!r})")
+    for key, want in (("arch", arch), ("gen", gen)):
+        if want is not None and ckpt[key] != want:
+            raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
+    if ckpt["arch"] not in ARCHS:
+        raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r}; known: {sorted(ARCHS)}")
+    if ckpt["gen"] not in PROCESSES:
+        raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r}; known: {sorted(PROCESSES)}")
+    return ckpt
+
+
+def config_from_dict(cls, values: dict):
+    """Dataclass from a stored dict, naming unknown keys (a checkpoint from a newer or other version)."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise CheckpointError(f"config keys {sorted(unknown)} are not fields of {cls.__name__}")
+    return cls(**values)
+
+
+def build_model(ckpt: dict, weights: str = "ema"):
+    """(model, process) from a checkpoint alone; weights 'ema' (for sampling) or 'model'."""
+    arch_cls, proc_cls = ARCHS[ckpt["arch"]], PROCESSES[ckpt["gen"]]
+    model = arch_cls(config_from_dict(arch_cls.Config, ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt[weights])
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit a {ckpt['arch']} model with config {ckpt['model_config']}: {e}") from None
+    process = proc_cls(config_from_dict(proc_cls.Config, ckpt["process_config"]))
+    return model, process
+

@@ -1,0 +1,71 @@
+"""E(3) symmetries of the backbone, checked in float64 so a broken symmetry cannot hide in rounding."""
+import pytest
+import torch
+
+from models import ARCHS
+from models.data import remove_mean
+
+
+def random_inputs(B=3, N=9, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 2:] = False
+    h = torch.randn(B, N, T, generator=g, dtype=torch.float64) * mask[..., None]
+    pos = remove_mean(torch.randn(B, N, 3, generator=g, dtype=torch.float64) * 1.5, mask)
+    t = torch.rand(B, generator=g, dtype=torch.float64)
+    return h, pos, t, mask
+
+
+def orthogonal(det_sign, seed=1):
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    if torch.det(q) * det_sign < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def model(request):
+    torch.manual_seed(0)
+    cls = ARCHS[request.param]
+    return cls(cls.Config(hidden=32, n_layers=3)).double().eval()
+
+
+@pytest.mark.parametrize("det_sign", [1, -1], ids=["rotation", "reflection"])
+def test_equivariance(model, det_sign):
+    h, pos, t, mask = random_inputs()
+    q = orthogonal(det_sign)
+    v, logits = model(h, pos, t, mask)
+    v_rot, logits_rot = model(h, pos @ q, t, mask)
+    assert torch.allclose(v @ q, v_rot, atol=1e-10)
+    assert torch.allclose(logits, logits_rot, atol=1e-10)
+
+
+def test_translation_invariance(model):
+    h, pos, t, mask = random_inputs()
+    v, logits = model(h, pos, t, mask)
+    v_shift, logits_shift = model(h, pos + torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64), t, mask)
+    assert torch.allclose(v, v_shift, atol=1e-10) and torch.allclose(logits, logits_shift, atol=1e-10)
+
+
+def test_permutation_equivariance(model):
+    h, pos, t, mask = random_inputs()
+    mask[:] = True
+    perm = torch.randperm(h.shape[1], generator=torch.Generator().manual_seed(5))
+    v, logits = model(h, pos, t, mask)
+    v_p, logits_p = model(h[:, perm], pos[:, perm], t, mask)
+    assert torch.allclose(v[:, perm], v_p, atol=1e-10) and torch.allclose(logits[:, perm], logits_p, atol=1e-10)
+
+
+def test_padding_invariance(model):
+    """Extra padded atoms, whatever garbage they hold, change nothing for the real atoms."""
+    h, pos, t, mask = random_inputs()
+    v, logits = model(h, pos, t, mask)
+    pad = 4
+    h2 = torch.cat([h, torch.randn(h.shape[0], pad, h.shape[2], dtype=torch.float64)], 1)
+    pos2 = torch.cat([pos, torch.randn(pos.shape[0], pad, 3, dtype=torch.float64) * 10], 1)
+    mask2 = torch.cat([mask, torch.zeros(mask.shape[0], pad, dtype=torch.bool)], 1)
+    v2, logits2 = model(h2, pos2, t, mask2)
+    assert torch.allclose(v2[:, :-pad], v, atol=1e-10) and torch.allclose(logits2[:, :-pad], logits, atol=1e-10)
+    assert (v2[~mask2] == 0).all() and (logits2[~mask2] == 0).all()
+    assert v[mask].sum(0).abs().max() < 1e-10 or torch.allclose(remove_mean(v, mask), v, atol=1e-10)
