@@ -1,0 +1,314 @@
+"""Train a 3D generative model of molecules: one loop for every --arch x --gen combination.
+
+    python train.py --arch gnn --gen flow --preset small            # one device (CUDA if present, else CPU)
+    torchrun --nproc_per_node 8 train.py --arch gnn --gen flow ...  # data-parallel, same flags
+
+Reads top to bottom: flags, distributed setup, data, model, optimiser, checkpoints, loop. Only rank 0
+writes files. Writes OUT/ckpt.pt (+ config.json), OUT/log.jsonl and OUT/train.log.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from models import ARCHS, PROCESSES
+from models.checkpoint import CheckpointError, build_model, config_from_dict, load_checkpoint, save_checkpoint
+from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, PaddedMolecules, load_qm9
+from models.metrics import stability
+
+# ----------------------------------------------------------------------------------------------
+# Flags. A preset sets model size, data size and schedule; any flag given explicitly wins.
+
+PRESETS = {
+    # seconds on a CPU: tests and smoke runs
+    "tiny": dict(hidden=32, n_layers=2, iters=60, batch_size=16, n_train=256, lr=2e-3, warmup=10,
+                 log_every=10, eval_every=0, eval_samples=32, sample_steps=10, val_size=64),
+    # the README's CPU default: about 10 minutes on 2 cores
+    "small": dict(hidden=64, n_layers=4, iters=1500, batch_size=64, n_train=None, lr=1e-3, warmup=100,
+                  log_every=50, eval_every=500, eval_samples=100, sample_steps=50, val_size=512),
+    # a GPU
+    "base": dict(hidden=128, n_layers=6, iters=200_000, batch_size=128, n_train=None, lr=5e-4, warmup=2000,
+                 log_every=100, eval_every=10_000, eval_samples=500, sample_steps=100, val_size=2000),
+    "large": dict(hidden=256, n_layers=9, iters=500_000, batch_size=256, n_train=None, lr=3e-4, warmup=5000,
+                  log_every=100, eval_every=20_000, eval_samples=1000, sample_steps=100, val_size=4000),
+}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--arch", choices=sorted(ARCHS), default="gnn", help="backbone network")
+parser.add_argument("--gen", choices=sorted(PROCESSES), default="flow", help="generative process")
+parser.add_argument("--data", choices=["qm9"], default="qm9", help="data set (crystal sets come with their issue)")
+parser.add_argument("--data-dir", default=None, help="where the data cache lives (default: ./data or $MOLGEN_DATA)")
+parser.add_argument("--task", choices=["gen"], default="gen", help="gen: generative model (ff: force field, its own issue)")
+parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
+parser.add_argument("--hidden", type=int, help="hidden width of the backbone (preset)")
+parser.add_argument("--n-layers", type=int, help="number of backbone layers (preset)")
+parser.add_argument("--iters", type=int, help="optimisation steps in total (preset)")
+parser.add_argument("--batch-size", type=int, help="global batch size in molecules, split over ranks (preset)")
+parser.add_argument("--n-train", type=int, help="use only the first N training molecules (preset; default all)")
+parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (preset)")
+parser.add_argument("--warmup", type=int, help="linear warm-up steps before cosine decay (preset)")
+parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
+parser.add_argument("--weight-decay", type=float, default=1e-12, help="AdamW weight decay")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+parser.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights used for sampling")
+parser.add_argument("--ot-align", action="store_true", help="flow: equivariant OT alignment of prior and data")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
+parser.add_argument("--out", default=None, help="output directory (default: out/<data>_<arch>_<gen>_<preset>)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt: weights, EMA, optimiser, schedule, RNG, step")
+parser.add_argument("--log-every", type=int, help="steps between progress lines (preset)")
+parser.add_argument("--eval-every", type=int, help="steps between validation loss + quick sample stability (0: only at the end) (preset)")
+parser.add_argument("--eval-samples", type=int, help="molecules sampled for the periodic stability check (preset)")
+parser.add_argument("--sample-steps", type=int, help="ODE steps of the periodic sampling check (preset)")
+parser.add_argument("--val-size", type=int, help="validation molecules for the validation loss (preset)")
+parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (also written at the end)")
+parser.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
+parser.add_argument("--wandb", default=None, help="wandb project name (logs there if wandb is installed)")
+args = parser.parse_args()
+for key, value in PRESETS[args.preset].items():
+    if getattr(args, key) is None:
+        setattr(args, key, value)
+out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup: the same file runs alone or under torchrun.
+
+ddp = "RANK" in os.environ
+if ddp:
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:  # share the cores between the processes on this node
+        torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+else:
+    rank, world = 0, 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+master = rank == 0
+if args.batch_size % world:
+    raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+local_batch = args.batch_size // world
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+log_file = None
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "train.log", "a")
+
+
+def log(line: str) -> None:
+    if master:
+        tqdm.write(line)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+
+def log_json(record: dict) -> None:
+    if master:
+        with open(out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(record, step=record["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Every batch is padded to the data set's largest molecule: one shape for torch.compile, and
+# noise drawn for the global batch can be sliced by rank.
+
+t_load = time.time()
+train_mols = load_qm9("train", args.data_dir)
+if args.n_train:
+    train_mols = train_mols.subset(range(min(args.n_train, len(train_mols))))
+valid_mols = load_qm9("valid", args.data_dir)
+valid_mols = valid_mols.subset(range(min(args.val_size, len(valid_mols))))
+n_max = int(max(train_mols.n_atoms.max(), valid_mols.n_atoms.max()))
+train_set, valid_set = PaddedMolecules(train_mols, n_max), PaddedMolecules(valid_mols, n_max)
+n_atoms_hist = train_mols.n_atoms_histogram().tolist()
+log(f"data: {len(train_set)} train / {len(valid_set)} validation molecules, n_max {n_max}, loaded in {time.time() - t_load:.1f} s")
+
+
+def batch_indices(step: int) -> torch.Tensor:
+    """The global batch of a step: a fresh seeded permutation each epoch, so any step can be rebuilt
+    from (seed, step) alone and a resumed run sees exactly the batches it would have seen."""
+    positions = torch.arange(step * args.batch_size, (step + 1) * args.batch_size)
+    epochs, within = positions // len(train_set), positions % len(train_set)
+    perms = {int(e): torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100_003 + int(e)))
+             for e in epochs.unique()}
+    return torch.stack([perms[int(e)][i] for e, i in zip(epochs, within)])
+
+
+def step_generator(step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7 + salt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, process, optimiser, schedule, EMA
+
+ckpt_path = out_dir / "ckpt.pt"
+resume_ckpt = None
+if args.resume:
+    try:
+        resume_ckpt = load_checkpoint(ckpt_path, arch=args.arch, gen=args.gen)
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume: {e}")
+arch_cls, proc_cls = ARCHS[args.arch], PROCESSES[args.gen]
+if resume_ckpt is not None:  # the checkpoint's configs win over the flags
+    model, process = build_model(resume_ckpt, weights="model")
+else:
+    torch.manual_seed(args.seed)
+    model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers))
+    process = proc_cls(config_from_dict(proc_cls.Config, {"n_types": len(ATOM_SYMBOLS), **({"ot_align": True} if args.ot_align else {})}))
+model.to(device)
+ema = copy.deepcopy(model).requires_grad_(False)
+n_params = sum(p.numel() for p in model.parameters())
+log(f"model: {args.arch} {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; process: {args.gen} {asdict(process.config)}")
+
+optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+
+
+def lr_factor(step: int) -> float:
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.iters - args.warmup))
+    return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+start_step = 0
+if resume_ckpt is not None:
+    ema.load_state_dict(resume_ckpt["ema"])
+    optimizer.load_state_dict(resume_ckpt["optimizer"])
+    scheduler.load_state_dict(resume_ckpt["scheduler"])
+    start_step = resume_ckpt["step"]
+    torch.set_rng_state(resume_ckpt["rng"]["torch"])
+    if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
+    log(f"resumed from {ckpt_path} at step {start_step}")
+
+train_model = torch.compile(model) if args.compile else model
+if ddp:
+    train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+wandb_run = None
+if master and args.wandb:
+    try:
+        import wandb
+        wandb_run = wandb.init(project=args.wandb, config=vars(args), dir=str(out_dir))
+    except ImportError:
+        log("wandb is not installed; logging to log.jsonl only")
+
+
+@torch.no_grad()
+def update_ema(step: int) -> None:
+    decay = min(args.ema_decay, (1 + step) / (10 + step))  # short memory early on, when weights move fast
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
+def save(step: int) -> None:
+    if not master:
+        return
+    save_checkpoint(ckpt_path, {
+        "arch": args.arch, "gen": args.gen, "task": args.task, "data": args.data, "step": step,
+        "model_config": asdict(model.config), "process_config": asdict(process.config),
+        "atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": n_atoms_hist, "args": vars(args),
+        "model": model.state_dict(), "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+    })
+
+
+@torch.no_grad()
+def evaluate(step: int) -> dict:
+    """Validation loss of the EMA weights with fixed noise, and stability of freshly sampled molecules."""
+    ema.eval()
+    losses = []
+    for lo in range(0, len(valid_set), local_batch):
+        idx = torch.arange(lo, min(lo + local_batch, len(valid_set)))
+        noise = process.draw_noise(len(idx), n_max, step_generator(lo, salt=3))
+        with autocast:
+            losses.append(process.loss(ema, valid_set.batch(idx, device), noise).item() * len(idx))
+    record = {"step": step, "val_loss": sum(losses) / len(valid_set)}
+    if args.eval_samples:
+        hist = torch.tensor(n_atoms_hist)
+        gen = torch.Generator().manual_seed(args.seed + 17)
+        n_atoms = torch.multinomial(hist, args.eval_samples, replacement=True, generator=gen)
+        with autocast:
+            out = process.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen)
+        types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
+        z = torch.tensor(ATOMIC_NUMBERS)[types]
+        results = [stability(z[i][mask[i]].numpy(), pos[i][mask[i]].double().numpy()) for i in range(len(n_atoms))]
+        record["mol_stability"] = sum(r[0] for r in results) / len(results)
+        record["atom_stability"] = sum(r[1] for r in results) / sum(r[2] for r in results)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+
+log(f"training {args.arch} x {args.gen} on {args.data}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
+    f"on {world} process(es), device {device}, out {out_dir}")
+rows = slice(rank * local_batch, (rank + 1) * local_batch)
+end_step = args.iters if args.stop_after is None else min(args.iters, start_step + args.stop_after)
+bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True)
+t_start, t_last, seen = time.time(), time.time(), 0
+model.train()
+for step in range(start_step, end_step):
+    idx = batch_indices(step)[rows]
+    batch = train_set.batch(idx, device)
+    noise = {k: v[rows] for k, v in process.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
+    with autocast:
+        loss = process.loss(train_model, batch, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    update_ema(step)
+    seen += args.batch_size
+    bar.update(1)
+
+    done = step + 1
+    if done % args.log_every == 0 or done == args.iters:
+        loss_value = loss.detach()
+        if ddp:  # the mean over ranks (gloo has no AVG)
+            dist.all_reduce(loss_value)
+            loss_value /= world
+        now = time.time()
+        mol_per_s = seen / (now - t_last)
+        eta = (args.iters - done) * args.batch_size / max(mol_per_s, 1e-9)
+        record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm.item(), "mol_per_s": mol_per_s, "time": now - t_start}
+        log_json(record)
+        log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad {record['grad_norm']:.2f} | {mol_per_s:,.0f} mol/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", mol_s=f"{mol_per_s:,.0f}")
+        t_last, seen = now, 0
+    if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
+        record = evaluate(done)
+        log_json(record)
+        log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        model.train()
+    if done % args.ckpt_every == 0 or done == end_step:
+        save(done)
+bar.close()
+elapsed = time.time() - t_start
+steps_run = end_step - start_step
+log(f"{'done' if end_step == args.iters else f'stopped at step {end_step} (--stop-after)'}: {steps_run} steps in {elapsed:.1f} s ({steps_run * args.batch_size / max(elapsed, 1e-9):,.0f} molecules/s "
+    f"including evaluation); checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()
