@@ -10,8 +10,11 @@ x_t = (1 - t) x0 + t x1 for t in [0, 1], with x0 from the prior and x1 from the 
     the small scale (0.25, as in EDM) makes types resolve late, after the geometry has formed.
 
 The network predicts the endpoint x1 (coordinates directly, types as logits whose softmax is the
-expected one-hot); the velocity used by the sampler is u_t = (x1_hat - x_t) / (1 - t). Predicting x1
-gives a loss of bounded scale at every t, where regressing the velocity blows up as t -> 1.
+expected one-hot); the velocity is u_t = (x1_hat - x_t) / (1 - t). The coordinate loss is the standard
+CFM regression of that velocity onto x1 - x0, i.e. the x1 error weighted by 1 / (1 - t)^2 (capped at
+t = 1 - min_one_minus_t). Unweighted x1 errors are dominated by the irreducible error at small t and
+leave the fine geometry at late t, which bond-based stability depends on, nearly untrained (measured:
+atom stability 35 % unweighted vs 48 % weighted after 600 steps of the same model).
 
 Interface shared by every generative process:
     loss(model, batch, noise=None) -> scalar
@@ -36,6 +39,7 @@ class FlowConfig:
     type_scale: float = 0.25  # one-hot types are scaled by this before noising
     type_loss_weight: float = 0.5  # weight of the atom-type cross-entropy against the coordinate MSE
     ot_align: bool = False  # equivariant OT alignment of prior and data coordinates
+    min_one_minus_t: float = 0.05  # caps the velocity-loss weight 1 / (1 - t)^2 at 400
 
 
 def kabsch_rotation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -105,7 +109,8 @@ class FlowMatching:
         # Per-molecule means, then the mean over molecules: equal-sized DDP shards then average to
         # exactly the loss of the whole global batch.
         n_real = mask.sum(1).clamp(min=1)
-        coord_loss = (((x1_hat - x1) ** 2).sum(-1) * mask).sum(1) / n_real
+        weight = (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
+        coord_loss = (((x1_hat - x1) ** 2).sum(-1) * weight * mask).sum(1) / n_real
         ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")  # [B, N]
         type_loss = (ce * mask).sum(1) / n_real
         return (coord_loss + self.config.type_loss_weight * type_loss).mean()
