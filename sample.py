@@ -21,8 +21,8 @@ import torch
 from rdkit import Chem
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, atomic_write, build_model, load_checkpoint
-from models.data import ATOM_SYMBOLS
+from models.checkpoint import CheckpointError, build_model, load_checkpoint
+from models.data import ATOM_SYMBOLS, atomic_write
 from models.metrics import build_mol
 
 

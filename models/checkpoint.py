@@ -7,34 +7,19 @@ arch's and process's dataclasses here.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from models import ARCHS, PROCESSES
+from models.data import atomic_write
 
 FORMAT = "molgen-bench-ckpt-v1"
 
 
 class CheckpointError(ValueError):
     pass
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over path: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

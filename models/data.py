@@ -208,23 +208,41 @@ def read_qm9_tarball(tar_path: Path, excluded_path: Path | None) -> MoleculeSet:
     return _pack(records)
 
 
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
 def download(url: str, dest: Path) -> Path:
-    """Download url to dest atomically (temp file + rename), with a progress bar."""
+    """Download url to dest atomically, with a progress bar."""
     from tqdm import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".")
-    try:
-        with urllib.request.urlopen(url) as r, os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(dest, write)
     return dest
 
 
@@ -247,11 +265,8 @@ def default_data_dir() -> Path:
 
 
 def save_cache(mols: MoleculeSet, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, version=CACHE_VERSION, numbers=mols.numbers, positions=mols.positions,
-             n_atoms=mols.n_atoms, offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids)
-    os.replace(tmp, path)
+    save_npz(path, dict(version=CACHE_VERSION, numbers=mols.numbers, positions=mols.positions, n_atoms=mols.n_atoms,
+                        offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids))
 
 
 def load_cache(path: Path) -> MoleculeSet:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.data import save_npz
+
 # ----------------------------------------------------------------------------------------------
 # Bond orders from distances (EDM tables)
 
@@ -268,14 +270,6 @@ def _content_hash(mols) -> str:
     return h.hexdigest()[:12]
 
 
-def _save_npz(path: Path, arrays: dict) -> None:
-    """Write atomically (temp file + rename): an interrupted run never leaves a truncated cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 @contextmanager
 def _one_torch_thread():
     """Run torch on one CPU thread inside the block (restored after).
@@ -354,7 +348,7 @@ def reference_statistics(ref_set, n_ref: int | None = DEFAULT_N_REF, cache_dir: 
             ref["fcd_mu"], ref["fcd_sigma"] = np.full(512, np.nan), np.full((512, 512), np.nan)
         cached = False
     if path is not None and not cached:
-        _save_npz(path, ref)
+        save_npz(path, ref)
     return ref
 
 
@@ -376,7 +370,7 @@ def training_smiles(train, cache_dir: str | Path | None = None, progress: bool =
                                                  mininterval=2)]
     smiles = np.array(sorted({s for s in smiles if s}), dtype=str)
     if path is not None:
-        _save_npz(path, {"smiles": smiles})
+        save_npz(path, {"smiles": smiles})
     return set(smiles.tolist())
 
 
