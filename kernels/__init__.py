@@ -1,0 +1,1 @@
+"""Triton kernels, each file with its PyTorch reference, autograd support and dispatch."""
