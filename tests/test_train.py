@@ -86,6 +86,15 @@ def test_sample_writes_extxyz_and_sdf(trained, tmp_path):
     assert (tmp_path / "sample.log").exists()
 
 
+def test_tiny_run_trains_samples_and_evaluates_end_to_end(trained, qm9_dir, tmp_path):
+    run("sample.py", "--ckpt", trained / "ckpt.pt", "--n", "20", "--steps", "5", "--out", tmp_path)
+    proc = run("evaluate.py", tmp_path / "samples.extxyz", "--data", "qm9", "--data-dir", qm9_dir, "--no-fcd",
+               "--no-progress", "--log", trained / "log.jsonl")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_samples"] == 20 and 0 <= metrics["atom_stability"] <= 1
+    assert "mol stab" in proc.stdout and (tmp_path / "properties.png").exists() and (tmp_path / "curves.png").exists()
+
+
 def test_resume_refuses_other_architecture(trained, qm9_dir, tmp_path):
     ckpt = load_checkpoint(trained / "ckpt.pt")
     ckpt.pop("format")
