@@ -54,6 +54,7 @@ parser.add_argument("--task", choices=["gen"], default="gen", help="gen: generat
 parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
 parser.add_argument("--hidden", type=int, help="hidden width of the backbone (preset)")
 parser.add_argument("--n-layers", type=int, help="number of backbone layers (preset)")
+parser.add_argument("--cfconv-cutoff", type=float, default=0.0, help="gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
 parser.add_argument("--iters", type=int, help="optimisation steps in total (preset)")
 parser.add_argument("--batch-size", type=int, help="global batch size in molecules, split over ranks (preset)")
 parser.add_argument("--n-train", type=int, help="use only the first N training molecules (preset; default all)")
@@ -175,7 +176,8 @@ if resume_ckpt is not None:  # the checkpoint's configs win over the flags
     model, process = build_model(resume_ckpt, weights="model")
 else:
     torch.manual_seed(args.seed)
-    model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers))
+    extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
+    model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers, **extra))
     process = proc_cls(config_from_dict(proc_cls.Config, {"n_types": len(ATOM_SYMBOLS), **({"ot_align": True} if args.ot_align else {})}))
 model.to(device)
 ema = copy.deepcopy(model).requires_grad_(False)

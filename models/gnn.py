@@ -3,6 +3,11 @@
 QM9 molecules have at most 29 atoms, so every atom talks to every other atom of its molecule and the
 graph is a dense [B, N, N] block with a mask: no edge lists, one shape per batch.
 
+With `cfconv_cutoff > 0` every layer also runs a continuous-filter convolution (SchNet-style) over the
+radius graph, through kernels.radius_graph.radius_message_passing: the fused Triton kernel on CUDA,
+its PyTorch reference elsewhere. It is an invariant feature update (it sees only distances), so the
+layer stays E(3)-equivariant; it is the path larger, periodic systems and the force-field student use.
+
 Backbone contract (shared by every arch):
     forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.radius_graph import radius_message_passing
 from models.data import remove_mean
 
 
@@ -25,13 +31,21 @@ class EGNNConfig:
     n_layers: int = 6
     coords_range: float = 15.0  # bound on one layer's coordinate step (tanh * range), as in EDM
     aggregation_norm: float = 1.0  # messages are summed over neighbours and divided by this
+    cfconv_cutoff: float = 0.0  # > 0: add a radius-graph continuous-filter convolution with this cutoff (A)
+    cfconv_rbf: int = 16  # radial basis functions of that filter
 
 
 class EquivariantLayer(nn.Module):
     """One EGNN layer: invariant edge messages, a feature update, an equivariant coordinate update."""
 
-    def __init__(self, hidden: int, coords_range: float, aggregation_norm: float):
+    def __init__(self, hidden: int, coords_range: float, aggregation_norm: float, cfconv_cutoff: float = 0.0,
+                 cfconv_rbf: int = 16):
         super().__init__()
+        self.cfconv_cutoff = cfconv_cutoff
+        if cfconv_cutoff > 0:
+            self.cf_in = nn.Linear(hidden, hidden, bias=False)
+            self.cf_filter = nn.Parameter(torch.randn(cfconv_rbf, hidden) / cfconv_rbf ** 0.5)
+            self.cf_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
         # The first edge-MLP layer acts on [h_i, h_j, d_ij^2, d0_ij^2]; splitting its weight lets us
         # project nodes once ([B, N, F]) and broadcast, instead of materialising [B, N, N, 2F+2].
         self.edge_src = nn.Linear(hidden, hidden)
@@ -46,8 +60,16 @@ class EquivariantLayer(nn.Module):
         self.coords_range = coords_range
         self.aggregation_norm = aggregation_norm
 
-    def forward(self, h, pos, d0_sq, edge_mask):
-        # h [B,N,F], pos [B,N,3], d0_sq [B,N,N] (distances at the input), edge_mask [B,N,N] float
+    def continuous_filter(self, h, pos, mask):
+        """Radius-graph convolution on the real atoms, flattened to a graph: [B,N,F] -> [B,N,F]."""
+        b, n = mask.nonzero(as_tuple=True)  # real atoms in batch order, so `b` is sorted as the kernel needs
+        y = radius_message_passing(pos[b, n], self.cf_in(h)[b, n], b, self.cfconv_cutoff, self.cf_filter)
+        return torch.zeros_like(h).index_put((b, n), self.cf_out(y).to(h.dtype))
+
+    def forward(self, h, pos, d0_sq, edge_mask, mask):
+        # h [B,N,F], pos [B,N,3], d0_sq [B,N,N] (distances at the input), edge_mask [B,N,N] float, mask [B,N]
+        if self.cfconv_cutoff > 0:
+            h = h + self.continuous_filter(h, pos, mask)
         diff = pos.unsqueeze(2) - pos.unsqueeze(1)  # [B,N,N,3], x_i - x_j
         d_sq = (diff ** 2).sum(-1)  # [B,N,N]
         m = self.edge_src(h).unsqueeze(2) + self.edge_dst(h).unsqueeze(1)
@@ -70,7 +92,8 @@ class EGNN(nn.Module):
         self.config = config
         self.embed = nn.Linear(config.n_types + 1, config.hidden)  # atom-type features + time
         self.layers = nn.ModuleList(
-            EquivariantLayer(config.hidden, config.coords_range, config.aggregation_norm) for _ in range(config.n_layers)
+            EquivariantLayer(config.hidden, config.coords_range, config.aggregation_norm, config.cfconv_cutoff,
+                             config.cfconv_rbf) for _ in range(config.n_layers)
         )
         self.out = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.n_types))
 
@@ -83,6 +106,6 @@ class EGNN(nn.Module):
         pos_in = pos
         d0_sq = ((pos.unsqueeze(2) - pos.unsqueeze(1)) ** 2).sum(-1)
         for layer in self.layers:
-            x, pos = layer(x, pos, d0_sq, edge_mask)
+            x, pos = layer(x, pos, d0_sq, edge_mask, mask)
             x = x * node_mask
         return remove_mean(pos - pos_in, mask), self.out(x) * node_mask

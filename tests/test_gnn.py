@@ -24,11 +24,17 @@ def orthogonal(det_sign, seed=1):
     return q
 
 
-@pytest.fixture(params=sorted(ARCHS))
+# Every backbone, and the GNN with its radius-graph continuous-filter layer (cutoff 2 A: with these
+# random positions some pairs are inside it and some outside).
+BACKBONES = [(name, {}) for name in sorted(ARCHS)] + [("gnn", {"cfconv_cutoff": 2.0})]
+
+
+@pytest.fixture(params=BACKBONES, ids=lambda p: p[0] + ("+cfconv" if p[1] else ""))
 def model(request):
     torch.manual_seed(0)
-    cls = ARCHS[request.param]
-    return cls(cls.Config(hidden=32, n_layers=3)).double().eval()
+    name, extra = request.param
+    cls = ARCHS[name]
+    return cls(cls.Config(hidden=32, n_layers=3, **extra)).double().eval()
 
 
 @pytest.mark.parametrize("det_sign", [1, -1], ids=["rotation", "reflection"])
