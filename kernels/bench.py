@@ -1,13 +1,17 @@
 """Microbenchmarks of the Triton kernels against their baselines, on a CUDA GPU.
 
     python kernels/bench.py triangle [--sizes 64 128 256 512 1024] [--heads 4] [--dim 32] [--dtype bf16]
+    python kernels/bench.py radius [--atoms 1000 10000 100000 1000000] [--features 128] [--cutoff 5]
 
 For each size and implementation: forward and forward + backward time (median of
-triton.testing.do_bench), TFLOP/s and the fraction of the GPU's dense peak, and peak memory
-allocated beyond the inputs. Baselines, each measured in the same run: the naive PyTorch reference,
-torch.compile of it, and, when installed, trifast and cuEquivariance. A baseline that fails (not
-installed, out of memory, another API version) gets its error in the table instead of a number.
-Writes OUT/bench_triangle.md (the table) and OUT/bench_triangle.png (time against N).
+triton.testing.do_bench), throughput (TFLOP/s for triangle attention, GB/s of compulsory traffic for
+message passing) with its fraction of the GPU's peak, and peak memory allocated beyond the inputs.
+Baselines, each measured in the same run. Triangle attention: the naive PyTorch reference,
+torch.compile of it, and, when installed, trifast and cuEquivariance. Message passing: the unfused
+gather / scatter layer over an explicit edge list (the PyTorch reference, PyG style), torch.compile of
+it, and, when torch_cluster is installed, its radius_graph feeding the same gather / scatter.
+A baseline that fails (not installed, out of memory, another API version) gets its error in the table
+instead of a number. Writes OUT/bench_<kernel>.md (the table) and OUT/bench_<kernel>.png.
 
 The kernels compile only for a GPU; on a CPU their correctness is covered by tests/ in Triton's
 interpreter, and this script says so and exits.
@@ -21,18 +25,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from kernels.radius_graph import edge_filter, radius_message_passing, radius_message_passing_reference  # noqa: E402
 from kernels.triangle_attention import triangle_attention, triangle_attention_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense tensor-core peaks in TFLOP/s for 16-bit inputs (vendor data sheets), to report a fraction of peak.
 PEAK_TFLOPS_16BIT = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+PEAK_HBM_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L4": 300.0}
 
 
-def peak_tflops(dtype: torch.dtype) -> float | None:
+def device_peak(table: dict) -> float | None:
     name = torch.cuda.get_device_name()
-    for key, peak in PEAK_TFLOPS_16BIT.items():  # most specific names first
+    for key, peak in table.items():  # most specific names first
         if key in name:
-            return peak if dtype != torch.float32 else None
+            return peak
     return None
 
 
@@ -84,7 +90,7 @@ def measure(fn, make_inputs, backward: bool) -> tuple[float, float]:
 
 def bench_triangle(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    peak = peak_tflops(dtype)
+    peak = device_peak(PEAK_TFLOPS_16BIT) if dtype != torch.float32 else None
     rows = []
     for n in args.sizes:
         def make_inputs():
@@ -99,33 +105,82 @@ def bench_triangle(args) -> list[dict]:
         flops_fwd = 4 * args.batch * args.heads * n ** 3 * args.dim
         for name, fn in triangle_implementations().items():
             for mode, backward, flops in (("fwd", False, flops_fwd), ("fwd+bwd", True, 3.5 * flops_fwd)):
-                row = {"impl": name, "N": n, "mode": mode}
-                try:
-                    ms, mem = measure(fn, make_inputs, backward)
-                    tflops = flops / ms / 1e9
-                    row.update(ms=ms, tflops=tflops, peak_frac=tflops / peak if peak else None, mem_mib=mem)
-                except Exception as e:  # OOM, missing kernel for this dtype, another library API: report it
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-                torch.cuda.empty_cache()
-                rows.append(row)
-                print(format_row(row), flush=True)
+                rows.append(timed_row(name, n, mode, fn, make_inputs, backward, flops / 1e12, peak))
     return rows
+
+
+def timed_row(impl: str, size: int, mode: str, fn, make_inputs, backward: bool, work: float, peak) -> dict:
+    """One table row: time fn, turn `work` (TFLOP or GB per call) into a rate and a fraction of peak."""
+    row = {"impl": impl, "N": size, "mode": mode}
+    try:
+        ms, mem = measure(fn, make_inputs, backward)
+        rate = work / (ms * 1e-3)
+        row.update(ms=ms, rate=rate, peak_frac=rate / peak if peak else None, mem_mib=mem)
+    except Exception as e:  # OOM, a missing kernel for this dtype, another library API: report it, go on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    torch.cuda.empty_cache()
+    print(format_row(row), flush=True)
+    return row
 
 
 def format_row(r: dict) -> str:
     if "error" in r:
         return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['error']} | | | |"
     frac = f"{100 * r['peak_frac']:.1f} %" if r.get("peak_frac") is not None else "n/a"
-    return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['ms']:.3f} | {r['tflops']:.1f} | {frac} | {r['mem_mib']:.0f} |"
+    return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['ms']:.3f} | {r['rate']:.1f} | {frac} | {r['mem_mib']:.0f} |"
 
 
-def write_report(rows: list[dict], title: str, out: Path, stem: str) -> None:
+def radius_implementations() -> dict:
+    """name -> fn(pos, x, batch, cutoff, filter_weight); torch_cluster only when it imports."""
+    impls = {"triton (ours)": radius_message_passing, "gather/scatter (torch)": radius_message_passing_reference,
+             "torch.compile(gather/scatter)": torch.compile(radius_message_passing_reference, dynamic=True)}
+    try:
+        from torch_cluster import radius_graph
+
+        def cluster(pos, x, batch, cutoff, w):
+            # torch_cluster finds the edges (source row 0, target row 1); the message step is the same
+            # unfused gather / scatter, so this row isolates the neighbour search.
+            j, i = radius_graph(pos, r=cutoff, batch=batch, loop=False, max_num_neighbors=1024)
+            d = (pos[j] - pos[i]).norm(dim=-1)
+            return torch.zeros_like(x).index_add_(0, i, x[j] * edge_filter(d, cutoff, w))
+
+        impls["torch_cluster + gather/scatter"] = cluster
+    except ImportError:
+        pass
+    return impls
+
+
+def bench_radius(args) -> list[dict]:
+    """Molecule-like structures of --atoms-per-structure atoms at liquid-water atom density
+    (0.1 atoms / A^3) in non-periodic boxes, so the neighbour count per atom is realistic."""
+    peak = device_peak(PEAK_HBM_GBS)
+    rows = []
+    for n_atoms in args.atoms:
+        def make_inputs():
+            g = torch.Generator(device="cuda").manual_seed(0)
+            per = args.atoms_per_structure
+            batch = torch.arange(n_atoms, device="cuda") // per
+            side = (per / 0.1) ** (1 / 3)
+            pos = (torch.rand(n_atoms, 3, device="cuda", generator=g) * side).requires_grad_()
+            x = torch.randn(n_atoms, args.features, device="cuda", generator=g).requires_grad_()
+            w = (torch.randn(args.rbf, args.features, device="cuda", generator=g) / args.rbf ** 0.5).requires_grad_()
+            return pos, x, batch, args.cutoff, w
+
+        # Compulsory traffic: read pos and x, write y (forward); backward reads dy and writes dpos, dx.
+        bytes_fwd = n_atoms * (12 + 8 * args.features)
+        for name, fn in radius_implementations().items():
+            for mode, backward, nbytes in (("fwd", False, bytes_fwd), ("fwd+bwd", True, 2 * bytes_fwd + n_atoms * 12)):
+                rows.append(timed_row(name, n_atoms, mode, fn, make_inputs, backward, nbytes / 1e9, peak))
+    return rows
+
+
+def write_report(rows: list[dict], title: str, out: Path, stem: str, rate_unit: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    header = "| impl | N | mode | ms | TFLOP/s | of peak | peak MiB |\n|---|---|---|---|---|---|---|\n"
+    header = f"| impl | N | mode | ms | {rate_unit} | of peak | peak MiB |\n|---|---|---|---|---|---|---|\n"
     (out / f"{stem}.md").write_text(f"{title}\n\n" + header + "\n".join(format_row(r) for r in rows) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
@@ -151,14 +206,28 @@ def main() -> None:
     tri.add_argument("--dim", type=int, default=32, help="head dimension D")
     tri.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
     tri.add_argument("--out", type=Path, default=Path("out/bench"), help="where the table and plot go")
+    rad = sub.add_parser("radius", help="fused radius-graph message passing (GNN, force-field student)")
+    rad.add_argument("--atoms", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000], help="atoms in the batch")
+    rad.add_argument("--atoms-per-structure", type=int, default=32, help="atoms in each structure")
+    rad.add_argument("--features", type=int, default=128, help="feature width F")
+    rad.add_argument("--rbf", type=int, default=32, help="radial basis functions of the filter")
+    rad.add_argument("--cutoff", type=float, default=5.0, help="radius cutoff in A")
+    rad.add_argument("--out", type=Path, default=Path("out/bench"), help="where the table and plot go")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py measures GPU kernels and needs a CUDA device. On a CPU, the kernels' "
-                 "correctness is tested in Triton's interpreter: python -m pytest tests/test_triangle_attention.py")
-    title = (f"{args.kernel}: {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.batch} "
-             f"H={args.heads} D={args.dim} {args.dtype}")
-    print(title)
-    write_report(bench_triangle(args), title, args.out, "bench_triangle")
+                 "correctness is tested in Triton's interpreter: python -m pytest tests/test_triangle_attention.py "
+                 "tests/test_radius_graph.py")
+    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    if args.kernel == "triangle":
+        title = f"triangle attention: {device}, B={args.batch} H={args.heads} D={args.dim} {args.dtype}"
+        print(title)
+        write_report(bench_triangle(args), title, args.out, "bench_triangle", "TFLOP/s")
+    else:
+        title = (f"radius message passing: {device}, {args.atoms_per_structure} atoms/structure, F={args.features}, "
+                 f"{args.rbf} rbf, cutoff {args.cutoff} A, fp32")
+        print(title)
+        write_report(bench_radius(args), title, args.out, "bench_radius", "GB/s")
 
 
 if __name__ == "__main__":
