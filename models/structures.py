@@ -1,0 +1,206 @@
+"""Structure readers and checks for label.py: files of any supported kind in, (key, source, Atoms) out.
+
+Every record gets a stable key "<path>:<record>" used for resume and dedup:
+  - <path> is the input file's path relative to the labels file's directory (anchor), so the key does not
+    change when label.py is run from another working directory, nor when the inputs and the labels file
+    move together;
+  - <record> is the CDVAE `material_id` (CSV), the QM9 index (qm9pack CSV or the pseudo input `qm9[:split]`),
+    or the 0-based frame / data-block / molecule index (extxyz, xyz, CIF, SDF).
+`source` says where a structure came from: "<parent dir>/<file name>" (e.g. "perov_5/test.csv",
+"qm9_gnn_flow_small/samples.extxyz": the run directory names the generator) or "qm9".
+A record that cannot be read is yielded as (key, source, Failure(reason)) so the caller records it and
+goes on; nothing here raises for bad data.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXTENSIONS = {".extxyz": "extxyz", ".xyz": "extxyz", ".sdf": "sdf", ".cif": "cif", ".csv": "csv"}
+
+
+@dataclass
+class Failure:
+    reason: str
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files and directories (searched recursively, sorted) -> files of a supported kind; 'qm9[:split]' kept."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if item.split(":")[0] == "qm9" and not p.exists():
+            out.append(item)
+        elif p.is_dir():
+            out += [str(f) for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in EXTENSIONS]
+        else:
+            out.append(item)  # a missing file or unknown suffix becomes a recorded failure in iter_structures
+    return out
+
+
+def _key_path(path: str, anchor: Path) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(anchor))
+
+
+def _source(path: str) -> str:
+    p = Path(os.path.abspath(path))
+    return f"{p.parent.name}/{p.name}"
+
+
+def iter_structures(inputs: list[str], anchor: Path = Path(".")):
+    """Yield (key, source, ase.Atoms | Failure) for every record of every input, in input order."""
+    for item in expand_inputs(inputs):
+        if item.split(":")[0] == "qm9" and not Path(item).exists():
+            yield from _read_qm9(item)
+            continue
+        kp, source = _key_path(item, anchor), _source(item)
+        kind = EXTENSIONS.get(Path(item).suffix.lower())
+        if kind is None:
+            yield kp, source, Failure(f"{item}: unsupported file type (known: {sorted(EXTENSIONS)})")
+            continue
+        if not Path(item).is_file():
+            yield kp, source, Failure(f"{item}: no such file")
+            continue
+        if os.path.getsize(item) == 0:
+            yield kp, source, Failure(f"{item}: empty file")
+            continue
+        reader = {"extxyz": _read_ase, "cif": _read_ase, "sdf": _read_sdf, "csv": _read_csv}[kind]
+        yield from ((f"{kp}:{rec}", source, a) for rec, a in reader(item, kind))
+
+
+def _read_ase(path: str, kind: str):
+    """extxyz / xyz / multi-block CIF through ase.io.iread; a parse error ends the file (ASE cannot skip it)."""
+    import ase.io
+
+    i = 0
+    try:
+        for atoms in ase.io.iread(path, index=":", format=kind):
+            yield i, atoms
+            i += 1
+    except Exception as e:  # ASE raises many types for malformed text; a KeyError is an unknown element symbol
+        what = f"unknown element {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        yield i, Failure(f"{path}, record {i}: cannot parse {kind} ({what}); later records of this file are skipped")
+    if i == 0:
+        yield 0, Failure(f"{path}: no structures in file")
+
+
+def _read_sdf(path: str, kind: str):
+    """Multi-molecule SDF through RDKit, hydrogens kept, no sanitisation (generated molecules may not sanitise)."""
+    import ase
+    from rdkit import Chem
+
+    n = 0
+    for i, mol in enumerate(Chem.SDMolSupplier(path, removeHs=False, sanitize=False)):
+        n += 1
+        if mol is None or mol.GetNumConformers() == 0:
+            yield i, Failure(f"{path}, molecule {i}: RDKit cannot parse it")
+            continue
+        yield i, ase.Atoms(numbers=[a.GetAtomicNum() for a in mol.GetAtoms()], positions=mol.GetConformer().GetPositions())
+    if n == 0:
+        yield 0, Failure(f"{path}: no molecules in SDF file")
+
+
+def _read_csv(path: str, kind: str):
+    """CDVAE CSV (a `cif` column, `material_id` as record id) or a qm9pack CSV (`XYZ_Ang`, `Index`)."""
+    import ase.io
+
+    csv.field_size_limit(1 << 24)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        if "cif" not in cols and "XYZ_Ang" not in cols:
+            yield "", Failure(f"{path}: CSV has neither a `cif` (CDVAE) nor an `XYZ_Ang` (qm9pack) column")
+            return
+        for row in reader:
+            rec = row.get("material_id") or row.get("Index") or f"row{reader.line_num}"
+            where = f"{path}, line {reader.line_num} (record {rec})"
+            try:
+                if "cif" in cols:
+                    atoms = ase.io.read(io.StringIO(row["cif"]), format="cif")
+                else:
+                    atoms = _qm9_row(row)
+            except Exception as e:  # corrupt CIF text, unknown element (KeyError), malformed numbers
+                what = f"unknown element {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+                atoms = Failure(f"{where}: cannot parse ({what})")
+            yield rec, atoms
+
+
+def _qm9_row(row: dict):
+    import ase
+
+    symbols = [s.strip(" '\"") for s in row["Elements"].strip("[] ").split(",") if s.strip()]
+    xyz = np.array([float(v) for v in row["XYZ_Ang"].replace("[", " ").replace("]", " ").replace(",", " ").split()])
+    return ase.Atoms(symbols=symbols, positions=xyz.reshape(-1, 3))
+
+
+def _read_qm9(item: str):
+    """'qm9' (all) or 'qm9:train|valid|test' (EDM split) via models.data.load_qm9 (cached in ./data or $MOLGEN_DATA)."""
+    from models.data import load_qm9
+
+    split = item.split(":")[1] if ":" in item else None
+    try:
+        mols = load_qm9(split)
+    except Exception as e:
+        yield item, "qm9", Failure(f"{item}: cannot load QM9 ({type(e).__name__}: {e})")
+        return
+    for i in range(len(mols)):
+        yield f"qm9:{int(mols.ids[i])}", "qm9", mols.to_atoms(i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (before the teacher is called) and the duplicate fingerprint
+
+
+def check_structure(atoms, min_dist: float = 0.5, isolated_dist: float = 4.0) -> str | None:
+    """None if the structure can be labelled, else the reason. Distances use ASE's neighbour list, which
+    includes periodic images (minimum image and beyond), so a 1-atom unit cell is not 'isolated'."""
+    from ase.neighborlist import neighbor_list
+
+    n = len(atoms)
+    if n == 0:
+        return "no atoms"
+    z = atoms.numbers
+    if (z <= 0).any() or (z > 118).any():
+        return f"unknown element(s) with atomic number {sorted(set(z[(z <= 0) | (z > 118)].tolist()))}"
+    if not np.isfinite(atoms.positions).all():
+        return "non-finite (NaN or Inf) positions"
+    if atoms.pbc.any():
+        if not np.isfinite(atoms.cell.array).all() or abs(atoms.cell.volume) < 1e-3:
+            return f"degenerate or non-finite cell (volume {atoms.cell.volume:.3g} A^3)"
+        if not atoms.pbc.all():
+            return f"mixed periodicity {atoms.pbc.tolist()} is not supported"
+    cutoff = max(min_dist, isolated_dist)
+    if cutoff <= 0:
+        return None
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
+    if min_dist > 0 and len(d) and d.min() < min_dist:
+        k = d.argmin()
+        return f"overlapping atoms {i[k]} and {j[k]}: {d[k]:.3f} A apart (< --min-dist {min_dist})"
+    if isolated_dist > 0 and (n > 1 or atoms.pbc.any()):
+        lonely = np.setdiff1d(np.arange(n), i[d < isolated_dist])
+        if len(lonely):
+            return f"isolated atom(s) {lonely[:5].tolist()}: no neighbour within --isolated-dist {isolated_dist} A"
+    return None
+
+
+def fingerprint(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, decimals: int = 2) -> str:
+    """Duplicate fingerprint: same composition and geometry after rounding to 0.01 A, any atom order.
+    Molecules are centred first (translation invariant); crystals are compared as given (wrapped into
+    the cell), so a shifted or rotated copy of a crystal is not caught."""
+    pos = np.asarray(positions, dtype=np.float64)
+    if np.asarray(pbc).any():
+        frac = np.linalg.solve(np.asarray(cell, np.float64).T, pos.T).T % 1.0
+        pos = np.round(frac, decimals + 1) % 1.0 @ np.asarray(cell, np.float64)
+    else:
+        pos = pos - pos.mean(0)
+    rows = np.round(np.column_stack([numbers, pos]), decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+    rows = rows[np.lexsort(rows.T[::-1])]
+    h = hashlib.sha1(rows.tobytes())
+    h.update(np.round(np.asarray(cell, np.float64), decimals).tobytes() + np.asarray(pbc, bool).tobytes())
+    return h.hexdigest()

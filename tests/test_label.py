@@ -1,0 +1,335 @@
+"""label.py: teachers, the labels HDF5 file (round trip, crash safety, resume), bad inputs and the report.
+
+Real structures: QM9 molecules (tests/data/qm9_sample.csv) and CDVAE perov-5 / carbon-24 crystals
+(tests/data/*_sample.csv, rows of the real CSVs). Nothing is downloaded."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ase
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk, molecule
+
+from conftest import QM9_FIXTURE, ROOT
+from models.data import read_qm9pack_csv
+from models.structures import check_structure, iter_structures
+from models.teachers import LabelWriter, LabelsError, Teacher, TeacherError, get_teacher, read_labels
+
+import label
+
+PEROV = ROOT / "tests" / "data" / "perov5_sample.csv"
+CARBON = ROOT / "tests" / "data" / "carbon24_sample.csv"
+
+
+def qm9_molecules(n, no_fluorine=True):
+    mols = read_qm9pack_csv([QM9_FIXTURE])
+    out = [mols.to_atoms(i) for i in range(len(mols))]
+    return [a for a in out if not no_fluorine or 9 not in a.numbers][:n]
+
+
+def metals(n=4, seed=0):
+    """Small periodic structures of elements EMT knows, slightly rattled (no exact symmetry)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = bulk(["Cu", "Al", "Ni", "Pt"][i % 4], "fcc", a=[3.61, 4.05, 3.52, 3.92][i % 4], cubic=True)
+        a = a.repeat((1, 1, 1 + i % 2))
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        out.append(a)
+    return out
+
+
+def run_label(*args):
+    return label.main([str(a) for a in args] + ["--no-progress"])
+
+
+def write_sdf(path, atoms_list):
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
+    w = Chem.SDWriter(str(path))
+    for a in atoms_list:
+        m = Chem.RWMol()
+        for z in a.numbers:
+            m.AddAtom(Chem.Atom(int(z)))
+        conf = Chem.Conformer(len(a))
+        for i, p in enumerate(a.positions):
+            conf.SetAtomPosition(i, Point3D(*map(float, p)))
+        m.AddConformer(conf)
+        w.write(m)
+    w.close()
+
+
+def test_emt_round_trip_all_formats(tmp_path):
+    """extxyz + SDF + CIF + CDVAE CSV + qm9pack CSV + a directory: every structure once, labels equal a direct call."""
+    mols, crystals = qm9_molecules(4), metals(4)
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    ase.io.write(inputs / "mols.extxyz", mols[:2], format="extxyz")
+    write_sdf(inputs / "mols.sdf", mols[2:])
+    ase.io.write(inputs / "sub" / "metals.cif", crystals, format="cif")
+    out = tmp_path / "run" / "labels.h5"
+    r = run_label(inputs, CARBON, QM9_FIXTURE, "--teacher", "emt", "--out", out, "--block", "7", "--limit", "40")
+
+    lab = read_labels(out)
+    S = len(lab["key"])
+    assert r["labelled"] == S and S + r["failed"] == 40
+    assert len(set(lab["key"])) == S
+    assert {"mols.extxyz", "mols.sdf", "metals.cif", "carbon24_sample.csv", "qm9_sample.csv"} == {s.split("/")[1] for s in lab["source"]}
+    assert lab["attrs"]["teacher"] == "emt" and "eV" in lab["attrs"]["units"] and lab["attrs"]["code_version"]
+    assert lab["numbers"].dtype == np.int16 and lab["positions"].dtype == np.float32 and lab["energy"].dtype == np.float64
+    # Every input structure, read independently, matches its stored record exactly; the labels equal a fresh EMT call.
+    by_key = {k: a for k, _, a in iter_structures([str(inputs), str(CARBON), str(QM9_FIXTURE)], anchor=out.parent)}
+    emt = get_teacher("emt")
+    for s, key in enumerate(lab["key"]):
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        a = by_key[key]
+        assert np.array_equal(lab["numbers"][o:o + n], a.numbers)
+        assert np.array_equal(lab["positions"][o:o + n], a.positions.astype(np.float32))
+        assert np.array_equal(lab["cell"][s], a.cell.array.astype(np.float32))
+        assert np.array_equal(lab["pbc"][s], a.pbc)
+        stored = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], cell=lab["cell"][s], pbc=lab["pbc"][s])
+        e, f, st = emt.label(stored)
+        assert lab["energy"][s] == e
+        assert np.array_equal(lab["forces"][o:o + n], f.astype(np.float32))
+        if a.pbc.any():
+            assert np.isfinite(lab["stress"][s]).all() and np.allclose(lab["stress"][s], st, atol=1e-6)
+        else:
+            assert np.isnan(lab["stress"][s]).all()
+    # the report: entropy and size CV recomputed by hand
+    counts = np.bincount(lab["numbers"])
+    p = counts[counts > 0] / counts.sum()
+    assert r["element_entropy_bits"] == pytest.approx(-(p * np.log2(p)).sum())
+    assert r["size_cv"] == pytest.approx(lab["n_atoms"].std() / lab["n_atoms"].mean())
+    assert json.loads((out.parent / "labels.report.json").read_text())["verdict"] == r["verdict"] == "NO-GO"  # only ~5 elements
+    assert (out.parent / "label.log").read_text().count("committed block") >= S // 7
+
+
+def test_bad_inputs_are_recorded_and_written_data_survives(tmp_path):
+    out = tmp_path / "labels.h5"
+    good = tmp_path / "good.extxyz"
+    ase.io.write(good, metals(3), format="extxyz")
+    run_label(good, "--teacher", "emt", "--out", out)
+    assert len(read_labels(out)["key"]) == 3
+
+    bad_csv = tmp_path / "bad.csv"
+    text = PEROV.read_text().splitlines(keepends=True)
+    bad_csv.write_text(text[0] + "".join(text[1:]).replace("_cell_length_a", "_cell_length_a garbage ' \n loop_ \n", 1))
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "nan.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH nan 0 0\nH 0 0 0.74\n")
+    (tmp_path / "unknown.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nXx 0 0 0\nH 0 0 0.74\n")
+    (tmp_path / "overlap.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.1\n")
+    (tmp_path / "lonely.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 9\n")
+    bad = ["empty.xyz", "nan.xyz", "unknown.xyz", "overlap.xyz", "lonely.xyz"]
+    run_label(bad_csv, *[tmp_path / b for b in bad], good, "missing.cif", "--teacher", "emt", "--out", out)
+    lab = read_labels(out)
+    assert list(lab["key"][:3]) == ["good.extxyz:0", "good.extxyz:1", "good.extxyz:2"]  # nothing lost
+    assert len(lab["key"]) == 3 + 4  # plus the 4 perov rows EMT supports (Ag Au Cu Ni Pd Pt N O); nothing bad written
+    failed = [json.loads(l) for l in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    reasons = {f["key"]: f["reason"] for f in failed}
+    assert "empty file" in reasons["empty.xyz"]
+    assert "NaN" in reasons["nan.xyz:0"]
+    assert "unknown element 'Xx'" in reasons["unknown.xyz:0"] and "unknown.xyz" in reasons["unknown.xyz:0"]
+    assert "overlapping" in reasons["overlap.xyz:0"] and "isolated" in reasons["lonely.xyz:0"]
+    assert "no such file" in reasons[os.path.relpath("missing.cif", tmp_path)]
+    corrupt = [r for k, r in reasons.items() if k.startswith("bad.csv:")]
+    assert any("bad.csv, line" in r and "cannot parse" in r for r in corrupt)  # names the file and the record
+    assert any("does not support element" in r for r in corrupt)  # EMT lacks Os, Ti, ...: a failure, not a crash
+    # resume skips recorded failures; --retry-failed tries them again (and fails them again)
+    r = run_label(bad_csv, *[tmp_path / b for b in bad], good, "--teacher", "emt", "--out", out)
+    assert r["labelled_this_run"] == 0 and len(read_labels(out)["key"]) == 7
+    r = run_label(bad_csv, "--teacher", "emt", "--out", out, "--retry-failed")
+    assert r["labelled_this_run"] == 0 and r["failed"] == len(reasons) and len(read_labels(out)["key"]) == 7
+
+
+def test_overlap_uses_periodic_images():
+    a = bulk("Cu", "fcc", a=3.6)  # 1 atom per cell: its neighbours are all images
+    assert check_structure(a) is None
+    a.set_cell(a.cell * 0.1, scale_atoms=True)
+    assert "overlapping" in check_structure(a)
+
+
+def test_refuses_file_of_another_teacher(tmp_path):
+    out = tmp_path / "labels.h5"
+    ase.io.write(tmp_path / "m.extxyz", metals(1), format="extxyz")
+    run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out)
+    other = Teacher("xtb", "tblite 0", calc=None)
+    with pytest.raises(LabelsError, match=r"labels\.h5.*'emt'.*'xtb'"):
+        LabelWriter(out, other)
+    proc = subprocess.run([sys.executable, "label.py", str(tmp_path / "m.extxyz"), "--teacher", "xtb", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    if importlib.util.find_spec("tblite"):
+        assert proc.returncode != 0 and "emt" in proc.stderr and "xtb" in proc.stderr and "labels.h5" in proc.stderr
+    assert len(read_labels(out)["key"]) == 1
+
+
+def test_half_written_block_is_ignored_and_dropped(tmp_path):
+    """A block cut off mid-write (rows past n_structures) is invisible to readers and dropped on the next append."""
+    import h5py
+
+    out = tmp_path / "labels.h5"
+    ase.io.write(tmp_path / "m.extxyz", metals(4), format="extxyz")
+    run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out, "--limit", "2")
+    before = read_labels(out)
+    with h5py.File(out, "a") as f:  # what a kill between steps 1 and 3 of LabelWriter.append leaves
+        for name in ("numbers", "positions", "forces"):
+            f[name].resize(len(f[name]) + 5, axis=0)
+        f["energy"].resize(3, axis=0)
+    after = read_labels(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before if k != "attrs")
+    run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out)
+    lab = read_labels(out)
+    assert len(lab["key"]) == 4 and lab["offset"][-1] + lab["n_atoms"][-1] == len(lab["numbers"])
+    with h5py.File(out, "r") as f:
+        assert len(f["numbers"]) == len(lab["numbers"]) and len(f["energy"]) == 4
+
+
+def test_sigkill_then_resume(tmp_path):
+    """Kill -9 after the first block is committed; the resumed run ends with exactly one record per input."""
+    rng = np.random.default_rng(1)
+    base = bulk("Cu", "fcc", a=3.61, cubic=True)
+    structures = []
+    for _ in range(3000):
+        a = base.copy()
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        structures.append(a)
+    src = tmp_path / "many.extxyz"
+    ase.io.write(src, structures, format="extxyz")
+    out = tmp_path / "labels.h5"
+    proc = subprocess.Popen([sys.executable, "label.py", str(src), "--teacher", "emt", "--out", str(out), "--block", "50",
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "label.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and "committed block" in log.read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_killed = len(read_labels(out)["key"])
+    assert 50 <= n_killed < 3000 and n_killed % 50 == 0
+    run_label(src, "--teacher", "emt", "--out", out, "--block", "500")
+    lab = read_labels(out)
+    assert len(lab["key"]) == 3000 and len(set(lab["key"])) == 3000
+    assert set(lab["key"]) == {f"many.extxyz:{i}" for i in range(3000)}
+    assert lab["offset"][-1] + lab["n_atoms"][-1] == len(lab["numbers"]) == 4 * 3000
+
+
+@pytest.mark.parametrize("name,package", [("sevennet", "sevenn"), ("orb-v2", "orb_models"), ("mace-mp", "mace")])
+def test_uninstalled_teachers_say_what_to_install(name, package):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(TeacherError, match="pip install"):
+        get_teacher(name)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("tblite"), reason="tblite not installed (pip install tblite)")
+def test_xtb_molecules(tmp_path):
+    from tblite.ase import TBLite
+
+    mols = qm9_molecules(3, no_fluorine=False)
+    ase.io.write(tmp_path / "m.extxyz", mols, format="extxyz")
+    out = tmp_path / "labels.h5"
+    run_label(tmp_path / "m.extxyz", "--teacher", "xtb", "--out", out)
+    lab = read_labels(out)
+    assert len(lab["key"]) == 3 and np.isnan(lab["stress"]).all() and "GFN2" in lab["attrs"]["teacher_version"]
+    for s in range(3):
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        a = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n])
+        a.calc = TBLite(method="GFN2-xTB", verbosity=0)  # a fresh calculator: no state carried between molecules
+        assert lab["energy"][s] == pytest.approx(a.get_potential_energy(), abs=1e-6)
+        assert np.allclose(lab["forces"][o:o + n], a.get_forces(), atol=1e-5)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("chgnet"), reason="chgnet not installed (pip install chgnet)")
+def test_chgnet_crystals_and_a_boxed_molecule(tmp_path):
+    ase.io.write(tmp_path / "m.extxyz", qm9_molecules(1), format="extxyz")
+    out = tmp_path / "labels.h5"
+    run_label(tmp_path / "m.extxyz", PEROV, "--teacher", "chgnet", "--out", out, "--limit", "3", "--device", "cpu")
+    lab = read_labels(out)
+    assert len(lab["key"]) == 3 and np.isfinite(lab["energy"]).all() and np.isfinite(lab["forces"]).all()
+    crystal = lab["pbc"].all(1)
+    assert crystal.sum() == 2 and np.isfinite(lab["stress"][crystal]).all() and np.isnan(lab["stress"][~crystal]).all()
+    assert np.all(lab["cell"][~crystal] == 0)  # the vacuum box is the teacher's business, not stored
+
+
+def test_teacher_errors_and_nan_labels_are_recorded(tmp_path, monkeypatch):
+    from ase.calculators.calculator import Calculator, all_changes
+
+    from models import teachers
+
+    class Flaky(Calculator):
+        implemented_properties = ["energy", "forces", "stress"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            if len(self.atoms) == 4:
+                raise RuntimeError("SCF exploded")
+            nan = np.nan if len(self.atoms) == 8 else 0.0
+            self.results = {"energy": nan, "forces": np.zeros((len(self.atoms), 3)), "stress": np.zeros(6)}
+
+    monkeypatch.setitem(teachers.TEACHERS, "flaky", lambda device: Teacher("flaky", "0", Flaky()))
+    ase.io.write(tmp_path / "m.extxyz", metals(2) + [molecule("H2")], format="extxyz")
+    out = tmp_path / "labels.h5"
+    r = run_label(tmp_path / "m.extxyz", "--teacher", "flaky", "--out", out)
+    assert r["labelled"] == 1 and r["failures_by_kind"] == {"teacher": 1, "non-finite": 1}
+    assert read_labels(out)["key"].tolist() == ["m.extxyz:2"]
+    reasons = [json.loads(l)["reason"] for l in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert "SCF exploded" in reasons[0] and "NaN" in reasons[1]
+
+
+def test_not_a_labels_file(tmp_path):
+    out = tmp_path / "labels.h5"
+    out.write_text("not hdf5")
+    with pytest.raises(LabelsError, match="labels.h5"):
+        LabelWriter(out, get_teacher("emt"))
+
+
+def test_shards_merge_to_the_unsharded_set(tmp_path):
+    ase.io.write(tmp_path / "m.extxyz", metals(8), format="extxyz")
+    for i in range(2):
+        run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", tmp_path / f"s{i}.h5", "--shard", f"{i}/2")
+    run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", tmp_path / "all.h5")
+    s0, s1 = (read_labels(tmp_path / f"s{i}.h5")["key"] for i in range(2))
+    assert len(s0) and len(s1) and not set(s0) & set(s1)
+    for _ in range(2):  # merging twice adds nothing
+        label.main([str(tmp_path / "s0.h5"), str(tmp_path / "s1.h5"), "--merge", "--teacher", "emt", "--out", str(tmp_path / "merged.h5")])
+    merged, full = read_labels(tmp_path / "merged.h5"), read_labels(tmp_path / "all.h5")
+    order = np.argsort(merged["key"])
+    assert merged["key"][order].tolist() == sorted(full["key"].tolist())
+    assert np.array_equal(np.sort(merged["energy"]), np.sort(full["energy"]))
+    assert len(merged["numbers"]) == len(full["numbers"])
+
+
+def test_generate_from_a_checkpoint_and_resume(tmp_path):
+    """--generate samples once into OUT's directory; every sample ends up labelled or recorded as failed."""
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.flow import FlowConfig
+    from models.gnn import EGNN, EGNNConfig
+
+    torch.manual_seed(0)
+    cfg = EGNNConfig(hidden=16, n_layers=1)
+    model = EGNN(cfg)
+    hist = np.zeros(10)
+    hist[[5, 9]] = 0.5
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", {
+        "arch": "gnn", "gen": "flow", "model_config": vars(cfg), "process_config": vars(FlowConfig()), "step": 0,
+        "model": model.state_dict(), "ema": model.state_dict(), "atom_symbols": ["H", "C", "N", "O", "F"],
+        "n_atoms_hist": hist.tolist()})
+    args = ["--generate", tmp_path / "run" / "ckpt.pt", "--n-generate", "6", "--steps", "2", "--teacher", "emt",
+            "--out", tmp_path / "labels.h5", "--min-dist", "0.1", "--isolated-dist", "0"]
+    r = run_label(*args)
+    assert r["labelled"] + r["failed"] == 6
+    gen = list(tmp_path.glob("generated_run_*.extxyz"))
+    assert len(gen) == 1 and len(ase.io.read(gen[0], ":")) == 6
+    r2 = run_label(*args)
+    assert r2["labelled_this_run"] == 0 and r2["labelled"] == r["labelled"]
