@@ -1,5 +1,7 @@
 """Shared fixtures: a QM9 cache built from the small real fixture (300 real QM9 molecules), so no test
 needs the full data set or a download."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,3 +21,18 @@ def qm9_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("qm9")
     save_cache(read_qm9pack_csv([QM9_FIXTURE]), d / "qm9.npz")
     return d
+
+
+def run_kernel_tests_in_interpreter(test_file: str) -> None:
+    """Run a kernel test file again in a child pytest whose triton is imported under TRITON_INTERPRET=1.
+
+    Triton reads the variable when @triton.jit decorates a function (its own tl.* helpers included, at
+    import), so it cannot be switched on inside a process that has already imported triton."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process is the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "1 skipped" in summary, summary  # only the launcher test skips there

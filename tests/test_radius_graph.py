@@ -10,16 +10,14 @@ started by `test_kernels_in_the_interpreter`, for the reasons given in tests/tes
 `kernels` run there, or in this process when it has a CUDA device or was itself started with the variable.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_kernel_tests_in_interpreter
+
 import kernels.radius_graph as rg
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
 kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
@@ -30,14 +28,7 @@ SIZES = (1, 7, 33, 130)  # one atom, less than a block, a block and one, several
 
 def test_kernels_in_the_interpreter():
     """Runs this file's kernel tests in a child process whose triton is imported in interpreter mode."""
-    if INTERPRETER:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "1 skipped" in summary, summary  # only this test skips there
+    run_kernel_tests_in_interpreter(__file__)
 
 
 def _cells(n, kind, g):

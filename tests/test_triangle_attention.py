@@ -13,16 +13,14 @@ break. So this file runs itself again in a child process started with TRITON_INT
 has a CUDA device or was itself started with the variable set (then they use it directly).
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_kernel_tests_in_interpreter
+
 import kernels.triangle_attention as ta
 
-ROOT = Path(__file__).resolve().parents[1]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
 kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
@@ -31,14 +29,7 @@ kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
 
 def test_kernels_in_the_interpreter():
     """Runs this file's kernel tests in a child process whose triton is imported in interpreter mode."""
-    if INTERPRETER:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "1 skipped" in summary, summary  # only this test skips there
+    run_kernel_tests_in_interpreter(__file__)
 
 
 def _inputs(B, H, N, D, dtype=torch.float32, seed=0):
