@@ -130,6 +130,16 @@ def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray]]) -> MoleculeSet
     )
 
 
+def parse_qm9pack_row(row: dict) -> tuple[list[str], np.ndarray]:
+    """The `Elements` and `XYZ_Ang` strings of one qm9pack CSV row -> (symbols, flat float64 coordinates).
+
+    No checks: callers decide what a bad row means (an error here, a recorded failure in label.py).
+    Raises TypeError / ValueError / AttributeError on text that is not a list of symbols and numbers."""
+    symbols = [s.strip(" '\"") for s in row["Elements"].strip("[] ").split(",") if s.strip()]
+    flat = row["XYZ_Ang"].replace("[", " ").replace("]", " ").replace(",", " ").split()
+    return symbols, np.array([float(v) for v in flat], dtype=np.float64)
+
+
 def read_qm9pack_csv(paths: list[Path]) -> MoleculeSet:
     """Read qm9pack's CSV files (columns Index, SMILES, Elements, XYZ_Ang, ...)."""
     import csv
@@ -146,9 +156,7 @@ def read_qm9pack_csv(paths: list[Path]) -> MoleculeSet:
                 where = f"{path}, line {reader.line_num} (QM9 index {row.get('Index')})"
                 try:
                     index = int(row["Index"])
-                    symbols = [s.strip(" '\"") for s in row["Elements"].strip("[] ").split(",") if s.strip()]
-                    flat = row["XYZ_Ang"].replace("[", " ").replace("]", " ").replace(",", " ").split()
-                    xyz = np.array([float(v) for v in flat], dtype=np.float64)
+                    symbols, xyz = parse_qm9pack_row(row)
                 except (TypeError, ValueError, AttributeError) as e:
                     raise DataError(f"{where}: malformed row ({e})") from None
                 if xyz.size % 3:

@@ -134,8 +134,9 @@ def _read_csv(path: str, kind: str):
 def _qm9_row(row: dict):
     import ase
 
-    symbols = [s.strip(" '\"") for s in row["Elements"].strip("[] ").split(",") if s.strip()]
-    xyz = np.array([float(v) for v in row["XYZ_Ang"].replace("[", " ").replace("]", " ").replace(",", " ").split()])
+    from models.data import parse_qm9pack_row
+
+    symbols, xyz = parse_qm9pack_row(row)
     return ase.Atoms(symbols=symbols, positions=xyz.reshape(-1, 3))
 
 
