@@ -1,22 +1,28 @@
 """Label structures (generated or reference) with a teacher force field into a resumable HDF5 data set.
 
-    python label.py INPUTS... --teacher chgnet|xtb|sevennet|orb-v2|mace-mp|emt --out labels.h5 [--block N]
+    python label.py INPUTS... --teacher chgnet|xtb|sevennet|orb-v2|mace-mp|emt --out labels.h5   label (resumes)
+    python label.py merge SHARDS... --out labels.h5         join the shard files of one teacher into one file
+    python label.py report FILES...                         data-set report and GO / NO-GO over labels files
+    python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
 Output (DESIGN.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure), and next to it
 failed.jsonl (structures that could not be labelled, with the reason), label.log and OUT_STEM.report.json
 (the data-set report and its GO / NO-GO verdict). Re-running the same command resumes: keys already in OUT,
 or already recorded as failed for OUT (unless --retry-failed), are skipped. A kill loses at most the
-block in flight. The key of a structure is "<input path relative to OUT's directory>:<record id>"
+block in flight (at most --commit-seconds of work). The key of a structure is "<input path relative to OUT's directory>:<record id>"
 (models/structures.py).
 
 Several processes: `--shard I/N` labels the keys whose hash falls in shard I (under torchrun, RANK / WORLD_SIZE
-pick the shard and each rank writes OUT_STEM.shardIofN.h5); then `label.py --merge SHARDS... --out OUT`.
+pick the shard and each rank writes OUT_STEM.shardIofN.h5); then `label.py merge SHARDS... --out OUT`.
+One labels file holds one teacher; `label.py report` joins files of several teachers (molecules with xtb,
+crystals with chgnet) into one data-set report.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -27,12 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
-from models.structures import Failure, check_structure, fingerprint, iter_structures
-from models.teachers import TEACHERS, LabelsError, LabelWriter, TeacherError, UnsupportedElements, get_teacher, read_labels
+from models.structures import Failure, check_structure, fingerprint, iter_records
+from models.teachers import (TEACHERS, LabelsError, LabelWriter, Teacher, TeacherError, UnsupportedElements, get_teacher,
+                             read_labels)
+
+
+def add_verdict_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("GO / NO-GO thresholds")
+    g.add_argument("--min-success", type=float, default=0.95, help="fraction of structures labelled")
+    g.add_argument("--min-entropy", type=float, default=3.07, help="Shannon entropy of the element distribution (bits)")
+    g.add_argument("--min-elements", type=int, default=9, help="number of distinct elements")
+    g.add_argument("--min-size-cv", type=float, default=0.5, help="coefficient of variation of atoms per structure (must exceed)")
+    g.add_argument("--min-rate", type=float, default=100.0, help="structures per hour of labelling (summed over runs and shards)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:train|valid|test]")
     p.add_argument("--generate", default=None, metavar="CKPT", help="also sample --n-generate molecules from this train.py checkpoint and label them")
     p.add_argument("--n-generate", type=int, default=1000, help="molecules to sample with --generate")
@@ -41,22 +58,20 @@ def parse_args(argv=None):
     p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="teacher force field")
     p.add_argument("--out", default="labels.h5", help="labels HDF5 file; failed.jsonl, label.log and OUT_STEM.report.json go next to it")
     p.add_argument("--shard", default=None, help="I/N: label only shard I of N (by a hash of the key); default under torchrun: RANK/WORLD_SIZE")
-    p.add_argument("--merge", action="store_true", help="INPUTS are labels files (shards) of one teacher: append their records to OUT, skipping keys already there")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip structures already in OUT (default); --no-resume deletes OUT and its failures and starts over")
     p.add_argument("--retry-failed", action="store_true", help="on resume, try again the structures recorded in failed.jsonl")
-    p.add_argument("--block", type=int, default=64, help="structures per written block (a kill loses at most one block)")
+    p.add_argument("--block", type=int, default=1024, help="at most this many structures per written block")
+    p.add_argument("--commit-seconds", type=float, default=10.0,
+                   help="write a block at least this often, so a kill loses at most this much labelling (or --block structures)")
     p.add_argument("--limit", type=int, default=0, help="label at most N new structures in this run (0: all)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device of torch teachers (default: cuda if available)")
     p.add_argument("--source", default=None, help="`source` recorded for every structure (default: <parent dir>/<file name>)")
     p.add_argument("--min-dist", type=float, default=0.5, help="fail structures with two atoms closer than this (A, periodic images included; 0: off)")
     p.add_argument("--isolated-dist", type=float, default=4.0, help="fail structures with an atom that has no neighbour within this (A; 0: off)")
-    p.add_argument("--min-success", type=float, default=0.95, help="GO threshold: fraction of structures labelled")
-    p.add_argument("--min-entropy", type=float, default=3.07, help="GO threshold: Shannon entropy of the element distribution (bits)")
-    p.add_argument("--min-elements", type=int, default=9, help="GO threshold: number of distinct elements")
-    p.add_argument("--min-size-cv", type=float, default=0.5, help="GO threshold: coefficient of variation of atoms per structure (must exceed)")
-    p.add_argument("--min-rate", type=float, default=100.0, help="GO threshold: structures per hour measured in this run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (label.log and the report JSON are still written)")
+    add_verdict_args(p)
     args = p.parse_args(argv)
     if not args.inputs and not args.generate:
         p.error("give INPUTS and / or --generate CKPT")
@@ -90,14 +105,14 @@ def generate(args, out: Path, device: str) -> str:
 class Log:
     """Lines to label.log (always) and to stderr (unless quiet), without breaking the progress bar."""
 
-    def __init__(self, path: Path):
-        self.f = open(path, "a")
+    def __init__(self, path: Path, quiet: bool = False):
+        self.f, self.quiet = open(path, "a"), quiet
 
     def __call__(self, msg: str, quiet: bool = False):
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
         self.f.write(line + "\n")
         self.f.flush()
-        if not quiet:
+        if not (quiet or self.quiet):
             from tqdm import tqdm
             tqdm.write(msg, file=sys.stderr)
 
@@ -116,36 +131,46 @@ def read_failed(path: Path, out_name: str) -> dict[str, dict]:
     return failed
 
 
-def report(out: Path, failed: dict, n_new: int, atoms_new: int, seconds: float, args, extra: dict | None = None) -> dict:
-    """Data-set statistics over the whole file (all runs), throughput over this run, and the verdict."""
-    lab = read_labels(out)
-    S = len(lab["key"])
-    F = len(set(failed) - set(lab["key"]))
-    counts = np.bincount(lab["numbers"].astype(np.int64)) if S else np.zeros(1)
+def dataset_report(files: list[Path], args) -> dict:
+    """Statistics of the union of labels files (one teacher each, any teachers), the failures recorded for each
+    in the failed.jsonl next to it, throughput from each file's `label_seconds`, and the verdict."""
+    rows, numbers, sizes, fps, failures = [], [], [], [], Counter()
+    for path in map(Path, files):
+        lab = read_labels(path)
+        keys = set(lab["key"].tolist())
+        failed = [rec for k, rec in read_failed(path.parent / "failed.jsonl", path.name).items() if k not in keys]
+        failures.update(rec.get("kind", "?") for rec in failed)
+        S, F, secs = len(lab["key"]), len(failed), float(lab["attrs"].get("label_seconds", math.nan))
+        rows.append({"file": str(path), "teacher": lab["attrs"]["teacher"], "teacher_version": lab["attrs"]["teacher_version"],
+                     "labelled": S, "failed": F, "label_seconds": secs, "atoms": int(lab["n_atoms"].sum()),
+                     "duplicate_keys": S - len(keys)})
+        numbers.append(lab["numbers"].astype(np.int64))
+        sizes.append(lab["n_atoms"].astype(np.float64))
+        fps += [fingerprint(lab["numbers"][o:o + n], lab["positions"][o:o + n], c, pb)
+                for o, n, c, pb in zip(lab["offset"], lab["n_atoms"], lab["cell"], lab["pbc"])]
+    for row in rows:
+        row.update(_rates(row["labelled"], row["failed"], row["atoms"], row["label_seconds"]))
+    S, F = sum(r["labelled"] for r in rows), sum(r["failed"] for r in rows)
+    numbers, sizes = np.concatenate(numbers), np.concatenate(sizes)
+    counts = np.bincount(numbers) if S else np.zeros(1)
     p = counts[counts > 0] / max(counts.sum(), 1)
-    sizes = lab["n_atoms"].astype(np.float64)
-    fps = [fingerprint(lab["numbers"][o:o + n], lab["positions"][o:o + n], c, pb)
-           for o, n, c, pb in zip(lab["offset"], lab["n_atoms"], lab["cell"], lab["pbc"])]
     r = {
-        "out": str(out), "teacher": lab["attrs"]["teacher"], "teacher_version": lab["attrs"]["teacher_version"],
-        "labelled": S, "failed": F, "success_rate": S / (S + F) if S + F else float("nan"),
-        "labelled_this_run": n_new, "seconds_this_run": seconds,
-        "structures_per_hour": 3600 * n_new / seconds if n_new and seconds > 0 else float("nan"),
-        "atoms_per_second": atoms_new / seconds if n_new and seconds > 0 else float("nan"),
+        "files": rows, "teachers": sorted({row["teacher"] for row in rows}),
+        "labelled": S, "failed": F,
+        **_rates(S, F, int(sizes.sum()), sum(row["label_seconds"] for row in rows)),
         "element_entropy_bits": float(-(p * np.log2(p)).sum()) if S else 0.0,
         "elements": int((counts > 0).sum()) if S else 0,
-        "size_cv": float(sizes.std() / sizes.mean()) if S else float("nan"),
+        "size_cv": float(sizes.std() / sizes.mean()) if S else math.nan,
         "duplicates": S - len(set(fps)),  # same composition + geometry rounded to 0.01 A (models.structures.fingerprint)
-        "duplicate_keys": S - len(set(lab["key"].tolist())),
-        "failures_by_kind": dict(Counter(rec.get("kind", "?") for k, rec in failed.items() if k not in set(lab["key"]))),
-        **(extra or {}),
+        "duplicate_keys": sum(row["duplicate_keys"] for row in rows),
+        "failures_by_kind": dict(failures),
     }
     checks = {
         "success_rate": r["success_rate"] >= args.min_success,
         "element_entropy_bits": r["element_entropy_bits"] >= args.min_entropy,
         "elements": r["elements"] >= args.min_elements,
         "size_cv": r["size_cv"] > args.min_size_cv,
-        # nothing computed in this run (all resumed): the rate is unknown and does not decide the verdict
+        # a file written before label_seconds existed has no throughput: it does not decide the verdict
         "structures_per_hour": True if math.isnan(r["structures_per_hour"]) else r["structures_per_hour"] >= args.min_rate,
     }
     r["checks"] = checks
@@ -153,65 +178,117 @@ def report(out: Path, failed: dict, n_new: int, atoms_new: int, seconds: float, 
     return r
 
 
+def _rates(labelled: int, failed: int, atoms: int, seconds: float) -> dict:
+    ok = labelled > 0 and seconds > 0
+    return {"success_rate": labelled / (labelled + failed) if labelled + failed else math.nan,
+            "label_seconds": seconds,
+            "structures_per_hour": 3600 * labelled / seconds if ok else math.nan,
+            "atoms_per_second": atoms / seconds if ok else math.nan}
+
+
+def _fmt(key: str, v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    if key == "success_rate":
+        return f"{v:.1%}"
+    if key in ("structures_per_hour", "atoms_per_second", "structures_per_hour_this_run"):
+        return f"{v:,.0f}"
+    return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+
+
 def format_report(r: dict, args) -> str:
+    lines = []
+    if len(r["files"]) > 1:
+        lines.append(f"{'file':<40}{'teacher':<10}{'labelled':>10}{'failed':>8}{'success':>9}{'structures/h':>14}{'atoms/s':>10}")
+        for row in r["files"]:
+            lines.append(f"{row['file'][-39:]:<40}{row['teacher']:<10}{row['labelled']:>10,}{row['failed']:>8,}"
+                         f"{_fmt('success_rate', row['success_rate']):>9}{_fmt('structures_per_hour', row['structures_per_hour']):>14}"
+                         f"{_fmt('atoms_per_second', row['atoms_per_second']):>10}")
+        lines.append("")
     thr = {"success_rate": f">= {args.min_success:.0%}", "element_entropy_bits": f">= {args.min_entropy}",
            "elements": f">= {args.min_elements}", "size_cv": f"> {args.min_size_cv}", "structures_per_hour": f">= {args.min_rate:g}"}
-    lines = [f"{'metric':<24}{'value':>14}  {'threshold':<10} ok"]
-    for k in ["labelled", "failed", "success_rate", "labelled_this_run", "structures_per_hour", "atoms_per_second",
-              "element_entropy_bits", "elements", "size_cv", "duplicates", "duplicate_keys"]:
-        v = r[k]
-        s = f"{v:.1%}" if k == "success_rate" and not math.isnan(v) else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}")
-        ok = {True: "yes", False: "NO"}[r["checks"][k]] if k in r["checks"] else ""
-        lines.append(f"{k:<24}{s:>14}  {thr.get(k, ''):<10} {ok}")
-    lines.append(f"verdict: {r['verdict']}  (teacher {r['teacher']}, {r['teacher_version']})")
+    lines.append(f"{'metric':<30}{'value':>14}  {'threshold':<10} ok")
+    for k in ["labelled", "failed", "success_rate", "structures_per_hour", "atoms_per_second", "labelled_this_run",
+              "structures_per_hour_this_run", "element_entropy_bits", "elements", "size_cv", "duplicates", "duplicate_keys"]:
+        if k in r:
+            ok = {True: "yes", False: "NO"}[r["checks"][k]] if k in r["checks"] else ""
+            lines.append(f"{k:<30}{_fmt(k, r[k]):>14}  {thr.get(k, ''):<10} {ok}")
+    teachers = ", ".join(sorted({f"{row['teacher']}: {row['teacher_version']}" for row in r["files"]}))
+    lines.append(f"verdict: {r['verdict']}  (teachers {teachers})")
     return "\n".join(lines)
 
 
-def merge(shards: list[str], out: Path, teacher: str) -> None:
-    """Append the records of labels files (shards of one teacher) to out, skipping keys already there."""
-    from models.teachers import Teacher
-
-    first = read_labels(shards[0])["attrs"]
-    if first["teacher"] != teacher:
-        raise LabelsError(f"{shards[0]} was labelled by {first['teacher']!r}, not --teacher {teacher!r}")
+def merge_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py merge", description="Append the records of labels files of one teacher "
+                                "(shards of one run, or independent jobs) to OUT, skipping keys already there; their "
+                                "failure records are copied to the failed.jsonl next to OUT.")
+    p.add_argument("shards", nargs="+", help="labels files (.h5) of one teacher")
+    p.add_argument("--out", required=True, help="labels file to append to (created if missing)")
+    add_verdict_args(p)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    first = read_labels(args.shards[0])["attrs"]
     writer = LabelWriter(out, Teacher(first["teacher"], first["teacher_version"], calc=None))  # refuses another teacher
     keys = writer.keys()
-    for path in shards:
-        lab = read_labels(path)
-        if lab["attrs"]["teacher"] != first["teacher"]:
-            raise LabelsError(f"{path} was labelled by {lab['attrs']['teacher']!r}, {shards[0]} by {first['teacher']!r}; cannot merge")
-        rows = []
-        for s, key in enumerate(lab["key"]):
-            if key in keys:
-                continue
-            keys.add(key)
-            o, n = lab["offset"][s], lab["n_atoms"][s]
-            rows.append(dict(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], forces=lab["forces"][o:o + n],
-                             **{k: lab[k][s] for k in ("energy", "stress", "cell", "pbc", "source", "key")}))
-        for b in range(0, len(rows), 4096):
-            writer.append(rows[b:b + 4096])
-    print(f"merged {len(shards)} files into {out}: {len(writer)} structures")
+    failed_path = out.parent / "failed.jsonl"
+    recorded = read_failed(failed_path, out.name)
+    with open(failed_path, "a") as ff:
+        for path in args.shards:
+            lab = read_labels(path)
+            if lab["attrs"]["teacher"] != first["teacher"]:
+                raise LabelsError(f"{path} was labelled by {lab['attrs']['teacher']!r}, {args.shards[0]} by {first['teacher']!r}; cannot merge")
+            rows = []
+            for s, key in enumerate(lab["key"]):
+                if key in keys:
+                    continue
+                keys.add(key)
+                o, n = lab["offset"][s], lab["n_atoms"][s]
+                rows.append(dict(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], forces=lab["forces"][o:o + n],
+                                 **{k: lab[k][s] for k in ("energy", "stress", "cell", "pbc", "source", "key")}))
+            # the shard's labelling time (process-seconds: shards ran side by side), for the rows new to OUT only,
+            # so that merging a shard again adds no time
+            seconds = float(lab["attrs"].get("label_seconds", 0.0)) * len(rows) / max(len(lab["key"]), 1)
+            for b in range(0, len(rows), 4096):
+                writer.append(rows[b:b + 4096], seconds=seconds * len(rows[b:b + 4096]) / len(rows))
+            for key, rec in read_failed(Path(path).parent / "failed.jsonl", Path(path).name).items():
+                if key not in keys and key not in recorded:
+                    recorded[key] = {**rec, "out": out.name}
+                    ff.write(json.dumps(recorded[key]) + "\n")
+    r = dataset_report([out], args)
+    (out.parent / f"{out.stem}.report.json").write_text(json.dumps(r, indent=2))
+    print(f"merged {len(args.shards)} files into {out}: {len(writer)} structures")
+    print(format_report(r, args))
+    return r
 
 
-def main(argv=None) -> dict:
+def report_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py report", description="Data-set report and GO / NO-GO verdict over the "
+                                "union of labels files, which may come from different teachers (e.g. molecules "
+                                "labelled with xtb and crystals with chgnet); each file's failures are read from "
+                                "the failed.jsonl next to it.")
+    p.add_argument("files", nargs="+", help="labels files (.h5)")
+    p.add_argument("--json", default=None, help="write the report here as JSON")
+    add_verdict_args(p)
+    args = p.parse_args(argv)
+    r = dataset_report([Path(f) for f in args.files], args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    print(format_report(r, args))
+    return r
+
+
+def label_main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shard = args.shard or (f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None)
-    if shard and not args.shard:  # torchrun: one output per rank, merged afterwards with --merge
+    if shard and not args.shard:  # torchrun: one output per rank, merged afterwards with `label.py merge`
         i, n = map(int, shard.split("/"))
         out = out.with_name(f"{out.stem}.shard{i}of{n}{out.suffix}")
     failed_path, report_path = out.parent / "failed.jsonl", out.parent / f"{out.stem}.report.json"
-    if args.merge:
-        merge(args.inputs, out, args.teacher)
-        failed = {}  # the shards' failures, so the merged report's success rate covers every input
-        for shard in args.inputs:
-            failed.update(read_failed(Path(shard).parent / "failed.jsonl", Path(shard).name))
-        r = report(out, failed, 0, 0, 0.0, args)
-        report_path.write_text(json.dumps(r, indent=2))
-        print(format_report(r, args))
-        return r
-    log = Log(out.parent / "label.log")
+    log = Log(out.parent / "label.log", quiet=args.quiet)
     log(f"label.py {' '.join(sys.argv[1:] if argv is None else argv)}", quiet=True)
 
     if not args.resume:
@@ -242,24 +319,24 @@ def main(argv=None) -> dict:
     skip = done | (set() if args.retry_failed else set(failed))
     t_read = time.time()
     inputs = args.inputs + ([generate(args, out, device)] if args.generate else [])
-    records = list(iter_structures(inputs, anchor=out.parent))
-    t_read = time.time() - t_read
+    records = list(iter_records(inputs, anchor=out.parent))  # keys only; CSV rows and QM9 molecules are parsed when labelled
     todo, seen = [], set(skip)
-    for key, source, atoms in records:
+    for key, source, load in records:
         if key not in seen:  # also drops an input given twice
             seen.add(key)
-            todo.append((key, args.source or source, atoms))
+            todo.append((key, args.source or source, load))
     if shard:
         i, n = map(int, shard.split("/"))
         todo = [t for t in todo if int(hashlib.sha1(t[0].encode()).hexdigest()[:8], 16) % n == i]
     if args.limit:
         todo = todo[: args.limit]
-    log(f"{len(records)} input structures (read in {t_read:.1f} s), {len(done)} already labelled, {len(failed)} recorded failures, {len(todo)} to do")
+    t_read = time.time() - t_read
+    log(f"{len(records)} input structures (listed in {t_read:.1f} s), {len(done)} already labelled, {len(failed)} recorded failures, {len(todo)} to do")
 
     from tqdm import tqdm
 
     block, n_new, atoms_new, n_fail, t_teacher = [], 0, 0, 0, 0.0
-    t_start = time.time()
+    t_start = t_commit = time.time()
     ff = open(failed_path, "a")
 
     def fail(key, source, kind, reason):
@@ -273,16 +350,20 @@ def main(argv=None) -> dict:
         ff.write(json.dumps(rec) + "\n")
         ff.flush()
         log(f"failed {key}: {reason}", quiet=True)
+        bar.set_postfix(failed=n_fail, refresh=False)
 
     def commit():
-        nonlocal block
-        n = writer.append(block)
+        nonlocal block, t_commit
+        now = time.time()
+        n = writer.append(block, seconds=now - t_commit)
+        t_commit = now
         log(f"committed block of {len(block)}: {n} structures in {out}", quiet=True)
         block = []
 
-    bar = tqdm(todo, desc=f"label {teacher.name}", unit="struct", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(todo, desc=f"label {teacher.name}", unit="struct", disable=args.no_progress or args.quiet, dynamic_ncols=True)
     try:
-        for key, source, atoms in bar:
+        for key, source, load in bar:
+            atoms = load()
             if isinstance(atoms, Failure):
                 fail(key, source, "input", atoms.reason)
                 continue
@@ -314,9 +395,8 @@ def main(argv=None) -> dict:
                               cell=atoms.cell.array, pbc=atoms.pbc, source=source, key=key))
             n_new += 1
             atoms_new += len(atoms)
-            if len(block) >= args.block:
+            if len(block) >= args.block or time.time() - t_commit >= args.commit_seconds:
                 commit()
-            bar.set_postfix(failed=n_fail)
         commit()
     except KeyboardInterrupt:
         commit()  # keep the structures already computed
@@ -327,15 +407,126 @@ def main(argv=None) -> dict:
         ff.close()
     seconds = time.time() - t_start
 
-    r = report(out, failed, n_new, atoms_new, seconds, args,
-               extra={"teacher_load_seconds": t_load, "read_seconds": t_read, "teacher_seconds": t_teacher,
-                      # the pipeline's own cost (checks, float32 rounding, HDF5 writes, failure records) per labelled structure
-                      "overhead_fraction": (seconds - t_teacher) / seconds if seconds > 0 else float("nan"), "device": device})
+    r = dataset_report([out], args)
+    r.update(labelled_this_run=n_new, failed_this_run=n_fail, seconds_this_run=seconds,
+             structures_per_hour_this_run=3600 * n_new / seconds if n_new and seconds > 0 else math.nan,
+             atoms_per_second_this_run=atoms_new / seconds if n_new and seconds > 0 else math.nan,
+             teacher_load_seconds=t_load, list_seconds=t_read, teacher_seconds=t_teacher, device=device,
+             # the pipeline's own share of this run: parsing, checks, float32 rounding, HDF5 writes, failure records
+             overhead_fraction=(seconds - t_teacher) / seconds if seconds > 0 else math.nan)
     report_path.write_text(json.dumps(r, indent=2))
     log(format_report(r, args))
-    log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {r['structures_per_hour']:,.0f} structures/hour, "
-        f"{r['atoms_per_second']:,.1f} atoms/s, {r['overhead_fraction']:.1%} of the time outside the teacher; {n_fail} failed (see {failed_path}); report {report_path}")
+    log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {_fmt('structures_per_hour', r['structures_per_hour_this_run'])} "
+        f"structures/hour, {_fmt('atoms_per_second', r['atoms_per_second_this_run'])} atoms/s, {r['overhead_fraction']:.1%} of the time "
+        f"outside the teacher; {n_fail} failed (see {failed_path}); report {report_path}")
     return r
+
+
+def bench_main(argv) -> dict:
+    """Each (teacher, input): the first --n records, labelled by label.py (all of it: parsing, checks, the teacher,
+    HDF5 writes, the report) and by a bare loop of teacher calls on the same structures, parsed and prepared
+    beforehand; passes alternate and medians are compared. Teacher loading is excluded from both."""
+    import platform
+    import statistics
+
+    p = argparse.ArgumentParser(prog="label.py bench", description=bench_main.__doc__)
+    p.add_argument("inputs", nargs="+", help="structure inputs as for labelling (e.g. qm9:test, a CDVAE CSV); each is benched on its first --n records")
+    p.add_argument("--teachers", nargs="+", default=["xtb", "chgnet"], choices=sorted(TEACHERS), help="teachers to bench")
+    p.add_argument("--n", type=int, default=200, help="structures per (teacher, input)")
+    p.add_argument("--repeats", type=int, default=3, help="bare / label.py passes each (alternating); medians are reported")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of torch teachers")
+    p.add_argument("--out", default="labels/bench", help="directory for the bench's labels files, label.log, bench.md and bench.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    results = []
+    for name in args.teachers:
+        teacher = get_teacher(name, args.device)
+        for inp in args.inputs:
+            records = [(key, load()) for key, _, load in itertools.islice(iter_records([inp], anchor=out), args.n)]
+            structures = []  # exactly what label.py hands the teacher: checked, float32-rounded, boxed if needed
+            for key, atoms in records:
+                if isinstance(atoms, Failure) or check_structure(atoms):
+                    continue
+                atoms = atoms.copy()
+                atoms.positions = atoms.positions.astype(np.float32).astype(np.float64)
+                atoms.cell = atoms.cell.array.astype(np.float32).astype(np.float64)
+                periodic = bool(atoms.pbc.any())
+                if not periodic and teacher.molecule_vacuum is not None:
+                    atoms.center(vacuum=teacher.molecule_vacuum)
+                    atoms.pbc = True
+                structures.append((atoms, periodic))
+            short = _short_name(inp)
+            tag = f"{name}-{short.replace('/', '_').replace(':', '_')}"
+            bare, piped, listing, labelled = [], [], [], 0
+            for _ in range(args.repeats):
+                bare.append(_bare_calls(teacher, [(a.copy(), periodic) for a, periodic in structures]))
+                t = time.perf_counter()
+                r = label_main([inp, "--teacher", name, "--out", str(out / f"{tag}.h5"), "--limit", str(args.n), "--no-resume",
+                                "--quiet", "--device", args.device])
+                piped.append(time.perf_counter() - t - r["teacher_load_seconds"])
+                listing.append(r["list_seconds"])
+                labelled = r["labelled"]
+            b, q, ls = statistics.median(bare), statistics.median(piped), statistics.median(listing)
+            atoms = sum(len(a) for a, _ in structures)
+            results.append({"teacher": name, "teacher_version": teacher.version, "input": short, "structures": len(records),
+                            "labelled": labelled, "bare_seconds": bare, "label_seconds": piped, "list_seconds": listing,
+                            # listing every record of the input (13,083 for qm9:test) is paid once per run, whatever --n
+                            "overhead": q / b - 1, "overhead_after_listing": (q - ls) / b - 1,
+                            "structures_per_hour": 3600 * labelled / q, "atoms_per_second": atoms / q})
+            row = results[-1]
+            print(f"{name:<8} {short:<24} bare {b:8.2f} s  label.py {q:8.2f} s  overhead {row['overhead']:+6.1%} "
+                  f"({row['overhead_after_listing']:+6.1%} after listing the input {ls:.2f} s)  "
+                  f"{row['structures_per_hour']:>10,.0f} structures/h", flush=True)
+    env = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "device": args.device, "n": args.n, "repeats": args.repeats}
+    lines = ["| teacher | input | labelled | bare calls | label.py | of which listing the input | overhead | overhead after listing | structures / hour | atoms / s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        lines.append(f"| {row['teacher_version']} | {row['input']} | {row['labelled']} / {row['structures']} | "
+                     f"{statistics.median(row['bare_seconds']):.2f} s | {statistics.median(row['label_seconds']):.2f} s | "
+                     f"{statistics.median(row['list_seconds']):.2f} s | {row['overhead']:+.1%} | {row['overhead_after_listing']:+.1%} | "
+                     f"{row['structures_per_hour']:,.0f} | {row['atoms_per_second']:,.0f} |")
+    table = "\n".join(lines) + f"\n\nmedian of {args.repeats} alternating passes; {env}\n"
+    (out / "bench.md").write_text(table)
+    (out / "bench.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
+    print(table)
+    return {"env": env, "results": results}
+
+
+def _short_name(inp: str) -> str:
+    """'../shared/data/cdvae/perov_5/test.csv' -> 'perov_5/test.csv'; 'qm9:test' stays."""
+    p = Path(inp)
+    return f"{p.resolve().parent.name}/{p.name}" if p.exists() else inp
+
+
+def _bare_calls(teacher: Teacher, structures: list) -> float:
+    """Seconds for the plain ASE loop a user would write: energy, forces and (crystals) stress per structure.
+    structures: (atoms as the teacher sees them, whether it is a crystal)."""
+    teacher.calc.reset()
+    t = time.perf_counter()
+    for atoms, periodic in structures:
+        atoms.calc = teacher.calc
+        try:
+            atoms.get_potential_energy()
+            atoms.get_forces()
+            if periodic:
+                atoms.get_stress()
+        except Exception:  # e.g. SCF not converged: label.py records these, and pays for them too
+            pass
+    return time.perf_counter() - t
+
+
+COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return label_main(argv)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ class LabelWriter:
                 f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk, *shape))
             f.attrs.update(format=FORMAT, teacher=teacher.name, teacher_version=teacher.version,
                            units=json.dumps(UNITS), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           code_version=code_version(), n_structures=0)
+                           code_version=code_version(), n_structures=0, label_seconds=0.0)
 
     @staticmethod
     def _truncate(f) -> None:
@@ -227,11 +227,16 @@ class LabelWriter:
         with h5py.File(self.path, "r") as f:
             return set(f["key"].asstr()[: _committed(f)])
 
-    def append(self, rows: list[dict]) -> int:
-        """rows: dicts with numbers, positions, forces, energy, stress, cell, pbc, source, key. Returns n_structures."""
+    def append(self, rows: list[dict], seconds: float = 0.0) -> int:
+        """rows: dicts with numbers, positions, forces, energy, stress, cell, pbc, source, key; seconds: the wall
+        time spent producing them (failures included), summed in the attribute `label_seconds` so that a file
+        labelled over several runs or shards still has a throughput. Returns n_structures."""
         import h5py
 
         if not rows:
+            if seconds:
+                with h5py.File(self.path, "a") as f:
+                    f.attrs["label_seconds"] = float(f.attrs.get("label_seconds", 0.0)) + seconds
             return len(self)
         with h5py.File(self.path, "a") as f:
             self._truncate(f)
@@ -250,6 +255,7 @@ class LabelWriter:
                 f[name].resize(s0 + len(rows), axis=0)
                 f[name][s0:] = data
             f.flush()
+            f.attrs["label_seconds"] = float(f.attrs.get("label_seconds", 0.0)) + seconds
             f.attrs["n_structures"] = s0 + len(rows)  # 3. commit
             f.flush()
             return s0 + len(rows)

@@ -45,6 +45,16 @@ def metals(n=4, seed=0):
     return out
 
 
+@pytest.fixture
+def lj_teacher(monkeypatch):
+    """A second teacher besides EMT for any element: ASE's Lennard-Jones calculator, registered as "lj"."""
+    from ase.calculators.lj import LennardJones
+
+    from models import teachers
+
+    monkeypatch.setitem(teachers.TEACHERS, "lj", lambda device: Teacher("lj", f"ase {ase.__version__}", LennardJones(sigma=1.5, rc=6.0)))
+
+
 def run_label(*args):
     return label.main([str(a) for a in args] + ["--no-progress"])
 
@@ -153,6 +163,29 @@ def test_overlap_uses_periodic_images():
     assert check_structure(a) is None
     a.set_cell(a.cell * 0.1, scale_atoms=True)
     assert "overlapping" in check_structure(a)
+
+
+def test_dense_neighbour_search_equals_ase_neighbour_list():
+    """The numpy all-image-pairs path (small structures) and ase.neighborlist (large ones) give the same
+    nearest-neighbour distances and closest pair: real molecules and crystals, a skewed cell smaller than
+    the cutoff, unwrapped positions, a lone atom."""
+    from models.structures import nearest_neighbours
+
+    skewed = ase.Atoms("CuAu", scaled_positions=[[0, 0, 0], [0.3, 0.6, 0.2]], pbc=True,
+                       cell=[[2.5, 0, 0], [2.2, 1.3, 0], [0.4, 0.9, 1.7]])
+    unwrapped = skewed.copy()
+    unwrapped.positions[0] += np.array([3, -2, 5]) @ unwrapped.cell.array  # the same crystal, an atom outside the cell
+    lonely = ase.Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0, 9, 0]])
+    structures = ([a for _, _, a in iter_structures([str(PEROV), str(CARBON)])] + qm9_molecules(20, no_fluorine=False)
+                  + metals(4) + [skewed, unwrapped, lonely, bulk("Cu", "fcc", a=3.6)])
+    for a in structures:
+        for cutoff in (0.7, 1.5, 4.0):
+            dense, (_, _, d) = nearest_neighbours(a, cutoff)
+            reference, (_, _, d_ref) = nearest_neighbours(a, cutoff, dense_limit=0)
+            assert np.allclose(dense, reference, rtol=0, atol=1e-9) and d == pytest.approx(d_ref, abs=1e-9)
+    assert np.allclose(nearest_neighbours(skewed, 4.0)[0], nearest_neighbours(unwrapped, 4.0)[0])
+    assert nearest_neighbours(lonely, 4.0)[0][2] == np.inf
+    assert "isolated atom(s) [2]" in check_structure(lonely)
 
 
 def test_refuses_file_of_another_teacher(tmp_path):
@@ -292,20 +325,77 @@ def test_not_a_labels_file(tmp_path):
         LabelWriter(out, get_teacher("emt"))
 
 
-def test_shards_merge_to_the_unsharded_set(tmp_path):
-    ase.io.write(tmp_path / "m.extxyz", metals(8), format="extxyz")
+def test_shards_merge_to_the_unsharded_set(tmp_path, lj_teacher):
+    structures = metals(8)
+    structures[3].positions[1] = structures[3].positions[0] + 0.1  # a recorded failure, whichever shard has it
+    ase.io.write(tmp_path / "m.extxyz", structures, format="extxyz")
     for i in range(2):
         run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", tmp_path / f"s{i}.h5", "--shard", f"{i}/2")
     run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", tmp_path / "all.h5")
-    s0, s1 = (read_labels(tmp_path / f"s{i}.h5")["key"] for i in range(2))
-    assert len(s0) and len(s1) and not set(s0) & set(s1)
-    for _ in range(2):  # merging twice adds nothing
-        label.main([str(tmp_path / "s0.h5"), str(tmp_path / "s1.h5"), "--merge", "--teacher", "emt", "--out", str(tmp_path / "merged.h5")])
+    s0, s1 = (read_labels(tmp_path / f"s{i}.h5") for i in range(2))
+    assert len(s0["key"]) and len(s1["key"]) and not set(s0["key"]) & set(s1["key"])
+    for _ in range(2):  # merging twice adds nothing: no rows, no failure records, no labelling time
+        r = label.main(["merge", tmp_path / "s0.h5", tmp_path / "s1.h5", "--out", tmp_path / "merged.h5"])
     merged, full = read_labels(tmp_path / "merged.h5"), read_labels(tmp_path / "all.h5")
     order = np.argsort(merged["key"])
     assert merged["key"][order].tolist() == sorted(full["key"].tolist())
-    assert np.array_equal(np.sort(merged["energy"]), np.sort(full["energy"]))
+    # EMT reuses its neighbour list between structures, so summation order (the last bits) depends on the previous one
+    assert np.allclose(np.sort(merged["energy"]), np.sort(full["energy"]), rtol=1e-12, atol=0)
     assert len(merged["numbers"]) == len(full["numbers"])
+    assert merged["attrs"]["label_seconds"] == pytest.approx(s0["attrs"]["label_seconds"] + s1["attrs"]["label_seconds"])
+    assert r["labelled"] == 7 and r["failed"] == 1 and r["failures_by_kind"] == {"check": 1}
+    assert len(label.read_failed(tmp_path / "failed.jsonl", "merged.h5")) == 1
+    with pytest.raises(LabelsError, match="cannot merge"):
+        ase.io.write(tmp_path / "h2.extxyz", [molecule("H2")], format="extxyz")
+        run_label(tmp_path / "h2.extxyz", "--teacher", "lj", "--out", tmp_path / "other.h5")
+        label.main(["merge", tmp_path / "s0.h5", tmp_path / "other.h5", "--out", tmp_path / "bad.h5"])
+
+
+def test_report_over_files_of_two_teachers(tmp_path, lj_teacher):
+    """`label.py report` joins labels files of different teachers: counts, element statistics and
+    duplicates over the union, each file's failures, throughput from the stored labelling time."""
+    mols, crystals = qm9_molecules(6), metals(4)
+    mols[5] = mols[0].copy()  # a duplicate geometry, caught across the two files below
+    mols[4].positions[1] = mols[4].positions[0]  # overlapping atoms: a recorded failure
+    ase.io.write(tmp_path / "mols.extxyz", mols, format="extxyz")
+    ase.io.write(tmp_path / "metals.extxyz", crystals + [mols[0]], format="extxyz")
+    run_label(tmp_path / "mols.extxyz", "--teacher", "lj", "--out", tmp_path / "mols.h5")
+    run_label(tmp_path / "metals.extxyz", "--teacher", "emt", "--out", tmp_path / "metals.h5")
+    r = label.main(["report", tmp_path / "mols.h5", tmp_path / "metals.h5", "--json", tmp_path / "all.json", "--min-elements", "6"])
+    a, b = read_labels(tmp_path / "mols.h5"), read_labels(tmp_path / "metals.h5")
+    assert [f["teacher"] for f in r["files"]] == ["lj", "emt"] and r["teachers"] == ["emt", "lj"]
+    assert (r["labelled"], r["failed"]) == (5 + 5, 1) and r["success_rate"] == pytest.approx(10 / 11)
+    numbers = np.concatenate([a["numbers"], b["numbers"]])
+    counts = np.bincount(numbers)
+    p = counts[counts > 0] / counts.sum()
+    assert r["element_entropy_bits"] == pytest.approx(-(p * np.log2(p)).sum()) and r["elements"] == (counts > 0).sum()
+    sizes = np.concatenate([a["n_atoms"], b["n_atoms"]])
+    assert r["size_cv"] == pytest.approx(sizes.std() / sizes.mean())
+    assert r["duplicates"] == 2 and r["duplicate_keys"] == 0  # mols[5] in one file, mols[0] again in the other
+    seconds = a["attrs"]["label_seconds"] + b["attrs"]["label_seconds"]
+    assert seconds > 0 and r["structures_per_hour"] == pytest.approx(3600 * 10 / seconds)
+    assert json.loads((tmp_path / "all.json").read_text())["verdict"] == r["verdict"]
+    assert r["checks"]["elements"] == (r["elements"] >= 6) and r["checks"]["success_rate"] is False
+
+
+def test_blocks_are_committed_by_time_and_labelling_time_is_kept(tmp_path):
+    ase.io.write(tmp_path / "m.extxyz", metals(5), format="extxyz")
+    out = tmp_path / "labels.h5"
+    run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out, "--limit", "2", "--commit-seconds", "0")
+    assert (tmp_path / "label.log").read_text().count("committed block of 1:") == 2  # one block per structure
+    first = read_labels(out)["attrs"]["label_seconds"]
+    r = run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out)  # resumes with the other 3
+    assert r["labelled"] == 5 and r["labelled_this_run"] == 3 and 0 < first < read_labels(out)["attrs"]["label_seconds"]
+
+
+def test_bench_against_bare_teacher_calls(tmp_path):
+    ase.io.write(tmp_path / "m.extxyz", metals(4) + qm9_molecules(3), format="extxyz")
+    r = label.main(["bench", tmp_path / "m.extxyz", "--teachers", "emt", "--n", "5", "--repeats", "2", "--out", tmp_path / "bench"])
+    (row,) = r["results"]
+    assert row["structures"] == 5 and row["labelled"] == 5 and len(row["bare_seconds"]) == len(row["label_seconds"]) == 2
+    assert min(row["bare_seconds"]) > 0 and np.isfinite(row["overhead"])
+    assert "| ase" in (tmp_path / "bench" / "bench.md").read_text()
+    assert len(read_labels(tmp_path / "bench" / f"emt-{tmp_path.name}_m.extxyz.h5")["key"]) == 5  # label.py really labelled them
 
 
 def test_generate_from_a_checkpoint_and_resume(tmp_path):
