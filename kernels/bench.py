@@ -2,6 +2,7 @@
 
     python kernels/bench.py triangle [--sizes 64 128 256 512 1024] [--heads 4] [--dim 32] [--dtype bf16]
     python kernels/bench.py radius [--atoms 1000 10000 100000 1000000] [--features 128] [--cutoff 5]
+    python kernels/bench.py compile [--arch 90 80] [--quick]
 
 For each size and implementation: forward and forward + backward time (median of
 triton.testing.do_bench), throughput (TFLOP/s for triangle attention, GB/s of compulsory traffic for
@@ -13,18 +14,31 @@ it, and, when torch_cluster is installed, its radius_graph feeding the same gath
 A baseline that fails (not installed, out of memory, another API version) gets its error in the table
 instead of a number. Writes OUT/bench_<kernel>.md (the table) and OUT/bench_<kernel>.png.
 
-The kernels compile only for a GPU; on a CPU their correctness is covered by tests/ in Triton's
-interpreter, and this script says so and exits.
+The kernels run only on a GPU; on a CPU their correctness is covered by tests/ in Triton's
+interpreter, and the two benchmarks say so and exit. `compile` needs no GPU: it compiles every kernel
+ahead of time (Triton's own PTX and ptxas, shipped with triton) for each configuration the launchers
+can pick, and prints per kernel and configuration: ok or the error, shared memory, registers and spill
+bytes (from `ptxas -v`). It exits non-zero if a compile fails or needs more shared memory than the
+target has; --quick compiles one configuration per kernel for sm_90 (tests/test_kernels_compile.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import kernels.radius_graph as radius_graph  # noqa: E402
+import kernels.triangle_attention as triangle  # noqa: E402
 from kernels.radius_graph import edge_filter, radius_message_passing, radius_message_passing_reference  # noqa: E402
 from kernels.triangle_attention import triangle_attention, triangle_attention_reference  # noqa: E402
 
@@ -174,6 +188,113 @@ def bench_radius(args) -> list[dict]:
     return rows
 
 
+# Shared memory a block may use (opt-in maximum), in bytes, per compute capability.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+RADIUS_N_RBF = 16  # models/gnn.py's default; a loop bound, so other values give the same code
+
+
+def entry_points(module) -> list:
+    """The module's launched kernels (named *_kernel), not the @triton.jit helpers they call."""
+    return [f for name, f in vars(module).items() if name.endswith("_kernel") and isinstance(f, triton.JITFunction)]
+
+
+def triangle_compile_configs(quick: bool):
+    """(kernel, config label, argument types, constexprs + num_warps) for every launch the triangle
+    attention launcher can make on a GPU with its default blocks: each dtype and head dim, and a bias
+    in fp32 next to 16-bit q, k, v (the bias may have any float dtype)."""
+    for dtype in (torch.bfloat16,) if quick else triangle.DTYPES:
+        for D in (32,) if quick else triangle.HEAD_DIMS:
+            meta = triangle._launch_config(D, dtype, on_gpu=True)
+            for bias_dtype in dict.fromkeys((dtype,) if quick else (dtype, torch.float32)):
+                qkv, bias = f"*{TRITON_TYPES[dtype]}", f"*{TRITON_TYPES[bias_dtype]}"
+                types = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"), qkv)
+                types.update(Bias=bias, DBias=bias, Mask="*u8", LSE="*fp32", Delta="*fp32", H="i32", N="i32",
+                             scale="fp32")
+                label = (f"{TRITON_TYPES[dtype]} D={D} blocks={meta['BLOCK_J']}x{meta['BLOCK_K']} "
+                         f"FP32_DOT={meta['FP32_DOT']}" + ("" if bias_dtype == dtype else " bias=fp32"))
+                for kernel in entry_points(triangle):
+                    if bias_dtype == dtype or "Bias" in kernel.arg_names:
+                        yield kernel, label, types, meta
+
+
+def radius_compile_configs(quick: bool):
+    """Same for the radius-graph launcher: feature widths of the model presets (BLOCK_F 16 to 256), with
+    and without a cell. The kernels see fp32 only: the wrapper upcasts fp16 / bf16 on the host."""
+    types = dict.fromkeys(("Pos", "X", "DY", "Cell", "InvCell", "Wf", "Y", "DX", "DPos", "DWPart"), "*fp32")
+    types.update(Batch="*i32", Start="*i32", End="*i32", A="i32", F="i32", cutoff="fp32", mu_step="fp32",
+                 gamma="fp32")
+    for F in (128,) if quick else (16, 32, 64, 128, 256):
+        for periodic in (False, True):
+            meta = dict(radius_graph._launch_config(F, on_gpu=True), N_RBF=RADIUS_N_RBF, PERIODIC=periodic)
+            label = f"fp32 F={F} blocks={meta['BLOCK_I']}x{meta['BLOCK_J']}x{meta['BLOCK_F']} PERIODIC={periodic}"
+            for kernel in entry_points(radius_graph):
+                yield kernel, label, types, meta
+
+
+def compile_kernel(kernel, types: dict, meta: dict, arch: int) -> dict:
+    """Compile one kernel for sm_<arch> without a GPU: shared memory from Triton, registers and spills
+    from ptxas -v on the PTX. Pointers are marked 16-byte aligned, as torch allocates them and as the
+    launcher would specialise them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    constexprs = {name: meta[name] for name in kernel.arg_names if name in meta}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if signature[name].startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    with contextlib.redirect_stdout(io.StringIO()):  # a ptxas failure prints the whole PTX
+        options = {name: meta[name] for name in ("num_warps", "num_stages") if name in meta}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    row = {"smem": compiled.metadata.shared}
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        # Triton's own ptxas flags (backends/nvidia/compiler.py make_cubin), so the counts match its cubin.
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(ptx) + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    row["regs"] = int(regs.group(1)) if regs else None
+    row["spill"] = f"{spills.group(1)}/{spills.group(2)}" if spills else None
+    if row["smem"] > SMEM_LIMIT[arch]:
+        row["error"] = f"shared memory {row['smem']} B > sm_{arch} limit {SMEM_LIMIT[arch]} B"
+    return row
+
+
+def error_line(e: Exception) -> str:
+    """First line of the innermost error: Triton chains the real one (say, a tl.dot shape check in a
+    helper) as the cause of a CompilationError whose own message is only a source excerpt."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = e.error_message if isinstance(e, triton.CompilationError) and e.error_message else str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def compile_all(arches: list[int], quick: bool) -> bool:
+    """Print one table row per (kernel, configuration, arch); True if all compiled within the limits."""
+    print("| kernel | config | arch | result | smem B | regs | spill st/ld B |\n|---|---|---|---|---|---|---|",
+          flush=True)
+    ok = True
+    for configs in (triangle_compile_configs(quick), radius_compile_configs(quick)):
+        for kernel, label, types, meta in configs:
+            for arch in arches:
+                try:
+                    row = compile_kernel(kernel, types, meta, arch)
+                except Exception as e:  # any failure is a result to report; go on with the others
+                    row = {"error": error_line(e)}
+                ok &= "error" not in row
+                name = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}"
+                result = f"error: {row['error']}" if "error" in row else "ok"
+                print(f"| {name} | {label} | sm_{arch} | {result} | {row.get('smem', '')} | "
+                      f"{row.get('regs') or ''} | {row.get('spill') or ''} |", flush=True)
+    return ok
+
+
 def write_report(rows: list[dict], title: str, out: Path, stem: str, rate_unit: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -213,7 +334,16 @@ def main() -> None:
     rad.add_argument("--rbf", type=int, default=32, help="radial basis functions of the filter")
     rad.add_argument("--cutoff", type=float, default=5.0, help="radius cutoff in A")
     rad.add_argument("--out", type=Path, default=Path("out/bench"), help="where the table and plot go")
+    comp = sub.add_parser("compile", help="compile every kernel configuration ahead of time, no GPU needed")
+    comp.add_argument("--arch", type=int, nargs="+", choices=sorted(SMEM_LIMIT),
+                      help="compute capabilities to compile for (default: 90 80, or 90 with --quick)")
+    comp.add_argument("--quick", action="store_true",
+                      help="one configuration per kernel (triangle bf16 D=32, radius F=128 with and without cell)")
     args = parser.parse_args()
+    if args.kernel == "compile":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            sys.exit("kernels/bench.py compile needs the real compiler; unset TRITON_INTERPRET")
+        sys.exit(0 if compile_all(args.arch or ([90] if args.quick else [90, 80]), args.quick) else 1)
     if not torch.cuda.is_available():
         sys.exit("kernels/bench.py measures GPU kernels and needs a CUDA device. On a CPU, the kernels' "
                  "correctness is tested in Triton's interpreter: python -m pytest tests/test_triangle_attention.py "

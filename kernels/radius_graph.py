@@ -396,16 +396,18 @@ def spatial_order(pos, batch, cutoff: float, cell=None):
     return torch.argsort(key, stable=True)
 
 
-def _launch_config(x, block_i, block_j):
+def _launch_config(F, on_gpu, block_i=None, block_j=None) -> dict:
+    """Block constexprs and num_warps of both kernels for F features (N_RBF and PERIODIC come from the
+    inputs). Takes no tensor so that kernels/bench.py compile can build the same configurations ahead
+    of time, without a GPU."""
     if block_i is None or block_j is None:
-        di, dj = GPU_BLOCKS if x.is_cuda else INTERPRETER_BLOCKS
+        di, dj = GPU_BLOCKS if on_gpu else INTERPRETER_BLOCKS
         block_i, block_j = block_i or di, block_j or dj
     for block in (block_i, block_j):
         if block < 16 or block & (block - 1):
             raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot's minimum); got {block}")
-    block_f = max(16, triton.next_power_of_2(x.shape[1]))
-    num_warps = 4 if block_f <= 64 else 8
-    return block_i, block_j, block_f, num_warps
+    block_f = max(16, triton.next_power_of_2(F))
+    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_F=block_f, num_warps=4 if block_f <= 64 else 8)
 
 
 class RadiusMessagePassing(torch.autograd.Function):
@@ -426,13 +428,13 @@ class RadiusMessagePassing(torch.autograd.Function):
             inv = torch.linalg.inv(cell64).float().reshape(-1, 9).contiguous()
         else:
             cells = inv = torch.zeros(1, 9, device=x.device)
-        bi, bj, bf, warps = _launch_config(x, block_i, block_j)
+        meta = _launch_config(F, x.is_cuda, block_i, block_j)
         step, gamma = _rbf_params(float(cutoff), w.shape[0])
         y = torch.zeros_like(x)
         if A > 0:
-            _fwd_kernel[(triton.cdiv(A, bi),)](
+            _fwd_kernel[(triton.cdiv(A, meta["BLOCK_I"]),)](
                 pos, x, b, start, end, cells, inv, w, y, A, F, float(cutoff), step, gamma,
-                N_RBF=w.shape[0], BLOCK_I=bi, BLOCK_J=bj, BLOCK_F=bf, PERIODIC=periodic, num_warps=warps)
+                N_RBF=w.shape[0], PERIODIC=periodic, **meta)
         ctx.save_for_backward(pos, x, w, b, start, end, cells, inv)
         ctx.meta = (float(cutoff), periodic, block_i, block_j)
         return y.to(out_dtype)
@@ -445,16 +447,16 @@ class RadiusMessagePassing(torch.autograd.Function):
         dy = dy.float().contiguous()
         A, F = x.shape
         K = w.shape[0]
-        bi, bj, bf, warps = _launch_config(x, block_i, block_j)
+        meta = _launch_config(F, x.is_cuda, block_i, block_j)
         step, gamma = _rbf_params(cutoff, K)
-        n_prog = triton.cdiv(A, bi)
+        n_prog = triton.cdiv(A, meta["BLOCK_I"])
         dx = torch.zeros_like(x)
         dpos = torch.zeros_like(pos)
         dw_part = torch.empty((n_prog, K, F), device=x.device, dtype=torch.float32)  # every entry written
         if A > 0:
             _bwd_kernel[(n_prog,)](
                 pos, x, dy, b, start, end, cells, inv, w, dx, dpos, dw_part, A, F, cutoff, step, gamma,
-                N_RBF=K, BLOCK_I=bi, BLOCK_J=bj, BLOCK_F=bf, PERIODIC=periodic, num_warps=warps)
+                N_RBF=K, PERIODIC=periodic, **meta)
         dw = dw_part.sum(0)
         need = ctx.needs_input_grad  # autograd casts each gradient to its input's dtype
         return (dpos if need[0] else None, dx if need[1] else None, None, None,

@@ -270,17 +270,22 @@ def _interpreted() -> bool:
     return all(type(f).__name__ == "InterpretedFunction" for f in (_fwd_kernel, tl.zeros))
 
 
-def _launch_config(q, block_j, block_k):
-    D = q.shape[-1]
+def _launch_config(D, dtype, on_gpu, block_j=None, block_k=None) -> dict:
+    """Constexprs, num_warps and num_stages of the launches for head dim D and q's dtype; each kernel takes the
+    constexprs it declares. Takes no tensor so that kernels/bench.py compile can build the same
+    configurations ahead of time, without a GPU."""
     if block_j is None or block_k is None:
-        dj, dk = GPU_BLOCKS[D] if q.is_cuda else INTERPRETER_BLOCKS
+        dj, dk = GPU_BLOCKS[D] if on_gpu else INTERPRETER_BLOCKS
         block_j, block_k = block_j or dj, block_k or dk
     for block in (block_j, block_k):
         if block < 16 or block & (block - 1):
             raise ValueError(f"block sizes must be powers of two >= 16 (tl.dot's minimum); got {block}")
-    fp32_dot = q.dtype == torch.float32 or _interpreted()  # see _dot
-    num_warps = 4 if D <= 64 else 8
-    return block_j, block_k, fp32_dot, num_warps
+    fp32_dot = dtype == torch.float32 or _interpreted()  # see _dot
+    # fp32 with D = 128 and Triton's default 3 pipeline stages, the dK/dV and dbias kernels need 185 and
+    # 192 KiB of shared memory, more than an A100 has (163 KiB; kernels/bench.py compile); 2 stages fit.
+    num_stages = 2 if dtype == torch.float32 and D == 128 else 3
+    return dict(D=D, BLOCK_J=block_j, BLOCK_K=block_k, FP32_DOT=fp32_dot, num_warps=4 if D <= 64 else 8,
+                num_stages=num_stages)
 
 
 def _check(q, k, v, bias, mask):
@@ -307,12 +312,11 @@ class TriangleAttention(torch.autograd.Function):
         q, k, v, bias = (t.contiguous() for t in (q, k, v, bias))
         mask = mask.contiguous().view(torch.uint8)  # same bytes; a plain integer pointer in Triton
         B, H, N, _, D = q.shape
-        bj, bk, fp32_dot, warps = _launch_config(q, block_j, block_k)
+        meta = _launch_config(D, q.dtype, q.is_cuda, block_j, block_k)
         o = torch.empty_like(q)
         lse = torch.empty((B * H * N, N), device=q.device, dtype=torch.float32)
-        _fwd_kernel[(B * H * N, triton.cdiv(N, bj))](
-            q, k, v, bias, mask, o, lse, H, N, D ** -0.5,
-            D=D, BLOCK_J=bj, BLOCK_K=bk, FP32_DOT=fp32_dot, num_warps=warps)
+        _fwd_kernel[(B * H * N, triton.cdiv(N, meta["BLOCK_J"]))](
+            q, k, v, bias, mask, o, lse, H, N, D ** -0.5, **meta)
         ctx.save_for_backward(q, k, v, bias, mask, o, lse)
         ctx.blocks = (block_j, block_k)
         return o
@@ -323,14 +327,14 @@ class TriangleAttention(torch.autograd.Function):
         q, k, v, bias, mask, o, lse = ctx.saved_tensors
         do = do.contiguous()
         B, H, N, _, D = q.shape
-        bj, bk, fp32_dot, warps = _launch_config(q, *ctx.blocks)
+        meta = _launch_config(D, q.dtype, q.is_cuda, *ctx.blocks)
+        bj, bk = meta["BLOCK_J"], meta["BLOCK_K"]
         scale = D ** -0.5
         rows = B * H * N
         delta = torch.empty_like(lse)
-        _bwd_delta_kernel[(rows, triton.cdiv(N, bj))](o, do, delta, N, D=D, BLOCK_J=bj, num_warps=warps)
+        _bwd_delta_kernel[(rows, triton.cdiv(N, bj))](o, do, delta, N, D=D, BLOCK_J=bj, num_warps=meta["num_warps"])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (q, k, v, bias, mask, do, lse, delta)
-        meta = dict(D=D, BLOCK_J=bj, BLOCK_K=bk, FP32_DOT=fp32_dot, num_warps=warps)
         _bwd_dq_kernel[(rows, triton.cdiv(N, bj))](*args, dq, H, N, scale, **meta)
         _bwd_dkdv_kernel[(rows, triton.cdiv(N, bk))](*args, dk, dv, H, N, scale, **meta)
         dbias = None
