@@ -317,8 +317,12 @@ def label_main(argv=None) -> dict:
     done = writer.keys()
     failed = read_failed(failed_path, out.name)
     skip = done | (set() if args.retry_failed else set(failed))
+    inputs = list(args.inputs)
+    if args.generate:
+        t_gen = time.time()
+        inputs.append(generate(args, out, device))
+        log(f"--generate: {args.n_generate} molecules in {inputs[-1]} (sampled in {time.time() - t_gen:.1f} s, or earlier)")
     t_read = time.time()
-    inputs = args.inputs + ([generate(args, out, device)] if args.generate else [])
     records = list(iter_records(inputs, anchor=out.parent))  # keys only; CSV rows and QM9 molecules are parsed when labelled
     todo, seen = [], set(skip)
     for key, source, load in records:
