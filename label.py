@@ -435,6 +435,7 @@ def label_main(argv=None) -> dict:
     log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {_fmt('structures_per_hour', r['structures_per_hour_this_run'])} "
         f"structures/hour, {_fmt('atoms_per_second', r['atoms_per_second_this_run'])} atoms/s, {r['overhead_fraction']:.1%} of the time "
         f"outside the teacher; {n_fail} failed (see {failed_path}); report {report_path}")
+    log.f.close()
     return r
 
 

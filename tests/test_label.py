@@ -322,6 +322,28 @@ def test_chgnet_crystals_and_a_boxed_molecule(tmp_path):
     assert np.all(lab["cell"][~crystal] == 0)  # the vacuum box is the teacher's business, not stored
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("sevenn"), reason="sevenn not installed (pip install sevenn)")
+def test_sevennet_crystals_and_a_boxed_molecule(tmp_path):
+    """SevenNet-0 (weights in the sevenn wheel): the stored labels equal a direct call on the stored geometry."""
+    from sevenn.calculator import SevenNetCalculator
+
+    ase.io.write(tmp_path / "m.extxyz", qm9_molecules(1), format="extxyz")
+    out = tmp_path / "labels.h5"
+    run_label(tmp_path / "m.extxyz", PEROV, "--teacher", "sevennet", "--out", out, "--limit", "3", "--device", "cpu")
+    lab = read_labels(out)
+    assert len(lab["key"]) == 3 and lab["pbc"].all(1).sum() == 2 and "7net-0" in lab["attrs"]["teacher_version"]
+    calc = SevenNetCalculator("7net-0", device="cpu")
+    for s in range(3):
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        a = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], cell=lab["cell"][s], pbc=lab["pbc"][s])
+        if not a.pbc.any():
+            a.center(vacuum=10.0)
+            a.pbc = True
+        a.calc = calc
+        assert lab["energy"][s] == pytest.approx(a.get_potential_energy(), abs=1e-4)
+        assert np.allclose(lab["forces"][o:o + n], a.get_forces(), atol=1e-4)
+
+
 def test_teacher_errors_and_nan_labels_are_recorded(tmp_path, monkeypatch):
     from ase.calculators.calculator import Calculator, all_changes
 
