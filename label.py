@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.structures import Failure, check_structure, fingerprint, iter_records
+from models.structures import Failure, check_structure, fingerprint, iter_records, source_name
 from models.teachers import (TEACHERS, LabelsError, LabelWriter, Teacher, TeacherError, UnsupportedElements, get_teacher,
                              read_labels)
 
@@ -288,8 +288,8 @@ def prepare(record, min_dist: float, isolated_dist: float):
     for bit."""
     key, source, load = record
     atoms = load()
-    if isinstance(atoms, Failure):
-        return key, source, Failure(atoms.reason, "input")
+    if isinstance(atoms, Failure):  # unreadable: kind "input"
+        return key, source, atoms
     why = check_structure(atoms, min_dist, isolated_dist)
     if why:
         return key, source, Failure(why, "check")
@@ -463,16 +463,10 @@ def bench_main(argv) -> dict:
         teacher = get_teacher(name, args.device)
         for inp in args.inputs:
             records = [prepare(rec, MIN_DIST, ISOLATED_DIST) for rec in itertools.islice(iter_records([inp], anchor=out), args.n)]
-            structures = []  # exactly what label.py hands the teacher: checked, float32-rounded, boxed if needed
-            for _, _, atoms in records:
-                if isinstance(atoms, Failure):
-                    continue
-                periodic = bool(atoms.pbc.any())
-                if not periodic and teacher.molecule_vacuum is not None:
-                    atoms.center(vacuum=teacher.molecule_vacuum)
-                    atoms.pbc = True
-                structures.append((atoms, periodic))
-            short = _short_name(inp)
+            # exactly what the calculator gets from label.py: checked, float32-rounded, boxed if needed
+            structures = [(teacher.as_seen(atoms), bool(atoms.pbc.any())) for _, _, atoms in records
+                          if not isinstance(atoms, Failure)]
+            short = source_name(inp) if Path(inp).exists() else inp  # 'perov_5/test.csv', 'qm9:test'
             tag = f"{name}-{short.replace('/', '_').replace(':', '_')}"
             bare, total, loop, labelled = [], [], [], 0
             for _ in range(args.repeats):
@@ -508,12 +502,6 @@ def bench_main(argv) -> dict:
     (out / "bench.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
     print(table)
     return {"env": env, "results": results}
-
-
-def _short_name(inp: str) -> str:
-    """'../shared/data/cdvae/perov_5/test.csv' -> 'perov_5/test.csv'; 'qm9:test' stays."""
-    p = Path(inp)
-    return f"{p.resolve().parent.name}/{p.name}" if p.exists() else inp
 
 
 def _bare_calls(teacher: Teacher, structures: list) -> float:

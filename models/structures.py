@@ -54,7 +54,8 @@ def _key_path(path: str, anchor: Path) -> str:
     return os.path.relpath(os.path.abspath(path), os.path.abspath(anchor))
 
 
-def _source(path: str) -> str:
+def source_name(path: str) -> str:
+    """'<parent dir>/<file name>' of a path, e.g. 'perov_5/test.csv'."""
     p = Path(os.path.abspath(path))
     return f"{p.parent.name}/{p.name}"
 
@@ -69,7 +70,7 @@ def iter_records(inputs: list[str], anchor: Path = Path(".")):
         if item.split(":")[0] == "qm9" and not Path(item).exists():
             yield from _read_qm9(item)
             continue
-        kp, source = _key_path(item, anchor), _source(item)
+        kp, source = _key_path(item, anchor), source_name(item)
         kind = EXTENSIONS.get(Path(item).suffix.lower())
         if kind is None:
             yield kp, source, _loaded(Failure(f"{item}: unsupported file type (known: {sorted(EXTENSIONS)})"))

@@ -59,17 +59,22 @@ class Teacher:
     molecule_vacuum: float | None = None  # periodic-only models: molecules go in a box with this much vacuum
     meta: dict = field(default_factory=dict)
 
+    def as_seen(self, atoms):
+        """A copy of atoms as the calculator gets it: a molecule for a periodic-only model is boxed in vacuum."""
+        a = atoms.copy()
+        if not a.pbc.any() and self.molecule_vacuum is not None:
+            a.center(vacuum=self.molecule_vacuum)  # >= vacuum A to every face: no interaction with its images
+            a.pbc = True
+        return a
+
     def label(self, atoms):
         """(energy, forces [n,3], stress [6]) of a copy of atoms; raises on unsupported elements or teacher errors."""
         if self.elements is not None:
             bad = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if z not in self.elements})
             if bad:
                 raise UnsupportedElements(f"teacher {self.name} does not support element(s) {bad}")
-        a = atoms.copy()
-        periodic = bool(a.pbc.any())
-        if not periodic and self.molecule_vacuum is not None:
-            a.center(vacuum=self.molecule_vacuum)  # >= vacuum A to every face: no interaction with its images
-            a.pbc = True
+        periodic = bool(atoms.pbc.any())
+        a = self.as_seen(atoms)
         a.calc = self.calc
         energy = float(a.get_potential_energy())
         forces = np.asarray(a.get_forces(), dtype=np.float64)
@@ -233,28 +238,26 @@ class LabelWriter:
         labelled over several runs or shards still has a throughput. Returns n_structures."""
         import h5py
 
-        if not rows:
-            if seconds:
-                with h5py.File(self.path, "a") as f:
-                    f.attrs["label_seconds"] = float(f.attrs.get("label_seconds", 0.0)) + seconds
+        if not rows and not seconds:
             return len(self)
         with h5py.File(self.path, "a") as f:
             self._truncate(f)
             s0 = _committed(f)
-            a0 = len(f["numbers"])
-            n_atoms = np.array([len(r["numbers"]) for r in rows], dtype=np.int32)
-            cols = {"n_atoms": n_atoms, "offset": a0 + np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)}
-            for name in PER_ATOM:  # 1. per-atom data, flushed
-                data = np.concatenate([r[name] for r in rows]).astype(PER_ATOM[name][1])
-                f[name].resize(a0 + len(data), axis=0)
-                f[name][a0:] = data
-            f.flush()
-            for name, (shape, dt) in PER_STRUCT.items():  # 2. per-structure rows that point at it
-                data = cols[name] if name in cols else [r[name] for r in rows]
-                data = np.array(data, dtype=object) if dt == "str" else np.asarray(data, dtype=dt)
-                f[name].resize(s0 + len(rows), axis=0)
-                f[name][s0:] = data
-            f.flush()
+            if rows:  # a block of failures only carries its time
+                a0 = len(f["numbers"])
+                n_atoms = np.array([len(r["numbers"]) for r in rows], dtype=np.int32)
+                cols = {"n_atoms": n_atoms, "offset": a0 + np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)}
+                for name in PER_ATOM:  # 1. per-atom data, flushed
+                    data = np.concatenate([r[name] for r in rows]).astype(PER_ATOM[name][1])
+                    f[name].resize(a0 + len(data), axis=0)
+                    f[name][a0:] = data
+                f.flush()
+                for name, (shape, dt) in PER_STRUCT.items():  # 2. per-structure rows that point at it
+                    data = cols[name] if name in cols else [r[name] for r in rows]
+                    data = np.array(data, dtype=object) if dt == "str" else np.asarray(data, dtype=dt)
+                    f[name].resize(s0 + len(rows), axis=0)
+                    f[name][s0:] = data
+                f.flush()
             f.attrs["label_seconds"] = float(f.attrs.get("label_seconds", 0.0)) + seconds
             f.attrs["n_structures"] = s0 + len(rows)  # 3. commit
             f.flush()

@@ -55,6 +55,12 @@ def lj_teacher(monkeypatch):
     monkeypatch.setitem(teachers.TEACHERS, "lj", lambda device: Teacher("lj", f"ase {ase.__version__}", LennardJones(sigma=1.5, rc=6.0)))
 
 
+def stored_atoms(lab: dict, s: int) -> ase.Atoms:
+    """Structure s of a read_labels dict, exactly as stored (float32 geometry)."""
+    o, n = lab["offset"][s], lab["n_atoms"][s]
+    return ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], cell=lab["cell"][s], pbc=lab["pbc"][s])
+
+
 def run_label(*args):
     return label.main([str(a) for a in args] + ["--no-progress"])
 
@@ -104,8 +110,7 @@ def test_emt_round_trip_all_formats(tmp_path):
         assert np.array_equal(lab["positions"][o:o + n], a.positions.astype(np.float32))
         assert np.array_equal(lab["cell"][s], a.cell.array.astype(np.float32))
         assert np.array_equal(lab["pbc"][s], a.pbc)
-        stored = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], cell=lab["cell"][s], pbc=lab["pbc"][s])
-        e, f, st = emt.label(stored)
+        e, f, st = emt.label(stored_atoms(lab, s))
         assert lab["energy"][s] == e
         assert np.array_equal(lab["forces"][o:o + n], f.astype(np.float32))
         if a.pbc.any():
@@ -304,7 +309,7 @@ def test_xtb_molecules(tmp_path):
     assert len(lab["key"]) == 3 and np.isnan(lab["stress"]).all() and "GFN2" in lab["attrs"]["teacher_version"]
     for s in range(3):
         o, n = lab["offset"][s], lab["n_atoms"][s]
-        a = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n])
+        a = stored_atoms(lab, s)
         a.calc = TBLite(method="GFN2-xTB", verbosity=0)  # a fresh calculator: no state carried between molecules
         assert lab["energy"][s] == pytest.approx(a.get_potential_energy(), abs=1e-6)
         assert np.allclose(lab["forces"][o:o + n], a.get_forces(), atol=1e-5)
@@ -335,7 +340,7 @@ def test_sevennet_crystals_and_a_boxed_molecule(tmp_path):
     calc = SevenNetCalculator("7net-0", device="cpu")
     for s in range(3):
         o, n = lab["offset"][s], lab["n_atoms"][s]
-        a = ase.Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], cell=lab["cell"][s], pbc=lab["pbc"][s])
+        a = stored_atoms(lab, s)
         if not a.pbc.any():
             a.center(vacuum=10.0)
             a.pbc = True
