@@ -122,14 +122,19 @@ def _load_cell(Cell, b):
 
 
 @triton.jit
+def _load_xyz(Pos, offs, mask):
+    """x, y, z of the atoms at offs (pos is [A, 3] row-major; int64 offsets, A * 3 may overflow int32)."""
+    offs64 = offs.to(tl.int64)
+    return (tl.load(Pos + offs64 * 3 + 0, mask=mask, other=0.0), tl.load(Pos + offs64 * 3 + 1, mask=mask, other=0.0),
+            tl.load(Pos + offs64 * 3 + 2, mask=mask, other=0.0))
+
+
+@triton.jit
 def _pairs(Pos, Batch, offs_i, i_in, px, py, pz, b_i, offs_j, hi, cutoff, c, ic, PERIODIC: tl.constexpr):
     """Geometry of one [BLOCK_I, BLOCK_J] tile: r_ij = pos_j - pos_i (minimum image when PERIODIC; c and
     ic are the receivers' cell and inverse cell entries, [BLOCK_I] each), d_ij, and the edge mask."""
     j_in = offs_j < hi
-    offs_j64 = offs_j.to(tl.int64)
-    qx = tl.load(Pos + offs_j64 * 3 + 0, mask=j_in, other=0.0)
-    qy = tl.load(Pos + offs_j64 * 3 + 1, mask=j_in, other=0.0)
-    qz = tl.load(Pos + offs_j64 * 3 + 2, mask=j_in, other=0.0)
+    qx, qy, qz = _load_xyz(Pos, offs_j, j_in)
     b_j = tl.load(Batch + offs_j, mask=j_in, other=-1)
     rx = qx[None, :] - px[:, None]
     ry = qy[None, :] - py[:, None]
@@ -172,10 +177,7 @@ def _receivers(Pos, Batch, Start, End, Cell, InvCell, A, BLOCK_I: tl.constexpr, 
     i0 = tl.program_id(0) * BLOCK_I
     offs_i = i0 + tl.arange(0, BLOCK_I)
     i_in = offs_i < A
-    offs_i64 = offs_i.to(tl.int64)
-    px = tl.load(Pos + offs_i64 * 3 + 0, mask=i_in, other=0.0)
-    py = tl.load(Pos + offs_i64 * 3 + 1, mask=i_in, other=0.0)
-    pz = tl.load(Pos + offs_i64 * 3 + 2, mask=i_in, other=0.0)
+    px, py, pz = _load_xyz(Pos, offs_i, i_in)
     b_i = tl.load(Batch + offs_i, mask=i_in, other=-2)
     # Senders: from the start of the first receiver's structure to the end of the last one's.
     lo = tl.load(Start + i0)
