@@ -82,6 +82,8 @@ args = parser.parse_args()
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
+if args.cfconv_cutoff and args.arch != "gnn":
+    parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None)
         raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r}; known: {sorted(ARCHS)}")
     if ckpt["gen"] not in PROCESSES:
         raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r}; known: {sorted(PROCESSES)}")
+    try:  # configs that no longer (or never) fit their classes fail here, with the file's name
+        config_from_dict(ARCHS[ckpt["arch"]].Config, ckpt["model_config"])
+        config_from_dict(PROCESSES[ckpt["gen"]].Config, ckpt["process_config"])
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {ckpt['arch']} x {ckpt['gen']} checkpoint with an unusable config: {e}") from None
     return ckpt
 
 

@@ -103,8 +103,11 @@ def test_resume_refuses_other_architecture(trained, qm9_dir, tmp_path):
         load_checkpoint(tmp_path / "ckpt.pt", arch="gnn")
     proc = run("train.py", *TINY, "--data-dir", qm9_dir, "--out", tmp_path, "--resume", check=False)
     assert proc.returncode != 0 and "--arch pairformer, not --arch gnn" in proc.stderr
+    proc = run("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--n", "2", check=False)  # gnn weights, pairformer label
+    assert proc.returncode != 0 and "not fields of PairformerConfig" in proc.stderr and "Traceback" not in proc.stderr
+    save_checkpoint(tmp_path / "ckpt.pt", {**ckpt, "arch": "made-up"})
     proc = run("sample.py", "--ckpt", tmp_path / "ckpt.pt", "--n", "2", check=False)
-    assert proc.returncode != 0 and "unknown architecture 'pairformer'" in proc.stderr
+    assert proc.returncode != 0 and "unknown architecture 'made-up'" in proc.stderr
 
 
 def test_bad_checkpoints_give_clear_errors(trained, tmp_path):
@@ -123,3 +126,20 @@ def test_bad_checkpoints_give_clear_errors(trained, tmp_path):
         build_model({**ckpt, "model_config": {**ckpt["model_config"], "hidden": 48}})
     proc = run("sample.py", "--ckpt", garbage, "--n", "2", check=False)
     assert proc.returncode != 0 and "garbage.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("arch", ["transformer", "pairformer"])
+def test_other_backbones_train_resume_exactly_and_sample(arch, qm9_dir, tmp_path):
+    """The other backbones through the same loop: a run stopped and resumed matches an uninterrupted one."""
+    args = ("train.py", *TINY, "--arch", arch, "--iters", "8", "--ckpt-every", "4", "--data-dir", qm9_dir)
+    run(*args, "--out", tmp_path / "full")
+    run(*args, "--out", tmp_path / "resumed", "--stop-after", "4")
+    run(*args, "--out", tmp_path / "resumed", "--resume")
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(full) == list(range(1, 9)) and full == resumed
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["arch"] == arch
+    run("sample.py", "--ckpt", tmp_path / "full" / "ckpt.pt", "--n", "3", "--steps", "3", "--out", tmp_path / "samples")
+    assert len(ase.io.read(tmp_path / "samples" / "samples.extxyz", ":")) == 3
+    proc = run("train.py", *TINY, "--arch", arch, "--cfconv-cutoff", "3", "--data-dir", qm9_dir,
+               "--out", tmp_path / "bad", check=False)
+    assert proc.returncode != 0 and "--cfconv-cutoff is an option of --arch gnn" in proc.stderr
