@@ -15,7 +15,9 @@ A baseline that fails (not installed, out of memory, another API version) gets i
 instead of a number. Writes OUT/bench_<kernel>.md (the table) and OUT/bench_<kernel>.png.
 
 The kernels run only on a GPU; on a CPU their correctness is covered by tests/ in Triton's
-interpreter, and the two benchmarks say so and exit. `compile` needs no GPU: it compiles every kernel
+interpreter, and the two benchmarks say so and exit. `--smoke` (with TRITON_INTERPRET=1) runs the
+same benchmark code on the CPU, kernels in the interpreter, one timed call per row and no
+torch.compile: a check that the script works end to end (tests/test_bench.py), not a measurement. `compile` needs no GPU: it compiles every kernel
 ahead of time (Triton's own PTX and ptxas, shipped with triton) for each configuration the launchers
 can pick, and prints per kernel and configuration: ok or the error, shared memory, registers and spill
 bytes (from `ptxas -v`). It exits non-zero if a compile fails or needs more shared memory than the
@@ -31,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -56,10 +59,11 @@ def device_peak(table: dict) -> float | None:
     return None
 
 
-def triangle_implementations() -> dict:
+def triangle_implementations(smoke: bool) -> dict:
     """name -> fn(q, k, v, bias, mask); optional libraries only when they import."""
-    impls = {"triton (ours)": triangle_attention, "naive torch": triangle_attention_reference,
-             "torch.compile(naive)": torch.compile(triangle_attention_reference, dynamic=False)}
+    impls = {"triton (ours)": triangle_attention, "naive torch": triangle_attention_reference}
+    if not smoke:
+        impls["torch.compile(naive)"] = torch.compile(triangle_attention_reference, dynamic=False)
     try:
         from trifast import triangle_attention as trifast_attention
         impls["trifast"] = trifast_attention
@@ -80,12 +84,13 @@ def triangle_implementations() -> dict:
     return impls
 
 
-def measure(fn, make_inputs, backward: bool) -> tuple[float, float]:
-    """(median ms, peak MiB allocated beyond the inputs) of fn, forward or forward + backward."""
+def measure(fn, make_inputs, backward: bool) -> tuple[float, float | None]:
+    """(median ms, peak MiB allocated beyond the inputs) of fn, forward or forward + backward.
+    On the CPU (--smoke): the time of one call after a warm-up, and no memory figure."""
     from triton.testing import do_bench
 
     inputs = make_inputs()
-    grads = [t for t in inputs if t.requires_grad]
+    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]  # radius inputs hold a float cutoff
 
     def step():
         out = fn(*inputs)
@@ -93,6 +98,10 @@ def measure(fn, make_inputs, backward: bool) -> tuple[float, float]:
             torch.autograd.grad(out, grads, torch.ones_like(out))
 
     step()  # compile / autotune outside the timing
+    if not grads[0].is_cuda:
+        start = time.perf_counter()
+        step()
+        return (time.perf_counter() - start) * 1e3, None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -104,20 +113,21 @@ def measure(fn, make_inputs, backward: bool) -> tuple[float, float]:
 
 def bench_triangle(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    peak = device_peak(PEAK_TFLOPS_16BIT) if dtype != torch.float32 else None
+    peak = device_peak(PEAK_TFLOPS_16BIT) if dtype != torch.float32 and not args.smoke else None
+    dev = "cpu" if args.smoke else "cuda"
     rows = []
     for n in args.sizes:
         def make_inputs():
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = torch.Generator(device=dev).manual_seed(0)
             shape = (args.batch, args.heads, n, n, args.dim)
-            q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-            bias = torch.randn(shape[:-1], device="cuda", dtype=dtype, generator=g).requires_grad_()
-            mask = torch.ones(args.batch, n, n, device="cuda", dtype=torch.bool)
+            q, k, v = (torch.randn(shape, device=dev, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+            bias = torch.randn(shape[:-1], device=dev, dtype=dtype, generator=g).requires_grad_()
+            mask = torch.ones(args.batch, n, n, device=dev, dtype=torch.bool)
             return q, k, v, bias, mask
 
         # Two N^3 D matmuls forward (q k^T, p v); the backward does 2.5x that (FlashAttention-2 count).
         flops_fwd = 4 * args.batch * args.heads * n ** 3 * args.dim
-        for name, fn in triangle_implementations().items():
+        for name, fn in triangle_implementations(args.smoke).items():
             for mode, backward, flops in (("fwd", False, flops_fwd), ("fwd+bwd", True, 3.5 * flops_fwd)):
                 rows.append(timed_row(name, n, mode, fn, make_inputs, backward, flops / 1e12, peak))
     return rows
@@ -132,7 +142,8 @@ def timed_row(impl: str, size: int, mode: str, fn, make_inputs, backward: bool, 
         row.update(ms=ms, rate=rate, peak_frac=rate / peak if peak else None, mem_mib=mem)
     except Exception as e:  # OOM, a missing kernel for this dtype, another library API: report it, go on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     print(format_row(row), flush=True)
     return row
 
@@ -141,13 +152,15 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['error']} | | | |"
     frac = f"{100 * r['peak_frac']:.1f} %" if r.get("peak_frac") is not None else "n/a"
-    return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['ms']:.3f} | {r['rate']:.1f} | {frac} | {r['mem_mib']:.0f} |"
+    mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] is not None else "n/a"
+    return f"| {r['impl']} | {r['N']} | {r['mode']} | {r['ms']:.3f} | {r['rate']:.4g} | {frac} | {mem} |"
 
 
-def radius_implementations() -> dict:
+def radius_implementations(smoke: bool) -> dict:
     """name -> fn(pos, x, batch, cutoff, filter_weight); torch_cluster only when it imports."""
-    impls = {"triton (ours)": radius_message_passing, "gather/scatter (torch)": radius_message_passing_reference,
-             "torch.compile(gather/scatter)": torch.compile(radius_message_passing_reference, dynamic=True)}
+    impls = {"triton (ours)": radius_message_passing, "gather/scatter (torch)": radius_message_passing_reference}
+    if not smoke:
+        impls["torch.compile(gather/scatter)"] = torch.compile(radius_message_passing_reference, dynamic=True)
     try:
         from torch_cluster import radius_graph
 
@@ -167,22 +180,23 @@ def radius_implementations() -> dict:
 def bench_radius(args) -> list[dict]:
     """Molecule-like structures of --atoms-per-structure atoms at liquid-water atom density
     (0.1 atoms / A^3) in non-periodic boxes, so the neighbour count per atom is realistic."""
-    peak = device_peak(PEAK_HBM_GBS)
+    peak = None if args.smoke else device_peak(PEAK_HBM_GBS)
+    dev = "cpu" if args.smoke else "cuda"
     rows = []
     for n_atoms in args.atoms:
         def make_inputs():
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = torch.Generator(device=dev).manual_seed(0)
             per = args.atoms_per_structure
-            batch = torch.arange(n_atoms, device="cuda") // per
+            batch = torch.arange(n_atoms, device=dev) // per
             side = (per / 0.1) ** (1 / 3)
-            pos = (torch.rand(n_atoms, 3, device="cuda", generator=g) * side).requires_grad_()
-            x = torch.randn(n_atoms, args.features, device="cuda", generator=g).requires_grad_()
-            w = (torch.randn(args.rbf, args.features, device="cuda", generator=g) / args.rbf ** 0.5).requires_grad_()
+            pos = (torch.rand(n_atoms, 3, device=dev, generator=g) * side).requires_grad_()
+            x = torch.randn(n_atoms, args.features, device=dev, generator=g).requires_grad_()
+            w = (torch.randn(args.rbf, args.features, device=dev, generator=g) / args.rbf ** 0.5).requires_grad_()
             return pos, x, batch, args.cutoff, w
 
         # Compulsory traffic: read pos and x, write y (forward); backward reads dy and writes dpos, dx.
         bytes_fwd = n_atoms * (12 + 8 * args.features)
-        for name, fn in radius_implementations().items():
+        for name, fn in radius_implementations(args.smoke).items():
             for mode, backward, nbytes in (("fwd", False, bytes_fwd), ("fwd+bwd", True, 2 * bytes_fwd + n_atoms * 12)):
                 rows.append(timed_row(name, n_atoms, mode, fn, make_inputs, backward, nbytes / 1e9, peak))
     return rows
@@ -327,6 +341,7 @@ def main() -> None:
     tri.add_argument("--dim", type=int, default=32, help="head dimension D")
     tri.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
     tri.add_argument("--out", type=Path, default=Path("out/bench"), help="where the table and plot go")
+    tri.add_argument("--smoke", action="store_true", help="CPU check of this script (needs TRITON_INTERPRET=1); no measurement")
     rad = sub.add_parser("radius", help="fused radius-graph message passing (GNN, force-field student)")
     rad.add_argument("--atoms", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000], help="atoms in the batch")
     rad.add_argument("--atoms-per-structure", type=int, default=32, help="atoms in each structure")
@@ -334,6 +349,7 @@ def main() -> None:
     rad.add_argument("--rbf", type=int, default=32, help="radial basis functions of the filter")
     rad.add_argument("--cutoff", type=float, default=5.0, help="radius cutoff in A")
     rad.add_argument("--out", type=Path, default=Path("out/bench"), help="where the table and plot go")
+    rad.add_argument("--smoke", action="store_true", help="CPU check of this script (needs TRITON_INTERPRET=1); no measurement")
     comp = sub.add_parser("compile", help="compile every kernel configuration ahead of time, no GPU needed")
     comp.add_argument("--arch", type=int, nargs="+", choices=sorted(SMEM_LIMIT),
                       help="compute capabilities to compile for (default: 90 80, or 90 with --quick)")
@@ -344,11 +360,16 @@ def main() -> None:
         if os.environ.get("TRITON_INTERPRET") == "1":
             sys.exit("kernels/bench.py compile needs the real compiler; unset TRITON_INTERPRET")
         sys.exit(0 if compile_all(args.arch or ([90] if args.quick else [90, 80]), args.quick) else 1)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("kernels/bench.py --smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        device = "CPU smoke run, kernels in Triton's interpreter: the times are not kernel performance"
+    elif not torch.cuda.is_available():
         sys.exit("kernels/bench.py measures GPU kernels and needs a CUDA device. On a CPU, the kernels' "
                  "correctness is tested in Triton's interpreter: python -m pytest tests/test_triangle_attention.py "
-                 "tests/test_radius_graph.py")
-    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+                 "tests/test_radius_graph.py; and this script with TRITON_INTERPRET=1 and --smoke")
+    else:
+        device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     if args.kernel == "triangle":
         title = f"triangle attention: {device}, B={args.batch} H={args.heads} D={args.dim} {args.dtype}"
         print(title)
