@@ -94,13 +94,15 @@ def generate(args, out: Path, device: str) -> str:
         import ase.io
         import torch
 
+        from models import PROCESSES
         from models.checkpoint import load_checkpoint
         from models.data import atomic_write
         from sample import sample_molecules
 
         ckpt = load_checkpoint(ckpt_path)
         dev = torch.device(device)
-        structures = sample_molecules(ckpt, args.n_generate, args.steps, "heun", 1000 if dev.type == "cuda" else 100, args.seed, dev)
+        method = PROCESSES[ckpt["gen"]].SAMPLERS[0]  # the process's default sampler, as in sample.py
+        structures = sample_molecules(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100, args.seed, dev)
         atomic_write(path, lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
     return str(path)
 

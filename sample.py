@@ -21,6 +21,7 @@ import torch
 from rdkit import Chem
 from tqdm import tqdm
 
+from models import PROCESSES
 from models.checkpoint import CheckpointError, build_model, load_checkpoint
 from models.data import ATOM_SYMBOLS, atomic_write
 from models.metrics import build_mol
@@ -75,8 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
     parser.add_argument("--n", type=int, default=1000, help="number of molecules to sample")
-    parser.add_argument("--steps", type=int, default=50, help="ODE integration steps")
-    parser.add_argument("--method", choices=["euler", "heun"], default="heun", help="ODE solver (heun: 2nd order, 2 evaluations a step)")
+    parser.add_argument("--steps", type=int, default=50, help="integration / denoising steps")
+    parser.add_argument("--method", choices=sorted({m for p in PROCESSES.values() for m in p.SAMPLERS}), default=None,
+                        help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
+                             "ancestral (default; DDPM) or ode (DDIM, deterministic)")
     parser.add_argument("--batch-size", type=int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=int, default=0, help="seed of sizes and noise")
@@ -94,6 +97,10 @@ def main() -> None:
     if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
         raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
 
+    samplers = PROCESSES[ckpt["gen"]].SAMPLERS
+    args.method = args.method or samplers[0]
+    if args.method not in samplers:
+        raise SystemExit(f"sample.py: --method {args.method} is not a sampler of --gen {ckpt['gen']}; choose one of {samplers}")
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
     t0 = time.time()
     structures = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights)

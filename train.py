@@ -84,6 +84,8 @@ for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
 if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
+if args.ot_align and args.gen != "flow":
+    parser.error(f"--ot-align is an option of --gen flow, not --gen {args.gen}")
 out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
 
 # ----------------------------------------------------------------------------------------------

@@ -74,9 +74,15 @@ def align_prior(x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: t
 
 class FlowMatching:
     Config = FlowConfig
+    SAMPLERS = ("heun", "euler")  # the first is sample.py's default
 
     def __init__(self, config: FlowConfig):
         self.config = config
+
+    @staticmethod
+    def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = alpha_t x1 + sigma_t x0: the straight path, alpha_t = t and sigma_t = 1 - t."""
+        return t, 1 - t
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
                    device="cpu") -> dict[str, torch.Tensor]:
@@ -123,8 +129,8 @@ class FlowMatching:
         Heun's corrector needs u at t + dt, which is undefined at t = 1 (division by 1 - t), so the last
         step is an Euler step; with x1 prediction that step lands exactly on the predicted endpoint.
         """
-        if method not in ("euler", "heun"):
-            raise ValueError(f"unknown sampler {method!r}; choose 'euler' or 'heun'")
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for flow matching; choose one of {self.SAMPLERS}")
         device = next(model.parameters()).device
         n_atoms = n_atoms.to(device)
         B, N = len(n_atoms), int(n_atoms.max())

@@ -128,18 +128,30 @@ def test_bad_checkpoints_give_clear_errors(trained, tmp_path):
     assert proc.returncode != 0 and "garbage.pt" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("arch", ["transformer", "pairformer"])
-def test_other_backbones_train_resume_exactly_and_sample(arch, qm9_dir, tmp_path):
-    """The other backbones through the same loop: a run stopped and resumed matches an uninterrupted one."""
-    args = ("train.py", *TINY, "--arch", arch, "--iters", "8", "--ckpt-every", "4", "--data-dir", qm9_dir)
+@pytest.mark.parametrize("arch,gen", [("transformer", "flow"), ("pairformer", "flow"), ("gnn", "diffusion")])
+def test_other_combinations_train_resume_exactly_and_sample(arch, gen, qm9_dir, tmp_path):
+    """Other backbones and processes through the same loop: a run stopped and resumed matches an
+    uninterrupted one, and sample.py uses the process's own default sampler."""
+    args = ("train.py", *TINY, "--arch", arch, "--gen", gen, "--iters", "8", "--ckpt-every", "4", "--data-dir", qm9_dir)
     run(*args, "--out", tmp_path / "full")
     run(*args, "--out", tmp_path / "resumed", "--stop-after", "4")
     run(*args, "--out", tmp_path / "resumed", "--resume")
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(full) == list(range(1, 9)) and full == resumed
-    assert json.loads((tmp_path / "full" / "config.json").read_text())["arch"] == arch
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert (config["arch"], config["gen"]) == (arch, gen)
     run("sample.py", "--ckpt", tmp_path / "full" / "ckpt.pt", "--n", "3", "--steps", "3", "--out", tmp_path / "samples")
-    assert len(ase.io.read(tmp_path / "samples" / "samples.extxyz", ":")) == 3
-    proc = run("train.py", *TINY, "--arch", arch, "--cfconv-cutoff", "3", "--data-dir", qm9_dir,
-               "--out", tmp_path / "bad", check=False)
-    assert proc.returncode != 0 and "--cfconv-cutoff is an option of --arch gnn" in proc.stderr
+    structures = ase.io.read(tmp_path / "samples" / "samples.extxyz", ":")
+    assert len(structures) == 3 and structures[0].info["method"] == {"flow": "heun", "diffusion": "ancestral"}[gen]
+
+
+def test_options_of_other_backbones_and_processes_are_refused(qm9_dir, tmp_path):
+    for flags, message in ((["--arch", "pairformer", "--cfconv-cutoff", "3"], "--cfconv-cutoff is an option of --arch gnn"),
+                           (["--gen", "diffusion", "--ot-align"], "--ot-align is an option of --gen flow")):
+        proc = run("train.py", *TINY, *flags, "--data-dir", qm9_dir, "--out", tmp_path, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sampler_of_another_process_is_refused(trained, tmp_path):
+    proc = run("sample.py", "--ckpt", trained / "ckpt.pt", "--n", "2", "--method", "ancestral", "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "--method ancestral is not a sampler of --gen flow" in proc.stderr

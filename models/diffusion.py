@@ -1,0 +1,126 @@
+"""Variance-preserving diffusion for 3D molecules (EDM, Hoogeboom et al. 2022), in continuous time.
+
+Same time convention as flow matching, so a backbone's time input means the same under every
+process: t = 0 is pure noise, t = 1 is data, and
+
+    x_t = alpha_t x1 + sigma_t x0,   x0 ~ N(0, I) (coordinates: zero centre of mass),  alpha_t^2 + sigma_t^2 = 1,
+
+with EDM's polynomial schedule written in tau = 1 - t: alpha^2 = (1 - 2 s) (1 - tau^2)^2 + s, s = 1e-5
+(so alpha_1^2 = 1 - s at the data end and alpha_0^2 = s at the noise end). Atom types are continuous,
+as in flow matching and EDM: the one-hot vector times `type_scale`, noised the same way.
+
+Parametrisation, as in EDM: the backbone's equivariant coordinate output is the noise prediction
+x0_hat (EDM's epsilon), trained with the plain L2 loss; the type logits predict the clean types,
+trained with cross-entropy as in flow matching.
+
+Samplers, from t = 0 to 1 in n_steps equal steps:
+  - "ancestral": DDPM, draws z_s ~ q(z_s | z_t, x1 = x1_hat) at every step (stochastic);
+  - "ode": DDIM with eta = 0, the deterministic probability-flow path through the same predictions.
+The last step returns the prediction of the clean sample itself (EDM's p(x | z_0) without noise).
+
+Interface shared by every generative process:
+    loss(model, batch, noise=None) -> scalar
+    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
+    sample(model, n_atoms, n_steps, ...) -> {"types", "pos", "mask"}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.data import remove_mean
+
+
+@dataclass
+class DiffusionConfig:
+    n_types: int = 5
+    type_scale: float = 0.25  # one-hot types are scaled by this before noising (EDM's 0.25)
+    type_loss_weight: float = 0.5  # weight of the atom-type cross-entropy against the coordinate loss
+    schedule_precision: float = 1e-5  # s of the polynomial schedule: alpha^2 stays within [s, 1 - s]
+
+
+class Diffusion:
+    Config = DiffusionConfig
+    SAMPLERS = ("ancestral", "ode")  # the first is sample.py's default
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t of the schedule at times t (any shape), in float64 for the sampler's ratios."""
+        s = self.config.schedule_precision
+        tau = 1 - t.double()
+        alpha_sq = (1 - 2 * s) * (1 - tau ** 2) ** 2 + s
+        return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
+
+    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
+                   device="cpu") -> dict[str, torch.Tensor]:
+        """Noise and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+        return {
+            "t": torch.rand(batch_size, **kw),
+            "x0": torch.randn(batch_size, n_max, 3, **kw),
+            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
+        }
+
+    def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
+        B, N = types.shape
+        if noise is None:
+            noise = self.draw_noise(B, N, device=x1.device)
+        noise = {k: v.to(x1.device) for k, v in noise.items()}
+        node = mask.unsqueeze(-1).to(x1.dtype)
+        t = noise["t"]
+        alpha, sigma = (a.to(x1.dtype)[:, None, None] for a in self.alpha_sigma(t))
+        x0 = remove_mean(noise["x0"], mask)
+        h0 = noise["h0"] * node
+        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
+        x_t = alpha * x1 + sigma * x0
+        h_t = (alpha * h1 + sigma * h0) * node
+        x0_hat, logits = model(h_t, x_t, t, mask)
+        # Per-molecule means, then the mean over molecules (equal DDP shards average to the global loss).
+        n_real = mask.sum(1).clamp(min=1)
+        coord_loss = (((x0_hat.float() - x0) ** 2).sum(-1) * mask).sum(1) / n_real
+        ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")  # [B, N]
+        type_loss = (ce * mask).sum(1) / n_real
+        return (coord_loss + self.config.type_loss_weight * type_loss).mean()
+
+    @torch.no_grad()
+    def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "ancestral",
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Denoise from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for diffusion; choose one of {self.SAMPLERS}")
+        device = next(model.parameters()).device
+        n_atoms = n_atoms.to(device)
+        B, N = len(n_atoms), int(n_atoms.max())
+        mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
+        node = mask.unsqueeze(-1).float()
+        noise = self.draw_noise(B, N, generator, device=device)
+        x = remove_mean(noise["x0"].to(device), mask)
+        h = noise["h0"].to(device) * node
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+
+        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+        alphas, sigmas = self.alpha_sigma(ts)
+        for step in range(n_steps):
+            a_t, s_t, a_s, s_s = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
+            x0_hat, logits = model(h, x, torch.full((B,), float(ts[step]), device=device), mask)
+            x0_hat = remove_mean(x0_hat.float(), mask)
+            x1_hat = (x - s_t * x0_hat) / a_t
+            h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
+            h0_hat = (h - a_t * h1_hat) / s_t
+            if step == n_steps - 1:  # t = 1: the prediction of the clean sample
+                x, h = x1_hat, h1_hat
+            elif method == "ode":  # DDIM: keep the predicted noise, move to the next noise level
+                x, h = a_s * x1_hat + s_s * x0_hat, a_s * h1_hat + s_s * h0_hat
+            else:  # DDPM posterior q(z_s | z_t, x1_hat): mean c_t z_t + c_x x1_hat, std sqrt(var)
+                a_ts = a_t / a_s  # alpha_{t|s}, from the less noisy s back to t
+                var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2  # sigma_{t|s}^2
+                c_t, c_x = a_ts * s_s ** 2 / s_t ** 2, a_s * var_ts / s_t ** 2
+                std = (var_ts * s_s ** 2 / s_t ** 2) ** 0.5
+                x = c_t * x + c_x * x1_hat + std * remove_mean(torch.randn(B, N, 3, **kw).to(device), mask)
+                h = c_t * h + c_x * h1_hat + std * torch.randn(B, N, self.config.n_types, **kw).to(device) * node
+        return {"types": logits.argmax(-1) * mask, "pos": x * node, "mask": mask}
