@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="integration / denoising steps")
     parser.add_argument("--method", choices=sorted({m for p in PROCESSES.values() for m in p.SAMPLERS}), default=None,
                         help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
-                             "ancestral (default; DDPM) or ode (DDIM, deterministic)")
+                             "ancestral (default; DDPM) or ode (DDIM, deterministic); interpolant: sde (default) or ode")
     parser.add_argument("--batch-size", type=int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=int, default=0, help="seed of sizes and noise")

@@ -65,6 +65,7 @@ parser.add_argument("--weight-decay", type=float, default=1e-12, help="AdamW wei
 parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
 parser.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights used for sampling")
 parser.add_argument("--ot-align", action="store_true", help="flow: equivariant OT alignment of prior and data")
+parser.add_argument("--gamma-scale", type=float, default=None, help="interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
@@ -86,6 +87,8 @@ if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 if args.ot_align and args.gen != "flow":
     parser.error(f"--ot-align is an option of --gen flow, not --gen {args.gen}")
+if args.gamma_scale is not None and args.gen != "interpolant":
+    parser.error(f"--gamma-scale is an option of --gen interpolant, not --gen {args.gen}")
 out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +185,12 @@ else:
     torch.manual_seed(args.seed)
     extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
     model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers, **extra))
-    process = proc_cls(config_from_dict(proc_cls.Config, {"n_types": len(ATOM_SYMBOLS), **({"ot_align": True} if args.ot_align else {})}))
+    process_options = {"n_types": len(ATOM_SYMBOLS)}
+    if args.ot_align:
+        process_options["ot_align"] = True
+    if args.gamma_scale is not None:
+        process_options["gamma_scale"] = args.gamma_scale
+    process = proc_cls(config_from_dict(proc_cls.Config, process_options))
 model.to(device)
 ema = copy.deepcopy(model).requires_grad_(False)
 n_params = sum(p.numel() for p in model.parameters())

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data import remove_mean
+from models.process import per_molecule_loss, sampling_start
 
 
 @dataclass
@@ -80,12 +81,7 @@ class Diffusion:
         x_t = alpha * x1 + sigma * x0
         h_t = (alpha * h1 + sigma * h0) * node
         x0_hat, logits = model(h_t, x_t, t, mask)
-        # Per-molecule means, then the mean over molecules (equal DDP shards average to the global loss).
-        n_real = mask.sum(1).clamp(min=1)
-        coord_loss = (((x0_hat.float() - x0) ** 2).sum(-1) * mask).sum(1) / n_real
-        ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")  # [B, N]
-        type_loss = (ce * mask).sum(1) / n_real
-        return (coord_loss + self.config.type_loss_weight * type_loss).mean()
+        return per_molecule_loss(((x0_hat.float() - x0) ** 2).sum(-1), logits, types, mask, self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "ancestral",
@@ -93,14 +89,9 @@ class Diffusion:
         """Denoise from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
         if method not in self.SAMPLERS:
             raise ValueError(f"unknown sampler {method!r} for diffusion; choose one of {self.SAMPLERS}")
-        device = next(model.parameters()).device
-        n_atoms = n_atoms.to(device)
-        B, N = len(n_atoms), int(n_atoms.max())
-        mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
-        node = mask.unsqueeze(-1).float()
-        noise = self.draw_noise(B, N, generator, device=device)
-        x = remove_mean(noise["x0"].to(device), mask)
-        h = noise["h0"].to(device) * node
+        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
+        B, N = mask.shape
+        device = x.device
         kw = dict(generator=generator, device=generator.device if generator is not None else device)
 
         ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)

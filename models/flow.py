@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from models.data import remove_mean
+from models.process import per_molecule_loss, sampling_start
 
 
 @dataclass
@@ -112,14 +113,8 @@ class FlowMatching:
         h_t = ((1 - tb) * h0 + tb * h1) * node
         pos_out, logits = model(h_t, x_t, t, mask)
         x1_hat = x_t + pos_out
-        # Per-molecule means, then the mean over molecules: equal-sized DDP shards then average to
-        # exactly the loss of the whole global batch.
-        n_real = mask.sum(1).clamp(min=1)
         weight = (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
-        coord_loss = (((x1_hat - x1) ** 2).sum(-1) * weight * mask).sum(1) / n_real
-        ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")  # [B, N]
-        type_loss = (ce * mask).sum(1) / n_real
-        return (coord_loss + self.config.type_loss_weight * type_loss).mean()
+        return per_molecule_loss(((x1_hat - x1) ** 2).sum(-1) * weight, logits, types, mask, self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 50, method: str = "euler",
@@ -131,17 +126,10 @@ class FlowMatching:
         """
         if method not in self.SAMPLERS:
             raise ValueError(f"unknown sampler {method!r} for flow matching; choose one of {self.SAMPLERS}")
-        device = next(model.parameters()).device
-        n_atoms = n_atoms.to(device)
-        B, N = len(n_atoms), int(n_atoms.max())
-        mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
-        node = mask.unsqueeze(-1).float()
-        noise = self.draw_noise(B, N, generator, device=device)
-        x = remove_mean(noise["x0"].to(device), mask)
-        h = noise["h0"].to(device) * node
+        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
 
         def velocity(x, h, t: float):
-            tt = torch.full((B,), t, device=device)
+            tt = torch.full((len(x),), t, device=x.device)
             pos_out, logits = model(h, x, tt, mask)
             h1_hat = logits.float().softmax(-1) * self.config.type_scale
             return remove_mean(pos_out.float(), mask) / (1 - t), (h1_hat - h) * node / (1 - t), logits

@@ -49,21 +49,29 @@ def test_ot_alignment_shortens_paths_and_keeps_prior_statistics(qm9_dir):
     assert aligned[mask].sum(0).abs().max() < 1e-8 * 64 or torch.allclose(remove_mean(aligned, mask), aligned, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", sorted(PROCESSES))
-def test_loss_falls_when_overfitting_32_molecules(name, qm9_dir):
+# (process, config overrides, time t the loss is judged at, the largest after / before ratio passing).
+# Judged where 200 steps of a tiny EGNN can learn the target. Flow matching and the interpolant predict
+# x1: near t = 0 the best guess is still an average over molecules (an irreducible loss), near t = 1 a
+# model that memorises 32 molecules is nearly exact. Diffusion predicts the noise, the other way round:
+# near t = 1 any error in the molecule is amplified by alpha_t / sigma_t (measured: the loss falls to
+# 0.34 of its start at t = 0.2, to 0.75 at t = 0.8). The interpolant at its default a = 1 keeps
+# sigma_t = sqrt(1 - t), still 0.3 A at t = 0.9, and removing that noise takes longer than 200 steps
+# (trained at t = 0.95 alone, its loss there falls by only 19 %; the full runs in the README learn
+# fine), so it is judged at a = 0.1 (measured ratio 0.56 at t = 0.9).
+OVERFIT = [("flow", {}, 0.8, 0.6), ("diffusion", {}, 0.2, 0.6), ("interpolant", {"gamma_scale": 0.1}, 0.9, 0.7)]
+
+
+@pytest.mark.parametrize("name,overrides,t,ratio", OVERFIT, ids=[case[0] for case in OVERFIT])
+def test_loss_falls_when_overfitting_32_molecules(name, overrides, t, ratio, qm9_dir):
+    assert sorted(case[0] for case in OVERFIT) == sorted(PROCESSES)
     torch.manual_seed(0)
     data = PaddedMolecules(load_qm9("train", qm9_dir).subset(range(32)), n_max=29)
     batch = data.batch(torch.arange(32))
-    process = make_process(name)
+    process = PROCESSES[name](PROCESSES[name].Config(**overrides))
     model = EGNN(EGNNConfig(hidden=32, n_layers=2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    # Judge on fixed noise at a time where 200 steps can learn the target. Flow matching predicts x1:
-    # near t = 0 the best guess is still an average over molecules (an irreducible loss), near t = 1 a
-    # model that memorises 32 molecules is nearly exact. Diffusion predicts the noise, the other way
-    # round: near t = 1 any error in the molecule is amplified by alpha_t / sigma_t (measured: the loss
-    # falls to 0.34 of its start at t = 0.2, to 0.75 at t = 0.8).
     fixed = process.draw_noise(32, 29, torch.Generator().manual_seed(1))
-    fixed["t"] = torch.full((32,), {"flow": 0.8, "diffusion": 0.2}[name])
+    fixed["t"] = torch.full((32,), t)
     with torch.no_grad():
         before = process.loss(model, batch, fixed).item()
     for step in range(200):
@@ -74,7 +82,7 @@ def test_loss_falls_when_overfitting_32_molecules(name, qm9_dir):
         opt.step()
     with torch.no_grad():
         after = process.loss(model, batch, fixed).item()
-    assert after < 0.6 * before, (before, after)
+    assert after < ratio * before, (before, after)
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
@@ -119,9 +127,9 @@ class ExactDenoiser(nn.Module):
 
     def forward(self, h, pos, t, mask):
         self.seen.append((t[0].item(), pos.clone(), h.clone()))
-        if isinstance(self.process, PROCESSES["flow"]):  # the x1 prediction, as a displacement from x_t
+        if not isinstance(self.process, PROCESSES["diffusion"]):  # the x1 prediction, as a displacement from x_t
             out = self.x1 - pos
-        else:  # diffusion: the noise x0 = (x_t - alpha_t x1) / sigma_t
+        else:  # the noise x0 = (x_t - alpha_t x1) / sigma_t
             alpha, sigma = (a.float()[:, None, None] for a in self.process.alpha_sigma(t))
             out = (pos - alpha * self.x1) / sigma
         logits = 50.0 * nn.functional.one_hot(self.types1, 5).float()

@@ -128,7 +128,7 @@ def test_bad_checkpoints_give_clear_errors(trained, tmp_path):
     assert proc.returncode != 0 and "garbage.pt" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("arch,gen", [("transformer", "flow"), ("pairformer", "flow"), ("gnn", "diffusion")])
+@pytest.mark.parametrize("arch,gen", [("transformer", "flow"), ("pairformer", "flow"), ("gnn", "diffusion"), ("gnn", "interpolant")])
 def test_other_combinations_train_resume_exactly_and_sample(arch, gen, qm9_dir, tmp_path):
     """Other backbones and processes through the same loop: a run stopped and resumed matches an
     uninterrupted one, and sample.py uses the process's own default sampler."""
@@ -142,12 +142,13 @@ def test_other_combinations_train_resume_exactly_and_sample(arch, gen, qm9_dir, 
     assert (config["arch"], config["gen"]) == (arch, gen)
     run("sample.py", "--ckpt", tmp_path / "full" / "ckpt.pt", "--n", "3", "--steps", "3", "--out", tmp_path / "samples")
     structures = ase.io.read(tmp_path / "samples" / "samples.extxyz", ":")
-    assert len(structures) == 3 and structures[0].info["method"] == {"flow": "heun", "diffusion": "ancestral"}[gen]
+    assert len(structures) == 3 and structures[0].info["method"] == {"flow": "heun", "diffusion": "ancestral", "interpolant": "sde"}[gen]
 
 
 def test_options_of_other_backbones_and_processes_are_refused(qm9_dir, tmp_path):
     for flags, message in ((["--arch", "pairformer", "--cfconv-cutoff", "3"], "--cfconv-cutoff is an option of --arch gnn"),
-                           (["--gen", "diffusion", "--ot-align"], "--ot-align is an option of --gen flow")):
+                           (["--gen", "diffusion", "--ot-align"], "--ot-align is an option of --gen flow"),
+                           (["--gamma-scale", "0.5"], "--gamma-scale is an option of --gen interpolant")):
         proc = run("train.py", *TINY, *flags, "--data-dir", qm9_dir, "--out", tmp_path, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 

@@ -1,0 +1,134 @@
+"""Stochastic interpolants for 3D molecules (Albergo, Boffi & Vanden-Eijnden 2023), with an SDE sampler.
+
+The interpolant between a Gaussian sample x0 and data x1, with a latent noise z ~ N(0, I),
+
+    x_t = (1 - t) x0 + t x1 + gamma_t z,   gamma_t = sqrt(a t (1 - t)),
+
+is, because x0 and z are independent Gaussians, the same in law as x_t = alpha_t x1 + sigma_t eps with
+alpha_t = t and sigma_t^2 = (1 - t)^2 + a t (1 - t), which is how it is drawn here (eps in the
+`x0` slot of the shared noise; coordinates with zero centre of mass). a = 0 is flow matching's path;
+a > 0 keeps noise in the path until t = 1, which smooths the intermediate densities and makes the
+score s(x, t) = -eps_hat / sigma_t finite along the whole path.
+
+The backbone predicts x1 (coordinates as a displacement from x_t, types as logits), and
+    eps_hat = (x_t - alpha_t x1_hat) / sigma_t,   b(x, t) = alpha'_t x1_hat + sigma'_t eps_hat
+give the drift and the score. The coordinate loss is the regression of b onto its target, i.e. the
+x1 error weighted by (alpha'_t - sigma'_t alpha_t / sigma_t)^2 (capped near t = 1 as in flow matching).
+
+Samplers, from t = 0 to 1 in n_steps equal steps, both ending on the predicted clean sample:
+  - "sde": dX = [b + eps_t s] dt + sqrt(2 eps_t) dW, whose densities are the interpolant's for any
+    eps_t >= 0; here eps_t = noise * sigma_t^2, so that eps_t s = -noise sigma_t eps_hat stays finite
+    and the noise vanishes at the data end. With x1_hat held over a step, the SDE is linear in
+    y = x - alpha_t x1_hat (dy = (sigma'/sigma - noise) y dt + sigma sqrt(2 noise) dW) and is integrated
+    exactly, an exponential integrator instead of Euler-Maruyama:
+        x_{t+dt} = alpha_{t+dt} x1_hat + sigma_{t+dt} (e^{-noise dt} eps_hat + sqrt(1 - e^{-2 noise dt}) xi).
+    Euler-Maruyama errs by O(dt) near t = 1, where sigma'/sigma diverges (measured with the exact
+    denoiser: 7 % too much variance at t = 0.95 with 100 steps); this update has no step-size error
+    for the exact denoiser, whatever the number of steps.
+  - "ode": eps_t = 0, the probability-flow ODE, the same update with noise = 0 (DDIM's update on this
+    schedule): x_{t+dt} = alpha_{t+dt} x1_hat + sigma_{t+dt} eps_hat.
+
+Interface shared by every generative process:
+    loss(model, batch, noise=None) -> scalar
+    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
+    sample(model, n_atoms, n_steps, ...) -> {"types", "pos", "mask"}
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from models.data import remove_mean
+from models.process import per_molecule_loss, sampling_start
+
+
+@dataclass
+class InterpolantConfig:
+    n_types: int = 5
+    type_scale: float = 0.25  # one-hot types are scaled by this before noising
+    type_loss_weight: float = 0.5  # weight of the atom-type cross-entropy against the coordinate loss
+    gamma_scale: float = 1.0  # a in gamma_t^2 = a t (1 - t); 0 gives flow matching's path
+    noise: float = 1.0  # the SDE sampler's diffusion eps_t = noise * sigma_t^2
+    min_one_minus_t: float = 0.05  # the loss weight is taken at t <= 1 - this
+
+
+class StochasticInterpolant:
+    Config = InterpolantConfig
+    SAMPLERS = ("sde", "ode")  # the first is sample.py's default
+
+    def __init__(self, config: InterpolantConfig):
+        self.config = config
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t = t, sigma_t = sqrt((1 - t)^2 + a t (1 - t)) at times t (any shape)."""
+        return t, ((1 - t) ** 2 + self.config.gamma_scale * t * (1 - t)).sqrt()
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(alpha'_t - sigma'_t alpha_t / sigma_t)^2, the velocity error per unit x1 error, with
+        sigma'_t = (-2 (1 - t) + a (1 - 2 t)) / (2 sigma_t) and alpha'_t = 1; capped near t = 1."""
+        t = t.clamp(max=1 - self.config.min_one_minus_t)
+        alpha, sigma = self.alpha_sigma(t)
+        sigma_dot = (-2 * (1 - t) + self.config.gamma_scale * (1 - 2 * t)) / (2 * sigma)
+        return (1 - sigma_dot * alpha / sigma) ** 2
+
+    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
+                   device="cpu") -> dict[str, torch.Tensor]:
+        """Noise and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+        return {
+            "t": torch.rand(batch_size, **kw),
+            "x0": torch.randn(batch_size, n_max, 3, **kw),
+            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
+        }
+
+    def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
+        B, N = types.shape
+        if noise is None:
+            noise = self.draw_noise(B, N, device=x1.device)
+        noise = {k: v.to(x1.device) for k, v in noise.items()}
+        node = mask.unsqueeze(-1).to(x1.dtype)
+        t = noise["t"]
+        alpha, sigma = (a[:, None, None] for a in self.alpha_sigma(t))
+        x0 = remove_mean(noise["x0"], mask)
+        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
+        x_t = alpha * x1 + sigma * x0
+        h_t = (alpha * h1 + sigma * noise["h0"]) * node
+        pos_out, logits = model(h_t, x_t, t, mask)
+        x1_hat = x_t + pos_out
+        weight = self.loss_weight(t)[:, None]
+        return per_molecule_loss(((x1_hat - x1) ** 2).sum(-1) * weight, logits, types, mask, self.config.type_loss_weight)
+
+    @torch.no_grad()
+    def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "sde",
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Integrate from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for stochastic interpolants; choose one of {self.SAMPLERS}")
+        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
+        B, N = mask.shape
+        device = x.device
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+        alphas, sigmas = self.alpha_sigma(ts)
+        noise = self.config.noise if method == "sde" else 0.0
+        keep = math.exp(-noise / n_steps)  # e^{-noise dt}: the share of eps_hat a step keeps
+        fresh = math.sqrt(1 - keep ** 2)  # and the share of new noise, so the variance stays sigma^2
+        for step in range(n_steps):
+            a_t, s_t, a_next, s_next = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
+            pos_out, logits = model(h, x, torch.full((B,), float(ts[step]), device=device), mask)
+            x1_hat = x + remove_mean(pos_out.float(), mask)
+            h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
+            if step == n_steps - 1:  # t = 1: the prediction of the clean sample
+                x, h = x1_hat, h1_hat
+                break
+            x0_hat, h0_hat = (x - a_t * x1_hat) / s_t, (h - a_t * h1_hat) / s_t
+            x0_next, h0_next = keep * x0_hat, keep * h0_hat
+            if fresh > 0:
+                x0_next = x0_next + fresh * remove_mean(torch.randn(B, N, 3, **kw).to(device), mask)
+                h0_next = h0_next + fresh * torch.randn(B, N, self.config.n_types, **kw).to(device) * node
+            x, h = a_next * x1_hat + s_next * x0_next, a_next * h1_hat + s_next * h0_next
+        return {"types": logits.argmax(-1) * mask, "pos": x * node, "mask": mask}
