@@ -18,20 +18,16 @@ Samplers, from t = 0 to 1 in n_steps equal steps:
   - "ode": DDIM with eta = 0, the deterministic probability-flow path through the same predictions.
 The last step returns the prediction of the clean sample itself (EDM's p(x | z_0) without noise).
 
-Interface shared by every generative process:
-    loss(model, batch, noise=None) -> scalar
-    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms, n_steps, ...) -> {"types", "pos", "mask"}
+The interface shared by every generative process, and the parts they share, are in models/process.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.data import remove_mean
-from models.process import per_molecule_loss, sampling_start
+from models.process import GaussianProcess, per_molecule_loss
 
 
 @dataclass
@@ -42,12 +38,9 @@ class DiffusionConfig:
     schedule_precision: float = 1e-5  # s of the polynomial schedule: alpha^2 stays within [s, 1 - s]
 
 
-class Diffusion:
+class Diffusion(GaussianProcess):
     Config = DiffusionConfig
     SAMPLERS = ("ancestral", "ode")  # the first is sample.py's default
-
-    def __init__(self, config: DiffusionConfig):
-        self.config = config
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t of the schedule at times t (any shape), in float64 for the sampler's ratios."""
@@ -56,40 +49,18 @@ class Diffusion:
         alpha_sq = (1 - 2 * s) * (1 - tau ** 2) ** 2 + s
         return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
 
-    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
-                   device="cpu") -> dict[str, torch.Tensor]:
-        """Noise and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {
-            "t": torch.rand(batch_size, **kw),
-            "x0": torch.randn(batch_size, n_max, 3, **kw),
-            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
-        }
-
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
-        B, N = types.shape
-        if noise is None:
-            noise = self.draw_noise(B, N, device=x1.device)
-        noise = {k: v.to(x1.device) for k, v in noise.items()}
-        node = mask.unsqueeze(-1).to(x1.dtype)
-        t = noise["t"]
-        alpha, sigma = (a.to(x1.dtype)[:, None, None] for a in self.alpha_sigma(t))
-        x0 = remove_mean(noise["x0"], mask)
-        h0 = noise["h0"] * node
-        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
-        x_t = alpha * x1 + sigma * x0
-        h_t = (alpha * h1 + sigma * h0) * node
-        x0_hat, logits = model(h_t, x_t, t, mask)
-        return per_molecule_loss(((x0_hat.float() - x0) ** 2).sum(-1), logits, types, mask, self.config.type_loss_weight)
+        z = self.noised(batch, noise)
+        x0_hat, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        return per_molecule_loss(((x0_hat.float() - z["x0"]) ** 2).sum(-1), logits, z["types"], z["mask"],
+                                 self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "ancestral",
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Denoise from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for diffusion; choose one of {self.SAMPLERS}")
-        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
+        self.check_method(method)
+        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
         B, N = mask.shape
         device = x.device
         kw = dict(generator=generator, device=generator.device if generator is not None else device)

@@ -16,10 +16,7 @@ t = 1 - min_one_minus_t). Unweighted x1 errors are dominated by the irreducible 
 leave the fine geometry at late t, which bond-based stability depends on, nearly untrained (measured:
 atom stability 35 % unweighted vs 48 % weighted after 600 steps of the same model).
 
-Interface shared by every generative process:
-    loss(model, batch, noise=None) -> scalar
-    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms, n_steps, ...) -> {"types", "pos", "mask"}
+The interface shared by every generative process, and the parts they share, are in models/process.py.
 """
 from __future__ import annotations
 
@@ -27,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from models.data import remove_mean
-from models.process import per_molecule_loss, sampling_start
+from models.process import GaussianProcess, per_molecule_loss
 
 
 @dataclass
@@ -73,48 +69,25 @@ def align_prior(x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: t
     return torch.from_numpy(out).to(x0)
 
 
-class FlowMatching:
+class FlowMatching(GaussianProcess):
     Config = FlowConfig
     SAMPLERS = ("heun", "euler")  # the first is sample.py's default
-
-    def __init__(self, config: FlowConfig):
-        self.config = config
 
     @staticmethod
     def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t = alpha_t x1 + sigma_t x0: the straight path, alpha_t = t and sigma_t = 1 - t."""
         return t, 1 - t
 
-    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
-                   device="cpu") -> dict[str, torch.Tensor]:
-        """Prior samples and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {
-            "t": torch.rand(batch_size, **kw),
-            "x0": torch.randn(batch_size, n_max, 3, **kw),
-            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
-        }
+    def couple(self, x0, x1, types, mask):
+        return align_prior(x0, x1, types, mask) if self.config.ot_align else x0
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
-        B, N = types.shape
-        if noise is None:
-            noise = self.draw_noise(B, N, device=x1.device)
-        noise = {k: v.to(x1.device) for k, v in noise.items()}
-        node = mask.unsqueeze(-1).to(x1.dtype)
-        t = noise["t"]
-        x0 = remove_mean(noise["x0"], mask)
-        if self.config.ot_align:
-            x0 = align_prior(x0, x1, types, mask)
-        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
-        h0 = noise["h0"] * node
-        tb = t[:, None, None]
-        x_t = (1 - tb) * x0 + tb * x1
-        h_t = ((1 - tb) * h0 + tb * h1) * node
-        pos_out, logits = model(h_t, x_t, t, mask)
-        x1_hat = x_t + pos_out
-        weight = (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
-        return per_molecule_loss(((x1_hat - x1) ** 2).sum(-1) * weight, logits, types, mask, self.config.type_loss_weight)
+        z = self.noised(batch, noise)
+        pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        x1_hat = z["x_t"] + pos_out
+        weight = (1 - z["t"]).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
+        return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
+                                 self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 50, method: str = "euler",
@@ -124,9 +97,8 @@ class FlowMatching:
         Heun's corrector needs u at t + dt, which is undefined at t = 1 (division by 1 - t), so the last
         step is an Euler step; with x1 prediction that step lands exactly on the predicted endpoint.
         """
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for flow matching; choose one of {self.SAMPLERS}")
-        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
+        self.check_method(method)
+        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
 
         def velocity(x, h, t: float):
             tt = torch.full((len(x),), t, device=x.device)

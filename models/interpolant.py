@@ -28,10 +28,7 @@ Samplers, from t = 0 to 1 in n_steps equal steps, both ending on the predicted c
   - "ode": eps_t = 0, the probability-flow ODE, the same update with noise = 0 (DDIM's update on this
     schedule): x_{t+dt} = alpha_{t+dt} x1_hat + sigma_{t+dt} eps_hat.
 
-Interface shared by every generative process:
-    loss(model, batch, noise=None) -> scalar
-    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms, n_steps, ...) -> {"types", "pos", "mask"}
+The interface shared by every generative process, and the parts they share, are in models/process.py.
 """
 from __future__ import annotations
 
@@ -39,10 +36,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.data import remove_mean
-from models.process import per_molecule_loss, sampling_start
+from models.process import GaussianProcess, per_molecule_loss
 
 
 @dataclass
@@ -55,12 +51,9 @@ class InterpolantConfig:
     min_one_minus_t: float = 0.05  # the loss weight is taken at t <= 1 - this
 
 
-class StochasticInterpolant:
+class StochasticInterpolant(GaussianProcess):
     Config = InterpolantConfig
     SAMPLERS = ("sde", "ode")  # the first is sample.py's default
-
-    def __init__(self, config: InterpolantConfig):
-        self.config = config
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t = t, sigma_t = sqrt((1 - t)^2 + a t (1 - t)) at times t (any shape)."""
@@ -74,41 +67,20 @@ class StochasticInterpolant:
         sigma_dot = (-2 * (1 - t) + self.config.gamma_scale * (1 - 2 * t)) / (2 * sigma)
         return (1 - sigma_dot * alpha / sigma) ** 2
 
-    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
-                   device="cpu") -> dict[str, torch.Tensor]:
-        """Noise and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {
-            "t": torch.rand(batch_size, **kw),
-            "x0": torch.randn(batch_size, n_max, 3, **kw),
-            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
-        }
-
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
-        B, N = types.shape
-        if noise is None:
-            noise = self.draw_noise(B, N, device=x1.device)
-        noise = {k: v.to(x1.device) for k, v in noise.items()}
-        node = mask.unsqueeze(-1).to(x1.dtype)
-        t = noise["t"]
-        alpha, sigma = (a[:, None, None] for a in self.alpha_sigma(t))
-        x0 = remove_mean(noise["x0"], mask)
-        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
-        x_t = alpha * x1 + sigma * x0
-        h_t = (alpha * h1 + sigma * noise["h0"]) * node
-        pos_out, logits = model(h_t, x_t, t, mask)
-        x1_hat = x_t + pos_out
-        weight = self.loss_weight(t)[:, None]
-        return per_molecule_loss(((x1_hat - x1) ** 2).sum(-1) * weight, logits, types, mask, self.config.type_loss_weight)
+        z = self.noised(batch, noise)
+        pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        x1_hat = z["x_t"] + pos_out
+        weight = self.loss_weight(z["t"])[:, None]
+        return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
+                                 self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "sde",
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Integrate from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for stochastic interpolants; choose one of {self.SAMPLERS}")
-        mask, node, x, h = sampling_start(self, model, n_atoms, generator)
+        self.check_method(method)
+        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
         B, N = mask.shape
         device = x.device
         kw = dict(generator=generator, device=generator.device if generator is not None else device)

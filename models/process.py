@@ -1,10 +1,17 @@
-"""What the generative processes (models/flow.py, diffusion.py, interpolant.py) share: the loss
-reduction over atoms and molecules, and the sampler's starting state.
+"""What the generative processes (models/flow.py, diffusion.py, interpolant.py) share.
 
 All three corrupt data the same way, x_t = alpha_t x1 + sigma_t x0 (x0 Gaussian, coordinates with
-zero centre of mass), with t = 0 pure noise and t = 1 data, so a backbone's time input means the same
-under every process. They differ in the schedule (alpha_t, sigma_t), in what the backbone predicts,
-in the loss weight over t, and in their samplers.
+zero centre of mass; types as continuous one-hot vectors times `type_scale`), with t = 0 pure noise
+and t = 1 data, so a backbone's time input means the same under every process. They differ in the
+schedule `alpha_sigma(t)`, in what the backbone predicts, in the loss weight over t and in their
+samplers; this base class holds the rest: the noise draw, the noised batch, the loss reduction and
+the sampler's starting state.
+
+Interface of every generative process (train.py and sample.py use nothing else):
+    loss(model, batch, noise=None) -> scalar
+    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
+    sample(model, n_atoms, n_steps, method, generator) -> {"types", "pos", "mask"}
+    SAMPLERS: the sampler names, sample.py's default first
 """
 from __future__ import annotations
 
@@ -27,13 +34,57 @@ def per_molecule_loss(coord_sq_err: torch.Tensor, logits: torch.Tensor, types: t
     return (coord_loss + type_loss_weight * type_loss).mean()
 
 
-def sampling_start(process, model, n_atoms: torch.Tensor, generator: torch.Generator | None):
-    """The state at t = 0 for molecules of n_atoms [B] atoms: (mask [B, N], node [B, N, 1] float,
-    x [B, N, 3] centred prior coordinates, h [B, N, T] prior types), on the model's device."""
-    device = next(model.parameters()).device
-    n_atoms = n_atoms.to(device)
-    B, N = len(n_atoms), int(n_atoms.max())
-    mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
-    node = mask.unsqueeze(-1).float()
-    noise = process.draw_noise(B, N, generator, device=device)
-    return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node
+class GaussianProcess:
+    """Base class; a subclass sets Config, SAMPLERS, alpha_sigma(t), loss and sample. Its config has
+    at least n_types and type_scale."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
+                   device="cpu") -> dict[str, torch.Tensor]:
+        """Prior samples and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+        return {
+            "t": torch.rand(batch_size, **kw),
+            "x0": torch.randn(batch_size, n_max, 3, **kw),
+            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
+        }
+
+    def couple(self, x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The prior coordinates paired with x1; independent by default (flow matching's OT overrides it)."""
+        return x0
+
+    def noised(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The batch at its noise's times: t [B], x0 [B, N, 3] (centred, coupled), x_t, h_t, and the
+        batch's types, x1 (= pos) and mask, all on the batch's device."""
+        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
+        if noise is None:
+            noise = self.draw_noise(*types.shape, device=x1.device)
+        noise = {k: v.to(x1.device) for k, v in noise.items()}
+        node = mask.unsqueeze(-1).to(x1.dtype)
+        t = noise["t"]
+        alpha, sigma = (a.to(x1.dtype)[:, None, None] for a in self.alpha_sigma(t))
+        x0 = self.couple(remove_mean(noise["x0"], mask), x1, types, mask)
+        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
+        h0 = noise["h0"] * node
+        return {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
+                "types": types, "x1": x1, "mask": mask}
+
+    def sampling_start(self, model, n_atoms: torch.Tensor, generator: torch.Generator | None):
+        """The state at t = 0 for molecules of n_atoms [B] atoms: (mask [B, N], node [B, N, 1] float,
+        x [B, N, 3] centred prior coordinates, h [B, N, T] prior types), on the model's device."""
+        device = next(model.parameters()).device
+        n_atoms = n_atoms.to(device)
+        B, N = len(n_atoms), int(n_atoms.max())
+        mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
+        node = mask.unsqueeze(-1).float()
+        noise = self.draw_noise(B, N, generator, device=device)
+        return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node
+
+    def check_method(self, method: str) -> None:
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
