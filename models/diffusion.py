@@ -61,12 +61,8 @@ class Diffusion(GaussianProcess):
         """Denoise from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
         self.check_method(method)
         mask, node, x, h = self.sampling_start(model, n_atoms, generator)
-        B, N = mask.shape
-        device = x.device
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-
-        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
-        alphas, sigmas = self.alpha_sigma(ts)
+        B, device = len(mask), mask.device
+        ts, alphas, sigmas = self.time_grid(n_steps)
         for step in range(n_steps):
             a_t, s_t, a_s, s_s = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
             x0_hat, logits = model(h, x, torch.full((B,), float(ts[step]), device=device), mask)
@@ -83,6 +79,7 @@ class Diffusion(GaussianProcess):
                 var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2  # sigma_{t|s}^2
                 c_t, c_x = a_ts * s_s ** 2 / s_t ** 2, a_s * var_ts / s_t ** 2
                 std = (var_ts * s_s ** 2 / s_t ** 2) ** 0.5
-                x = c_t * x + c_x * x1_hat + std * remove_mean(torch.randn(B, N, 3, **kw).to(device), mask)
-                h = c_t * h + c_x * h1_hat + std * torch.randn(B, N, self.config.n_types, **kw).to(device) * node
+                noise_x, noise_h = self.fresh_noise(mask, generator)
+                x = c_t * x + c_x * x1_hat + std * noise_x
+                h = c_t * h + c_x * h1_hat + std * noise_h
         return {"types": logits.argmax(-1) * mask, "pos": x * node, "mask": mask}

@@ -81,11 +81,8 @@ class StochasticInterpolant(GaussianProcess):
         """Integrate from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
         self.check_method(method)
         mask, node, x, h = self.sampling_start(model, n_atoms, generator)
-        B, N = mask.shape
-        device = x.device
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
-        alphas, sigmas = self.alpha_sigma(ts)
+        B, device = len(mask), mask.device
+        ts, alphas, sigmas = self.time_grid(n_steps)
         noise = self.config.noise if method == "sde" else 0.0
         keep = math.exp(-noise / n_steps)  # e^{-noise dt}: the share of eps_hat a step keeps
         fresh = math.sqrt(1 - keep ** 2)  # and the share of new noise, so the variance stays sigma^2
@@ -100,7 +97,7 @@ class StochasticInterpolant(GaussianProcess):
             x0_hat, h0_hat = (x - a_t * x1_hat) / s_t, (h - a_t * h1_hat) / s_t
             x0_next, h0_next = keep * x0_hat, keep * h0_hat
             if fresh > 0:
-                x0_next = x0_next + fresh * remove_mean(torch.randn(B, N, 3, **kw).to(device), mask)
-                h0_next = h0_next + fresh * torch.randn(B, N, self.config.n_types, **kw).to(device) * node
+                noise_x, noise_h = self.fresh_noise(mask, generator)
+                x0_next, h0_next = x0_next + fresh * noise_x, h0_next + fresh * noise_h
             x, h = a_next * x1_hat + s_next * x0_next, a_next * h1_hat + s_next * h0_next
         return {"types": logits.argmax(-1) * mask, "pos": x * node, "mask": mask}

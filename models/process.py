@@ -85,6 +85,19 @@ class GaussianProcess:
         noise = self.draw_noise(B, N, generator, device=device)
         return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node
 
+    def fresh_noise(self, mask: torch.Tensor, generator: torch.Generator | None):
+        """New Gaussian noise for a stochastic sampler step: coordinates [B, N, 3] with zero centre of
+        mass and types [B, N, T], both 0 at padding, on the mask's device."""
+        B, N = mask.shape
+        kw = dict(generator=generator, device=generator.device if generator is not None else mask.device)
+        coords = remove_mean(torch.randn(B, N, 3, **kw).to(mask.device), mask)
+        return coords, torch.randn(B, N, self.config.n_types, **kw).to(mask.device) * mask.unsqueeze(-1)
+
+    def time_grid(self, n_steps: int):
+        """n_steps + 1 equal-spaced times from 0 to 1 with their alpha_t and sigma_t, in float64."""
+        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+        return (ts, *self.alpha_sigma(ts))
+
     def check_method(self, method: str) -> None:
         if method not in self.SAMPLERS:
             raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
