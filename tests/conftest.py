@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import models/ the way the scripts do: from the repository root
@@ -21,6 +22,14 @@ def qm9_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("qm9")
     save_cache(read_qm9pack_csv([QM9_FIXTURE]), d / "qm9.npz")
     return d
+
+
+# Kernel tests: on a GPU they run in the test process; without one, in a child process started with
+# TRITON_INTERPRET=1 (run_kernel_tests_in_interpreter), where they run on the CPU in Triton's interpreter.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
+kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
+                             reason="no GPU: runs in test_kernels_in_the_interpreter's child process")
 
 
 def run_kernel_tests_in_interpreter(test_file: str) -> None:

@@ -5,20 +5,15 @@ Its symmetries (rotation, reflection, translation, permutation, padding) are che
 backbone in tests/test_gnn.py. As in tests/test_triangle_attention.py, the kernel tests run in a child
 process started with TRITON_INTERPRET=1 when there is no GPU.
 """
-import os
 
 import pytest
 import torch
 
-from conftest import run_kernel_tests_in_interpreter
+from conftest import DEVICE, kernels, run_kernel_tests_in_interpreter
 
 import kernels.triangle_attention as ta
 from models.pairformer import Pairformer, PairformerConfig
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
-kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
-                             reason="no GPU: runs in test_kernels_in_the_interpreter's child process")
 
 
 def test_kernels_in_the_interpreter():

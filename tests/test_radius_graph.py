@@ -9,19 +9,14 @@ started by `test_kernels_in_the_interpreter`, for the reasons given in tests/tes
 (triton reads the variable at import; setting it here would leak into other test files). The tests marked
 `kernels` run there, or in this process when it has a CUDA device or was itself started with the variable.
 """
-import os
 
 import pytest
 import torch
 
-from conftest import run_kernel_tests_in_interpreter
+from conftest import DEVICE, INTERPRETER, kernels, run_kernel_tests_in_interpreter
 
 import kernels.radius_graph as rg
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
-kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
-                             reason="no GPU: runs in test_kernels_in_the_interpreter's child process")
 CUTOFF = 3.0
 SIZES = (1, 7, 33, 130)  # one atom, less than a block, a block and one, several blocks
 

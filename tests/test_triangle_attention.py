@@ -12,19 +12,14 @@ break. So this file runs itself again in a child process started with TRITON_INT
 (`test_kernels_in_the_interpreter`); the tests marked `kernels` run there, or in this process when it
 has a CUDA device or was itself started with the variable set (then they use it directly).
 """
-import os
 
 import pytest
 import torch
 
-from conftest import run_kernel_tests_in_interpreter
+from conftest import DEVICE, INTERPRETER, kernels, run_kernel_tests_in_interpreter
 
 import kernels.triangle_attention as ta
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
-kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
-                             reason="no GPU: runs in test_kernels_in_the_interpreter's child process")
 
 
 def test_kernels_in_the_interpreter():
