@@ -5,7 +5,6 @@ Its symmetries (rotation, reflection, translation, permutation, padding) are che
 backbone in tests/test_gnn.py. As in tests/test_triangle_attention.py, the kernel tests run in a child
 process started with TRITON_INTERPRET=1 when there is no GPU.
 """
-
 import pytest
 import torch
 
@@ -13,7 +12,6 @@ from conftest import DEVICE, kernels, run_kernel_tests_in_interpreter
 
 import kernels.triangle_attention as ta
 from models.pairformer import Pairformer, PairformerConfig
-
 
 
 def test_kernels_in_the_interpreter():

@@ -9,7 +9,6 @@ started by `test_kernels_in_the_interpreter`, for the reasons given in tests/tes
 (triton reads the variable at import; setting it here would leak into other test files). The tests marked
 `kernels` run there, or in this process when it has a CUDA device or was itself started with the variable.
 """
-
 import pytest
 import torch
 

@@ -12,14 +12,12 @@ break. So this file runs itself again in a child process started with TRITON_INT
 (`test_kernels_in_the_interpreter`); the tests marked `kernels` run there, or in this process when it
 has a CUDA device or was itself started with the variable set (then they use it directly).
 """
-
 import pytest
 import torch
 
 from conftest import DEVICE, INTERPRETER, kernels, run_kernel_tests_in_interpreter
 
 import kernels.triangle_attention as ta
-
 
 
 def test_kernels_in_the_interpreter():
