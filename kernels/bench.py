@@ -17,10 +17,11 @@ instead of a number. Writes OUT/bench_<kernel>.md (the table) and OUT/bench_<ker
 The kernels run only on a GPU; on a CPU their correctness is covered by tests/ in Triton's
 interpreter, and the two benchmarks say so and exit. `--smoke` (with TRITON_INTERPRET=1) runs the
 same benchmark code on the CPU, kernels in the interpreter, one timed call per row and no
-torch.compile: a check that the script works end to end (tests/test_bench.py), not a measurement. `compile` needs no GPU: it compiles every kernel
-ahead of time (Triton's own PTX and ptxas, shipped with triton) for each configuration the launchers
-can pick, and prints per kernel and configuration: ok or the error, shared memory, registers and spill
-bytes (from `ptxas -v`). It exits non-zero if a compile fails or needs more shared memory than the
+torch.compile: a check that the script works end to end (tests/test_bench.py), not a measurement.
+
+`compile` needs no GPU: it compiles every kernel ahead of time (Triton's own PTX and ptxas, shipped
+with triton) for each configuration the launchers can pick, and prints per kernel and configuration:
+ok or the error, shared memory, registers and spill bytes (from `ptxas -v`). It exits non-zero if a compile fails or needs more shared memory than the
 target has; --quick compiles one configuration per kernel for sm_90 (tests/test_kernels_compile.py).
 """
 from __future__ import annotations

@@ -69,10 +69,10 @@ class Diffusion(GaussianProcess):
             x0_hat = remove_mean(x0_hat.float(), mask)
             x1_hat = (x - s_t * x0_hat) / a_t
             h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
-            h0_hat = (h - a_t * h1_hat) / s_t
             if step == n_steps - 1:  # t = 1: the prediction of the clean sample
                 x, h = x1_hat, h1_hat
             elif method == "ode":  # DDIM: keep the predicted noise, move to the next noise level
+                h0_hat = (h - a_t * h1_hat) / s_t
                 x, h = a_s * x1_hat + s_s * x0_hat, a_s * h1_hat + s_s * h0_hat
             else:  # DDPM posterior q(z_s | z_t, x1_hat): mean c_t z_t + c_x x1_hat, std sqrt(var)
                 a_ts = a_t / a_s  # alpha_{t|s}, from the less noisy s back to t

@@ -37,7 +37,7 @@ def run_kernel_tests_in_interpreter(test_file: str) -> None:
 
     Triton reads the variable when @triton.jit decorates a function (its own tl.* helpers included, at
     import), so it cannot be switched on inside a process that has already imported triton."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETER:
         pytest.skip("this process is the interpreter run")
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]

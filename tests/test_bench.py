@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,6 @@ def test_smoke_run_writes_table_and_plot(kernel, args, sizes, tmp_path):
 def test_without_gpu_or_interpreter_it_says_what_to_do(tmp_path):
     proc = bench("triangle", "--smoke", "--out", tmp_path, interpret=False)
     assert proc.returncode != 0 and "set TRITON_INTERPRET=1" in proc.stderr
-    if not __import__("torch").cuda.is_available():
+    if not torch.cuda.is_available():
         proc = bench("triangle", "--out", tmp_path, interpret=False)
         assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr and "--smoke" in proc.stderr
