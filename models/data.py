@@ -6,21 +6,22 @@ tar.bz2, plus the list of 3,054 uncharacterised molecules) is downloaded and par
 way the molecules are converted once into a compact .npz cache that later loads read in well under a
 second.
 
-Inside the models a batch is a dense padded tensor set (DESIGN.md):
+Inside the models a batch is a dense padded tensor set (README.md, "Design"):
     types [B, N] long (index into ATOM_SYMBOLS), pos [B, N, 3] float (centred), mask [B, N] bool.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import tarfile
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.fileio import check_writable_dir, download, save_npz
 
 ATOM_SYMBOLS = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
@@ -216,44 +217,6 @@ def read_qm9_tarball(tar_path: Path, excluded_path: Path | None) -> MoleculeSet:
     return _pack(records)
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_npz(path: Path, arrays: dict) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-
-
-def download(url: str, dest: Path) -> Path:
-    """Download url to dest atomically, with a progress bar."""
-    from tqdm import tqdm
-
-    def write(tmp):
-        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-
-    atomic_write(dest, write)
-    return dest
-
-
 def qm9pack_csv_files() -> list[Path] | None:
     """qm9pack's data files, found without importing qm9pack (its import needs pkg_resources)."""
     spec = importlib.util.find_spec("qm9pack")
@@ -277,42 +240,74 @@ def save_cache(mols: MoleculeSet, path: Path) -> None:
                         offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids))
 
 
+CACHE_ARRAYS = ("version", "numbers", "positions", "n_atoms", "offset", "smiles", "ids")
+
+
 def load_cache(path: Path) -> MoleculeSet:
-    with np.load(path, allow_pickle=False) as z:
-        if int(z["version"]) != CACHE_VERSION:
-            raise DataError(f"{path}: cache version {int(z['version'])}, expected {CACHE_VERSION}; delete it to rebuild")
-        return MoleculeSet(z["numbers"], z["positions"], z["n_atoms"], z["offset"], z["smiles"], z["ids"])
+    """Read data/qm9.npz; DataError naming the file when it is unreadable, incomplete, inconsistent or stale."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in CACHE_ARRAYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: QM9 cache lacks arrays {missing}")
+            if int(z["version"]) != CACHE_VERSION:
+                raise DataError(f"{path}: QM9 cache version {int(z['version'])}, expected {CACHE_VERSION}")
+            mols = MoleculeSet(z["numbers"], z["positions"], z["n_atoms"], z["offset"], z["smiles"], z["ids"])
+    except DataError:
+        raise
+    except Exception as e:  # truncated zip, garbage, pickled objects (refused), bad dtypes
+        raise DataError(f"{path}: unreadable QM9 cache ({type(e).__name__}: {e})") from None
+    S, A = len(mols.n_atoms), len(mols.numbers)
+    consistent = (S > 0 and len(mols.offset) == len(mols.smiles) == len(mols.ids) == S and mols.positions.shape == (A, 3)
+                  and int(mols.offset[-1]) + int(mols.n_atoms[-1]) == A and np.isfinite(mols.positions).all())
+    if not consistent:
+        raise DataError(f"{path}: QM9 cache is inconsistent ({S} molecules, {A} atoms)")
+    return mols
 
 
 def load_qm9(split: str | None = None, data_dir: str | Path | None = None, source: str = "auto") -> MoleculeSet:
     """All of QM9 (split=None) or one of 'train' / 'valid' / 'test' (the EDM split).
 
     source: 'auto' (qm9pack if installed, else download), 'qm9pack' or 'download'.
-    The first call writes data_dir/qm9.npz; later calls read only that.
+    The first call writes data_dir/qm9.npz; later calls read only that. A damaged or stale cache is reported
+    (naming the file) and rebuilt from the source.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     cache = data_dir / "qm9.npz"
+    mols = None
     if cache.exists():
-        mols = load_cache(cache)
-    else:
-        csvs = qm9pack_csv_files() if source in ("auto", "qm9pack") else None
-        if csvs:
-            mols = read_qm9pack_csv(csvs)
-        elif source == "qm9pack":
-            raise DataError("qm9pack is not installed: `pip install qm9pack` (or use source='download')")
-        else:
-            raw = data_dir / "raw"
-            tar = raw / "dsgdb9nsd.xyz.tar.bz2"
-            excluded = raw / "uncharacterized.txt"
-            if not tar.exists():
-                download(QM9_XYZ_URL, tar)
-            if not excluded.exists():
-                download(QM9_EXCLUDED_URL, excluded)
-            mols = read_qm9_tarball(tar, excluded)
+        try:
+            mols = load_cache(cache)
+        except DataError as e:
+            print(f"warning: {e}; rebuilding it from the QM9 source", file=sys.stderr)
+    if mols is None:
+        try:  # before minutes of parsing, not after
+            check_writable_dir(data_dir, "the QM9 cache directory")
+        except OSError as e:
+            raise DataError(f"{e} (pass --data-dir or set $MOLGEN_DATA to a writable directory)") from None
+        mols = _read_source(data_dir, source)
         save_cache(mols, cache)
     if split is None:
         return mols
     return mols.subset(split_indices(len(mols))[split])
+
+
+def _read_source(data_dir: Path, source: str) -> MoleculeSet:
+    csvs = qm9pack_csv_files() if source in ("auto", "qm9pack") else None
+    if csvs:
+        return read_qm9pack_csv(csvs)
+    if source == "qm9pack":
+        raise DataError("qm9pack is not installed: `pip install qm9pack` (or use source='download')")
+    raw = data_dir / "raw"
+    tar, excluded = raw / "dsgdb9nsd.xyz.tar.bz2", raw / "uncharacterized.txt"
+    for url, dest in ((QM9_XYZ_URL, tar), (QM9_EXCLUDED_URL, excluded)):
+        if not dest.exists():
+            try:
+                download(url, dest)
+            except OSError as e:  # offline, proxy, HTTP error
+                raise DataError(f"cannot download QM9 from {url} into {dest} ({e}); `pip install qm9pack` carries QM9 "
+                                f"offline") from None
+    return read_qm9_tarball(tar, excluded)
 
 
 def split_indices(n: int) -> dict[str, np.ndarray]:

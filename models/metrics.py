@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import save_npz
+from models.fileio import save_npz
 
 # ----------------------------------------------------------------------------------------------
 # Bond orders from distances (EDM tables)
@@ -191,6 +191,8 @@ def _sascorer():
 
 
 FP_BITS = 2048  # Morgan fingerprint (radius 2) used for coverage
+STATISTICS = ("n_atoms", "mol_stable", "n_stable_atoms", "smiles", "qed", "sa", "logp", "fingerprint", "bond_length",
+              "bond_pair", "bond_angle")  # what molecule_statistics returns
 
 
 def _geometry(z: np.ndarray, x: np.ndarray):
@@ -263,11 +265,36 @@ FCD_MIN_MOLECULES = 2  # a covariance needs at least two molecules
 
 
 def _content_hash(mols) -> str:
-    """Short content hash of a MoleculeSet, so a cache is never reused for different molecules."""
+    """Short hash of a MoleculeSet and of the library versions that turn it into statistics, so a cache is never
+    reused for other molecules, nor after an RDKit release that canonicalises SMILES differently (novelty) or
+    another ChemNet (FCD)."""
+    from importlib import metadata
+
     h = hashlib.sha1()
     for a in (mols.ids, mols.n_atoms, mols.numbers, mols.positions):
         h.update(np.ascontiguousarray(a).tobytes())
+    for pkg in ("rdkit", "fcd"):
+        try:
+            h.update(f"{pkg} {metadata.version(pkg)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{pkg} missing".encode())
     return h.hexdigest()[:12]
+
+
+def _read_cache(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """A statistics cache as a dict, or None (with a warning naming the file) when it is unreadable or lacks one
+    of `keys`: caches are derived data, so a damaged one is recomputed and rewritten, never trusted."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = dict(f)
+        missing = [k for k in keys if k not in out]
+        if not missing:
+            return out
+        why = f"arrays {missing} missing"
+    except Exception as e:  # truncated zip, garbage, pickled objects we refuse: all mean "rebuild"
+        why = f"{type(e).__name__}: {e}"
+    print(f"warning: {path} is not a usable cache ({why}); recomputing it", file=sys.stderr)
+    return None
 
 
 @contextmanager
@@ -331,11 +358,9 @@ def reference_statistics(ref_set, n_ref: int | None = DEFAULT_N_REF, cache_dir: 
     """
     n = len(ref_set) if n_ref is None else min(n_ref, len(ref_set))
     path = Path(cache_dir) / f"qm9_ref_{n}_{_content_hash(ref_set)}_v{CACHE_VERSION}.npz" if cache_dir else None
-    cached = path is not None and path.exists()
-    if cached:
-        with np.load(path, allow_pickle=False) as f:
-            ref = dict(f)
-    else:
+    ref = _read_cache(path, STATISTICS) if path is not None and path.exists() else None
+    cached = ref is not None
+    if not cached:
         subset = np.sort(np.random.RandomState(0).choice(len(ref_set), n, replace=False)) if n < len(ref_set) \
             else np.arange(n)
         ref = molecule_statistics(ref_set.subset(subset), progress=progress, desc="reference statistics")
@@ -357,15 +382,15 @@ def training_smiles(train, cache_dir: str | Path | None = None, progress: bool =
 
     Passing train molecules through distances -> bonds -> SMILES (rather than canonicalising QM9's
     SMILES) makes a sample that reproduces a training molecule's bonds compare equal to it.
-    Cached in cache_dir/qm9_train_smiles_<n>_<hash>_v<version>.npz.
+    Cached in cache_dir/qm9_train_smiles_<n>_<hash>_v<version>.npz (the hash covers the RDKit version).
     """
     from tqdm import tqdm
 
     path = Path(cache_dir) / f"qm9_train_smiles_{len(train)}_{_content_hash(train)}_v{CACHE_VERSION}.npz" \
         if cache_dir else None
-    if path is not None and path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            return set(f["smiles"].tolist())
+    cached = _read_cache(path, ("smiles",)) if path is not None and path.exists() else None
+    if cached is not None:
+        return set(cached["smiles"].tolist())
     smiles = [smiles_of(*train[i]) for i in tqdm(range(len(train)), desc="training SMILES", disable=not progress,
                                                  mininterval=2)]
     smiles = np.array(sorted({s for s in smiles if s}), dtype=str)

@@ -141,3 +141,34 @@ def test_corrupt_tarball_and_record(tmp_path):
         read_qm9_tarball(broken, None)
     with pytest.raises(DataError, match="rec.xyz: malformed"):
         parse_qm9_xyz("3\ngdb 1\nC 0 0 0\n", "rec.xyz")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing array", "old version", "inconsistent"])
+def test_damaged_cache_is_named_and_rebuilt(tmp_path, monkeypatch, capsys, damage):
+    """A damaged or stale data/qm9.npz is reported by name and rebuilt from the source (here the fixture CSV standing
+    in for qm9pack's files); the rebuilt cache equals a fresh one."""
+    import models.data as data
+    from models.fileio import save_npz
+
+    monkeypatch.setattr(data, "qm9pack_csv_files", lambda: [QM9_FIXTURE])
+    good = load_qm9(None, tmp_path)
+    cache = tmp_path / "qm9.npz"
+    with np.load(cache) as z:
+        arrays = dict(z)
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    elif damage == "garbage":
+        cache.write_bytes(b"not a zip file at all")
+    elif damage == "missing array":
+        save_npz(cache, {k: v for k, v in arrays.items() if k != "positions"})
+    elif damage == "old version":
+        save_npz(cache, {**arrays, "version": np.array(0)})
+    else:
+        save_npz(cache, {**arrays, "offset": arrays["offset"][:-1]})
+    with pytest.raises(DataError, match="qm9.npz"):
+        load_cache(cache)
+    again = load_qm9("train", tmp_path)
+    err = capsys.readouterr().err
+    assert "qm9.npz" in err and "rebuilding" in err
+    assert np.array_equal(again.ids, good.subset(split_indices(len(good))["train"]).ids)
+    assert np.array_equal(load_cache(cache).positions, good.positions)  # the rebuilt cache is whole again

@@ -123,6 +123,30 @@ def test_reference_statistics_cache(mols, tmp_path):
     assert len(first["n_atoms"]) == 50 and (first["smiles"] == again["smiles"]).all()
 
 
+def test_damaged_statistics_caches_are_recomputed(mols, tmp_path, capsys):
+    first = metrics.reference_statistics(mols, n_ref=50, cache_dir=tmp_path, fcd=False, progress=False)
+    smiles = metrics.training_smiles(mols.subset(range(40)), cache_dir=tmp_path, progress=False)
+    (ref_cache,), (smiles_cache,) = tmp_path.glob("qm9_ref_50_*.npz"), tmp_path.glob("qm9_train_smiles_*.npz")
+    ref_cache.write_bytes(ref_cache.read_bytes()[:100])  # truncated
+    np.savez(smiles_cache.open("wb"), other=np.zeros(2))  # readable, but without its array
+    again = metrics.reference_statistics(mols, n_ref=50, cache_dir=tmp_path, fcd=False, progress=False)
+    assert (again["smiles"] == first["smiles"]).all() and np.array_equal(again["bond_length"], first["bond_length"])
+    assert metrics.training_smiles(mols.subset(range(40)), cache_dir=tmp_path, progress=False) == smiles
+    err = capsys.readouterr().err
+    assert ref_cache.name in err and smiles_cache.name in err and "recomputing" in err
+    assert metrics._read_cache(ref_cache, metrics.STATISTICS) is not None  # rewritten whole
+
+
+def test_cache_keys_follow_rdkit_and_fcd_versions(mols, monkeypatch):
+    """A new RDKit may canonicalise SMILES differently: its caches must not be read by another version."""
+    from importlib import metadata
+
+    before = metrics._content_hash(mols)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda pkg: "9999.1" if pkg == "rdkit" else real(pkg))
+    assert metrics._content_hash(mols) != before
+
+
 def test_fcd_smoke():
     a = ["CCO", "CCN", "CC(=O)O", "c1ccccc1", "CC#N", "OCC(O)CO", "CC1CC1", "NC=O"]
     b = ["CCC", "CCCl", "CNC", "C1CCOC1", "CC(C)O", "N#CC#N", "OC1CC1", "CC=O"]

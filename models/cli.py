@@ -1,0 +1,72 @@
+"""Checks of command-line values shared by the scripts: each flag is validated when it is parsed, so a bad value
+ends the run at once with a message naming the flag, not hours later with a traceback.
+
+The number types are argparse `type=` callables; the path and device checks take the parser, so their
+errors read like argparse's own ("train.py: error: --out ...").
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from models.fileio import check_writable_dir
+
+
+def _number(kind, test, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def checked_device(parser: argparse.ArgumentParser, flag_value: str | None):
+    """The torch device of a --device flag (None: cuda if available, else cpu); refuses cuda without a GPU."""
+    import torch
+
+    if flag_value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag_value)
+    except RuntimeError:
+        parser.error(f"--device {flag_value}: not a device (use cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {flag_value}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {flag_value}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {flag_value}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def writable_dir(parser: argparse.ArgumentParser, path, flag: str) -> Path:
+    """Create the directory a flag names (or that holds its output) and prove it writable, before any work."""
+    try:
+        return check_writable_dir(Path(path), flag)
+    except OSError as e:
+        parser.error(str(e))
+
+
+def output_file(parser: argparse.ArgumentParser, path, flag: str) -> Path:
+    """A file a flag names: not a directory, and its directory writable."""
+    path = Path(path)
+    if path.is_dir():
+        parser.error(f"{flag} {path} is a directory; give a file name")
+    writable_dir(parser, path.parent if str(path.parent) else Path("."), f"{flag}'s directory")
+    return path
