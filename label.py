@@ -6,17 +6,18 @@
     python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
-Output (DESIGN.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure), and next to it
-failed.jsonl (structures that could not be labelled, with the reason), label.log and OUT_STEM.report.json
-(the data-set report and its GO / NO-GO verdict). Re-running the same command resumes: keys already in OUT,
-or already recorded as failed for OUT (unless --retry-failed), are skipped. A kill loses at most the
-block in flight (at most --commit-seconds of work). The key of a structure is "<input path relative to OUT's directory>:<record id>"
-(models/structures.py).
+Output (README.md, "Design: the labels file"): OUT (HDF5: energy, forces, stress per structure, written through a
+journal OUT.journal/ so a kill at any instant loses no committed block), and next to it OUT_STEM.failed.jsonl
+(structures that could not be labelled, with the reason), OUT_STEM.report.json (the data-set report and its GO /
+NO-GO verdict) and label.log. Re-running the same command resumes: keys already in OUT, or already recorded as
+failed for OUT (unless --retry-failed), are skipped. A kill loses at most the block in flight (at most
+--commit-seconds of work). One process writes OUT at a time (OUT.lock); a second one is refused. The key of a
+structure is "<input path relative to OUT's directory>:<record id>" (models/structures.py).
 
-Several processes: `--shard I/N` labels the keys whose hash falls in shard I (under torchrun, RANK / WORLD_SIZE
-pick the shard and each rank writes OUT_STEM.shardIofN.h5); then `label.py merge SHARDS... --out OUT`.
-One labels file holds one teacher; `label.py report` joins files of several teachers (molecules with xtb,
-crystals with chgnet) into one data-set report.
+Several processes: `--shard I/N` labels the keys whose hash falls in shard I into OUT_STEM.shardIofN.h5 (under
+torchrun, RANK / WORLD_SIZE pick the shard); then `label.py merge SHARDS... --out OUT`.
+One labels file holds one teacher (and one teacher version, unless --mixed-versions); `label.py report` joins files
+of several teachers (molecules with xtb, crystals with chgnet) into one data-set report.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.structures import Failure, check_structure, fingerprint, iter_records, source_name
-from models.teachers import (TEACHERS, LabelsError, LabelWriter, Teacher, TeacherError, UnsupportedElements, get_teacher,
-                             read_labels)
+from models.cli import fraction, nonnegative_float, nonnegative_int, output_file, positive_int
+from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
+from models.labels import LabelsError, LabelWriter, read_labels
+from models.structures import Failure, InputError, check_structure, fingerprint, iter_records, source_name
+from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher
 
 
 MIN_DIST, ISOLATED_DIST = 0.5, 4.0  # A: default structure checks (models.structures.check_structure)
@@ -43,11 +46,11 @@ MIN_DIST, ISOLATED_DIST = 0.5, 4.0  # A: default structure checks (models.struct
 
 def add_verdict_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("GO / NO-GO thresholds")
-    g.add_argument("--min-success", type=float, default=0.95, help="fraction of structures labelled")
-    g.add_argument("--min-entropy", type=float, default=3.07, help="Shannon entropy of the element distribution (bits)")
-    g.add_argument("--min-elements", type=int, default=9, help="number of distinct elements")
-    g.add_argument("--min-size-cv", type=float, default=0.5, help="coefficient of variation of atoms per structure (must exceed)")
-    g.add_argument("--min-rate", type=float, default=100.0, help="structures per hour of labelling (summed over runs and shards)")
+    g.add_argument("--min-success", type=fraction, default=0.95, help="fraction of structures labelled")
+    g.add_argument("--min-entropy", type=nonnegative_float, default=3.07, help="Shannon entropy of the element distribution (bits)")
+    g.add_argument("--min-elements", type=nonnegative_int, default=9, help="number of distinct elements")
+    g.add_argument("--min-size-cv", type=nonnegative_float, default=0.5, help="coefficient of variation of atoms per structure (must exceed)")
+    g.add_argument("--min-rate", type=nonnegative_float, default=100.0, help="structures per hour of labelling (summed over runs and shards)")
 
 
 def parse_args(argv=None):
@@ -55,33 +58,44 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:train|valid|test]")
     p.add_argument("--generate", default=None, metavar="CKPT", help="also sample --n-generate molecules from this train.py checkpoint and label them")
-    p.add_argument("--n-generate", type=int, default=1000, help="molecules to sample with --generate")
-    p.add_argument("--steps", type=int, default=50, help="ODE steps of --generate sampling")
-    p.add_argument("--seed", type=int, default=0, help="seed of --generate sampling")
+    p.add_argument("--n-generate", type=positive_int, default=1000, help="molecules to sample with --generate")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps of --generate")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --generate sampling")
     p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="teacher force field")
-    p.add_argument("--out", default="labels.h5", help="labels HDF5 file; failed.jsonl, label.log and OUT_STEM.report.json go next to it")
-    p.add_argument("--shard", default=None, help="I/N: label only shard I of N (by a hash of the key); default under torchrun: RANK/WORLD_SIZE")
+    p.add_argument("--out", default="labels.h5", help="labels HDF5 file; OUT_STEM.failed.jsonl, OUT_STEM.report.json and label.log go next to it")
+    p.add_argument("--shard", default=None, help="I/N: label only shard I of N (by a hash of the key) into OUT_STEM.shardIofN.h5; default under torchrun: RANK/WORLD_SIZE")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip structures already in OUT (default); --no-resume deletes OUT and its failures and starts over")
-    p.add_argument("--retry-failed", action="store_true", help="on resume, try again the structures recorded in failed.jsonl")
-    p.add_argument("--block", type=int, default=1024, help="at most this many structures per written block")
-    p.add_argument("--commit-seconds", type=float, default=10.0,
+    p.add_argument("--retry-failed", action="store_true", help="on resume, try again the structures recorded in OUT_STEM.failed.jsonl")
+    p.add_argument("--mixed-versions", action="store_true", help="append to a file labelled by another version of the same teacher (each structure records its version)")
+    p.add_argument("--block", type=positive_int, default=1024, help="at most this many structures per written block")
+    p.add_argument("--commit-seconds", type=nonnegative_float, default=10.0,
                    help="write a block at least this often, so a kill loses at most this much labelling (or --block structures)")
-    p.add_argument("--limit", type=int, default=0, help="label at most N new structures in this run (0: all)")
+    p.add_argument("--limit", type=nonnegative_int, default=0, help="label only the first N input structures (the same N on every run, so a re-run resumes them; 0: all)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device of torch teachers (default: cuda if available)")
     p.add_argument("--source", default=None, help="`source` recorded for every structure (default: <parent dir>/<file name>)")
-    p.add_argument("--min-dist", type=float, default=MIN_DIST, help="fail structures with two atoms closer than this (A, periodic images included; 0: off)")
-    p.add_argument("--isolated-dist", type=float, default=ISOLATED_DIST, help="fail structures with an atom that has no neighbour within this (A; 0: off)")
+    p.add_argument("--min-dist", type=nonnegative_float, default=MIN_DIST, help="fail structures with two atoms closer than this (A, periodic images included; 0: off)")
+    p.add_argument("--isolated-dist", type=nonnegative_float, default=ISOLATED_DIST, help="fail structures with an atom that has no neighbour within this (A; 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (label.log and the report JSON are still written)")
     add_verdict_args(p)
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # for label.log
     if not args.inputs and not args.generate:
         p.error("give INPUTS and / or --generate CKPT")
     if args.shard:
         i, _, n = args.shard.partition("/")
         if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
             p.error(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. 0/4")
+    output_file(p, args.out, "--out")
+    if args.device == "cuda":
+        from models.cli import checked_device
+        checked_device(p, "cuda")
+    if args.generate and not Path(args.generate).is_file():
+        p.error(f"--generate {args.generate}: no such checkpoint file")
+    for item in args.inputs:  # a misspelt path is an error now, not a recorded failure after the teacher loaded
+        if not (Path(item).exists() or item.split(":")[0] == "qm9"):
+            p.error(f"input {item}: no such file or directory")
     return args
 
 
@@ -95,14 +109,19 @@ def generate(args, out: Path, device: str) -> str:
         import torch
 
         from models import PROCESSES
-        from models.checkpoint import load_checkpoint
-        from models.data import atomic_write
-        from sample import sample_molecules
+        from models.checkpoint import CheckpointError, load_checkpoint
+        from models.sampling import sample_molecules
 
-        ckpt = load_checkpoint(ckpt_path)
-        dev = torch.device(device)
-        method = PROCESSES[ckpt["gen"]].SAMPLERS[0]  # the process's default sampler, as in sample.py
-        structures = sample_molecules(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100, args.seed, dev)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+            method = PROCESSES[ckpt["gen"]].SAMPLERS[0]  # the process's default sampler, as in sample.py
+            dev = torch.device(device)
+            structures, n_bad = sample_molecules(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100,
+                                                 args.seed, dev)
+        except CheckpointError as e:
+            raise LabelsError(f"--generate: {e}") from None
+        if not structures:
+            raise LabelsError(f"--generate {ckpt_path}: all {n_bad} sampled molecules have non-finite coordinates")
         atomic_write(path, lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
     return str(path)
 
@@ -122,18 +141,27 @@ class Log:
             tqdm.write(msg, file=sys.stderr)
 
 
-def read_failed(path: Path, out_name: str) -> dict[str, dict]:
-    """Failure records of this labels file (failed.jsonl may be shared by several files in one directory)."""
-    failed = {}
+def failures_path(out: Path) -> Path:
+    """Where the structures that could not be labelled into OUT are recorded: OUT_STEM.failed.jsonl."""
+    return Path(out).with_name(Path(out).stem + ".failed.jsonl")
+
+
+def read_failed(out: Path) -> dict[str, dict]:
+    """Failure records of a labels file, by key (the last record of a key wins)."""
+    failed, path = {}, failures_path(out)
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill: ignore it
                 continue
-            if rec.get("out") == out_name:
-                failed[rec["key"]] = rec
+            failed[rec["key"]] = rec
     return failed
+
+
+def write_failed(out: Path, records) -> None:
+    """Rewrite OUT's failure records atomically (a kill leaves the old list or the new one)."""
+    atomic_write(failures_path(out), lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def dataset_report(files: list[Path], args) -> dict:
@@ -143,7 +171,7 @@ def dataset_report(files: list[Path], args) -> dict:
     for path in map(Path, files):
         lab = read_labels(path)
         keys = set(lab["key"].tolist())
-        failed = [rec for k, rec in read_failed(path.parent / "failed.jsonl", path.name).items() if k not in keys]
+        failed = [rec for k, rec in read_failed(path).items() if k not in keys]  # labelled by a later run: no failure
         failures.update(rec.get("kind", "?") for rec in failed)
         S, F, secs = len(lab["key"]), len(failed), float(lab["attrs"].get("label_seconds", math.nan))
         rows.append({"file": str(path), "teacher": lab["attrs"]["teacher"], "teacher_version": lab["attrs"]["teacher_version"],
@@ -175,9 +203,8 @@ def dataset_report(files: list[Path], args) -> dict:
         "element_entropy_bits": r["element_entropy_bits"] >= args.min_entropy,
         "elements": r["elements"] >= args.min_elements,
         "size_cv": r["size_cv"] > args.min_size_cv,
-        # a file written before label_seconds existed has no throughput: it does not decide the verdict
-        "structures_per_hour": True if math.isnan(r["structures_per_hour"]) else r["structures_per_hour"] >= args.min_rate,
-    }
+        "structures_per_hour": r["structures_per_hour"] >= args.min_rate,
+    }  # a value that cannot be computed (NaN: nothing labelled, no labelling time) fails its check
     r["checks"] = checks
     r["verdict"] = "GO" if all(checks.values()) else "NO-GO"
     return r
@@ -226,23 +253,27 @@ def format_report(r: dict, args) -> str:
 def merge_main(argv) -> dict:
     p = argparse.ArgumentParser(prog="label.py merge", description="Append the records of labels files of one teacher "
                                 "(shards of one run, or independent jobs) to OUT, skipping keys already there; their "
-                                "failure records are copied to the failed.jsonl next to OUT.")
+                                "failure records are copied to OUT_STEM.failed.jsonl.")
     p.add_argument("shards", nargs="+", help="labels files (.h5) of one teacher")
     p.add_argument("--out", required=True, help="labels file to append to (created if missing)")
+    p.add_argument("--mixed-versions", action="store_true", help="allow files labelled by different versions of the teacher (each structure keeps its version)")
     add_verdict_args(p)
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    first = read_labels(args.shards[0])["attrs"]
-    writer = LabelWriter(out, Teacher(first["teacher"], first["teacher_version"], calc=None))  # refuses another teacher
-    keys = writer.keys()
-    failed_path = out.parent / "failed.jsonl"
-    recorded = read_failed(failed_path, out.name)
-    with open(failed_path, "a") as ff:
-        for path in args.shards:
-            lab = read_labels(path)
-            if lab["attrs"]["teacher"] != first["teacher"]:
-                raise LabelsError(f"{path} was labelled by {lab['attrs']['teacher']!r}, {args.shards[0]} by {first['teacher']!r}; cannot merge")
+    out = output_file(p, args.out, "--out")
+    if any(Path(s).resolve() == out.resolve() for s in args.shards):
+        p.error(f"--out {out} is also one of the files to merge")
+    shards = [read_labels(path) for path in args.shards]  # every input is readable before OUT is touched
+    teachers = {lab["attrs"]["teacher"] for lab in shards}
+    if len(teachers) > 1:
+        raise LabelsError(f"{', '.join(args.shards)} were labelled by different teachers ({', '.join(sorted(teachers))}); cannot merge")
+    versions = sorted({v for lab in shards for v in [lab["attrs"]["teacher_version"], *lab["teacher_version"].tolist()]})
+    if len(versions) > 1 and not args.mixed_versions:
+        raise LabelsError(f"{', '.join(args.shards)} hold labels of different teacher versions ({', '.join(versions)}); "
+                          f"cannot merge without --mixed-versions")
+    first = shards[0]["attrs"]
+    with LabelWriter(out, first["teacher"], first["teacher_version"], mixed_versions=args.mixed_versions) as writer:
+        keys, recorded = writer.keys(), read_failed(out)
+        for path, lab in zip(args.shards, shards):
             rows = []
             for s, key in enumerate(lab["key"]):
                 if key in keys:
@@ -250,19 +281,20 @@ def merge_main(argv) -> dict:
                 keys.add(key)
                 o, n = lab["offset"][s], lab["n_atoms"][s]
                 rows.append(dict(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n], forces=lab["forces"][o:o + n],
-                                 **{k: lab[k][s] for k in ("energy", "stress", "cell", "pbc", "source", "key")}))
+                                 **{k: lab[k][s] for k in ("energy", "stress", "cell", "pbc", "source", "key", "teacher_version")}))
             # the shard's labelling time (process-seconds: shards ran side by side), for the rows new to OUT only,
             # so that merging a shard again adds no time
             seconds = float(lab["attrs"].get("label_seconds", 0.0)) * len(rows) / max(len(lab["key"]), 1)
             for b in range(0, len(rows), 4096):
                 writer.append(rows[b:b + 4096], seconds=seconds * len(rows[b:b + 4096]) / len(rows))
-            for key, rec in read_failed(Path(path).parent / "failed.jsonl", Path(path).name).items():
-                if key not in keys and key not in recorded:
+            for key, rec in read_failed(Path(path)).items():
+                if key not in keys:
                     recorded[key] = {**rec, "out": out.name}
-                    ff.write(json.dumps(recorded[key]) + "\n")
+        write_failed(out, recorded.values())
+        n = len(writer)
     r = dataset_report([out], args)
-    (out.parent / f"{out.stem}.report.json").write_text(json.dumps(r, indent=2))
-    print(f"merged {len(args.shards)} files into {out}: {len(writer)} structures")
+    atomic_write(out.with_name(f"{out.stem}.report.json"), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2)))
+    print(f"merged {len(args.shards)} files into {out}: {n} structures")
     print(format_report(r, args))
     return r
 
@@ -271,15 +303,16 @@ def report_main(argv) -> dict:
     p = argparse.ArgumentParser(prog="label.py report", description="Data-set report and GO / NO-GO verdict over the "
                                 "union of labels files, which may come from different teachers (e.g. molecules "
                                 "labelled with xtb and crystals with chgnet); each file's failures are read from "
-                                "the failed.jsonl next to it.")
+                                "its OUT_STEM.failed.jsonl.")
     p.add_argument("files", nargs="+", help="labels files (.h5)")
     p.add_argument("--json", default=None, help="write the report here as JSON")
     add_verdict_args(p)
     args = p.parse_args(argv)
+    if args.json:
+        output_file(p, args.json, "--json")
     r = dataset_report([Path(f) for f in args.files], args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=2))
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2)))
     print(format_report(r, args))
     return r
 
@@ -304,22 +337,31 @@ def prepare(record, min_dist: float, isolated_dist: float):
 def label_main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     shard = args.shard or (f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None)
-    if shard and not args.shard:  # torchrun: one output per rank, merged afterwards with `label.py merge`
+    if shard:  # one output per shard, joined afterwards with `label.py merge`
         i, n = map(int, shard.split("/"))
         out = out.with_name(f"{out.stem}.shard{i}of{n}{out.suffix}")
-    failed_path, report_path = out.parent / "failed.jsonl", out.parent / f"{out.stem}.report.json"
-    log = Log(out.parent / "label.log", quiet=args.quiet)
-    log(f"label.py {' '.join(sys.argv[1:] if argv is None else argv)}", quiet=True)
+    report_path = out.with_name(f"{out.stem}.report.json")
+    try:
+        lock = ExclusiveLock(out)  # before anything is read or deleted: a second writer is refused here
+    except Busy as e:
+        raise LabelsError(str(e)) from None
+    try:
+        writer, teacher, log, t_load, device = _open(args, out, lock)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        return _label(args, out, shard, writer, teacher, device, log, t_load, report_path)
+    finally:
+        writer.close()
+        log.f.close()
 
-    if not args.resume:
-        if out.exists():
-            log(f"--no-resume: deleting {out} and its failure records")
-            out.unlink()
-        if failed_path.exists():
-            keep = [l for l in failed_path.read_text().splitlines() if f'"out": "{out.name}"' not in l]
-            failed_path.write_text("".join(l + "\n" for l in keep))
+
+def _open(args, out: Path, lock: ExclusiveLock):
+    """Load the teacher and open OUT under the lock already held: (writer, teacher, log, teacher load seconds, device)."""
+    log = Log(out.parent / "label.log", quiet=args.quiet)
+    log(f"label.py {' '.join(args.argv)}", quiet=True)
 
     device = args.device
     if device is None:
@@ -332,12 +374,20 @@ def label_main(argv=None) -> dict:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     t0 = time.time()
     teacher = get_teacher(args.teacher, device)
-    writer = LabelWriter(out, teacher)  # refuses a file labelled by another teacher
+    if not args.resume:
+        log(f"--no-resume: deleting {out} and its failure records")
+        failures_path(out).unlink(missing_ok=True)
+    # refuses a file of another teacher or teacher version
+    writer = LabelWriter(out, teacher.name, teacher.version, fresh=not args.resume, mixed_versions=args.mixed_versions, lock=lock)
     t_load = time.time() - t0
     log(f"teacher {teacher.name} ({teacher.version}) on {device}, loaded in {t_load:.1f} s")
+    return writer, teacher, log, t_load, device
 
+
+def _label(args, out: Path, shard: str | None, writer: LabelWriter, teacher: Teacher, device: str, log, t_load: float,
+           report_path: Path) -> dict:
     done = writer.keys()
-    failed = read_failed(failed_path, out.name)
+    failed = read_failed(out)
     skip = done | (set() if args.retry_failed else set(failed))
     inputs = list(args.inputs)
     if args.generate:
@@ -345,25 +395,27 @@ def label_main(argv=None) -> dict:
         inputs.append(generate(args, out, device))
         log(f"--generate: {args.n_generate} molecules in {inputs[-1]} (sampled in {time.time() - t_gen:.1f} s, or earlier)")
     t_read = time.time()
-    records = list(iter_records(inputs, anchor=out.parent))  # keys only; CSV rows and QM9 molecules are parsed when labelled
-    todo, seen = [], set(skip)
-    for key, source, load in records:
-        if key not in seen:  # also drops an input given twice
+    records, seen = [], set()
+    for key, source, load in iter_records(inputs, anchor=out.parent):  # keys only: records are parsed when labelled
+        if key not in seen:  # an input given twice counts once
             seen.add(key)
-            todo.append((key, args.source or source, load))
+            records.append((key, args.source or source, load))
+    n_inputs = len(records)
+    if args.limit:  # the first N inputs, whatever is labelled already: a re-run resumes the same N
+        records = records[: args.limit]
     if shard:
         i, n = map(int, shard.split("/"))
-        todo = [t for t in todo if int(hashlib.sha1(t[0].encode()).hexdigest()[:8], 16) % n == i]
-    if args.limit:
-        todo = todo[: args.limit]
+        records = [t for t in records if int(hashlib.sha1(t[0].encode()).hexdigest()[:8], 16) % n == i]
+    todo = [t for t in records if t[0] not in skip]
     t_read = time.time() - t_read
-    log(f"{len(records)} input structures (listed in {t_read:.1f} s), {len(done)} already labelled, {len(failed)} recorded failures, {len(todo)} to do")
+    log(f"{n_inputs} input structures (listed in {t_read:.1f} s){f', the first {args.limit} selected by --limit' if args.limit else ''}"
+        f"{f', {len(records)} in shard {shard}' if shard else ''}; {len(done)} already labelled, {len(failed)} recorded "
+        f"failures, {len(todo)} to do")
 
     from tqdm import tqdm
 
     block, n_new, atoms_new, n_fail, t_teacher = [], 0, 0, 0, 0.0
     t_start = t_commit = time.time()
-    ff = open(failed_path, "a")
 
     def fail(key, source, kind, reason):
         """kind: input (unreadable), check (failed a structure check), unsupported (elements), teacher (it raised),
@@ -373,14 +425,16 @@ def label_main(argv=None) -> dict:
         rec = {"key": key, "source": source, "kind": kind, "reason": reason, "teacher": teacher.name, "out": out.name,
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         failed[key] = rec
-        ff.write(json.dumps(rec) + "\n")
-        ff.flush()
-        log(f"failed {key}: {reason}", quiet=True)
+        with open(failures_path(out), "a") as ff:  # one whole line per record; a line cut by a kill is skipped on read
+            ff.write(json.dumps(rec) + "\n")
+        log(f"failed {key} ({kind}): {reason}")
         bar.set_postfix(failed=n_fail, refresh=False)
 
     def commit():
         nonlocal block, t_commit
         now = time.time()
+        # A Ctrl-C after append returned and before the block is cleared hands the block in again: the writer
+        # skips keys it holds, so it is stored once.
         n = writer.append(block, seconds=now - t_commit)
         t_commit = now
         log(f"committed block of {len(block)}: {n} structures in {out}", quiet=True)
@@ -422,9 +476,9 @@ def label_main(argv=None) -> dict:
         raise SystemExit(130)
     finally:
         bar.close()
-        ff.close()
     seconds = time.time() - t_start
 
+    writer.fold()
     r = dataset_report([out], args)
     r.update(labelled_this_run=n_new, failed_this_run=n_fail, seconds_this_run=seconds,
              structures_per_hour_this_run=3600 * n_new / seconds if n_new and seconds > 0 else math.nan,
@@ -432,12 +486,11 @@ def label_main(argv=None) -> dict:
              teacher_load_seconds=t_load, list_seconds=t_read, teacher_seconds=t_teacher, device=device,
              # the pipeline's own share of this run: parsing, checks, float32 rounding, HDF5 writes, failure records
              overhead_fraction=(seconds - t_teacher) / seconds if seconds > 0 else math.nan)
-    report_path.write_text(json.dumps(r, indent=2))
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2)))
     log(format_report(r, args))
     log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {_fmt('structures_per_hour', r['structures_per_hour_this_run'])} "
         f"structures/hour, {_fmt('atoms_per_second', r['atoms_per_second_this_run'])} atoms/s, {r['overhead_fraction']:.1%} of the time "
-        f"outside the teacher; {n_fail} failed (see {failed_path}); report {report_path}")
-    log.f.close()
+        f"outside the teacher; {n_fail} failed (see {failures_path(out)}); report {report_path}")
     return r
 
 
@@ -451,8 +504,8 @@ def bench_main(argv) -> dict:
     p = argparse.ArgumentParser(prog="label.py bench", description=bench_main.__doc__)
     p.add_argument("inputs", nargs="+", help="structure inputs as for labelling (e.g. qm9:test, a CDVAE CSV); each is benched on its first --n records")
     p.add_argument("--teachers", nargs="+", default=["xtb", "chgnet"], choices=sorted(TEACHERS), help="teachers to bench")
-    p.add_argument("--n", type=int, default=200, help="structures per (teacher, input)")
-    p.add_argument("--repeats", type=int, default=3, help="bare / label.py passes each (alternating); medians are reported")
+    p.add_argument("--n", type=positive_int, default=200, help="structures per (teacher, input)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="bare / label.py passes each (alternating); medians are reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of torch teachers")
     p.add_argument("--out", default="labels/bench", help="directory for the bench's labels files, label.log, bench.md and bench.json")
     args = p.parse_args(argv)
@@ -536,5 +589,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (TeacherError, LabelsError) as e:
-        sys.exit(f"error: {e}")
+    except (TeacherError, LabelsError, InputError, DiskFull) as e:
+        sys.exit(f"label.py: error: {e}")

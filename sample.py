@@ -9,46 +9,21 @@ OUT/samples.sdf (bonds inferred from geometry, RDKit reads it) and OUT/sample.lo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import ase
 import ase.io
-from ase.data import atomic_numbers
 import numpy as np
-import torch
 from rdkit import Chem
-from tqdm import tqdm
 
 from models import PROCESSES
-from models.checkpoint import CheckpointError, build_model, load_checkpoint
-from models.data import ATOM_SYMBOLS, atomic_write
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.cli import checked_device, nonnegative_int, positive_int, writable_dir
+from models.data import ATOM_SYMBOLS
+from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
-
-
-def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int,
-                     device: torch.device, weights: str = "ema") -> list[ase.Atoms]:
-    """n molecules from a loaded checkpoint, in batches, with a progress bar."""
-    model, process = build_model(ckpt, weights=weights)
-    model.to(device).eval()
-    numbers_of_type = torch.tensor([atomic_numbers[s] for s in ckpt["atom_symbols"]])
-    generator = torch.Generator().manual_seed(seed)
-    n_atoms = torch.multinomial(torch.tensor(ckpt["n_atoms_hist"]), n, replacement=True, generator=generator)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    structures = []
-    with tqdm(total=n, unit="mol", desc="sampling", mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
-        for lo in range(0, n, batch_size):
-            with autocast:
-                out = process.sample(model, n_atoms[lo:lo + batch_size], n_steps=n_steps, method=method, generator=generator)
-            types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
-            for i in range(len(types)):
-                atoms = ase.Atoms(numbers=numbers_of_type[types[i][mask[i]]].numpy(),
-                                  positions=pos[i][mask[i]].double().numpy())
-                atoms.info["sample_index"] = len(structures)
-                structures.append(atoms)
-            bar.update(len(types))
-    return structures
+from models.sampling import sample_molecules
 
 
 def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
@@ -75,25 +50,24 @@ def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
-    parser.add_argument("--n", type=int, default=1000, help="number of molecules to sample")
-    parser.add_argument("--steps", type=int, default=50, help="integration / denoising steps")
+    parser.add_argument("--n", type=positive_int, default=1000, help="number of molecules to sample")
+    parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
     parser.add_argument("--method", choices=sorted({m for p in PROCESSES.values() for m in p.SAMPLERS}), default=None,
                         help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
                              "ancestral (default; DDPM) or ode (DDIM, deterministic); interpolant: sde (default) or ode")
-    parser.add_argument("--batch-size", type=int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sizes and noise")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
     args = parser.parse_args()
 
+    device = checked_device(parser, args.device)
     try:
         ckpt = load_checkpoint(Path(args.ckpt))
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {e}")
-    out_dir = Path(args.out) if args.out else Path(args.ckpt).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = writable_dir(parser, Path(args.out) if args.out else Path(args.ckpt).parent, "--out")
     if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
         raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
 
@@ -103,17 +77,28 @@ def main() -> None:
         raise SystemExit(f"sample.py: --method {args.method} is not a sampler of --gen {ckpt['gen']}; choose one of {samplers}")
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
     t0 = time.time()
-    structures = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights)
+    try:
+        structures, n_bad = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights)
+    except CheckpointError as e:
+        raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
+    if not structures:
+        raise SystemExit(f"sample.py: all {n_bad} sampled molecules have non-finite (NaN / Inf) coordinates; nothing written. "
+                         f"The checkpoint {args.ckpt} (step {ckpt['step']}) is not usable; try more --steps or another checkpoint")
     for atoms in structures:
         atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], steps=args.steps, method=args.method)
-    atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
-    sdf_failed = write_sdf(out_dir / "samples.sdf", structures)
+    try:
+        atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
+        sdf_failed = write_sdf(out_dir / "samples.sdf", structures)
+    except DiskFull as e:
+        raise SystemExit(f"sample.py: {e}")
     sizes = np.array([len(a) for a in structures])
-    summary = (f"sampled {len(structures)} molecules ({sizes.mean():.1f} atoms on average) from {args.ckpt} "
+    summary = (f"sampled {args.n} molecules ({sizes.mean():.1f} atoms on average) from {args.ckpt} "
                f"(step {ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps on {device} "
-               f"in {elapsed:.1f} s: {len(structures) / elapsed:,.1f} molecules/s; wrote {out_dir / 'samples.extxyz'} "
+               f"in {elapsed:.1f} s: {args.n / elapsed:,.1f} molecules/s; wrote {len(structures)} to {out_dir / 'samples.extxyz'} "
                f"and {out_dir / 'samples.sdf'} ({sdf_failed} not writable as SDF)")
+    if n_bad:
+        summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
     print(summary)
     with open(out_dir / "sample.log", "a") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + summary + "\n")

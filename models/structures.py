@@ -9,7 +9,7 @@ Every record gets a stable key "<path>:<record>" used for resume and dedup:
 `source` says where a structure came from: "<parent dir>/<file name>" (e.g. "perov_5/test.csv",
 "qm9_gnn_flow_small/samples.extxyz": the run directory names the generator) or "qm9".
 A record that cannot be read is yielded as (key, source, Failure(reason)) so the caller records it and
-goes on; nothing here raises for bad data.
+goes on; only an input that cannot be used at all (QM9 that does not load) raises InputError.
 
 iter_records yields (key, source, load) with the parsing deferred to load() where a record can be found
 without parsing it (CSV rows, QM9 molecules): a resumed run or one shard of many then parses only the
@@ -28,6 +28,10 @@ from pathlib import Path
 import numpy as np
 
 EXTENSIONS = {".extxyz": "extxyz", ".xyz": "extxyz", ".sdf": "sdf", ".cif": "cif", ".csv": "csv"}
+
+
+class InputError(ValueError):
+    """An input that cannot be used at all (not one bad record of it): label.py stops with this message."""
 
 
 @dataclass
@@ -229,11 +233,12 @@ def _read_qm9(item: str):
     from models.data import load_qm9
 
     split = item.split(":")[1] if ":" in item else None
+    if split not in (None, "train", "valid", "test"):
+        raise InputError(f"{item}: unknown QM9 split {split!r}; use qm9, qm9:train, qm9:valid or qm9:test")
     try:
         mols = load_qm9(split)
     except Exception as e:
-        yield item, "qm9", _loaded(Failure(f"{item}: cannot load QM9 ({type(e).__name__}: {e})"))
-        return
+        raise InputError(f"{item}: cannot load QM9 ({type(e).__name__}: {e})") from None
     for i, qm9_id in enumerate(mols.ids.tolist()):
         yield f"qm9:{qm9_id}", "qm9", functools.partial(mols.to_atoms, i)
 

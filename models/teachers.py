@@ -1,34 +1,15 @@
-"""Teacher force fields behind one ASE-calculator interface, and the labels HDF5 file (DESIGN.md, "Data contracts").
+"""Teacher force fields behind one ASE-calculator interface (the labels file they fill: models/labels.py).
 
 TEACHERS maps a name to a factory(device) -> Teacher. A Teacher wraps an ase Calculator with its name,
 version, the elements it supports and whether molecules must be put in a periodic vacuum box.
 `Teacher.label(atoms)` returns (energy eV, forces eV/A [n,3], stress eV/A^3 Voigt [6], NaN for molecules).
-
-The labels file is written by LabelWriter in blocks and read by read_labels. Crash safety: the file is
-opened only while a block is written (the teacher runs with the file closed, so a kill -9 then cannot
-damage it); per-atom rows are written before the per-structure rows that point at them, and the file
-attribute `n_structures` is raised last. Readers trust only `n_structures`; a writer reopening the file
-cuts every dataset back to it, dropping a half-written block.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
-
-from models.data import atomic_write
-
-FORMAT = "molgen-bench-labels-v1"
-UNITS = {"energy": "eV", "positions": "Angstrom", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3 (Voigt xx yy zz yz xz xy)",
-         "cell": "Angstrom"}
-PER_ATOM = {"numbers": ((), np.int16), "positions": ((3,), np.float32), "forces": ((3,), np.float32)}
-PER_STRUCT = {"n_atoms": ((), np.int32), "offset": ((), np.int64), "energy": ((), np.float64), "stress": ((6,), np.float32),
-              "cell": ((3, 3), np.float32), "pbc": ((3,), bool), "source": ((), "str"), "key": ((), "str")}
 
 
 class TeacherError(RuntimeError):
@@ -37,10 +18,6 @@ class TeacherError(RuntimeError):
 
 class UnsupportedElements(ValueError):
     """The structure has elements the teacher has no parameters for (a recorded failure, not a crash)."""
-
-
-class LabelsError(ValueError):
-    """A labels file that cannot be used (another teacher, not a labels file)."""
 
 
 def _version(pkg: str) -> str:
@@ -160,127 +137,3 @@ def get_teacher(name: str, device: str = "cpu") -> Teacher:
     if name not in TEACHERS:
         raise TeacherError(f"unknown teacher {name!r}; known: {sorted(TEACHERS)}")
     return TEACHERS[name](device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The labels HDF5 file
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def _committed(f) -> int:
-    return int(f.attrs.get("n_structures", 0))
-
-
-class LabelWriter:
-    """Append blocks of labelled structures to path; creates the file, or checks that it is ours and its teacher."""
-
-    def __init__(self, path: Path, teacher: Teacher, block_rows: int = 1024):
-        import h5py
-
-        self.path, self.teacher = Path(path), teacher
-        if not self.path.exists():
-            atomic_write(self.path, lambda tmp: self._create(tmp, teacher, block_rows))  # never a half-made file
-        try:
-            f = h5py.File(self.path, "a")
-        except OSError as e:  # not HDF5, or damaged beyond what the block protocol protects against
-            raise LabelsError(f"{self.path}: cannot open as a labels file for appending ({e}); use another --out") from None
-        with f:
-            if f.attrs.get("format") != FORMAT:
-                raise LabelsError(f"{self.path}: not a labels file (format {f.attrs.get('format')!r})")
-            if f.attrs["teacher"] != teacher.name:
-                raise LabelsError(f"{self.path} was labelled by teacher {f.attrs['teacher']!r} "
-                                  f"({f.attrs.get('teacher_version')}), not {teacher.name!r}; use another --out")
-            if f.attrs.get("teacher_version") != teacher.version:  # same model family, other release: say so
-                f.attrs["teacher_version_appended"] = teacher.version
-            self._truncate(f)
-
-    @staticmethod
-    def _create(path, teacher: Teacher, block_rows: int) -> None:
-        import h5py
-
-        with h5py.File(path, "w") as f:
-            for name, (shape, dt) in {**PER_ATOM, **PER_STRUCT}.items():
-                dt = h5py.string_dtype("utf-8") if dt == "str" else dt
-                chunk = 4 * block_rows if name in PER_ATOM else block_rows
-                f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt, chunks=(chunk, *shape))
-            f.attrs.update(format=FORMAT, teacher=teacher.name, teacher_version=teacher.version,
-                           units=json.dumps(UNITS), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           code_version=code_version(), n_structures=0, label_seconds=0.0)
-
-    @staticmethod
-    def _truncate(f) -> None:
-        """Drop rows of a block that was in flight when a previous run died."""
-        s = _committed(f)
-        a = int(f["offset"][s - 1] + f["n_atoms"][s - 1]) if s else 0
-        for name in PER_ATOM:
-            if len(f[name]) != a:
-                f[name].resize(a, axis=0)
-        for name in PER_STRUCT:
-            if len(f[name]) != s:
-                f[name].resize(s, axis=0)
-
-    def keys(self) -> set[str]:
-        import h5py
-
-        with h5py.File(self.path, "r") as f:
-            return set(f["key"].asstr()[: _committed(f)])
-
-    def append(self, rows: list[dict], seconds: float = 0.0) -> int:
-        """rows: dicts with numbers, positions, forces, energy, stress, cell, pbc, source, key; seconds: the wall
-        time spent producing them (failures included), summed in the attribute `label_seconds` so that a file
-        labelled over several runs or shards still has a throughput. Returns n_structures."""
-        import h5py
-
-        if not rows and not seconds:
-            return len(self)
-        with h5py.File(self.path, "a") as f:
-            self._truncate(f)
-            s0 = _committed(f)
-            if rows:  # a block of failures only carries its time
-                a0 = len(f["numbers"])
-                n_atoms = np.array([len(r["numbers"]) for r in rows], dtype=np.int32)
-                cols = {"n_atoms": n_atoms, "offset": a0 + np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)}
-                for name in PER_ATOM:  # 1. per-atom data, flushed
-                    data = np.concatenate([r[name] for r in rows]).astype(PER_ATOM[name][1])
-                    f[name].resize(a0 + len(data), axis=0)
-                    f[name][a0:] = data
-                f.flush()
-                for name, (shape, dt) in PER_STRUCT.items():  # 2. per-structure rows that point at it
-                    data = cols[name] if name in cols else [r[name] for r in rows]
-                    data = np.array(data, dtype=object) if dt == "str" else np.asarray(data, dtype=dt)
-                    f[name].resize(s0 + len(rows), axis=0)
-                    f[name][s0:] = data
-                f.flush()
-            f.attrs["label_seconds"] = float(f.attrs.get("label_seconds", 0.0)) + seconds
-            f.attrs["n_structures"] = s0 + len(rows)  # 3. commit
-            f.flush()
-            return s0 + len(rows)
-
-    def __len__(self) -> int:
-        import h5py
-
-        with h5py.File(self.path, "r") as f:
-            return _committed(f)
-
-
-def read_labels(path: Path) -> dict:
-    """All committed labels as numpy arrays (DESIGN.md layout; `source` and `key` as str arrays) plus `attrs`."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != FORMAT:
-            raise LabelsError(f"{path}: not a labels file (format {f.attrs.get('format')!r})")
-        s = _committed(f)
-        out = {name: (f[name].asstr()[:s] if PER_STRUCT[name][1] == "str" else f[name][:s]) for name in PER_STRUCT}
-        a = int(out["offset"][-1] + out["n_atoms"][-1]) if s else 0
-        out.update({name: f[name][:a] for name in PER_ATOM})
-        out["source"], out["key"] = np.asarray(out["source"], dtype=str), np.asarray(out["key"], dtype=str)
-        out["attrs"] = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        return out

@@ -1,0 +1,205 @@
+"""Kills: the labels writer killed at hundreds of points inside `append` (and at random instants), two writers on
+one file, training killed between checkpoints. What was committed survives, nothing appears twice."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.labels import LabelsError, LabelWriter, journal_dir, read_labels
+from models.teachers import get_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A writer in a child process: appends blocks of deterministic rows (energy and positions follow from the key, so a
+# row read back can be checked), prints "committed B" after each append returns, and with KILL_AT > 0 SIGKILLs
+# itself at the KILL_AT-th Python line executed inside the append of block TARGET (numpy's and h5py's Python code
+# included). With KILL_AT = 0 it reports how many lines that append ran.
+WRITER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from models.labels import LabelWriter
+
+    path, n_blocks, target, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+    def rows(b):
+        out = []
+        for i in range(3 + b % 4):
+            key = f"b{b}:{i}"
+            n = 1 + (b + i) % 5
+            x = np.arange(3 * n, dtype=np.float64).reshape(n, 3) + b + 0.25 * i
+            out.append(dict(numbers=np.full(n, 6), positions=x, forces=-x, energy=float(100 * b + i), stress=np.full(6, np.nan),
+                            cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), source="test", key=key))
+        return out
+
+    lines = 0
+    def tracer(frame, event, arg):
+        global lines
+        if event == "line":
+            lines += 1
+            if lines == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return tracer
+
+    w = LabelWriter(path, "t", "v1", fold_rows=8)
+    for b in range(n_blocks):
+        if b == target:
+            sys.settrace(tracer)
+        w.append(rows(b), seconds=1.0)
+        sys.settrace(None)
+        print("committed", b, flush=True)
+        if b == target and kill_at == 0:
+            print("lines", lines, flush=True)
+    w.close()
+""")
+
+
+def run_writer(path, n_blocks, target=-1, kill_at=0):
+    proc = subprocess.run([sys.executable, "-c", WRITER, str(path), str(n_blocks), str(target), str(kill_at)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    committed = {int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("committed")}
+    return proc, committed
+
+
+def block_keys(b):
+    return {f"b{b}:{i}" for i in range(3 + b % 4)}
+
+
+def check_file(path, committed: set[int], in_flight: set[int]):
+    """Reopen (replaying the journal), then: every committed block is there whole, nothing else but possibly the
+    block in flight, no key twice, every row intact."""
+    LabelWriter(path, "t", "v1").close()
+    lab = read_labels(path)
+    keys = lab["key"].tolist()
+    assert len(keys) == len(set(keys)), "a key appears twice"
+    want = set().union(*[block_keys(b) for b in committed]) if committed else set()
+    extra = set(keys) - want
+    assert want <= set(keys), f"committed rows lost: {sorted(want - set(keys))[:5]}"
+    assert extra <= set().union(*[block_keys(b) for b in in_flight]) if in_flight else not extra, sorted(extra)[:5]
+    for b in {int(k[1:].split(":")[0]) for k in extra}:
+        assert block_keys(b) <= set(keys), "a block in flight was stored in part"
+    for s, key in enumerate(keys):
+        b, i = (int(v) for v in key[1:].split(":"))
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        x = np.arange(3 * n, dtype=np.float64).reshape(n, 3) + b + 0.25 * i
+        assert lab["energy"][s] == 100 * b + i and np.array_equal(lab["positions"][o:o + n], x.astype(np.float32))
+        assert np.array_equal(lab["forces"][o:o + n], -x.astype(np.float32)) and n == 1 + (b + i) % 5
+    assert lab["offset"][-1] + lab["n_atoms"][-1] == len(lab["numbers"])
+    return lab
+
+
+@pytest.mark.parametrize("target", [3, 4], ids=["append-only", "append-and-fold"])
+def test_labels_writer_killed_at_many_points_inside_append(tmp_path, target):
+    """fold_rows=8: block 3 is journalled only, block 4 also folds the journal into a new HDF5 file. Kill points
+    are spread over every Python line the append runs, with random offsets."""
+    proc, _ = run_writer(tmp_path / "calibrate.h5", target + 1, target, 0)
+    assert proc.returncode == 0, proc.stderr
+    n_lines = int(proc.stdout.split("lines")[1].split()[0])
+    assert n_lines > 100
+    rng = np.random.default_rng(target)
+    points = np.unique(np.linspace(1, n_lines, 24).astype(int) + rng.integers(0, max(1, n_lines // 24), 24))
+    for k in points:
+        path = tmp_path / f"kill{k}.h5"
+        proc, committed = run_writer(path, target + 2, target, int(k))
+        if proc.returncode == 0:  # k past the last line of this append: nothing was killed
+            assert committed == set(range(target + 2))
+            continue
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert committed == set(range(target)), (k, committed)
+        check_file(path, committed, in_flight={target})
+
+
+def test_labels_writer_killed_at_random_instants(tmp_path):
+    """A writer appending continuously is SIGKILLed at random moments, 8 times on the same file; each restart
+    resumes on what the previous one left."""
+    path, rng, committed = tmp_path / "labels.h5", np.random.default_rng(0), set()
+    script = WRITER.replace("for b in range(n_blocks):", "for b in range(int(sys.argv[5]), n_blocks):")
+    start = 0
+    for trial in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path), "100000", "-1", "0", str(start)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.4 + rng.uniform(0, 0.6))  # about half a second of start-up, then appends
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate()
+        done = {int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")}
+        committed |= done
+        in_flight = {max(done) + 1} if done else {start}
+        lab = check_file(path, committed, in_flight)
+        start = max(int(k[1:].split(":")[0]) for k in lab["key"]) + 1 if len(lab["key"]) else 0
+        committed = {int(k[1:].split(":")[0]) for k in lab["key"]}
+    assert len(committed) > 8  # the kills did land among appends
+    assert not list(journal_dir(path).glob("*.tmp")) and not list(tmp_path.glob("labels.h5.*.tmp"))
+
+
+def test_a_block_handed_in_twice_is_stored_once(tmp_path):
+    """What a Ctrl-C between label.py's commit and its clearing of the block does: the same rows again."""
+    rows = [dict(numbers=[1, 1], positions=np.zeros((2, 3)) + [[0, 0, 0], [0, 0, 0.74]], forces=np.zeros((2, 3)), energy=-1.0,
+                 stress=np.full(6, np.nan), cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), source="s", key=f"k{i}") for i in range(3)]
+    with LabelWriter(tmp_path / "l.h5", "t", "v1") as w:
+        assert w.append(rows, seconds=2.0) == 3
+        assert w.append(rows, seconds=2.0) == 3
+    lab = read_labels(tmp_path / "l.h5")
+    assert lab["key"].tolist() == ["k0", "k1", "k2"] and lab["attrs"]["label_seconds"] == 2.0
+
+
+def test_second_writer_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "labels.h5"
+    (tmp_path / "m.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.74\n")
+    version = get_teacher("emt").version
+    with LabelWriter(out, "emt", version):
+        with pytest.raises(LabelsError, match=rf"labels\.h5 is being written by another process \(pid {os.getpid()}"):
+            LabelWriter(out, "emt", version)
+        for cmd in (["label.py", tmp_path / "m.xyz", "--teacher", "emt", "--out", out],
+                    ["label.py", tmp_path / "m.xyz", "--teacher", "emt", "--out", out, "--no-resume"]):
+            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+            assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+        assert len(read_labels(out)["key"]) == 0
+    proc = subprocess.run([sys.executable, "label.py", str(tmp_path / "m.xyz"), "--teacher", "emt", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and len(read_labels(out)["key"]) == 1  # the lock went with its holder
+
+
+def test_training_killed_between_checkpoints_resumes_exactly(qm9_dir, tmp_path):
+    """SIGKILL at three points between checkpoints, --resume each time: the logs hold every step once, with the
+    losses of an uninterrupted run, and the final weights are equal."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+
+    flags = ["--preset", "tiny", "--iters", "16", "--log-every", "1", "--ckpt-every", "4", "--eval-samples", "4",
+             "--eval-every", "0", "--data-dir", str(qm9_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "train.py", *flags, "--out", str(full)], cwd=ROOT, env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    for kill_after, resume in ((6, False), (11, True), (14, True)):
+        proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(out), *(["--resume"] if resume else [])],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log, deadline = out / "log.jsonl", time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            steps = [json.loads(line)["step"] for line in log.read_text().splitlines()[:-1]] if log.exists() else []
+            if steps and steps[-1] >= kill_after:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "finished before the kill"
+        proc.kill()
+        proc.wait()
+        assert load_checkpoint(out / "ckpt.pt")["step"] % 4 == 0
+    subprocess.run([sys.executable, "train.py", *flags, "--out", str(out), "--resume"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert losses(out) == losses(full) and [s for s, _ in losses(out)] == list(range(1, 17))
+    assert [line.split("|")[0].split()[1] for line in (out / "train.log").read_text().splitlines() if line.startswith("step")] \
+        == [f"{s}/16" for s in range(1, 17)]
+    a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert not list(out.glob("*.tmp"))
