@@ -5,7 +5,7 @@
 
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
 log.jsonl sits next to the samples) and evaluate.log; prints a one-row metric table and the throughput.
-Metric definitions: models/metrics.py and DESIGN.md.
+Metric definitions: models/metrics.py and README.md, "Design".
 """
 import argparse
 import io
@@ -16,13 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
-
-from models import metrics
-from models.data import DataError, default_data_dir, load_qm9, split_indices
-
-plt.switch_backend("Agg")  # figures go to files; no display needed
+from models.cli import fraction, nonnegative_int, output_file, writable_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("samples", nargs="?", type=Path, help="extended XYZ file of generated molecules (ASE reads it)")
@@ -38,15 +32,27 @@ parser.add_argument("--figures", type=Path, default=None,
 parser.add_argument("--log", type=Path, default=None, help="training log.jsonl to plot (default: log.jsonl next to "
                     "SAMPLES; no curves figure without one)")
 parser.add_argument("--no-fcd", action="store_true", help="skip the Frechet ChemNet Distance")
-parser.add_argument("--n-ref", type=int, default=0,
+parser.add_argument("--n-ref", type=nonnegative_int, default=0,
                     help="reference molecules (a fixed random subset) for FCD, coverage and Wasserstein; 0 = all")
-parser.add_argument("--coverage-threshold", type=float, default=0.4,
+parser.add_argument("--coverage-threshold", type=fraction, default=0.4,
                     help="Tanimoto similarity at which a molecule counts as covered (coverage recall / precision)")
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 args = parser.parse_args()
 if (args.samples is None) == (args.reference is None):
     parser.error("give either SAMPLES or --reference qm9")
+if args.samples is not None and not args.samples.is_file():
+    parser.error(f"SAMPLES {args.samples}: no such file")
 t_start = time.time()
+
+# The heavy imports once the flags are known to be good: a bad flag fails at once.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models import metrics  # noqa: E402
+from models.data import DataError, default_data_dir, load_qm9, split_indices  # noqa: E402
+from models.fileio import atomic_write  # noqa: E402
+
+plt.switch_backend("Agg")  # figures go to files; no display needed
 
 
 def fail(message: str):
@@ -89,10 +95,8 @@ def read_samples(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 samples = read_samples(args.samples) if args.samples else None
 default_json = args.samples.parent / "metrics.json" if args.samples else Path("out/reference-qm9/metrics.json")
-out_json = args.json or default_json
-fig_dir = args.figures or out_json.parent
-out_json.parent.mkdir(parents=True, exist_ok=True)
-fig_dir.mkdir(parents=True, exist_ok=True)
+out_json = output_file(parser, args.json or default_json, "--json")
+fig_dir = writable_dir(parser, args.figures or out_json.parent, "--figures")
 logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
     logging.StreamHandler(sys.stdout), logging.FileHandler(out_json.parent / "evaluate.log", mode="w")])
 log = logging.getLogger("evaluate")
@@ -124,10 +128,16 @@ ref = metrics.reference_statistics(ref_set, n_ref=n_ref, cache_dir=data_dir, fcd
 # Metrics
 
 t0 = time.time()
+# A structure with NaN / Inf coordinates stays in every denominator (it is neither stable nor valid) and out of
+# the geometry distributions; it is counted, so a sampler that blows up is visible, not silently scored.
+n_non_finite = sum(not np.isfinite(x).all() for _, x in samples)
+if n_non_finite:
+    log.warning(f"warning: {n_non_finite} of {len(samples)} structures have non-finite (NaN / Inf) coordinates; they count "
+                f"as unstable and invalid")
 stats = metrics.molecule_statistics(samples, progress=progress, desc="samples")
 result = metrics.score(stats, ref, train_smiles, fcd=not args.no_fcd, coverage_threshold=args.coverage_threshold)
 t_eval = time.time() - t0
-result.update(samples=name, reference=ref_name, data=args.data, eval_seconds=t_eval)
+result.update(samples=name, reference=ref_name, data=args.data, eval_seconds=t_eval, non_finite=n_non_finite)
 
 
 def nan_to_none(v):
@@ -137,7 +147,7 @@ def nan_to_none(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-out_json.write_text(json.dumps(nan_to_none(result), indent=2) + "\n")
+atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(nan_to_none(result), indent=2) + "\n"))
 log.info(f"wrote {out_json}")
 
 # ----------------------------------------------------------------------------------------------

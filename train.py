@@ -19,14 +19,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-from models import ARCHS, PROCESSES
-from models.checkpoint import CheckpointError, build_model, config_from_dict, load_checkpoint, save_checkpoint
-from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, PaddedMolecules, load_qm9
-from models.metrics import stability
+from models import ARCH_NAMES, PROCESS_NAMES
+from models.cli import (checked_device, decay, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                        writable_dir)
 
 # ----------------------------------------------------------------------------------------------
 # Flags. A preset sets model size, data size and schedule; any flag given explicitly wins.
@@ -46,38 +41,41 @@ PRESETS = {
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--arch", choices=sorted(ARCHS), default="gnn", help="backbone network")
-parser.add_argument("--gen", choices=sorted(PROCESSES), default="flow", help="generative process")
+parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="gnn", help="backbone network")
+parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default="flow", help="generative process")
 parser.add_argument("--data", choices=["qm9"], default="qm9", help="data set (crystal sets come with their issue)")
 parser.add_argument("--data-dir", default=None, help="where the data cache lives (default: ./data or $MOLGEN_DATA)")
 parser.add_argument("--task", choices=["gen"], default="gen", help="gen: generative model (ff: force field, its own issue)")
 parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
-parser.add_argument("--hidden", type=int, help="hidden width of the backbone (preset)")
-parser.add_argument("--n-layers", type=int, help="number of backbone layers (preset)")
-parser.add_argument("--cfconv-cutoff", type=float, default=0.0, help="gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
-parser.add_argument("--iters", type=int, help="optimisation steps in total (preset)")
-parser.add_argument("--batch-size", type=int, help="global batch size in molecules, split over ranks (preset)")
-parser.add_argument("--n-train", type=int, help="use only the first N training molecules (preset; default all)")
-parser.add_argument("--lr", type=float, help="peak learning rate of AdamW (preset)")
-parser.add_argument("--warmup", type=int, help="linear warm-up steps before cosine decay (preset)")
-parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
-parser.add_argument("--weight-decay", type=float, default=1e-12, help="AdamW weight decay")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
-parser.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights used for sampling")
+parser.add_argument("--hidden", type=positive_int, help="hidden width of the backbone (preset)")
+parser.add_argument("--n-layers", type=positive_int, help="number of backbone layers (preset)")
+parser.add_argument("--cfconv-cutoff", type=nonnegative_float, default=0.0, help="gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
+parser.add_argument("--iters", type=positive_int, help="optimisation steps in total (preset)")
+parser.add_argument("--batch-size", type=positive_int, help="global batch size in molecules, split over ranks (preset)")
+parser.add_argument("--n-train", type=positive_int, help="use only the first N training molecules (preset; default all)")
+parser.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (preset)")
+parser.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps before cosine decay (preset)")
+parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final learning rate as a fraction of the peak")
+parser.add_argument("--weight-decay", type=nonnegative_float, default=1e-12, help="AdamW weight decay")
+parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the global gradient norm to this (0: off)")
+parser.add_argument("--ema-decay", type=decay, default=0.999, help="decay of the EMA weights used for sampling")
 parser.add_argument("--ot-align", action="store_true", help="flow: equivariant OT alignment of prior and data")
-parser.add_argument("--gamma-scale", type=float, default=None, help="interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
+parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
+parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order, noise and initialisation")
 parser.add_argument("--out", default=None, help="output directory (default: out/<data>_<arch>_<gen>_<preset>)")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt: weights, EMA, optimiser, schedule, RNG, step")
-parser.add_argument("--log-every", type=int, help="steps between progress lines (preset)")
-parser.add_argument("--eval-every", type=int, help="steps between validation loss + quick sample stability (0: only at the end) (preset)")
-parser.add_argument("--eval-samples", type=int, help="molecules sampled for the periodic stability check (preset)")
-parser.add_argument("--sample-steps", type=int, help="ODE steps of the periodic sampling check (preset)")
-parser.add_argument("--val-size", type=int, help="validation molecules for the validation loss (preset)")
-parser.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints (also written at the end)")
-parser.add_argument("--stop-after", type=int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt: weights, EMA, optimiser, schedule, RNG, step; the logs are cut back to its step")
+parser.add_argument("--overwrite", action="store_true", help="start a new run in an OUT that holds one: its checkpoints and logs are deleted")
+parser.add_argument("--override", action="store_true", help="with --resume: accept run-defining flags (iters, batch size, seed, lr, schedule, EMA, n-train, preset) that differ from the checkpoint's; they apply from its step on")
+parser.add_argument("--max-bad-steps", type=positive_int, default=10, help="stop when this many steps in a row have a non-finite loss or gradient (each is skipped)")
+parser.add_argument("--log-every", type=positive_int, help="steps between progress lines (preset)")
+parser.add_argument("--eval-every", type=nonnegative_int, help="steps between validation loss + quick sample stability (0: only at the end) (preset)")
+parser.add_argument("--eval-samples", type=nonnegative_int, help="molecules sampled for the periodic stability check (preset)")
+parser.add_argument("--sample-steps", type=positive_int, help="ODE steps of the periodic sampling check (preset)")
+parser.add_argument("--val-size", type=positive_int, help="validation molecules for the validation loss (preset)")
+parser.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints (also written at the end)")
+parser.add_argument("--stop-after", type=positive_int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
 parser.add_argument("--wandb", default=None, help="wandb project name (logs there if wandb is installed)")
 args = parser.parse_args()
 for key, value in PRESETS[args.preset].items():
@@ -89,13 +87,31 @@ if args.ot_align and args.gen != "flow":
     parser.error(f"--ot-align is an option of --gen flow, not --gen {args.gen}")
 if args.gamma_scale is not None and args.gen != "interpolant":
     parser.error(f"--gamma-scale is an option of --gen interpolant, not --gen {args.gen}")
+if args.resume and args.overwrite:
+    parser.error("--resume continues the run in OUT and --overwrite deletes it: give one of them")
+if args.override and not args.resume:
+    parser.error("--override applies to --resume only")
 out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
+writable_dir(parser, out_dir, "--out")
+
+# torch and the models are imported once the flags are known to be good: a bad flag fails at once.
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models import ARCHS, PROCESSES  # noqa: E402
+from models.checkpoint import CheckpointError, build_model, config_from_dict, load_checkpoint, save_checkpoint  # noqa: E402
+from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
+from models.fileio import is_disk_full, remove_stale_temporaries  # noqa: E402
+from models.metrics import stability  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: the same file runs alone or under torchrun.
 
 ddp = "RANK" in os.environ
 if ddp:
+    if args.device is not None:
+        checked_device(parser, args.device)
     use_cuda = torch.cuda.is_available() and args.device != "cpu"
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -107,16 +123,67 @@ if ddp:
         torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 else:
     rank, world = 0, 1
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checked_device(parser, args.device)
 master = rank == 0
 if args.batch_size % world:
     raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
 local_batch = args.batch_size // world
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+# ----------------------------------------------------------------------------------------------
+# Run directory: a new run never overwrites an old one by accident, and a resumed run continues exactly
+# where its checkpoint stopped, logs included.
+
+ckpt_path, prev_ckpt_path = out_dir / "ckpt.pt", out_dir / "ckpt.prev.pt"
+run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json", "log.jsonl", "train.log")]
+# Flags that define a run: changing them on --resume makes a different run. The model's sizes come from the
+# checkpoint, so they cannot change at all.
+RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
+             "n_train", "preset")
+MODEL_FLAGS = ("hidden", "n_layers", "cfconv_cutoff", "ot_align", "gamma_scale", "data")
+resume_ckpt, resume_path = None, ckpt_path
+if args.resume:
+    try:
+        resume_ckpt = load_checkpoint(ckpt_path, arch=args.arch, gen=args.gen, resume=True)
+    except CheckpointError as e:
+        if not prev_ckpt_path.exists():
+            raise SystemExit(f"cannot resume: {e}")
+        try:  # the previous checkpoint is kept beside the last one for exactly this
+            resume_ckpt, resume_path = load_checkpoint(prev_ckpt_path, arch=args.arch, gen=args.gen, resume=True), prev_ckpt_path
+        except CheckpointError as e_prev:
+            raise SystemExit(f"cannot resume: {e}; and {e_prev}")
+        print(f"warning: {e}; resuming from the previous checkpoint {prev_ckpt_path}", file=sys.stderr)
+    stored = resume_ckpt["args"]
+
+    def changes(keys) -> str:
+        return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
+                         for k in keys if k in stored and stored[k] != getattr(args, k))
+
+    if changed := changes(MODEL_FLAGS):
+        raise SystemExit(f"cannot resume {resume_path}: {changed}; the model is rebuilt from the checkpoint, so these "
+                         f"cannot change. Drop those flags, or start a new run in another --out")
+    if (changed := changes(RUN_FLAGS)) and not args.override:
+        raise SystemExit(f"cannot resume {resume_path}: {changed}; these define the run. Give the checkpoint's values, "
+                         f"or add --override to change them from its step on")
+elif any(p.exists() for p in run_files):
+    if not args.overwrite:
+        what = "a checkpoint (ckpt.pt)" if ckpt_path.exists() or prev_ckpt_path.exists() else "the logs of an earlier run"
+        raise SystemExit(f"{out_dir} holds {what}. Continue it with --resume, start over there with --overwrite "
+                         f"(deletes its checkpoints and logs), or give another --out")
+if ddp:  # every rank has looked at OUT before rank 0 changes it
+    dist.barrier()
+if args.overwrite and master:
+    for p in run_files:
+        p.unlink(missing_ok=True)
+
 log_file = None
 if master:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in (ckpt_path, prev_ckpt_path, out_dir / "config.json"):
+        remove_stale_temporaries(p)  # left by a checkpoint write that was killed
+    if resume_ckpt is not None:  # lines logged after the checkpoint would appear twice
+        for name, size in resume_ckpt.get("log_bytes", {}).items():
+            if (out_dir / name).exists() and (out_dir / name).stat().st_size > size:
+                os.truncate(out_dir / name, size)
     log_file = open(out_dir / "train.log", "a")
 
 
@@ -140,10 +207,12 @@ def log_json(record: dict) -> None:
 # noise drawn for the global batch can be sliced by rank.
 
 t_load = time.time()
-train_mols = load_qm9("train", args.data_dir)
+try:
+    train_mols, valid_mols = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+except DataError as e:
+    raise SystemExit(f"train.py: {e}")
 if args.n_train:
     train_mols = train_mols.subset(range(min(args.n_train, len(train_mols))))
-valid_mols = load_qm9("valid", args.data_dir)
 valid_mols = valid_mols.subset(range(min(args.val_size, len(valid_mols))))
 n_max = int(max(train_mols.n_atoms.max(), valid_mols.n_atoms.max()))
 train_set, valid_set = PaddedMolecules(train_mols, n_max), PaddedMolecules(valid_mols, n_max)
@@ -171,16 +240,12 @@ def step_generator(step: int, salt: int = 0) -> torch.Generator:
 # ----------------------------------------------------------------------------------------------
 # Model, process, optimiser, schedule, EMA
 
-ckpt_path = out_dir / "ckpt.pt"
-resume_ckpt = None
-if args.resume:
-    try:
-        resume_ckpt = load_checkpoint(ckpt_path, arch=args.arch, gen=args.gen)
-    except CheckpointError as e:
-        raise SystemExit(f"cannot resume: {e}")
 arch_cls, proc_cls = ARCHS[args.arch], PROCESSES[args.gen]
 if resume_ckpt is not None:  # the checkpoint's configs win over the flags
-    model, process = build_model(resume_ckpt, weights="model")
+    try:
+        model, process = build_model(resume_ckpt, weights="model")
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume from {resume_path}: {e}")
 else:
     torch.manual_seed(args.seed)
     extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
@@ -209,14 +274,18 @@ def lr_factor(step: int) -> float:
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 start_step = 0
 if resume_ckpt is not None:
-    ema.load_state_dict(resume_ckpt["ema"])
-    optimizer.load_state_dict(resume_ckpt["optimizer"])
+    try:
+        ema.load_state_dict(resume_ckpt["ema"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SystemExit(f"cannot resume from {resume_path}: its EMA or optimiser state does not fit the model ({e})")
     scheduler.load_state_dict(resume_ckpt["scheduler"])
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)  # --override may have changed --lr
     start_step = resume_ckpt["step"]
     torch.set_rng_state(resume_ckpt["rng"]["torch"])
     if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
-    log(f"resumed from {ckpt_path} at step {start_step}")
+    log(f"resumed from {resume_path} at step {start_step}")
 
 train_model = torch.compile(model) if args.compile else model
 if ddp:
@@ -239,8 +308,16 @@ def update_ema(step: int) -> None:
 
 
 def save(step: int) -> None:
+    """Write ckpt.pt, keeping the one it replaces as ckpt.prev.pt; never a checkpoint with non-finite weights."""
     if not master:
         return
+    bad = [name for net in (model, ema) for name, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise SystemExit(f"step {step}: non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); not writing a "
+                         f"checkpoint. The last good one is {ckpt_path}. Lower --lr (now {args.lr:g}) or --grad-clip.")
+    for f in (log_file,):
+        f.flush()
+    log_bytes = {name: (out_dir / name).stat().st_size for name in ("train.log", "log.jsonl") if (out_dir / name).exists()}
     save_checkpoint(ckpt_path, {
         "arch": args.arch, "gen": args.gen, "task": args.task, "data": args.data, "step": step,
         "model_config": asdict(model.config), "process_config": asdict(process.config),
@@ -248,7 +325,8 @@ def save(step: int) -> None:
         "model": model.state_dict(), "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-    })
+        "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
+    }, keep_previous=out_dir / "ckpt.prev.pt")
 
 
 @torch.no_grad()
@@ -286,45 +364,71 @@ end_step = args.iters if args.stop_after is None else min(args.iters, start_step
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
            mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not 10 a second
 t_start, t_last, seen = time.time(), time.time(), 0
+bad_in_a_row, done = 0, start_step
 model.train()
-for step in range(start_step, end_step):
-    idx = batch_indices(step)[rows]
-    batch = train_set.batch(idx, device)
-    noise = {k: v[rows] for k, v in process.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
-    with autocast:
-        loss = process.loss(train_model, batch, noise)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
-    update_ema(step)
-    seen += args.batch_size
-    bar.update(1)
+try:
+    for step in range(start_step, end_step):
+        idx = batch_indices(step)[rows]
+        batch = train_set.batch(idx, device)
+        noise = {k: v[rows] for k, v in process.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
+        with autocast:
+            loss = process.loss(train_model, batch, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        # A non-finite loss or gradient skips the step (the weights and EMA stay as they were). This reads one
+        # flag back from the device each step; under DDP the ranks agree on it, so they stay in lockstep.
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        if ddp:
+            bad = bad.to(torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        done = step + 1
+        if bool(bad):
+            bad_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()  # the schedule follows the step count, skipped steps included
+            log_json({"step": done, "skipped": "non-finite loss or gradient", "bad_in_a_row": bad_in_a_row})
+            log(f"step {done:>7}/{args.iters} | non-finite loss ({loss.item():.3g}) or gradient norm ({grad_norm.item():.3g}): "
+                f"step skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= args.max_bad_steps:
+                raise SystemExit(f"training diverged: {bad_in_a_row} steps in a row with a non-finite loss or gradient, up to "
+                                 f"step {done}. Nothing was written after the last good checkpoint ({ckpt_path}). Lower --lr "
+                                 f"(now {args.lr:g}), keep --grad-clip on (now {args.grad_clip:g}), or raise --max-bad-steps.")
+        else:
+            bad_in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            update_ema(step)
+        seen += args.batch_size
+        bar.update(1)
 
-    done = step + 1
-    if done % args.log_every == 0 or done == args.iters:
-        loss_value = loss.detach()
-        if ddp:  # the mean over ranks (gloo has no AVG)
-            dist.all_reduce(loss_value)
-            loss_value /= world
-        now = time.time()
-        mol_per_s = seen / (now - t_last)
-        eta = (args.iters - done) * args.batch_size / max(mol_per_s, 1e-9)
-        record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm.item(), "mol_per_s": mol_per_s, "time": now - t_start}
-        log_json(record)
-        log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad {record['grad_norm']:.2f} | {mol_per_s:,.0f} mol/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        bar.set_postfix(loss=f"{record['loss']:.3f}", mol_s=f"{mol_per_s:,.0f}")
-        t_last, seen = now, 0
-    if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
-        record = evaluate(done)
-        log_json(record)
-        log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-        model.train()
-    if done % args.ckpt_every == 0 or done == end_step:
-        save(done)
+        if (done % args.log_every == 0 or done == args.iters) and not bad_in_a_row:
+            loss_value = loss.detach()
+            if ddp:  # the mean over ranks (gloo has no AVG)
+                dist.all_reduce(loss_value)
+                loss_value /= world
+            now = time.time()
+            mol_per_s = seen / (now - t_last)
+            eta = (args.iters - done) * args.batch_size / max(mol_per_s, 1e-9)
+            record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm.item(), "mol_per_s": mol_per_s, "time": now - t_start}
+            log_json(record)
+            log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad {record['grad_norm']:.2f} | {mol_per_s:,.0f} mol/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", mol_s=f"{mol_per_s:,.0f}")
+            t_last, seen = now, 0
+        if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
+            record = evaluate(done)
+            log_json(record)
+            log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            model.train()
+        if done % args.ckpt_every == 0 or done == end_step:
+            save(done)
+except OSError as e:
+    if not is_disk_full(e):
+        raise
+    raise SystemExit(f"{e} (train.py, step {done}). The checkpoint {ckpt_path} from the last --ckpt-every step is intact: "
+                     f"free space in {out_dir} and rerun with --resume")
 bar.close()
 elapsed = time.time() - t_start
 steps_run = end_step - start_step

@@ -7,13 +7,15 @@ arch's and process's dataclasses here.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from models import ARCHS, PROCESSES
-from models.data import atomic_write
+from models.fileio import atomic_write
 
 FORMAT = "molgen-bench-ckpt-v1"
 
@@ -22,9 +24,22 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """state: the checkpoint dict; its metadata (everything but tensors' dicts) also goes to config.json."""
+def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) -> None:
+    """state: the checkpoint dict; its metadata (everything but tensors' dicts) also goes to config.json.
+
+    With keep_previous, the checkpoint being replaced stays there (a hard link, or a copy where links are not
+    supported), so a checkpoint that later turns out bad never takes the last good one with it. Both steps are
+    atomic: at every instant `path` holds a complete checkpoint. A full disk raises models.fileio.DiskFull."""
+    path = Path(path)
     state = {"format": FORMAT, **state}
+    if keep_previous is not None and path.exists():
+        def keep(tmp):
+            os.remove(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+        atomic_write(keep_previous, keep)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
 
@@ -32,11 +47,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=2)
 
-    atomic_write(Path(path).with_name("config.json"), write_json)
+    atomic_write(path.with_name("config.json"), write_json)
 
 
-def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None) -> dict:
-    """Load safely; with arch / gen given, refuse a checkpoint trained for another one."""
+REQUIRED = ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "model", "ema")
+RESUME = ("optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
+
+
+def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None, resume: bool = False) -> dict:
+    """Load safely; with arch / gen given, refuse a checkpoint trained for another one; with resume, also require
+    what train.py --resume restores (optimiser, scheduler, RNG, flags)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -46,6 +66,9 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None)
         raise CheckpointError(f"{path}: not a readable MolGen-Bench checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a MolGen-Bench checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r}, expected {FORMAT!r})")
+    missing = [k for k in REQUIRED + (RESUME if resume else ()) if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint, entries {missing} are missing")
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:
             raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
@@ -78,6 +101,9 @@ def build_model(ckpt: dict, weights: str = "ema"):
         model.load_state_dict(ckpt[weights])
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit a {ckpt['arch']} model with config {ckpt['model_config']}: {e}") from None
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise CheckpointError(f"non-finite (NaN / Inf) {weights} weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     process = proc_cls(config_from_dict(proc_cls.Config, ckpt["process_config"]))
     return model, process
 

@@ -1,0 +1,228 @@
+"""Hostile but realistic use of train.py, sample.py, evaluate.py and label.py, one row per case: the command, the
+exit status it must end with and the words its message must contain. A clear error names the file, record or flag
+and the problem, and never shows a traceback. Kills are in test_crash_safety.py.
+
+Read-only and full disks are real: the command runs in a private mount namespace (`unshare -rm`) over a tmpfs
+mounted read-only, or 64 KiB small, on its output directory."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--iters", "4", "--ckpt-every", "2", "--eval-samples", "2"]
+HAS_UNSHARE = shutil.which("unshare") is not None and subprocess.run(
+    ["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0
+MOUNTS = {  # shell run inside the namespace before the command; {d} is the directory
+    "read-only": "mount -t tmpfs -o ro tmpfs {d}",
+    "full": "mount -t tmpfs -o size=64k tmpfs {d}",
+    "read-only, garbage qm9.npz": "mount -t tmpfs tmpfs {d} && echo garbage > {d}/qm9.npz && mount -o remount,ro {d}",
+}
+
+# (id, command (placeholders: {w} the prepared world, {data} the QM9 fixture cache dir), exit status, words that the
+#  message must contain, mount over {w}/mnt or None)
+CASES = [
+    # -- a trained run is never overwritten by accident; resume refuses a different run
+    ("train: existing run without --resume", "train.py {tiny} --data-dir {data} --out {w}/run", 1, ["holds a checkpoint", "--resume", "--overwrite"], None),
+    ("train: --resume with another --lr", "train.py {tiny} --data-dir {data} --out {w}/run --resume --lr 0.1", 1, ["--lr 0.1 (checkpoint: 0.002)", "--override"], None),
+    ("train: --resume with another --iters", "train.py {tiny} --data-dir {data} --out {w}/run --resume --iters 9", 1, ["--iters 9 (checkpoint: 4)", "--override"], None),
+    ("train: --resume with another --seed", "train.py {tiny} --data-dir {data} --out {w}/run --resume --seed 3", 1, ["--seed 3 (checkpoint: 0)"], None),
+    ("train: --resume with another width", "train.py {tiny} --data-dir {data} --out {w}/run --resume --hidden 48", 1, ["--hidden 48 (checkpoint: 32)", "cannot change"], None),
+    ("train: --resume with another arch", "train.py {tiny} --data-dir {data} --out {w}/run --resume --arch transformer", 1, ["--arch gnn, not --arch transformer"], None),
+    ("train: --resume and --overwrite", "train.py {tiny} --data-dir {data} --out {w}/run --resume --overwrite", 2, ["give one of them"], None),
+    ("train: --override without --resume", "train.py {tiny} --data-dir {data} --out {w}/new --override", 2, ["--override applies to --resume only"], None),
+    ("train: --resume without a checkpoint", "train.py {tiny} --data-dir {data} --out {w}/empty --resume", 1, ["cannot resume", "no such checkpoint"], None),
+    ("train: --resume from a garbage checkpoint", "train.py {tiny} --data-dir {data} --out {w}/garbage_run --resume", 1, ["ckpt.pt: not a readable"], None),
+    ("train: --resume from a checkpoint without optimiser", "train.py {tiny} --data-dir {data} --out {w}/noopt_run --resume", 1, ["entries ['optimizer'] are missing"], None),
+    # -- NaN / Inf
+    ("train: --lr 1e6 diverges", "train.py {tiny} --iters 30 --ckpt-every 100 --data-dir {data} --out {w}/diverge --lr 1e6", 1, ["training diverged", "in a row", "--lr"], None),
+    ("sample: checkpoint with NaN weights", "sample.py --ckpt {w}/nan.pt --n 2 --out {w}/s", 1, ["nan.pt", "non-finite", "ema weights"], None),
+    ("evaluate: a NaN structure is counted", "evaluate.py {w}/nan/samples.extxyz --data-dir {data} --no-fcd --no-progress", 0, ["1 of 3 structures have non-finite"], None),
+    # -- numeric flags, checked when parsed
+    ("train: --iters 0", "train.py {tiny} --iters 0 --out {w}/x", 2, ["--iters", "integer > 0", "'0'"], None),
+    ("train: --batch-size -4", "train.py {tiny} --batch-size -4 --out {w}/x", 2, ["--batch-size", "integer > 0"], None),
+    ("train: --lr nan", "train.py {tiny} --lr nan --out {w}/x", 2, ["--lr", "finite number > 0"], None),
+    ("train: --lr inf", "train.py {tiny} --lr inf --out {w}/x", 2, ["--lr", "finite number > 0"], None),
+    ("train: --ckpt-every 0", "train.py {tiny} --ckpt-every 0 --out {w}/x", 2, ["--ckpt-every", "integer > 0"], None),
+    ("train: --log-every 0", "train.py {tiny} --log-every 0 --out {w}/x", 2, ["--log-every", "integer > 0"], None),
+    ("train: --n-train 0", "train.py {tiny} --n-train 0 --out {w}/x", 2, ["--n-train", "integer > 0"], None),
+    ("train: --hidden 0", "train.py {tiny} --hidden 0 --out {w}/x", 2, ["--hidden", "integer > 0"], None),
+    ("train: --warmup -1", "train.py {tiny} --warmup -1 --out {w}/x", 2, ["--warmup", "integer >= 0"], None),
+    ("train: --ema-decay 1.5", "train.py {tiny} --ema-decay 1.5 --out {w}/x", 2, ["--ema-decay", "[0, 1)"], None),
+    ("train: --grad-clip -1", "train.py {tiny} --grad-clip -1 --out {w}/x", 2, ["--grad-clip", ">= 0"], None),
+    ("train: --stop-after 0", "train.py {tiny} --stop-after 0 --out {w}/x", 2, ["--stop-after", "integer > 0"], None),
+    ("train: --iters ten", "train.py {tiny} --iters ten --out {w}/x", 2, ["--iters", "'ten'"], None),
+    ("sample: --n 0", "sample.py --ckpt {w}/run/ckpt.pt --n 0", 2, ["--n", "integer > 0"], None),
+    ("sample: --steps -1", "sample.py --ckpt {w}/run/ckpt.pt --steps -1", 2, ["--steps", "integer > 0"], None),
+    ("sample: --batch-size 0", "sample.py --ckpt {w}/run/ckpt.pt --batch-size 0", 2, ["--batch-size", "integer > 0"], None),
+    ("label: --limit -5", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --limit -5", 2, ["--limit", "integer >= 0"], None),
+    ("label: --block 0", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --block 0", 2, ["--block", "integer > 0"], None),
+    ("label: --commit-seconds -1", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --commit-seconds -1", 2, ["--commit-seconds", ">= 0"], None),
+    ("label: --n-generate 0", "label.py --generate {w}/run/ckpt.pt --n-generate 0 --teacher emt --out {w}/l.h5", 2, ["--n-generate", "integer > 0"], None),
+    ("label: --min-success 2", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --min-success 2", 2, ["--min-success", "[0, 1]"], None),
+    ("label: --shard 3/2", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --shard 3/2", 2, ["--shard 3/2", "0 <= I < N"], None),
+    ("label bench: --n 0", "label.py bench {w}/m.xyz --teachers emt --n 0", 2, ["--n", "integer > 0"], None),
+    ("evaluate: --n-ref -1", "evaluate.py {w}/nan/samples.extxyz --n-ref -1", 2, ["--n-ref", "integer >= 0"], None),
+    ("evaluate: --coverage-threshold 1.5", "evaluate.py {w}/nan/samples.extxyz --coverage-threshold 1.5", 2, ["--coverage-threshold", "[0, 1]"], None),
+    # -- devices and output paths
+    ("train: --device cuda without a GPU", "train.py {tiny} --device cuda --out {w}/x", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
+    ("train: --device tpu", "train.py {tiny} --device tpu --out {w}/x", 2, ["--device tpu"], None),
+    ("sample: --device cuda without a GPU", "sample.py --ckpt {w}/run/ckpt.pt --device cuda", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
+    ("label: --device cuda without a GPU", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --device cuda", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
+    ("train: --out is a file", "train.py {tiny} --out {w}/afile", 2, ["--out", "afile is a file"], None),
+    ("sample: --out is a file", "sample.py --ckpt {w}/run/ckpt.pt --out {w}/afile", 2, ["--out", "afile is a file"], None),
+    ("label: --out is a directory", "label.py {w}/m.xyz --teacher emt --out {w}/run", 2, ["--out", "is a directory"], None),
+    ("label: --out inside a file", "label.py {w}/m.xyz --teacher emt --out {w}/afile/l.h5", 2, ["afile is a file"], None),
+    ("evaluate: --json is a directory", "evaluate.py {w}/nan/samples.extxyz --json {w}/run", 2, ["--json", "is a directory"], None),
+    ("label report: --json is a directory", "label.py report {w}/good.h5 --json {w}/run", 2, ["--json", "is a directory"], None),
+    ("train: read-only --out", "train.py {tiny} --data-dir {data} --out {w}/mnt/run", 2, ["--out", "mnt/run", "not writable"], "read-only"),
+    ("sample: read-only --out", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --out {w}/mnt", 2, ["--out", "not writable"], "read-only"),
+    ("label: read-only --out", "label.py {w}/m.xyz --teacher emt --out {w}/mnt/l.h5", 2, ["--out's directory", "not writable"], "read-only"),
+    ("evaluate: read-only --json", "evaluate.py {w}/nan/samples.extxyz --json {w}/mnt/m.json", 2, ["--json's directory", "not writable"], "read-only"),
+    ("train: read-only data dir, cache missing", "train.py {tiny} --data-dir {w}/mnt --out {w}/x1", 1, ["QM9 cache directory", "not writable", "--data-dir"], "read-only"),
+    # -- a full disk
+    ("train: disk full at the checkpoint", "train.py {tiny} --data-dir {data} --out {w}/mnt", 1, ["no space left", "ckpt.pt", "--resume"], "full"),
+    ("label: disk full", "label.py {w}/m.xyz --teacher emt --out {w}/mnt/l.h5", 1, ["no space left", "l.h5"], "full"),
+    ("sample: disk full", "sample.py --ckpt {w}/run/ckpt.pt --n 400 --steps 1 --out {w}/mnt", 1, ["no space left", "samples"], "full"),
+    # -- corrupt caches and inputs
+    ("train: garbage qm9.npz that cannot be rebuilt there", "train.py {tiny} --data-dir {w}/mnt --out {w}/x2", 1, ["qm9.npz", "unreadable QM9 cache", "not writable"], "read-only, garbage qm9.npz"),
+    ("label: qm9:test over an unusable cache", "label.py qm9:test --teacher emt --out {w}/q1.h5", 1, ["qm9:test", "cannot load QM9", "qm9.npz"], "read-only, garbage qm9.npz"),
+    ("label: unknown QM9 split", "label.py qm9:bogus --teacher emt --out {w}/q2.h5", 1, ["unknown QM9 split 'bogus'"], None),
+    ("label: missing input file", "label.py {w}/missing.xyz --teacher emt --out {w}/l.h5", 2, ["missing.xyz", "no such file"], None),
+    ("evaluate: missing samples file", "evaluate.py {w}/missing.extxyz", 2, ["missing.extxyz", "no such file"], None),
+    ("evaluate: garbage samples", "evaluate.py {w}/garbage.extxyz --data-dir {data} --no-fcd", 1, ["garbage.extxyz", "structure 1", "not valid extended XYZ"], None),
+    ("evaluate: empty samples", "evaluate.py {w}/empty.extxyz --data-dir {data} --no-fcd", 1, ["empty.extxyz", "no structures"], None),
+    # -- checkpoints
+    ("sample: checkpoint without EMA weights", "sample.py --ckpt {w}/noema.pt --n 2 --out {w}/s", 1, ["noema.pt", "entries ['ema'] are missing"], None),
+    ("sample: weights that do not fit the config", "sample.py --ckpt {w}/misfit.pt --n 2 --out {w}/s", 1, ["misfit.pt", "weights do not fit"], None),
+    ("sample: garbage checkpoint", "sample.py --ckpt {w}/garbage.pt --n 2 --out {w}/s", 1, ["garbage.pt", "not a readable"], None),
+    ("sample: missing checkpoint", "sample.py --ckpt {w}/missing.pt --n 2 --out {w}/s", 1, ["missing.pt", "no such checkpoint"], None),
+    ("label: --generate with a garbage checkpoint", "label.py --generate {w}/garbage.pt --n-generate 2 --teacher emt --out {w}/g1/l.h5", 1, ["--generate", "garbage.pt", "not a readable"], None),
+    ("label: --generate with NaN weights", "label.py --generate {w}/nan.pt --n-generate 2 --teacher emt --out {w}/g2/l.h5", 1, ["--generate", "non-finite"], None),
+    ("label: --generate with a missing checkpoint", "label.py --generate {w}/missing.pt --teacher emt --out {w}/g/l.h5", 2, ["--generate", "missing.pt", "no such checkpoint"], None),
+    # -- labels files
+    ("label report: garbage file", "label.py report {w}/garbage.h5", 1, ["garbage.h5", "not a readable HDF5 labels file"], None),
+    ("label report: missing file", "label.py report {w}/missing.h5", 1, ["missing.h5", "no such labels file"], None),
+    ("label report: HDF5 of something else", "label.py report {w}/other.h5", 1, ["other.h5", "not a labels file"], None),
+    ("label merge: garbage shard", "label.py merge {w}/good.h5 {w}/garbage.h5 --out {w}/merged.h5", 1, ["garbage.h5", "not a readable"], None),
+    ("label merge: into one of its inputs", "label.py merge {w}/good.h5 --out {w}/good.h5", 2, ["--out", "also one of the files"], None),
+    ("label: another teacher's file", "label.py {w}/m.xyz --teacher xtb --out {w}/good.h5", 1, ["good.h5", "'emt'", "not 'xtb'"], None),
+    ("label: another teacher version", "label.py {w}/m.xyz --teacher emt --out {w}/oldversion.h5", 1, ["oldversion.h5", "ase 0.0", "--mixed-versions"], None),
+    ("label merge: two teacher versions", "label.py merge {w}/good.h5 {w}/oldversion.h5 --out {w}/mixed.h5", 1, ["different teacher versions", "--mixed-versions"], None),
+]
+
+
+@pytest.fixture(scope="module")
+def world(qm9_dir, tmp_path_factory):
+    """Files the cases act on: a trained tiny run, damaged checkpoints, samples with a NaN, labels files."""
+    from models.checkpoint import save_checkpoint
+    from models.labels import LabelWriter
+
+    w = tmp_path_factory.mktemp("world")
+    subprocess.run([sys.executable, "train.py", *TINY, "--data-dir", str(qm9_dir), "--out", str(w / "run")], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = load_checkpoint(w / "run" / "ckpt.pt")
+    ckpt.pop("format")
+    save_checkpoint(w / "nan.pt", {**ckpt, "ema": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                                   for k, v in ckpt["ema"].items()}})
+    save_checkpoint(w / "misfit.pt", {**ckpt, "model_config": {**ckpt["model_config"], "hidden": 48}})
+    save_checkpoint(w / "noema.pt", {k: v for k, v in ckpt.items() if k != "ema"})
+    save_checkpoint(w / "noopt_run" / "ckpt.pt", {k: v for k, v in ckpt.items() if k != "optimizer"})
+    (w / "garbage_run").mkdir()
+    for name in ("garbage.pt", "garbage_run/ckpt.pt", "garbage.h5"):
+        (w / name).write_bytes(b"\x00\x01 this is not what it claims to be \xff")
+    (w / "garbage.extxyz").write_text("this is not\nan extended XYZ file\n")
+    (w / "empty.extxyz").write_text("")
+    (w / "afile").write_text("a file, not a directory")
+    (w / "empty").mkdir()
+    (w / "mnt").mkdir()
+    (w / "m.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.74\n")
+    (w / "nan").mkdir()
+    (w / "nan" / "samples.extxyz").write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n"
+                                               "2\nProperties=species:S:1:pos:R:3\nH nan 0 0\nH 0 0 0.74\n"
+                                               "2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.74\n")
+    row = dict(numbers=[1, 1], positions=[[0, 0, 0], [0, 0, 0.74]], forces=np.zeros((2, 3)), energy=1.0, stress=np.full(6, np.nan),
+               cell=np.zeros((3, 3)), pbc=np.zeros(3, bool), source="s")
+    from models.teachers import get_teacher
+    with LabelWriter(w / "good.h5", "emt", get_teacher("emt").version) as lw:
+        lw.append([{**row, "key": "a"}])
+    with LabelWriter(w / "oldversion.h5", "emt", "ase 0.0") as lw:
+        lw.append([{**row, "key": "b"}])
+    import h5py
+    with h5py.File(w / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    return w
+
+
+def run_case(case, world, qm9_dir):
+    """(exit status, stdout + stderr) of a case, or a reason to skip it."""
+    name, command, status, words, needs = case
+    if needs == "no-gpu" and torch.cuda.is_available():
+        return "a GPU is visible"
+    argv = [sys.executable, *command.format(w=world, data=qm9_dir, tiny=" ".join(TINY)).split()]
+    if needs in MOUNTS:
+        if not HAS_UNSHARE:
+            return "needs `unshare -rm` (a private mount namespace) for a read-only or full disk"
+        argv = ["unshare", "-rm", "sh", "-c", MOUNTS[needs].format(d=world / "mnt") + ' && exec "$@"', "sh", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": str(world / "mnt" if needs and "qm9" in needs else qm9_dir)}
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def outcomes(world, qm9_dir):
+    """Every case run once, two at a time (the cases write to different files; most are start-up costs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip([c[0] for c in CASES], pool.map(lambda c: run_case(c, world, qm9_dir), CASES)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_hostile_case(case, outcomes, world):
+    name, command, status, words, needs = case
+    if isinstance(outcomes[name], str):
+        pytest.skip(outcomes[name])
+    returncode, message = outcomes[name]
+    assert returncode == status, f"{name}: exit {returncode}, expected {status}\n{message[-3000:]}"
+    for word in words:
+        assert word in message, f"{name}: {word!r} not in\n{message[-3000:]}"
+    assert "Traceback" not in message, message[-3000:]
+    if name in THEN:
+        THEN[name](world)
+
+
+def _run_intact(w):
+    """The trained run is as it was: no refused command overwrote or extended it."""
+    assert load_checkpoint(w / "run" / "ckpt.pt")["step"] == 4
+    steps = [json.loads(line)["step"] for line in (w / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 4
+
+
+def _no_checkpoint_written(w):
+    assert not (w / "diverge" / "ckpt.pt").exists()  # its first checkpoint was due at step 100
+
+
+def _nan_counted(w):
+    assert json.loads((w / "nan" / "metrics.json").read_text())["non_finite"] == 1
+
+
+def _labels_untouched(w):
+    from models.labels import read_labels
+    assert read_labels(w / "good.h5")["key"].tolist() == ["a"] and read_labels(w / "oldversion.h5")["key"].tolist() == ["b"]
+
+
+THEN = {  # what must hold on disk after a case, beyond its exit status and message
+    "train: existing run without --resume": _run_intact, "train: --resume with another --lr": _run_intact,
+    "train: --resume with another width": _run_intact, "train: --resume and --overwrite": _run_intact,
+    "train: --lr 1e6 diverges": _no_checkpoint_written, "evaluate: a NaN structure is counted": _nan_counted,
+    "label: another teacher's file": _labels_untouched, "label: another teacher version": _labels_untouched,
+}
