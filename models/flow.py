@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from models.data import remove_mean
+from models.precision import full
 from models.process import GaussianProcess, per_molecule_loss
 
 
@@ -53,6 +53,8 @@ def align_prior(x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: t
     unchanged, so the aligned x0 is still a prior sample, only closer to its x1 (straighter paths).
     x0, x1 [B, N, 3] centred; types [B, N]; mask [B, N]. Runs on the CPU (B small Hungarian problems).
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: only --ot-align needs scipy
+
     x0_np, x1_np = x0.detach().cpu().double().numpy(), x1.detach().cpu().double().numpy()
     types_np, mask_np = types.cpu().numpy(), mask.cpu().numpy()
     out = x0_np.copy()
@@ -84,7 +86,7 @@ class FlowMatching(GaussianProcess):
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)
         pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
-        x1_hat = z["x_t"] + pos_out
+        x1_hat = z["x_t"] + full(pos_out)
         weight = (1 - z["t"]).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
         return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
                                  self.config.type_loss_weight)

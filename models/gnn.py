@@ -22,6 +22,7 @@ from torch import nn
 
 from kernels.radius_graph import radius_message_passing
 from models.data import remove_mean
+from models.precision import full, no_autocast
 
 
 @dataclass
@@ -35,8 +36,18 @@ class EGNNConfig:
     cfconv_rbf: int = 16  # radial basis functions of that filter
 
 
+def pairwise(pos):
+    """x_i - x_j [B,N,N,3] and |x_i - x_j|^2 [B,N,N] for pos [B,N,3], in pos's dtype under autocast too."""
+    with no_autocast(pos):
+        diff = pos.unsqueeze(2) - pos.unsqueeze(1)
+        return diff, (diff ** 2).sum(-1)
+
+
 class EquivariantLayer(nn.Module):
-    """One EGNN layer: invariant edge messages, a feature update, an equivariant coordinate update."""
+    """One EGNN layer: invariant edge messages, a feature update, an equivariant coordinate update.
+
+    Under autocast the messages and the feature update run in bf16; the geometry, the distance input and
+    the coordinate update (coord_mlp included) run in pos's dtype (models/precision.py)."""
 
     def __init__(self, hidden: int, coords_range: float, aggregation_norm: float, cfconv_cutoff: float = 0.0,
                  cfconv_rbf: int = 16):
@@ -70,17 +81,20 @@ class EquivariantLayer(nn.Module):
         # h [B,N,F], pos [B,N,3], d0_sq [B,N,N] (distances at the input), edge_mask [B,N,N] float, mask [B,N]
         if self.cfconv_cutoff > 0:
             h = h + self.continuous_filter(h, pos, mask)
-        diff = pos.unsqueeze(2) - pos.unsqueeze(1)  # [B,N,N,3], x_i - x_j
-        d_sq = (diff ** 2).sum(-1)  # [B,N,N]
+        diff, d_sq = pairwise(pos)  # [B,N,N,3] x_i - x_j, [B,N,N]
+        with no_autocast(pos):  # bf16 would round a 1.5 A bond's d^2 = 2.25 by up to 0.008 A^2 (0.003 A)
+            m_dist = self.edge_dist(torch.stack([d_sq, d0_sq], dim=-1))
         m = self.edge_src(h).unsqueeze(2) + self.edge_dst(h).unsqueeze(1)
-        m = self.edge_mlp(m + self.edge_dist(torch.stack([d_sq, d0_sq], dim=-1)))  # [B,N,N,F]
+        m = self.edge_mlp(m + m_dist)  # [B,N,N,F]
         m = m * self.edge_gate(m) * edge_mask.unsqueeze(-1)
         h = h + self.node_mlp(torch.cat([h, m.sum(2) / self.aggregation_norm], dim=-1))
-        # Unit-ish direction (x_i - x_j) / (|x_i - x_j| + 1) times an invariant scalar keeps the update
-        # equivariant and bounded for far-apart atoms.
-        direction = diff / (d_sq.unsqueeze(-1) + 1e-8).sqrt().add(1.0)
-        step = torch.tanh(self.coord_mlp(m)) * self.coords_range * edge_mask.unsqueeze(-1)  # [B,N,N,1]
-        pos = pos + (direction * step).sum(2) / self.aggregation_norm
+        with no_autocast(pos):  # per-edge steps reach 15 A and can nearly cancel; bf16 rounding would stay
+            # Unit-ish direction (x_i - x_j) / (|x_i - x_j| + 1) times an invariant scalar keeps the update
+            # equivariant and bounded for far-apart atoms.
+            direction = diff / (d_sq.unsqueeze(-1) + 1e-8).sqrt().add(1.0)
+            gate = torch.tanh(self.coord_mlp(m.to(pos.dtype)))  # [B,N,N,1]
+            step = gate * self.coords_range * edge_mask.unsqueeze(-1)
+            pos = pos + (direction * step).sum(2) / self.aggregation_norm
         return h, pos
 
 
@@ -98,14 +112,16 @@ class EGNN(nn.Module):
         self.out = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.n_types))
 
     def forward(self, h, pos, t, mask):
+        pos = full(pos)  # the coordinate path is never bf16 (models/precision.py)
         node_mask = mask.unsqueeze(-1).to(pos.dtype)  # [B,N,1]
         eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
         edge_mask = (mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye).to(pos.dtype)  # [B,N,N]
         t_feat = t.to(pos.dtype)[:, None, None].expand(-1, h.shape[1], 1)
         x = self.embed(torch.cat([h, t_feat], dim=-1)) * node_mask
         pos_in = pos
-        d0_sq = ((pos.unsqueeze(2) - pos.unsqueeze(1)) ** 2).sum(-1)
+        d0_sq = pairwise(pos)[1]
         for layer in self.layers:
             x, pos = layer(x, pos, d0_sq, edge_mask, mask)
             x = x * node_mask
-        return remove_mean(pos - pos_in, mask), self.out(x) * node_mask
+        with no_autocast(pos):  # the type head in float32
+            return remove_mean(pos - pos_in, mask), self.out(x.to(pos.dtype)) * node_mask

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from models.data import remove_mean
+from models.precision import full
 from models.process import GaussianProcess, per_molecule_loss
 
 
@@ -70,7 +71,7 @@ class StochasticInterpolant(GaussianProcess):
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)
         pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
-        x1_hat = z["x_t"] + pos_out
+        x1_hat = z["x_t"] + full(pos_out)
         weight = self.loss_weight(z["t"])[:, None]
         return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
                                  self.config.type_loss_weight)

@@ -12,6 +12,12 @@ Interface of every generative process (train.py and sample.py use nothing else):
     draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
     sample(model, n_atoms, n_steps, method, generator) -> {"types", "pos", "mask"}
     SAMPLERS: the sampler names, sample.py's default first
+
+Precision: train.py and sample.py call loss and sample under bf16 autocast on CUDA. Autocast only
+changes matmul-like ops, and the processes do elementwise arithmetic, so the sampler state (x, h across
+steps) and the loss arithmetic on coordinates stay float32. A backbone's outputs are float32 already
+(models/precision.py); the processes still cast them (full(), .float()) before combining them with the
+state, so a 16-bit output could never pull the state down to bf16.
 """
 from __future__ import annotations
 

@@ -1,0 +1,34 @@
+"""Float32 islands in the backbones under bf16 autocast (train.py and sample.py autocast on CUDA).
+
+bf16 keeps 8 significant bits: each value it stores is off by up to 2^-9 (0.2 %) of itself. Features
+tolerate that; coordinates do not. A coordinate update is a sum of per-pair terms that can be much
+larger than the sum: EGNN's per-edge step reaches 15 A (tanh times coords_range), where bf16 values are
+1/16 A apart, and where the displacement is small, late in sampling, such steps nearly cancel. The
+rounding of each term survives the sum. Measured on QM9 molecules (tests/test_precision.py): with
+saturated gates the EGNN's displacement was off by up to 0.61 A; an EGNN fitted briefly from large
+coordinate weights (steps up to 1.2 A, displacements of 0.25 A) by up to 0.021 A. The stability
+metric's bond margins are 0.03 to 0.10 A.
+
+So every backbone runs these parts with autocast off, in the positions' dtype (float32 in training and
+sampling, float64 in the symmetry tests):
+  - pairwise differences, distances and directions, and the distances' embedding in the EGNN;
+  - the MLPs whose only consumer is the coordinate update, and the sum into the positions;
+  - the output heads (type logits and coordinates).
+That brings the two cases above to 0.0023 and 0.007 A. The feature MLPs and attention, nearly all the
+FLOPs, stay in bf16; the error they leave grows with the displacement (with random weights, at most
+about 1.5 % of it for the EGNN, 1 % for the Transformer and 2.5 % for the Pairformer).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def no_autocast(x: torch.Tensor):
+    """A context with autocast off on x's device type: every op in it runs in its inputs' dtype, so
+    16-bit inputs must be cast up explicitly (tensor.to(pos.dtype), or full())."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def full(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 if it is a 16-bit float (an autocast output); float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
