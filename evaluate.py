@@ -5,7 +5,7 @@
 
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
 log.jsonl sits next to the samples) and evaluate.log; prints a one-row metric table and the throughput.
-Metric definitions: models/metrics.py and README.md, "Design".
+Metric definitions: models/metrics.py and README.md, "Design", "Metrics".
 """
 import argparse
 import io
@@ -147,7 +147,10 @@ def nan_to_none(v):
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(nan_to_none(result), indent=2) + "\n"))
+try:
+    atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(nan_to_none(result), indent=2) + "\n"))
+except OSError as e:  # models.fileio.DiskFull names the file
+    fail(str(e))
 log.info(f"wrote {out_json}")
 
 # ----------------------------------------------------------------------------------------------
@@ -207,8 +210,11 @@ def plot_curves(log_path: Path, path: Path):
     plt.close(fig)
 
 
-plot_properties(fig_dir / "properties.png")
-log.info(f"wrote {fig_dir / 'properties.png'}")
+try:
+    plot_properties(fig_dir / "properties.png")
+    log.info(f"wrote {fig_dir / 'properties.png'}")
+except OSError as e:  # a full disk: metrics.json is written already, and a figure is not worth a traceback
+    log.warning(f"skipped properties.png ({e})")
 try:
     if draw_molecules(fig_dir / "molecules.png"):
         log.info(f"wrote {fig_dir / 'molecules.png'}")

@@ -6,7 +6,7 @@
     python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
-Output (README.md, "Design: the labels file"): OUT (HDF5: energy, forces, stress per structure, written through a
+Output (README.md, "Design", "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
 journal OUT.journal/ so a kill at any instant loses no committed block), and next to it OUT_STEM.failed.jsonl
 (structures that could not be labelled, with the reason), OUT_STEM.report.json (the data-set report and its GO /
 NO-GO verdict) and label.log. Re-running the same command resumes: keys already in OUT, or already recorded as
@@ -374,13 +374,13 @@ def _open(args, out: Path, lock: ExclusiveLock):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     t0 = time.time()
     teacher = get_teacher(args.teacher, device)
+    t_load = time.time() - t0
+    log(f"teacher {teacher.name} ({teacher.version}) on {device}, loaded in {t_load:.1f} s")
     if not args.resume:
         log(f"--no-resume: deleting {out} and its failure records")
         failures_path(out).unlink(missing_ok=True)
     # refuses a file of another teacher or teacher version
     writer = LabelWriter(out, teacher.name, teacher.version, fresh=not args.resume, mixed_versions=args.mixed_versions, lock=lock)
-    t_load = time.time() - t0
-    log(f"teacher {teacher.name} ({teacher.version}) on {device}, loaded in {t_load:.1f} s")
     return writer, teacher, log, t_load, device
 
 

@@ -105,4 +105,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # samples are written only at the end, atomically: nothing half-written
+        raise SystemExit("sample.py: interrupted; nothing written") from None

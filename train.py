@@ -102,7 +102,7 @@ from tqdm import tqdm  # noqa: E402
 from models import ARCHS, PROCESSES  # noqa: E402
 from models.checkpoint import CheckpointError, build_model, config_from_dict, load_checkpoint, save_checkpoint  # noqa: E402
 from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
-from models.fileio import is_disk_full, remove_stale_temporaries  # noqa: E402
+from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_temporaries  # noqa: E402
 from models.metrics import stability  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +134,10 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
 # Run directory: a new run never overwrites an old one by accident, and a resumed run continues exactly
 # where its checkpoint stopped, logs included.
 
+try:  # one process writes a run directory; a second train.py on it is refused, naming the first
+    run_lock = ExclusiveLock(out_dir / "train", what=f"the run directory {out_dir}") if master else None
+except Busy as e:
+    raise SystemExit(str(e))
 ckpt_path, prev_ckpt_path = out_dir / "ckpt.pt", out_dir / "ckpt.prev.pt"
 run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json", "log.jsonl", "train.log")]
 # Flags that define a run: changing them on --resume makes a different run. The model's sizes come from the
@@ -429,6 +433,10 @@ except OSError as e:
         raise
     raise SystemExit(f"{e} (train.py, step {done}). The checkpoint {ckpt_path} from the last --ckpt-every step is intact: "
                      f"free space in {out_dir} and rerun with --resume")
+except KeyboardInterrupt:  # a step cut in half is not a state to save: the last checkpoint is the one to resume
+    bar.close()
+    raise SystemExit(f"interrupted at step {done} of {args.iters}; {ckpt_path} holds the last checkpoint (every --ckpt-every "
+                     f"{args.ckpt_every} steps): the same command with --resume continues from it") from None
 bar.close()
 elapsed = time.time() - t_start
 steps_run = end_step - start_step

@@ -126,8 +126,9 @@ class ExclusiveLock:
     The kernel drops a flock when its process dies, so a writer killed with -9 leaves no stale lock. The
     lock file records who holds it (pid, host, command, start time), so a refused second writer is told."""
 
-    def __init__(self, target: Path):
-        self.target = Path(target)
+    def __init__(self, target: Path, what: str | None = None):
+        """what: how the refusal names the target (default: its path)."""
+        self.target, self.what = Path(target), what
         self.path = self.target.with_name(self.target.name + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -136,8 +137,8 @@ class ExclusiveLock:
         except BlockingIOError:
             holder = self._holder()
             os.close(self.fd)
-            raise Busy(f"{self.target} is being written by another process ({holder}); wait for it to finish, "
-                       f"or write to another file") from None
+            raise Busy(f"{self.what or self.target} is being written by another process ({holder}); wait for it to "
+                       f"finish, or write elsewhere") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())

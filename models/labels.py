@@ -1,5 +1,5 @@
 """The labels file: teacher energies, forces and stresses of many structures, written by label.py and read by
-its report and merge, the student force field and evaluate.py. Layout in README.md, "Design: the labels file".
+its report and merge, the student force field and evaluate.py. Layout in README.md, "Design", "Data contracts".
 
     per atom, ragged and concatenated in structure order: numbers int16 [A], positions float32 [A, 3],
         forces float32 [A, 3] (eV/A)
@@ -224,14 +224,15 @@ class LabelWriter:
                               f"Label into another --out, or pass --mixed-versions to append (each structure records "
                               f"its teacher version)")
         if attrs["format"] == FORMAT_V1:  # rewrite once in the journalled format, versions per structure
+            import h5py
+
             def upgrade(tmp):
                 _h5_create(tmp, self.teacher, attrs["teacher_version"])
-                import h5py
                 with h5py.File(tmp, "a") as f:
                     _h5_append(f, {k: lab[k] for k in {**PER_ATOM, **PER_STRUCT} if k != "offset"}, attrs.get("label_seconds", 0.0))
                     f.attrs["created"] = attrs.get("created", f.attrs["created"])
             atomic_write(path, upgrade)
-        self.folded_seq = int(_read_h5(path)["attrs"]["journal_seq"])
+        self.folded_seq = int(attrs["journal_seq"])  # of the HDF5 file (0 for a v1 file, upgraded or not)
         blocks = _journal_blocks(path, 0)
         self.seq = max([self.folded_seq] + [s for s, _ in blocks])
         self._keys = set(lab["key"].tolist())

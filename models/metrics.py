@@ -281,6 +281,15 @@ def _content_hash(mols) -> str:
     return h.hexdigest()[:12]
 
 
+def _write_cache(path: Path, arrays: dict) -> None:
+    """Write a statistics cache; a cache that cannot be written (full disk, read-only directory) only costs the
+    next run the time to compute it again, so it is a warning, not an error."""
+    try:
+        save_npz(path, arrays)
+    except OSError as e:
+        print(f"warning: could not write the cache {path} ({e}); it will be computed again next time", file=sys.stderr)
+
+
 def _read_cache(path: Path, keys: tuple[str, ...]) -> dict | None:
     """A statistics cache as a dict, or None (with a warning naming the file) when it is unreadable or lacks one
     of `keys`: caches are derived data, so a damaged one is recomputed and rewritten, never trusted."""
@@ -373,7 +382,7 @@ def reference_statistics(ref_set, n_ref: int | None = DEFAULT_N_REF, cache_dir: 
             ref["fcd_mu"], ref["fcd_sigma"] = np.full(512, np.nan), np.full((512, 512), np.nan)
         cached = False
     if path is not None and not cached:
-        save_npz(path, ref)
+        _write_cache(path, ref)
     return ref
 
 
@@ -395,7 +404,7 @@ def training_smiles(train, cache_dir: str | Path | None = None, progress: bool =
                                                  mininterval=2)]
     smiles = np.array(sorted({s for s in smiles if s}), dtype=str)
     if path is not None:
-        save_npz(path, {"smiles": smiles})
+        _write_cache(path, {"smiles": smiles})
     return set(smiles.tolist())
 
 

@@ -203,3 +203,30 @@ def test_training_killed_between_checkpoints_resumes_exactly(qm9_dir, tmp_path):
     a, b = load_checkpoint(full / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert not list(out.glob("*.tmp"))
+
+
+def test_second_training_run_on_one_directory_is_refused(qm9_dir, tmp_path):
+    from models.fileio import ExclusiveLock
+
+    with ExclusiveLock(tmp_path / "run" / "train"):  # what a running train.py holds
+        proc = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--iters", "2", "--data-dir", str(qm9_dir),
+                               "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
+def test_ctrl_c_in_training_keeps_the_last_checkpoint(qm9_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--preset", "tiny", "--iters", "100000", "--log-every", "1",
+                             "--ckpt-every", "3", "--eval-samples", "2", "--data-dir", str(qm9_dir), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "ckpt.pt").exists() and (out / "log.jsonl").exists()
+                                          and len((out / "log.jsonl").read_text().splitlines()) > 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    from models.checkpoint import load_checkpoint
+    assert load_checkpoint(out / "ckpt.pt")["step"] % 3 == 0

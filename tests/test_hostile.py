@@ -179,11 +179,17 @@ def run_case(case, world, qm9_dir):
 
 @pytest.fixture(scope="module")
 def outcomes(world, qm9_dir):
-    """Every case run once, two at a time (the cases write to different files; most are start-up costs)."""
+    """Every case run once, two at a time (most of a case is start-up). Cases on the same --out run one after
+    the other, in table order: train.py and label.py refuse a second process on an output in use."""
     from concurrent.futures import ThreadPoolExecutor
 
+    groups = {}
+    for case in CASES:
+        words = case[1].split()
+        groups.setdefault(words[words.index("--out") + 1] if "--out" in words else case[0], []).append(case)
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip([c[0] for c in CASES], pool.map(lambda c: run_case(c, world, qm9_dir), CASES)))
+        done = pool.map(lambda group: [(c[0], run_case(c, world, qm9_dir)) for c in group], groups.values())
+        return {name: outcome for group in done for name, outcome in group}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
