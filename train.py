@@ -134,7 +134,7 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
 # Run directory: a new run never overwrites an old one by accident, and a resumed run continues exactly
 # where its checkpoint stopped, logs included.
 
-try:  # one process writes a run directory; a second train.py on it is refused, naming the first
+try:  # one process writes a run directory (the lock is held until exit); a second train.py is refused, naming the first
     run_lock = ExclusiveLock(out_dir / "train", what=f"the run directory {out_dir}") if master else None
 except Busy as e:
     raise SystemExit(str(e))
@@ -319,8 +319,7 @@ def save(step: int) -> None:
     if bad:
         raise SystemExit(f"step {step}: non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); not writing a "
                          f"checkpoint. The last good one is {ckpt_path}. Lower --lr (now {args.lr:g}) or --grad-clip.")
-    for f in (log_file,):
-        f.flush()
+    log_file.flush()  # log.jsonl is closed after each record
     log_bytes = {name: (out_dir / name).stat().st_size for name in ("train.log", "log.jsonl") if (out_dir / name).exists()}
     save_checkpoint(ckpt_path, {
         "arch": args.arch, "gen": args.gen, "task": args.task, "data": args.data, "step": step,

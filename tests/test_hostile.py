@@ -87,6 +87,7 @@ CASES = [
     ("sample: read-only --out", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --out {w}/mnt", 2, ["--out", "not writable"], "read-only"),
     ("label: read-only --out", "label.py {w}/m.xyz --teacher emt --out {w}/mnt/l.h5", 2, ["--out's directory", "not writable"], "read-only"),
     ("evaluate: read-only --json", "evaluate.py {w}/nan/samples.extxyz --json {w}/mnt/m.json", 2, ["--json's directory", "not writable"], "read-only"),
+    ("train: --data-dir is a file", "train.py {tiny} --data-dir {w}/afile --out {w}/x3", 1, ["afile is a file"], None),
     ("train: read-only data dir, cache missing", "train.py {tiny} --data-dir {w}/mnt --out {w}/x1", 1, ["QM9 cache directory", "not writable", "--data-dir"], "read-only"),
     # -- a full disk
     ("train: disk full at the checkpoint", "train.py {tiny} --data-dir {data} --out {w}/mnt", 1, ["no space left", "ckpt.pt", "--resume"], "full"),
