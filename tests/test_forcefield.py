@@ -1,0 +1,177 @@
+"""The student force field (models/forcefield.py) on real structures: QM9 molecules and perov-5 / carbon-24
+crystals from the fixtures. Forces and stress against finite differences, symmetries, ASE's stress sign,
+reference energies, overfitting, and molecular dynamics through the ASE calculator."""
+from pathlib import Path
+
+import ase
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from conftest import QM9_FIXTURE
+from models.data import read_qm9pack_csv
+from models.forcefield import ForceField, ForceFieldConfig, fit_reference_energies, flat_batch, student_calculator
+from models.structures import iter_structures
+
+ROOT = Path(__file__).resolve().parents[1]
+ELEMENTS = list(range(1, 84))
+
+
+@pytest.fixture(scope="module")
+def structures():
+    mols = read_qm9pack_csv([QM9_FIXTURE])
+    molecules = [mols.to_atoms(i) for i in (0, 7, 42)]
+    crystals = [a for _, _, a in iter_structures([str(ROOT / "tests/data/perov5_sample.csv"),
+                                                  str(ROOT / "tests/data/carbon24_sample.csv")])][:4:2]
+    return molecules + crystals
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = ForceField(ForceFieldConfig(elements=ELEMENTS, hidden=16, n_layers=2, cutoff=4.0, n_rbf=8, **kw)).double()
+    with torch.no_grad():  # random weights give tiny energies; scale them up so every check has something to see
+        m.energy_scale.fill_(3.0)
+    return m
+
+
+def test_forces_and_stress_are_derivatives_of_the_energy(structures):
+    m = model()
+    for atoms in structures:
+        numbers, pos, batch, cell, pbc = flat_batch([atoms])
+        e, f, s = m(numbers, pos.clone(), batch, cell, pbc, stress=True)
+        assert f.abs().max() > 1e-3
+        h = 1e-5
+        for a, x in [(0, 0), (len(atoms) - 1, 2)]:
+            p1, p2 = pos.clone(), pos.clone()
+            p1[a, x] += h
+            p2[a, x] -= h
+            fd = -(m.energy(numbers, p1, batch, cell, pbc) - m.energy(numbers, p2, batch, cell, pbc)) / (2 * h)
+            assert f[a, x].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+        if atoms.pbc.any():
+            assert torch.allclose(s, s.transpose(1, 2)) and s.abs().max() > 1e-5
+            volume = abs(np.linalg.det(atoms.cell.array))
+            for a, b in [(0, 0), (1, 2)]:
+                eps = torch.zeros(3, 3, dtype=torch.float64)
+                eps[a, b] = eps[b, a] = h / (1 if a == b else 2)
+                energies = []
+                for sign in (1, -1):
+                    deform = torch.eye(3, dtype=torch.float64) + sign * eps
+                    energies.append(m.energy(numbers, pos @ deform, batch, cell @ deform, pbc))
+                fd = (energies[0] - energies[1]) / (2 * h) / volume
+                assert s[0, a, b].item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-9)
+        else:
+            assert s.abs().max() == 0
+
+
+def test_energy_invariant_forces_equivariant(structures):
+    m = model()
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    for atoms in structures:
+        numbers, pos, batch, cell, pbc = flat_batch([atoms])
+        e, f, _ = m(numbers, pos.clone(), batch, cell, pbc)
+        perm = torch.randperm(len(atoms), generator=torch.Generator().manual_seed(2))
+        moved = pos @ q.T + torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+        e2, f2, _ = m(numbers[perm], moved[perm].clone(), batch, cell @ q.T, pbc)
+        assert e2.item() == pytest.approx(e.item(), rel=1e-10, abs=1e-10)
+        assert torch.allclose(f2, (f @ q.T)[perm], atol=1e-9)
+        if atoms.pbc.any():  # moving atoms by whole lattice vectors changes nothing
+            shifted = pos.clone()
+            shifted[0] += cell[0, 1]
+            shifted[-1] += 2 * cell[0, 0] - 3 * cell[0, 2]
+            e3, f3, _ = m(numbers, shifted, batch, cell, pbc)
+            assert e3.item() == pytest.approx(e.item(), rel=1e-10) and torch.allclose(f3, f, atol=1e-9)
+
+
+def test_neighbour_edges_equal_ases_neighbour_list(structures):
+    """Every image within the cutoff, as ase.neighborlist finds them, also for atoms outside the cell."""
+    from ase.neighborlist import neighbor_list
+
+    from models.forcefield import neighbour_edges
+
+    for atoms in structures:
+        a = atoms.copy()
+        if a.pbc.any():
+            a.positions[0] += 2 * a.cell[1] - a.cell[2]  # outside the cell: the same crystal
+        numbers, pos, batch, cell, pbc = flat_batch([a])
+        i, j, shift = neighbour_edges(pos, batch, cell, pbc, 4.0)
+        ours = sorted(zip(i.tolist(), j.tolist(), map(tuple, shift.round().long().tolist())))
+        ai, aj, a_shift = neighbor_list("ijS", a, 4.0)
+        assert ours == sorted(zip(ai.tolist(), aj.tolist(), map(tuple, a_shift.tolist())))
+        assert len(ours) > len(a)
+
+
+def test_stress_sign_is_ases():
+    """The model's stress is (1/V) dE/d(strain) (test above); so is an ASE calculator's: on compressed copper
+    EMT's stress is negative and equals that derivative, so student and teacher stresses compare sign for sign."""
+    from ase.calculators.emt import EMT
+
+    cu = bulk("Cu", "fcc", a=3.4)  # below EMT's 3.6 A equilibrium: compressed
+    cu.calc = EMT()
+    assert (cu.get_stress()[:3] < 0).all()
+    h, volume = 1e-5, cu.get_volume()
+    e = [cu.copy() for _ in range(2)]
+    for a, sign in zip(e, (1, -1)):
+        a.set_cell(cu.cell.array * (1 + sign * h), scale_atoms=True)
+        a.calc = EMT()
+    fd = (e[0].get_potential_energy() - e[1].get_potential_energy()) / (2 * h) / volume / 3  # d/d(eps_xx + yy + zz)
+    assert fd == pytest.approx(cu.get_stress()[:3].mean(), rel=1e-3)
+
+
+def test_reference_energies_by_least_squares():
+    rng = np.random.default_rng(0)
+    truth = {1: -13.6, 6: -1030.0, 8: -2040.0}
+    numbers = [rng.choice([1, 6, 8], size=rng.integers(3, 12)) for _ in range(40)]
+    energies = np.array([sum(truth[z] for z in zs) + rng.normal(0, 0.01) for zs in numbers])
+    e0 = fit_reference_energies(numbers, energies, [1, 6, 8, 9])
+    assert np.allclose(e0[:3], [-13.6, -1030.0, -2040.0], atol=0.05) and e0[3] == 0
+
+
+def test_overfits_ten_emt_labelled_structures():
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(0)
+    data = []
+    for k in range(10):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True) if k % 2 else ase.Atoms("CuNi", positions=[[0, 0, 0], [0, 0, 2.4]])
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        a.calc = EMT()
+        data.append((a, a.get_potential_energy(), a.get_forces()))
+    torch.manual_seed(0)
+    m = ForceField(ForceFieldConfig(elements=[28, 29], hidden=16, n_layers=2, cutoff=3.5, n_rbf=8)).double()
+    with torch.no_grad():
+        m.reference_energy.copy_(torch.from_numpy(fit_reference_energies([a.numbers for a, _, _ in data],
+                                                                          [e for _, e, _ in data], [28, 29])))
+    numbers, pos, batch, cell, pbc = flat_batch([a for a, _, _ in data])
+    e_ref = torch.tensor([e for _, e, _ in data], dtype=torch.float64)
+    f_ref = torch.tensor(np.concatenate([f for _, _, f in data]), dtype=torch.float64)
+    opt = torch.optim.Adam(m.parameters(), lr=5e-3)
+
+    def loss():
+        e, f, _ = m(numbers, pos.clone(), batch, cell, pbc, create_graph=True)
+        return ((e - e_ref) ** 2).mean() + ((f - f_ref) ** 2).mean()
+
+    first = loss().item()
+    for _ in range(150):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert value.item() < first / 10, (first, value.item())
+
+
+def test_calculator_runs_velocity_verlet(structures):
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    m = model()
+    for atoms in (structures[0], structures[3]):
+        a = atoms.copy()
+        a.calc = student_calculator(m)
+        MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
+        e0 = a.get_total_energy()
+        VelocityVerlet(a, timestep=0.2 * units.fs).run(20)
+        assert np.isfinite(a.positions).all() and abs(a.get_total_energy() - e0) < 0.05 * len(a)
+        if a.pbc.any():
+            assert a.get_stress().shape == (6,)
