@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cli import fraction, nonnegative_float, nonnegative_int, output_file, positive_int
+from models.cli import checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_int
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.labels import LabelsError, LabelWriter, read_labels
 from models.structures import Failure, InputError, check_structure, fingerprint, iter_records, source_name
@@ -89,7 +89,6 @@ def parse_args(argv=None):
             p.error(f"--shard {args.shard}: expected I/N with 0 <= I < N, e.g. 0/4")
     output_file(p, args.out, "--out")
     if args.device == "cuda":
-        from models.cli import checked_device
         checked_device(p, "cuda")
     if args.generate and not Path(args.generate).is_file():
         p.error(f"--generate {args.generate}: no such checkpoint file")

@@ -68,5 +68,5 @@ def output_file(parser: argparse.ArgumentParser, path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         parser.error(f"{flag} {path} is a directory; give a file name")
-    writable_dir(parser, path.parent if str(path.parent) else Path("."), f"{flag}'s directory")
+    writable_dir(parser, path.parent, f"{flag}'s directory")
     return path
