@@ -9,10 +9,12 @@ compressed crystal has negative stress).
     interaction: h_i += MLP( sum_{j in cutoff} (W1 h_j) * filter(d_ij) )
 
 The filter is kernels.radius_graph.edge_filter (Gaussian basis times learned weights times a cosine cutoff
-envelope), the form the fused Triton kernel computes; here the sum runs over an explicit edge list that
-includes every periodic image within the cutoff, which small crystal cells need (the kernel's minimum image
-covers only cutoffs up to half the cell's width). Why SchNet: the smallest model whose layers have the
-kernel's form, invariant by construction, and cheap per atom, which is what a student is for.
+envelope), the form the fused Triton kernel computes. On CUDA, energy and forces without stress go through
+the kernel (ForceField.fused_kernel_applies); otherwise the sum runs over an explicit edge list that includes
+every periodic image within the cutoff, which small crystal cells need (the kernel's minimum image covers only
+cutoffs up to half the cell's width), and training always takes it (the loss differentiates the forces, and the
+kernel has no double backward). Why SchNet: the smallest model whose layers have the kernel's form, invariant
+by construction, and cheap per atom, which is what a student is for.
 
 Batches are flat: numbers [A] atomic numbers, pos [A, 3], batch [A] structure index (sorted), cell [S, 3, 3]
 (rows are lattice vectors; ignored for molecules), pbc [S] bool (a structure is periodic in all three
@@ -20,15 +22,13 @@ directions or in none).
 """
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from kernels.radius_graph import edge_filter
+from kernels.radius_graph import backend, check_cutoff, cosine_envelope, gaussian_rbf, radius_message_passing
 
 
 @dataclass
@@ -43,39 +43,41 @@ class ForceFieldConfig:
 def neighbour_edges(pos: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float):
     """Every pair (i, j, image) closer than cutoff, as (i [E], j [E], shift [E, 3] integer lattice offsets).
     The vector of an edge is pos[j] - pos[i] + shift @ cell[batch[i]]. Found without gradients; the caller
-    recomputes the vectors from pos and cell, so forces and stress flow through them."""
-    edges_i, edges_j, shifts = [], [], []
+    recomputes the vectors from pos and cell, so forces and stress flow through them. `batch` is sorted.
+    Crystals get every image within the cutoff, which small cells need (the fused kernel's minimum image covers
+    only cutoffs up to half the cell's width); atoms need not lie inside the cell."""
     with torch.no_grad():
-        for s in range(int(batch.max()) + 1 if len(batch) else 0):
-            idx = torch.nonzero(batch == s).flatten()
-            p = pos[idx].double()
-            wrap = torch.zeros_like(p)  # [n, 3] whole cells each atom is moved by to lie inside the cell
-            if bool(pbc[s]):
-                c = cell[s].double()
-                wrap = torch.floor(p @ torch.linalg.inv(c))
-                p = p - wrap @ c
-                volume = torch.linalg.det(c).abs()
-                # Two atoms inside the cell differ by less than one cell along each lattice vector, so the images
-                # within the cutoff are at most ceil(cutoff / width) + 1 cells away, where the width along a is
-                # the cell's thickness perpendicular to the b-c face (volume / |b x c|), and so on.
-                widths = volume / torch.linalg.norm(torch.cross(c[[1, 2, 0]], c[[2, 0, 1]], dim=-1), dim=-1)
-                reach = [int(math.ceil(cutoff / float(w))) + 1 for w in widths]
-                image = torch.tensor(list(itertools.product(*[range(-r, r + 1) for r in reach])), dtype=torch.float64)
-            else:
-                image = torch.zeros(1, 3, dtype=torch.float64)
-                c = torch.zeros(3, 3, dtype=torch.float64)
-            r = p[None, :, None, :] - p[:, None, None, :] + (image @ c)[None, None]  # [n, n, K, 3]
-            d = r.norm(dim=-1)
-            self_pair = torch.eye(len(idx), dtype=torch.bool)[:, :, None] & (image == 0).all(-1)[None, None]
-            i, j, k = torch.nonzero((d < cutoff) & ~self_pair, as_tuple=True)
-            edges_i.append(idx[i])
-            edges_j.append(idx[j])
-            shifts.append(image[k] - wrap[j] + wrap[i])  # the same vector from the unwrapped positions
-    if not edges_i:
-        empty = torch.zeros(0, dtype=torch.long, device=pos.device)
-        return empty, empty, torch.zeros(0, 3, dtype=pos.dtype, device=pos.device)
-    return (torch.cat(edges_i).to(pos.device), torch.cat(edges_j).to(pos.device),
-            torch.cat(shifts).to(device=pos.device, dtype=pos.dtype))
+        counts = torch.bincount(batch, minlength=len(pbc))
+        first = torch.cumsum(counts, 0) - counts
+        # Molecules, all at once: every ordered pair of atoms of the same molecule, then the cutoff.
+        atoms = torch.nonzero(~pbc[batch]).flatten()
+        n = counts[batch[atoms]]
+        i = torch.repeat_interleave(atoms, n)
+        start = torch.cumsum(n, 0) - n
+        j = first[batch[i]] + torch.arange(len(i), device=pos.device) - torch.repeat_interleave(start, n)
+        keep = (i != j) & ((pos[j] - pos[i]).norm(dim=-1) < cutoff)
+        edges_i, edges_j = [i[keep]], [j[keep]]
+        shifts = [torch.zeros(int(keep.sum()), 3, dtype=torch.float64, device=pos.device)]
+        for s in torch.nonzero(pbc).flatten().tolist():  # crystals one at a time, with their periodic images
+            idx = torch.arange(int(first[s]), int(first[s] + counts[s]), device=pos.device)
+            c, p = cell[s].double(), pos[idx].double()
+            # Each pair starts from its nearest image in fractional coordinates (a difference within [-1/2, 1/2]
+            # along every lattice vector). A vector shorter than the cutoff spans at most cutoff / width of the cell
+            # along each lattice vector, where the width along a is the cell's thickness perpendicular to the b-c
+            # face (volume / |b x c|); so images up to floor(cutoff / width + 1/2) cells beyond the nearest suffice.
+            nearest = -torch.round((p[None, :] - p[:, None]) @ torch.linalg.inv(c))  # [n, n, 3]
+            widths = torch.linalg.det(c).abs() / torch.linalg.norm(torch.cross(c[[1, 2, 0]], c[[2, 0, 1]], dim=-1), dim=-1)
+            reach = [int(cutoff / float(w) + 0.5) for w in widths]
+            grid = torch.meshgrid(*[torch.arange(-r, r + 1, dtype=torch.float64, device=pos.device) for r in reach], indexing="ij")
+            image = torch.stack([g.flatten() for g in grid], dim=-1)  # [K, 3]
+            shift = nearest[:, :, None, :] + image[None, None]  # [n, n, K, 3]
+            r = p[None, :, None, :] - p[:, None, None, :] + shift @ c
+            self_pair = torch.eye(len(idx), dtype=torch.bool, device=pos.device)[:, :, None] & (shift == 0).all(-1)
+            a, b, k = torch.nonzero((r.norm(dim=-1) < cutoff) & ~self_pair, as_tuple=True)
+            edges_i.append(idx[a])
+            edges_j.append(idx[b])
+            shifts.append(shift[a, b, k])
+    return torch.cat(edges_i), torch.cat(edges_j), torch.cat(shifts).to(pos.dtype)
 
 
 def fit_reference_energies(numbers: list[np.ndarray], energies: np.ndarray, elements: list[int]) -> np.ndarray:
@@ -99,10 +101,15 @@ class Interaction(nn.Module):
         self.filter_weight = nn.Parameter(torch.randn(n_rbf, hidden) / n_rbf ** 0.5)
         self.update = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, h, i, j, d):
-        # h [A, F]; edges i <- j with distances d [E]
-        messages = self.project(h)[j] * edge_filter(d, self.cutoff, self.filter_weight)  # [E, F]
+    def forward(self, h, i, j, basis):
+        """h [A, F]; edges i <- j with basis [E, n_rbf] = cosine_envelope(d) * gaussian_rbf(d), shared by the layers:
+        basis @ filter_weight is kernels.radius_graph.edge_filter(d), computed once per call instead of per layer."""
+        messages = self.project(h)[j] * (basis @ self.filter_weight)  # [E, F]
         return h + self.update(torch.zeros_like(h).index_add(0, i, messages))
+
+    def fused(self, h, pos, batch, cell):
+        """The same layer through the fused Triton kernel, which finds the neighbours itself (minimum image)."""
+        return h + self.update(radius_message_passing(pos, self.project(h), batch, self.cutoff, self.filter_weight, cell))
 
 
 class ForceField(nn.Module):
@@ -128,22 +135,47 @@ class ForceField(nn.Module):
             raise ValueError(f"elements {unknown} are not in the force field's elements {self.config.elements}")
         return t
 
-    def energy(self, numbers, pos, batch, cell, pbc, edges=None) -> torch.Tensor:
-        """Energies [S] (eV, float64) of the structures of a flat batch (see the module docstring)."""
+    def fused_kernel_applies(self, pos, cell, pbc) -> bool:
+        """Whether the fused kernel can run the layers: a CUDA float32 batch (or Triton's interpreter) of molecules
+        only, or of crystals only whose every cell is at least twice the cutoff wide (the minimum image then
+        finds each neighbour once)."""
+        if pos.dtype != torch.float32 or not len(pbc) or backend(pos) != "triton":
+            return False
+        if not pbc.any():
+            return True
+        if not pbc.all():
+            return False
+        try:
+            check_cutoff(cell, self.config.cutoff)
+        except ValueError:
+            return False
+        return True
+
+    def energy(self, numbers, pos, batch, cell, pbc, edges=None, fused: bool = False) -> torch.Tensor:
+        """Energies [S] (eV, float64) of the structures of a flat batch (see the module docstring). fused: run the
+        layers through kernels/radius_graph.py (see fused_kernel_applies; its backward gives forces but has no
+        double backward, so training, which differentiates the forces, takes the edge-list path)."""
         n_struct = int(batch.max()) + 1 if len(batch) else 0
         t = self.types(numbers)
-        i, j, shift = neighbour_edges(pos, batch, cell, pbc, self.config.cutoff) if edges is None else edges
-        vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
-        d = vec.norm(dim=-1)
         h = self.embed(t)
-        for layer in self.layers:
-            h = layer(h, i, j, d)
+        if fused:
+            for layer in self.layers:
+                h = layer.fused(h, pos, batch, cell if bool(pbc.any()) else None)
+        else:
+            i, j, shift = neighbour_edges(pos, batch, cell, pbc, self.config.cutoff) if edges is None else edges
+            vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
+            d = vec.norm(dim=-1)
+            basis = cosine_envelope(d, self.config.cutoff)[:, None] * gaussian_rbf(d, self.config.cutoff, self.config.n_rbf)
+            for layer in self.layers:
+                h = layer(h, i, j, basis)
         atomic = self.readout(h).squeeze(-1).double() * self.energy_scale + self.reference_energy[t]
         return torch.zeros(n_struct, dtype=torch.float64, device=pos.device).index_add(0, batch, atomic)
 
-    def forward(self, numbers, pos, batch, cell, pbc, stress: bool = False, create_graph: bool = False):
+    def forward(self, numbers, pos, batch, cell, pbc, stress: bool = False, create_graph: bool = False, edges=None):
         """(energy [S], forces [A, 3], stress [S, 3, 3] or None). create_graph keeps the graph of the forces,
-        for a loss on them. Stress is computed for periodic structures (zeros for molecules)."""
+        for a loss on them. Stress is computed for periodic structures (zeros for molecules). edges: the
+        neighbour_edges of these positions, when the caller found them already (a data loader). Without
+        edges, create_graph or stress, the fused kernel runs the layers where it applies (CUDA)."""
         pos = pos.requires_grad_(True) if not pos.requires_grad else pos
         n_struct = int(batch.max()) + 1 if len(batch) else 0
         strain = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=stress)
@@ -151,7 +183,8 @@ class ForceField(nn.Module):
             sym = 0.5 * (strain + strain.transpose(1, 2))
             pos = pos + torch.einsum("ab,abc->ac", pos, sym[batch])
             cell = cell + torch.einsum("sab,sbc->sac", cell, sym)
-        energy = self.energy(numbers, pos, batch, cell, pbc)
+        fused = edges is None and not create_graph and not stress and self.fused_kernel_applies(pos, cell, pbc)
+        energy = self.energy(numbers, pos, batch, cell, pbc, edges, fused=fused)
         inputs = [pos, strain] if stress else [pos]
         grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
         forces = -grads[0]
@@ -196,3 +229,61 @@ def student_calculator(model: ForceField, device="cpu"):
                 self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
 
     return StudentCalculator()
+
+
+@dataclass
+class ForceFieldObjectiveConfig:
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    stress_weight: float = 1.0
+    force_scale: float = 1.0  # eV/A: the training labels' force RMS; errors are measured in units of it
+    stress_scale: float = 1.0  # eV/A^3: the training labels' stress RMS (crystals)
+
+
+class ForceFieldObjective:
+    """The student's training loss, with the interface of a generative process (draw_noise, loss) so that one
+    training loop serves both tasks:
+
+        w_E mean_s ((E_s - E*_s) / n_s / f)^2 + w_F mean_(i,x) ((F_ix - F*_ix) / f)^2 + w_S mean_(s periodic, ab) ((S - S*) / g)^2
+
+    with f the force RMS and g the stress RMS of the training labels, so the weights compare like with like."""
+
+    Config = ForceFieldObjectiveConfig
+
+    def __init__(self, config: ForceFieldObjectiveConfig):
+        self.config = config
+
+    def draw_noise(self, n: int, n_max: int, generator: torch.Generator) -> dict:
+        return {}  # regression: nothing random in a step
+
+    def predict(self, model, batch: dict, create_graph: bool):
+        periodic = bool(batch["pbc"].any())
+        pos = batch["pos"].detach().requires_grad_(True)
+        return model(batch["numbers"], pos, batch["batch"], batch["cell"], batch["pbc"], stress=periodic,
+                     create_graph=create_graph, edges=batch["edges"])
+
+    def loss(self, model, batch: dict, noise: dict | None = None, create_graph: bool = True) -> torch.Tensor:
+        """Sums of squared errors over the batch divided by batch["counts"] (see LabelledStructures.batch): the
+        means above, of the global batch when the batch is one rank's part of it."""
+        c = self.config
+        n_structures, n_forces, n_stresses = batch["counts"].tolist()
+        energy, forces, stress = self.predict(model, batch, create_graph)
+        e = ((energy - batch["energy"]) / batch["n_atoms"] / c.force_scale).pow(2).sum() / n_structures
+        f = ((forces - batch["forces"]) / c.force_scale).pow(2).sum() / n_forces
+        total = c.energy_weight * e.to(f.dtype) + c.force_weight * f
+        if stress is not None and c.stress_weight and n_stresses:
+            periodic = batch["pbc"]
+            total = total + c.stress_weight * ((stress[periodic] - batch["stress"][periodic]) / c.stress_scale).pow(2).sum() / n_stresses
+        return total
+
+    def absolute_errors(self, model, batch: dict) -> dict:
+        """Sums of absolute errors and their counts: energy per atom (eV), force components (eV/A), stress components
+        of crystals (eV/A^3). Divide sum by count over a data set for the MAE."""
+        energy, forces, stress = self.predict(model, batch, create_graph=False)
+        out = {"energy": ((energy.detach() - batch["energy"]).abs() / batch["n_atoms"]).sum().item(), "energy_n": len(energy),
+               "forces": (forces.detach() - batch["forces"]).abs().sum().item(), "forces_n": forces.numel(),
+               "stress": 0.0, "stress_n": 0}
+        if stress is not None:
+            err = (stress.detach() - batch["stress"])[batch["pbc"]]
+            out.update(stress=err.abs().sum().item(), stress_n=err.numel())
+        return out
