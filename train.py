@@ -1,7 +1,9 @@
-"""Train a 3D generative model of molecules: one loop for every --arch x --gen combination.
+"""Train a 3D generative model of molecules (every --arch x --gen combination), or a student force field on
+label.py's labels (--task ff): one loop for both.
 
     python train.py --arch gnn --gen flow --preset small            # one device (CUDA if present, else CPU)
     torchrun --nproc_per_node 8 train.py --arch gnn --gen flow ...  # data-parallel, same flags
+    python train.py --task ff --data labels.h5 [more.h5 ...]        # student of the teacher that labelled them
 
 Reads top to bottom: flags, distributed setup, data, model, optimiser, checkpoints, loop. Only rank 0
 writes files. Writes OUT/ckpt.pt (+ config.json), OUT/log.jsonl and OUT/train.log.
@@ -14,7 +16,9 @@ import functools
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,18 +45,18 @@ PRESETS = {
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default="gnn", help="backbone network")
-parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default="flow", help="generative process")
-parser.add_argument("--data", choices=["qm9"], default="qm9", help="data set (crystal sets come with their issue)")
+parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: a generative model; ff: a student force field (models/forcefield.py) on --data labels files")
+parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn)")
+parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="--task gen: generative process (default flow)")
+parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set, qm9 (default); --task ff: label.py's labels files (.h5) of one teacher")
 parser.add_argument("--data-dir", default=None, help="where the data cache lives (default: ./data or $MOLGEN_DATA)")
-parser.add_argument("--task", choices=["gen"], default="gen", help="gen: generative model (ff: force field, its own issue)")
 parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
 parser.add_argument("--hidden", type=positive_int, help="hidden width of the backbone (preset)")
 parser.add_argument("--n-layers", type=positive_int, help="number of backbone layers (preset)")
 parser.add_argument("--cfconv-cutoff", type=nonnegative_float, default=0.0, help="gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
 parser.add_argument("--iters", type=positive_int, help="optimisation steps in total (preset)")
 parser.add_argument("--batch-size", type=positive_int, help="global batch size in molecules, split over ranks (preset)")
-parser.add_argument("--n-train", type=positive_int, help="use only the first N training molecules (preset; default all)")
+parser.add_argument("--n-train", type=positive_int, help="use only the first N training molecules / structures (preset; default all)")
 parser.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (preset)")
 parser.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps before cosine decay (preset)")
 parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final learning rate as a fraction of the peak")
@@ -61,6 +65,11 @@ parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="cl
 parser.add_argument("--ema-decay", type=decay, default=0.999, help="decay of the EMA weights used for sampling")
 parser.add_argument("--ot-align", action="store_true", help="flow: equivariant OT alignment of prior and data")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
+parser.add_argument("--cutoff", type=positive_float, default=5.0, help="ff: radius of the student's neighbour graph (A)")
+parser.add_argument("--energy-weight", type=nonnegative_float, default=1.0, help="ff: weight of the energy-per-atom loss")
+parser.add_argument("--force-weight", type=nonnegative_float, default=10.0, help="ff: weight of the force loss")
+parser.add_argument("--stress-weight", type=nonnegative_float, default=1.0, help="ff: weight of the stress loss (crystals)")
+parser.add_argument("--val-fraction", type=fraction, default=0.05, help="ff: fraction of structures held out for validation (by a hash of their key, so stable across files)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order, noise and initialisation")
@@ -73,7 +82,7 @@ parser.add_argument("--log-every", type=positive_int, help="steps between progre
 parser.add_argument("--eval-every", type=nonnegative_int, help="steps between validation loss + quick sample stability (0: only at the end) (preset)")
 parser.add_argument("--eval-samples", type=nonnegative_int, help="molecules sampled for the periodic stability check (preset)")
 parser.add_argument("--sample-steps", type=positive_int, help="ODE steps of the periodic sampling check (preset)")
-parser.add_argument("--val-size", type=positive_int, help="validation molecules for the validation loss (preset)")
+parser.add_argument("--val-size", type=positive_int, help="validation molecules / structures for the validation loss and MAE (preset)")
 parser.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints (also written at the end)")
 parser.add_argument("--stop-after", type=positive_int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
 parser.add_argument("--wandb", default=None, help="wandb project name (logs there if wandb is installed)")
@@ -81,6 +90,26 @@ args = parser.parse_args()
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
+FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction")
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale")
+if args.task == "ff":
+    if given := [k for k in GEN_ONLY if getattr(args, k) not in (None, False, 0.0)]:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of --task gen; --task ff trains the "
+                     f"student force field of models/forcefield.py")
+    if not args.data:
+        parser.error("--task ff needs --data LABELS.h5 [...]: label.py's output")
+    for path in args.data:
+        if not Path(path).is_file():
+            parser.error(f"--data {path}: no such labels file")
+    args.data = [str(Path(p)) for p in args.data]
+else:
+    if given := [k for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of --task ff")
+    args.arch, args.gen = args.arch or "gnn", args.gen or "flow"
+    if args.data is None or args.data == ["qm9"]:
+        args.data = "qm9"
+    else:
+        parser.error(f"--data {' '.join(args.data)}: --task gen trains on qm9 (crystal sets come with their issue)")
 if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 if args.ot_align and args.gen != "flow":
@@ -91,7 +120,9 @@ if args.resume and args.overwrite:
     parser.error("--resume continues the run in OUT and --overwrite deletes it: give one of them")
 if args.override and not args.resume:
     parser.error("--override applies to --resume only")
-out_dir = Path(args.out or f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}")
+default_out = f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}" if args.task == "gen" else \
+    f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
+out_dir = Path(args.out or default_out)
 writable_dir(parser, out_dir, "--out")
 
 # torch and the models are imported once the flags are known to be good: a bad flag fails at once.
@@ -100,9 +131,13 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models import ARCHS, PROCESSES  # noqa: E402
-from models.checkpoint import CheckpointError, build_model, config_from_dict, load_checkpoint, save_checkpoint  # noqa: E402
+from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, load_checkpoint,  # noqa: E402
+                               save_checkpoint)
 from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
 from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_temporaries  # noqa: E402
+from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies  # noqa: E402
+from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures  # noqa: E402
+from models.labels import LabelsError  # noqa: E402
 from models.metrics import stability  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +163,9 @@ master = rank == 0
 if args.batch_size % world:
     raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
 local_batch = args.batch_size // world
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+# bf16 autocast for the generative models on CUDA; a force field's forces are derivatives, trained in float32
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.task == "gen" else \
+    torch.autocast(device.type, enabled=False)
 
 # ----------------------------------------------------------------------------------------------
 # Run directory: a new run never overwrites an old one by accident, and a resumed run continues exactly
@@ -143,17 +180,17 @@ run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json
 # Flags that define a run: changing them on --resume makes a different run. The model's sizes come from the
 # checkpoint, so they cannot change at all.
 RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
-             "n_train", "preset")
-MODEL_FLAGS = ("hidden", "n_layers", "cfconv_cutoff", "ot_align", "gamma_scale", "data")
+             "n_train", "preset") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
+MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data") if args.task == "gen" else ("cutoff",))
 resume_ckpt, resume_path = None, ckpt_path
 if args.resume:
     try:
-        resume_ckpt = load_checkpoint(ckpt_path, arch=args.arch, gen=args.gen, resume=True)
+        resume_ckpt = load_checkpoint(ckpt_path, arch=args.arch, gen=args.gen, resume=True, task=args.task)
     except CheckpointError as e:
         if not prev_ckpt_path.exists():
             raise SystemExit(f"cannot resume: {e}")
         try:  # the previous checkpoint is kept beside the last one for exactly this
-            resume_ckpt, resume_path = load_checkpoint(prev_ckpt_path, arch=args.arch, gen=args.gen, resume=True), prev_ckpt_path
+            resume_ckpt, resume_path = load_checkpoint(prev_ckpt_path, arch=args.arch, gen=args.gen, resume=True, task=args.task), prev_ckpt_path
         except CheckpointError as e_prev:
             raise SystemExit(f"cannot resume: {e}; and {e_prev}")
         print(f"warning: {e}; resuming from the previous checkpoint {prev_ckpt_path}", file=sys.stderr)
@@ -169,8 +206,8 @@ if args.resume:
     if (changed := changes(RUN_FLAGS)) and not args.override:
         raise SystemExit(f"cannot resume {resume_path}: {changed}; these define the run. Give the checkpoint's values, "
                          f"or add --override to change them from its step on")
-elif any(p.exists() for p in run_files):
-    if not args.overwrite:
+elif any(p.exists() for p in run_files if p.name != "train.log"):  # a run that stopped before its first step
+    if not args.overwrite:  # (bad data, say) leaves only train.log: the next attempt appends to it
         what = "a checkpoint (ckpt.pt)" if ckpt_path.exists() or prev_ckpt_path.exists() else "the logs of an earlier run"
         raise SystemExit(f"{out_dir} holds {what}. Continue it with --resume, start over there with --overwrite "
                          f"(deletes its checkpoints and logs), or give another --out")
@@ -207,21 +244,45 @@ def log_json(record: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data. Every batch is padded to the data set's largest molecule: one shape for torch.compile, and
-# noise drawn for the global batch can be sliced by rank.
+# Data. gen: every batch is padded to the data set's largest molecule: one shape for torch.compile, and
+# noise drawn for the global batch can be sliced by rank. ff: flat batches of labelled structures with
+# their neighbour lists, split into train / validation by a hash of each structure's key.
 
 t_load = time.time()
-try:
-    train_mols, valid_mols = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
-except DataError as e:
-    raise SystemExit(f"train.py: {e}")
-if args.n_train:
-    train_mols = train_mols.subset(range(min(args.n_train, len(train_mols))))
-valid_mols = valid_mols.subset(range(min(args.val_size, len(valid_mols))))
-n_max = int(max(train_mols.n_atoms.max(), valid_mols.n_atoms.max()))
-train_set, valid_set = PaddedMolecules(train_mols, n_max), PaddedMolecules(valid_mols, n_max)
-n_atoms_hist = train_mols.n_atoms_histogram().tolist()
-log(f"data: {len(train_set)} train / {len(valid_set)} validation molecules, n_max {n_max}, loaded in {time.time() - t_load:.1f} s")
+if args.task == "gen":
+    try:
+        train_mols, valid_mols = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+    except DataError as e:
+        raise SystemExit(f"train.py: {e}")
+    if args.n_train:
+        train_mols = train_mols.subset(range(min(args.n_train, len(train_mols))))
+    valid_mols = valid_mols.subset(range(min(args.val_size, len(valid_mols))))
+    n_max = int(max(train_mols.n_atoms.max(), valid_mols.n_atoms.max()))
+    train_set, valid_set = PaddedMolecules(train_mols, n_max), PaddedMolecules(valid_mols, n_max)
+    n_atoms_hist = train_mols.n_atoms_histogram().tolist()
+    log(f"data: {len(train_set)} train / {len(valid_set)} validation molecules, n_max {n_max}, loaded in {time.time() - t_load:.1f} s")
+else:
+    try:
+        labelled = LabelledStructures.load(args.data)
+    except LabelsError as e:
+        raise SystemExit(f"train.py: {e}")
+    train_set, valid_set = labelled.split(args.val_fraction)
+    if not len(train_set) or not len(valid_set):
+        raise SystemExit(f"train.py: the {len(labelled)} structures of {', '.join(args.data)} leave {len(train_set)} for training and "
+                         f"{len(valid_set)} for validation (--val-fraction {args.val_fraction}); label more, or change --val-fraction")
+    if args.n_train:
+        train_set = train_set.subset(range(min(args.n_train, len(train_set))))
+    valid_set = valid_set.subset(range(min(args.val_size, len(valid_set))))
+    n_max = 0  # flat batches: no padding
+    log(f"data: {len(train_set)} train / {len(valid_set)} validation structures ({int(train_set.c['n_atoms'].sum()):,} / "
+        f"{int(valid_set.c['n_atoms'].sum()):,} atoms, {int(train_set.periodic.sum())} / {int(valid_set.periodic.sum())} periodic) "
+        f"labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t_load:.1f} s")
+
+
+def load_batch(data, idx, global_idx=None) -> dict:
+    """The batch of `idx`; for ff, normalised over the global batch `global_idx` that this rank holds a part of."""
+    return data.batch(idx, device) if args.task == "gen" else \
+        data.batch(idx, device, args.cutoff, global_index=global_idx, world=world if global_idx is not None else 1)
 
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
@@ -244,14 +305,15 @@ def step_generator(step: int, salt: int = 0) -> torch.Generator:
 # ----------------------------------------------------------------------------------------------
 # Model, process, optimiser, schedule, EMA
 
-arch_cls, proc_cls = ARCHS[args.arch], PROCESSES[args.gen]
+# objective: the generative process (gen) or the force-field loss (ff); the loop calls its draw_noise and loss
 if resume_ckpt is not None:  # the checkpoint's configs win over the flags
     try:
-        model, process = build_model(resume_ckpt, weights="model")
+        model, objective = (build_model if args.task == "gen" else build_student)(resume_ckpt, weights="model")
     except CheckpointError as e:
         raise SystemExit(f"cannot resume from {resume_path}: {e}")
-else:
+elif args.task == "gen":
     torch.manual_seed(args.seed)
+    arch_cls, proc_cls = ARCHS[args.arch], PROCESSES[args.gen]
     extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
     model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers, **extra))
     process_options = {"n_types": len(ATOM_SYMBOLS)}
@@ -259,11 +321,24 @@ else:
         process_options["ot_align"] = True
     if args.gamma_scale is not None:
         process_options["gamma_scale"] = args.gamma_scale
-    process = proc_cls(config_from_dict(proc_cls.Config, process_options))
+    objective = proc_cls(config_from_dict(proc_cls.Config, process_options))
+else:
+    torch.manual_seed(args.seed)
+    model = ForceField(ForceFieldConfig(elements=labelled.elements, hidden=args.hidden, n_layers=args.n_layers, cutoff=args.cutoff))
+    with torch.no_grad():  # per-element energies by least squares and the force scale: the network learns the rest
+        e0 = fit_reference_energies(train_set.structure_numbers(), train_set.c["energy"], model.config.elements)
+        model.reference_energy.copy_(torch.from_numpy(e0))
+        model.energy_scale.fill_(train_set.force_rms())
+    objective = ForceFieldObjective(ForceFieldObjective.Config(
+        energy_weight=args.energy_weight, force_weight=args.force_weight, stress_weight=args.stress_weight,
+        force_scale=train_set.force_rms(), stress_scale=train_set.stress_rms()))
 model.to(device)
 ema = copy.deepcopy(model).requires_grad_(False)
 n_params = sum(p.numel() for p in model.parameters())
-log(f"model: {args.arch} {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; process: {args.gen} {asdict(process.config)}")
+if args.task == "gen":
+    log(f"model: {args.arch} {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; process: {args.gen} {asdict(objective.config)}")
+else:
+    log(f"model: student force field {asdict(model.config)}, {n_params / 1e6:.3f} M parameters; loss {asdict(objective.config)}")
 
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
@@ -321,11 +396,15 @@ def save(step: int) -> None:
                          f"checkpoint. The last good one is {ckpt_path}. Lower --lr (now {args.lr:g}) or --grad-clip.")
     log_file.flush()  # log.jsonl is closed after each record
     log_bytes = {name: (out_dir / name).stat().st_size for name in ("train.log", "log.jsonl") if (out_dir / name).exists()}
+    if args.task == "gen":
+        task_meta = {"arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
+                     "atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": n_atoms_hist}
+    else:  # the student knows whose labels it learned: label.py and evaluate.py name them
+        task_meta = {"objective_config": asdict(objective.config), "teacher": labelled.teacher,
+                     "teacher_version": labelled.teacher_version, "n_train": len(train_set), "n_valid": len(valid_set)}
     save_checkpoint(ckpt_path, {
-        "arch": args.arch, "gen": args.gen, "task": args.task, "data": args.data, "step": step,
-        "model_config": asdict(model.config), "process_config": asdict(process.config),
-        "atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": n_atoms_hist, "args": vars(args),
-        "model": model.state_dict(), "ema": ema.state_dict(),
+        "task": args.task, "data": args.data, "step": step, "model_config": asdict(model.config), **task_meta,
+        "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
@@ -339,16 +418,16 @@ def evaluate(step: int) -> dict:
     losses = []
     for lo in range(0, len(valid_set), local_batch):
         idx = torch.arange(lo, min(lo + local_batch, len(valid_set)))
-        noise = process.draw_noise(len(idx), n_max, step_generator(lo, salt=3))
+        noise = objective.draw_noise(len(idx), n_max, step_generator(lo, salt=3))
         with autocast:
-            losses.append(process.loss(ema, valid_set.batch(idx, device), noise).item() * len(idx))
+            losses.append(objective.loss(ema, valid_set.batch(idx, device), noise).item() * len(idx))
     record = {"step": step, "val_loss": sum(losses) / len(valid_set)}
     if args.eval_samples:
         hist = torch.tensor(n_atoms_hist)
         gen = torch.Generator().manual_seed(args.seed + 17)
         n_atoms = torch.multinomial(hist, args.eval_samples, replacement=True, generator=gen)
         with autocast:
-            out = process.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen)
+            out = objective.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen)
         types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
         z = torch.tensor(ATOMIC_NUMBERS)[types]
         results = [stability(z[i][mask[i]].numpy(), pos[i][mask[i]].double().numpy()) for i in range(len(n_atoms))]
@@ -357,25 +436,77 @@ def evaluate(step: int) -> dict:
     return record
 
 
+def evaluate_student(step: int) -> dict:
+    """Validation loss and mean absolute errors of the EMA student against the teacher: energy per atom (meV),
+    force components (meV/A) and, when crystals are held out, stress components (GPa). Forces are gradients, so
+    this runs with autograd on (the weights need none)."""
+    ema.eval()
+    loss_sum, errors = 0.0, {}
+    for lo in range(0, len(valid_set), local_batch):
+        batch = load_batch(valid_set, range(lo, min(lo + local_batch, len(valid_set))))
+        loss_sum += objective.loss(ema, batch, create_graph=False).item() * len(batch["energy"])
+        for k, v in objective.absolute_errors(ema, batch).items():
+            errors[k] = errors.get(k, 0) + v
+    record = {"step": step, "val_loss": loss_sum / len(valid_set),
+              "val_energy_mae_mev_per_atom": 1000 * errors["energy"] / errors["energy_n"],
+              "val_force_mae_mev_per_a": 1000 * errors["forces"] / errors["forces_n"]}
+    if errors["stress_n"]:
+        record["val_stress_mae_gpa"] = EV_PER_A3_IN_GPA * errors["stress"] / errors["stress_n"]
+    return record
+
+
+class Prefetcher:
+    """Builds the inputs of the coming steps on a thread while the current step runs; the time the loop still
+    waits for them is what it logs as data wait. Inputs depend on the step alone, so prefetching changes nothing
+    a resumed run would see."""
+
+    def __init__(self, make, steps, depth: int = 2):
+        self.queue = queue.Queue(depth)
+        threading.Thread(target=self._produce, args=(make, steps), daemon=True).start()
+
+    def _produce(self, make, steps):
+        try:
+            for step in steps:
+                self.queue.put((make(step), None))
+        except BaseException as e:  # handed to the loop, which raises it in the main thread
+            self.queue.put((None, e))
+
+    def next(self):
+        inputs, error = self.queue.get()
+        if error is not None:
+            raise error
+        return inputs
+
+
+def step_inputs(step: int):
+    """(batch, noise) of this rank at a step: both from (seed, step) alone."""
+    noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
+    idx = batch_indices(step)
+    return load_batch(train_set, idx[rows], global_idx=idx), noise
+
+
 # ----------------------------------------------------------------------------------------------
 # Loop
 
-log(f"training {args.arch} x {args.gen} on {args.data}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
+what = f"{args.arch} x {args.gen} on {args.data}" if args.task == "gen" else f"a student of {labelled.teacher} on {', '.join(args.data)}"
+unit = "mol" if args.task == "gen" else "structures"
+log(f"training {what}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
     f"on {world} process(es), device {device}, out {out_dir}")
 rows = slice(rank * local_batch, (rank + 1) * local_batch)
 end_step = args.iters if args.stop_after is None else min(args.iters, start_step + args.stop_after)
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
            mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not 10 a second
-t_start, t_last, seen = time.time(), time.time(), 0
+t_start, t_last, seen, waited = time.time(), time.time(), 0, 0.0
 bad_in_a_row, done = 0, start_step
 model.train()
+prefetch = Prefetcher(step_inputs, range(start_step, end_step))
 try:
     for step in range(start_step, end_step):
-        idx = batch_indices(step)[rows]
-        batch = train_set.batch(idx, device)
-        noise = {k: v[rows] for k, v in process.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
+        t_wait = time.time()
+        batch, noise = prefetch.next()
+        waited += time.time() - t_wait
         with autocast:
-            loss = process.loss(train_model, batch, noise)
+            loss = objective.loss(train_model, batch, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -411,17 +542,20 @@ try:
                 dist.all_reduce(loss_value)
                 loss_value /= world
             now = time.time()
-            mol_per_s = seen / (now - t_last)
-            eta = (args.iters - done) * args.batch_size / max(mol_per_s, 1e-9)
+            per_s = seen / (now - t_last)
+            eta = (args.iters - done) * args.batch_size / max(per_s, 1e-9)
+            # data_wait: the fraction of the time since the last line that the loop waited for its inputs
             record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm.item(), "mol_per_s": mol_per_s, "time": now - t_start}
+                      "grad_norm": grad_norm.item(), f"{'mol' if args.task == 'gen' else 'structures'}_per_s": per_s,
+                      "data_wait": waited / (now - t_last), "time": now - t_start}
             log_json(record)
             log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad {record['grad_norm']:.2f} | {mol_per_s:,.0f} mol/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-            bar.set_postfix(loss=f"{record['loss']:.3f}", mol_s=f"{mol_per_s:,.0f}")
-            t_last, seen = now, 0
+                f"grad {record['grad_norm']:.2f} | {per_s:,.0f} {unit}/s | data wait {100 * record['data_wait']:.1f} % | "
+                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", per_s=f"{per_s:,.0f}")
+            t_last, seen, waited = now, 0, 0.0
         if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
-            record = evaluate(done)
+            record = evaluate(done) if args.task == "gen" else evaluate_student(done)
             log_json(record)
             log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             model.train()
@@ -439,7 +573,7 @@ except KeyboardInterrupt:  # a step cut in half is not a state to save: the last
 bar.close()
 elapsed = time.time() - t_start
 steps_run = end_step - start_step
-log(f"{'done' if end_step == args.iters else f'stopped at step {end_step} (--stop-after)'}: {steps_run} steps in {elapsed:.1f} s ({steps_run * args.batch_size / max(elapsed, 1e-9):,.0f} molecules/s "
+log(f"{'done' if end_step == args.iters else f'stopped at step {end_step} (--stop-after)'}: {steps_run} steps in {elapsed:.1f} s ({steps_run * args.batch_size / max(elapsed, 1e-9):,.0f} {unit}/s "
     f"including evaluation); checkpoint {ckpt_path}")
 if ddp:
     dist.destroy_process_group()

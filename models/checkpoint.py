@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain Python values only (no pickled classes), so
 `torch.load(weights_only=True)` reads it; configs are stored as dicts and turned back into the
-arch's and process's dataclasses here.
+arch's and process's dataclasses here. Two tasks write checkpoints: "gen" (a backbone and a generative
+process) and "ff" (a student force field with the teacher it learned); each load names the task it wants.
 """
 from __future__ import annotations
 
@@ -50,13 +51,17 @@ def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) 
     atomic_write(path.with_name("config.json"), write_json)
 
 
-REQUIRED = ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "model", "ema")
+REQUIRED = {"gen": ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "model", "ema"),
+            "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "model", "ema")}
 RESUME = ("optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
+TASK_NAMES = {"gen": "a generative model (train.py --task gen)", "ff": "a student force field (train.py --task ff)"}
 
 
-def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None, resume: bool = False) -> dict:
-    """Load safely; with arch / gen given, refuse a checkpoint trained for another one; with resume, also require
-    what train.py --resume restores (optimiser, scheduler, RNG, flags)."""
+def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None, resume: bool = False,
+                    task: str = "gen") -> dict:
+    """Load safely; refuse a checkpoint of another task, or with arch / gen given, one trained for another
+    backbone or process; with resume, also require what train.py --resume restores (optimiser, scheduler, RNG,
+    flags)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -66,9 +71,14 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
         raise CheckpointError(f"{path}: not a readable MolGen-Bench checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a MolGen-Bench checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r}, expected {FORMAT!r})")
-    missing = [k for k in REQUIRED + (RESUME if resume else ()) if k not in ckpt]
+    if ckpt.get("task", "gen") != task:  # checkpoints from before the force field have no "task": generative
+        raise CheckpointError(f"{path} is {TASK_NAMES.get(ckpt.get('task'), repr(ckpt.get('task')))}, not {TASK_NAMES[task]}")
+    missing = [k for k in REQUIRED[task] + (RESUME if resume else ()) if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint, entries {missing} are missing")
+    if task == "ff":
+        _student_configs(ckpt, path)
+        return ckpt
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:
             raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
@@ -93,17 +103,51 @@ def config_from_dict(cls, values: dict):
     return cls(**values)
 
 
-def build_model(ckpt: dict, weights: str = "ema"):
-    """(model, process) from a checkpoint alone; weights 'ema' (for sampling) or 'model'."""
-    arch_cls, proc_cls = ARCHS[ckpt["arch"]], PROCESSES[ckpt["gen"]]
-    model = arch_cls(config_from_dict(arch_cls.Config, ckpt["model_config"]))
+def _load_weights(model, ckpt: dict, weights: str, name: str):
     try:
         model.load_state_dict(ckpt[weights])
     except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit a {ckpt['arch']} model with config {ckpt['model_config']}: {e}") from None
-    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
+        raise CheckpointError(f"weights do not fit a {name} model with config {ckpt['model_config']}: {e}") from None
+    bad = [k for k, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
     if bad:
         raise CheckpointError(f"non-finite (NaN / Inf) {weights} weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    return model
+
+
+def build_model(ckpt: dict, weights: str = "ema"):
+    """(model, process) from a checkpoint alone; weights 'ema' (for sampling) or 'model'."""
+    arch_cls, proc_cls = ARCHS[ckpt["arch"]], PROCESSES[ckpt["gen"]]
+    model = _load_weights(arch_cls(config_from_dict(arch_cls.Config, ckpt["model_config"])), ckpt, weights, ckpt["arch"])
     process = proc_cls(config_from_dict(proc_cls.Config, ckpt["process_config"]))
     return model, process
+
+
+def _student_configs(ckpt: dict, path="checkpoint"):
+    from models.forcefield import ForceFieldConfig, ForceFieldObjectiveConfig
+
+    try:
+        return (config_from_dict(ForceFieldConfig, ckpt["model_config"]),
+                config_from_dict(ForceFieldObjectiveConfig, ckpt["objective_config"]))
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: student force-field checkpoint with an unusable config: {e}") from None
+
+
+def build_student(ckpt: dict, weights: str = "ema"):
+    """(ForceField, ForceFieldObjective) from a --task ff checkpoint alone; weights 'ema' (for use) or 'model'."""
+    from models.forcefield import ForceField, ForceFieldObjective
+
+    model_config, objective_config = _student_configs(ckpt)
+    return _load_weights(ForceField(model_config), ckpt, weights, "student force-field"), ForceFieldObjective(objective_config)
+
+
+def load_student(path: Path, device="cpu"):
+    """(ForceField with the EMA weights in eval mode, checkpoint metadata: teacher, teacher_version, data, step)."""
+    ckpt = load_checkpoint(path, task="ff")
+    try:
+        model, _ = build_student(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    meta = {k: ckpt[k] for k in ("teacher", "teacher_version", "step") if k in ckpt}
+    meta["data"] = ckpt.get("data")
+    return model.to(device).eval(), meta
 

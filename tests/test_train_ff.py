@@ -1,0 +1,202 @@
+"""The distillation loop end to end on real teacher labels: ASE's EMT labels rattled QM9 fixture molecules and
+strained copper crystals into a labels file; train.py --task ff trains a tiny student on it (exact resume, DDP),
+evaluate.py --task ff scores it, and label.py runs it as a teacher. Bad labels files give clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from conftest import QM9_FIXTURE
+from models.checkpoint import CheckpointError, load_checkpoint, load_student
+from models.data import read_qm9pack_csv
+from models.labelled_data import LabelledStructures, is_validation
+from models.labels import LabelsError, LabelWriter, read_labels
+from models.teachers import get_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--task", "ff", "--preset", "tiny", "--iters", "30", "--batch-size", "8", "--log-every", "5", "--eval-every", "15",
+        "--ckpt-every", "10", "--val-fraction", "0.2"]
+
+
+def run(*args, check=True, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def emt_rows(n_molecules=40, n_crystals=20, seed=0, prefix=""):
+    """EMT labels (H, C, N, O and Cu are in its parameters) of rattled QM9 molecules and strained, rattled Cu."""
+    teacher = get_teacher("emt")
+    rng = np.random.default_rng(seed)
+    qm9 = read_qm9pack_csv([QM9_FIXTURE])
+    molecules = [qm9.to_atoms(i) for i in range(len(qm9)) if set(qm9.to_atoms(i).numbers) <= {1, 6, 7, 8}][:n_molecules]
+    crystals = [bulk("Cu", "fcc", a=3.6, cubic=bool(k % 2)).repeat((1 + k % 2, 1, 1)) for k in range(n_crystals)]
+    rows = []
+    for k, a in enumerate(molecules + crystals):
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        if a.pbc.any():
+            a.set_cell(a.cell.array * (1 + rng.normal(0, 0.02)), scale_atoms=True)
+        e, f, s = teacher.label(a)
+        rows.append(dict(numbers=a.numbers, positions=a.positions, forces=f, energy=e, stress=s, cell=a.cell.array,
+                         pbc=a.pbc, source="emt-fixture", key=f"{prefix}{'cu' if a.pbc.any() else 'mol'}{k}"))
+    return teacher, rows
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory):
+    path = tmp_path_factory.mktemp("labels") / "emt.h5"
+    teacher, rows = emt_rows()
+    with LabelWriter(path, teacher.name, teacher.version) as w:
+        w.append(rows, 1.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def student(labels, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ff") / "full"
+    run("train.py", *TINY, "--data", labels, "--out", out)
+    return out
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_student_trains_and_logs_validation_errors_and_data_wait(student, labels):
+    log = records(student)
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert [r["step"] for r in log if "loss" in r] == list(range(5, 31, 5))
+    assert losses[-1] < losses[0] / 2, losses
+    assert all(0 <= r["data_wait"] < 1 and r["structures_per_s"] > 0 for r in log if "loss" in r)
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert all(r["val_force_mae_mev_per_a"] > 0 and r["val_energy_mae_mev_per_atom"] >= 0 and "val_stress_mae_gpa" in r
+               for r in evals)
+    assert evals[-1]["val_force_mae_mev_per_a"] < evals[0]["val_force_mae_mev_per_a"]
+    text = (student / "train.log").read_text()
+    assert "labelled by emt" in text and "data wait" in text
+    ckpt = load_checkpoint(student / "ckpt.pt", task="ff")
+    assert ckpt["teacher"] == "emt" and ckpt["data"] == [str(labels)] and ckpt["model_config"]["elements"] == [1, 6, 7, 8, 29]
+    # the split is by key: the validation structures are exactly those whose key hashes to it
+    lab = read_labels(labels)
+    assert ckpt["n_valid"] == int(is_validation(lab["key"], 0.2).sum()) and ckpt["n_train"] + ckpt["n_valid"] == len(lab["key"])
+
+
+def test_student_resume_is_exact(student, labels, tmp_path):
+    out = tmp_path / "resumed"
+    run("train.py", *TINY, "--data", labels, "--out", out, "--stop-after", "10")
+    run("train.py", *TINY, "--data", labels, "--out", out, "--resume")
+    full, resumed = records(student), records(out)
+    key = ("step", "loss")
+    assert [tuple(r[k] for k in key) for r in resumed if "loss" in r] == [tuple(r[k] for k in key) for r in full if "loss" in r]
+    a, b = load_checkpoint(student / "ckpt.pt", task="ff"), load_checkpoint(out / "ckpt.pt", task="ff")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_student_two_process_ddp_matches_one_process(student, labels, tmp_path):
+    out = tmp_path / "ddp"
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY, "--data", labels, "--out", out)
+    single = {r["step"]: r["loss"] for r in records(student) if "loss" in r}
+    ddp = {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+    assert sorted(ddp) == sorted(single)
+    for step in single:  # the same global batch split over two ranks; only the all-reduce order differs
+        assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-6), step
+
+
+def test_student_is_a_calculator_and_a_label_py_teacher(student, labels, tmp_path):
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    from models.forcefield import student_calculator
+
+    model, meta = load_student(student / "ckpt.pt")
+    assert meta["teacher"] == "emt" and meta["step"] == 30
+    data = LabelledStructures.load([labels])
+    for s in (0, len(data) - 1):  # a molecule and a crystal, from the checkpoint alone
+        a = data.to_atoms(s)
+        a.calc = student_calculator(model)
+        MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
+        VelocityVerlet(a, timestep=0.5 * units.fs).run(20)
+        assert np.isfinite(a.positions).all() and np.isfinite(a.get_potential_energy())
+    out = tmp_path / "by_student.h5"
+    # carbon is in the student's elements: it labels carbon-24 crystals as any teacher would
+    run("label.py", QM9_FIXTURE.parent / "carbon24_sample.csv", "--teacher", f"student:{student / 'ckpt.pt'}", "--out", out,
+        "--no-progress")
+    lab = read_labels(out)
+    assert lab["attrs"]["teacher"] == "student" and "of emt" in lab["attrs"]["teacher_version"] and len(lab["key"]) == 6
+    assert np.isfinite(lab["forces"]).all() and np.isfinite(lab["stress"]).all()
+
+
+def test_evaluate_student_reports_accuracy_speed_and_md(student, labels, tmp_path):
+    proc = run("evaluate.py", "--task", "ff", "--ckpt", student / "ckpt.pt", labels, "--json", tmp_path / "ff.json",
+               "--speed-structures", "2", "--md-structures", "1", "--md-steps", "20")
+    result = json.loads((tmp_path / "ff.json").read_text())
+    ckpt = load_checkpoint(student / "ckpt.pt", task="ff")
+    assert result["held_out"] == ckpt["n_valid"]  # the training file: only its validation side is scored
+    acc = result["accuracy"]
+    assert set(acc) == {"all", "molecules", "crystals"} and acc["all"]["force_mae_mev_per_a"] > 0
+    assert acc["crystals"]["stress_mae_gpa"] >= 0
+    groups = [row["group"] for row in result["speed"]]
+    assert any(g.startswith("molecules") for g in groups) and "crystals x 2x2x2" in groups
+    assert all(row["teacher_atoms_per_s"] > 0 and row["speedup_batched"] > 0 for row in result["speed"])
+    assert [run_["periodic"] for run_ in result["md"]] == [False, True] and all(r["steps"] == 20 for r in result["md"])
+    assert (tmp_path / "parity.png").stat().st_size > 0 and (tmp_path / "md.png").stat().st_size > 0
+    assert "speed-up" in proc.stdout and "NVE" in proc.stdout
+
+
+def test_mixed_teachers_are_refused(student, labels, tmp_path):
+    other = tmp_path / "xtb_like.h5"
+    _, rows = emt_rows(4, 0, prefix="x")
+    with LabelWriter(other, "xtb", "tblite 0.0 GFN2-xTB") as w:
+        w.append(rows, 1.0)
+    proc = run("train.py", *TINY, "--data", labels, other, "--out", tmp_path / "mixed", check=False)
+    assert proc.returncode == 1 and "more than one teacher" in proc.stderr and "xtb_like.h5" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mixed" / "ckpt.pt").exists()
+    proc = run("evaluate.py", "--task", "ff", "--ckpt", student / "ckpt.pt", other, "--json", tmp_path / "e.json", check=False)
+    assert proc.returncode == 1 and "learned emt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_labels_files_give_clear_errors(labels, tmp_path):
+    nan = tmp_path / "nan.h5"
+    teacher, rows = emt_rows(3, 2, prefix="n")
+    rows[1]["forces"] = np.array(rows[1]["forces"])
+    rows[1]["forces"][0, 0] = np.nan
+    with LabelWriter(nan, teacher.name, teacher.version) as w:
+        w.append(rows, 1.0)
+    not_labels = tmp_path / "other.h5"
+    with h5py.File(not_labels, "w") as f:
+        f["x"] = np.zeros(3)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all")
+    for path, words in ((nan, ["nan.h5", "structure 1", "non-finite"]), (not_labels, ["other.h5", "not a labels file"]),
+                        (garbage, ["garbage.h5", "not a readable HDF5"])):
+        proc = run("train.py", *TINY, "--data", path, "--out", tmp_path / "bad", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert all(w in proc.stderr for w in words), (words, proc.stderr)
+        with pytest.raises(LabelsError):
+            LabelledStructures.load([path])
+    proc = run("train.py", "--task", "ff", "--data", tmp_path / "missing.h5", check=False)
+    assert proc.returncode == 2 and "no such labels file" in proc.stderr
+    proc = run("train.py", "--task", "ff", "--data", labels, "--arch", "gnn", check=False)
+    assert proc.returncode == 2 and "options of --task gen" in proc.stderr
+    proc = run("train.py", "--force-weight", "3", check=False)
+    assert proc.returncode == 2 and "options of --task ff" in proc.stderr
+
+
+def test_checkpoints_of_the_other_task_are_refused(student, qm9_dir, tmp_path):
+    proc = run("sample.py", "--ckpt", student / "ckpt.pt", "--n", "2", "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "student force field" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(CheckpointError, match="not a student force field"):
+        gen = tmp_path / "gen"
+        run("train.py", "--preset", "tiny", "--iters", "2", "--eval-samples", "0", "--data-dir", qm9_dir, "--out", gen)
+        load_student(gen / "ckpt.pt")
