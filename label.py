@@ -38,7 +38,7 @@ from models.cli import checked_device, fraction, nonnegative_float, nonnegative_
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.labels import LabelsError, LabelWriter, read_labels
 from models.structures import Failure, InputError, check_structure, fingerprint, iter_records, source_name
-from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher
+from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher, teacher_name
 
 
 MIN_DIST, ISOLATED_DIST = 0.5, 4.0  # A: default structure checks (models.structures.check_structure)
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--n-generate", type=positive_int, default=1000, help="molecules to sample with --generate")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps of --generate")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --generate sampling")
-    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="teacher force field")
+    p.add_argument("--teacher", required=True, type=teacher_name, help=f"teacher force field: {', '.join(sorted(TEACHERS))}, or student:PATH (a train.py --task ff checkpoint)")
     p.add_argument("--out", default="labels.h5", help="labels HDF5 file; OUT_STEM.failed.jsonl, OUT_STEM.report.json and label.log go next to it")
     p.add_argument("--shard", default=None, help="I/N: label only shard I of N (by a hash of the key) into OUT_STEM.shardIofN.h5; default under torchrun: RANK/WORLD_SIZE")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -502,7 +502,7 @@ def bench_main(argv) -> dict:
 
     p = argparse.ArgumentParser(prog="label.py bench", description=bench_main.__doc__)
     p.add_argument("inputs", nargs="+", help="structure inputs as for labelling (e.g. qm9:test, a CDVAE CSV); each is benched on its first --n records")
-    p.add_argument("--teachers", nargs="+", default=["xtb", "chgnet"], choices=sorted(TEACHERS), help="teachers to bench")
+    p.add_argument("--teachers", nargs="+", default=["xtb", "chgnet"], type=teacher_name, help="teachers to bench (names as for --teacher; student:PATH times a student against its teacher)")
     p.add_argument("--n", type=positive_int, default=200, help="structures per (teacher, input)")
     p.add_argument("--repeats", type=positive_int, default=3, help="bare / label.py passes each (alternating); medians are reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of torch teachers")
@@ -521,7 +521,7 @@ def bench_main(argv) -> dict:
             structures = [(teacher.as_seen(atoms), bool(atoms.pbc.any())) for _, _, atoms in records
                           if not isinstance(atoms, Failure)]
             short = source_name(inp) if Path(inp).exists() else inp  # 'perov_5/test.csv', 'qm9:test'
-            tag = f"{name}-{short.replace('/', '_').replace(':', '_')}"
+            tag = f"{teacher.name}-{short.replace('/', '_').replace(':', '_')}"
             bare, total, loop, labelled = [], [], [], 0
             for _ in range(args.repeats):
                 bare.append(_bare_calls(teacher, [(a.copy(), periodic) for a, periodic in structures]))
@@ -533,14 +533,14 @@ def bench_main(argv) -> dict:
                 labelled = r["labelled"]
             b, q, lp = statistics.median(bare), statistics.median(total), statistics.median(loop)
             atoms = sum(len(a) for a, _ in structures)
-            results.append({"teacher": name, "teacher_version": teacher.version, "input": short, "structures": len(records),
+            results.append({"teacher": teacher.name, "teacher_version": teacher.version, "input": short, "structures": len(records),
                             "labelled": labelled, "bare_seconds": bare, "label_seconds": total, "loop_seconds": loop,
                             # the labelling loop (parse, check, teacher, HDF5 blocks) grows with the structures; the rest
                             # (listing every record of the input, opening the file, the final report) is paid once per run
                             "loop_overhead": lp / b - 1, "per_run_seconds": q - lp, "overhead": q / b - 1,
                             "structures_per_hour": 3600 * labelled / q, "atoms_per_second": atoms / q})
             row = results[-1]
-            print(f"{name:<8} {short:<24} bare {b:8.2f} s  label.py {q:8.2f} s (loop {lp:.2f} s, {row['loop_overhead']:+.1%}; "
+            print(f"{teacher.name:<8} {short:<24} bare {b:8.2f} s  label.py {q:8.2f} s (loop {lp:.2f} s, {row['loop_overhead']:+.1%}; "
                   f"once per run {q - lp:.2f} s)  overall {row['overhead']:+.1%}  {row['structures_per_hour']:,.0f} structures/h", flush=True)
     env = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "device": args.device, "n": args.n, "repeats": args.repeats}

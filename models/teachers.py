@@ -1,11 +1,14 @@
 """Teacher force fields behind one ASE-calculator interface (the labels file they fill: models/labels.py).
 
-TEACHERS maps a name to a factory(device) -> Teacher. A Teacher wraps an ase Calculator with its name,
-version, the elements it supports and whether molecules must be put in a periodic vacuum box.
-`Teacher.label(atoms)` returns (energy eV, forces eV/A [n,3], stress eV/A^3 Voigt [6], NaN for molecules).
+TEACHERS maps a name to a factory(device) -> Teacher; `student:PATH` names a student force field trained by
+train.py --task ff (so label.py and its bench run a student exactly as they run its teacher). A Teacher wraps an
+ase Calculator with its name, version, the elements it supports and whether molecules must be put in a periodic
+vacuum box. `Teacher.label(atoms)` returns (energy eV, forces eV/A [n,3], stress eV/A^3 Voigt [6], NaN for
+molecules).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -130,10 +133,43 @@ def _mace_mp(device: str) -> Teacher:
     return Teacher("mace-mp", f"mace-torch {_version('mace-torch')} mace-mp medium", calc, molecule_vacuum=10.0)
 
 
+def _student(path: str, device: str) -> Teacher:
+    import hashlib
+
+    from models.checkpoint import CheckpointError, load_student
+    from models.forcefield import student_calculator
+
+    try:
+        model, meta = load_student(path, device)
+    except CheckpointError as e:
+        raise TeacherError(f"teacher student:{path}: {e}") from None
+    with open(path, "rb") as f:  # the weights' identity: another student is another teacher version
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return Teacher("student", f"student {digest} (step {meta['step']}) of {meta['teacher']} {meta['teacher_version']}",
+                   student_calculator(model, device), elements=set(model.config.elements), meta=meta)
+
+
 TEACHERS = {"emt": _emt, "xtb": _xtb, "chgnet": _chgnet, "sevennet": _sevennet, "orb-v2": _orb_v2, "mace-mp": _mace_mp}
+STUDENT_PREFIX = "student:"  # student:PATH/ckpt.pt
+
+
+def teacher_name(value: str) -> str:
+    """argparse type of --teacher: a name of TEACHERS or student:PATH to an existing checkpoint."""
+    import argparse
+
+    if value.startswith(STUDENT_PREFIX):
+        if not os.path.isfile(value[len(STUDENT_PREFIX):]):
+            raise argparse.ArgumentTypeError(f"{value}: no such student checkpoint file")
+        return value
+    if value not in TEACHERS:
+        raise argparse.ArgumentTypeError(f"unknown teacher {value!r}; known: {', '.join(sorted(TEACHERS))}, or "
+                                         f"{STUDENT_PREFIX}PATH to a train.py --task ff checkpoint")
+    return value
 
 
 def get_teacher(name: str, device: str = "cpu") -> Teacher:
+    if name.startswith(STUDENT_PREFIX):
+        return _student(name[len(STUDENT_PREFIX):], device)
     if name not in TEACHERS:
         raise TeacherError(f"unknown teacher {name!r}; known: {sorted(TEACHERS)}")
     return TEACHERS[name](device)
