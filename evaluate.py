@@ -1,11 +1,14 @@
-"""Evaluate generated molecules against QM9 (EDM protocol plus distribution metrics), or the real test set.
+"""Evaluate generated molecules against QM9 (EDM protocol plus distribution metrics), or the real test set; or a
+student force field against its teacher.
 
     python evaluate.py out/run/samples.extxyz --data qm9     # metrics of generated molecules
     python evaluate.py --reference qm9                         # the same metrics on the real test set
+    python evaluate.py --task ff --ckpt out/ff/ckpt.pt labels.h5 [more.h5 ...]   # student vs teacher
 
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
-log.jsonl sits next to the samples) and evaluate.log; prints a one-row metric table and the throughput.
-Metric definitions: models/metrics.py and README.md, "Design", "Metrics".
+log.jsonl sits next to the samples; for a student: parity plots and MD energy traces) and evaluate.log; prints
+the metric table and the throughput. Metric definitions: models/metrics.py, models/forcefield_eval.py and
+README.md, "Design", "Metrics".
 """
 import argparse
 import io
@@ -16,10 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from models.cli import fraction, nonnegative_int, output_file, writable_dir
+from models.cli import checked_device, fraction, nonnegative_int, output_file, positive_float, positive_int, writable_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("samples", nargs="?", type=Path, help="extended XYZ file of generated molecules (ASE reads it)")
+parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the extended XYZ file of generated molecules (ASE reads "
+                    "it); --task ff: labels files (.h5) of the student's teacher, scored on the structures it did not train on")
+parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: generated molecules; ff: a student force field")
 parser.add_argument("--data", default="qm9", choices=["qm9"], help="data set the samples imitate")
 parser.add_argument("--reference", choices=["qm9"], help="evaluate the real test set instead of samples "
                     "(the 'Data' row; its distribution metrics are taken against the validation split)")
@@ -37,12 +42,194 @@ parser.add_argument("--n-ref", type=nonnegative_int, default=0,
 parser.add_argument("--coverage-threshold", type=fraction, default=0.4,
                     help="Tanimoto similarity at which a molecule counts as covered (coverage recall / precision)")
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+ff = parser.add_argument_group("--task ff (a student force field against its teacher)")
+ff.add_argument("--ckpt", type=Path, default=None, help="the student: a train.py --task ff checkpoint")
+ff.add_argument("--labels", nargs="+", type=Path, default=[], help="labels files of the student's teacher (the same as giving them as INPUTS)")
+ff.add_argument("--teacher", default=None, help="teacher to time the student against (default: the one whose labels it learned)")
+ff.add_argument("--device", default="cpu", help="device of the student and of a torch teacher (cpu / cuda), for accuracy and speed")
+ff.add_argument("--speed-structures", type=positive_int, default=24, help="structures per size group in the speed benchmark")
+ff.add_argument("--md-structures", type=nonnegative_int, default=3, help="held-out structures of each kind (molecules, crystals) run by NVE MD with the student")
+ff.add_argument("--md-steps", type=positive_int, default=2000, help="velocity-Verlet steps per MD run")
+ff.add_argument("--md-timestep", type=positive_float, default=0.5, help="MD time step (fs)")
+ff.add_argument("--md-temperature", type=positive_float, default=300.0, help="initial Maxwell-Boltzmann temperature of MD (K)")
+ff.add_argument("--no-teacher", action="store_true", help="skip the teacher's speed (no speed-up); accuracy needs only the labels")
+
+def fail(message: str):
+    sys.exit(f"evaluate.py: error: {message}")
+
+
+def nan_to_none(v):
+    """JSON has no NaN: undefined metrics (and non-finite values) are written as null."""
+    if isinstance(v, dict):
+        return {k: nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [nan_to_none(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+# ----------------------------------------------------------------------------------------------
+# --task ff: a student force field against its teacher (the molecule evaluation follows the flags below)
+
+
+def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
+    """Accuracy on held-out labels, speed against the teacher, NVE MD; writes out_json, parity.png, md.png."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from models import forcefield_eval
+    from models.checkpoint import CheckpointError, build_student, load_checkpoint
+    from models.fileio import atomic_write
+    from models.forcefield import student_calculator
+    from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures, is_validation
+    from models.labels import LabelsError
+    from models.teachers import TeacherError, get_teacher
+
+    plt.switch_backend("Agg")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
+        logging.StreamHandler(sys.stdout), logging.FileHandler(out_json.parent / "evaluate.log", mode="w")])
+    log = logging.getLogger("evaluate")
+    log.info("$ python " + " ".join(sys.argv))
+    try:
+        ckpt = load_checkpoint(args.ckpt, task="ff")
+        model, _ = build_student(ckpt)
+        data = LabelledStructures.load(args.inputs)
+    except (CheckpointError, LabelsError) as e:
+        fail(str(e))
+    model = model.to(args.device).eval()
+    if (data.teacher, data.teacher_version) != (ckpt["teacher"], ckpt["teacher_version"]):
+        fail(f"{', '.join(map(str, args.inputs))} hold labels of {data.teacher} ({data.teacher_version}); the student "
+             f"{args.ckpt} learned {ckpt['teacher']} ({ckpt['teacher_version']}): score a student against its own teacher")
+    # Held out: a structure of one of the student's training files is scored only if it fell on the validation
+    # side of the training split (by the hash of its key); structures of other files were never seen.
+    trained_on = {Path(p).resolve() for p in ckpt["data"]}
+    in_training_file = np.array([Path(data.files[i]).resolve() in trained_on for i in data.c["file"]], dtype=bool)
+    train_side = ~is_validation(data.c["key"], ckpt["args"]["val_fraction"])
+    held = data.subset(np.flatnonzero(~(in_training_file & train_side)))
+    if not len(held):
+        fail(f"every structure of {', '.join(map(str, args.inputs))} was in the student's training split: give held-out labels")
+    log.info(f"student {args.ckpt} (step {ckpt['step']}, {sum(p.numel() for p in model.parameters()):,} parameters) of "
+             f"{data.teacher} ({data.teacher_version}); {len(held)} held-out structures of {len(data)} in "
+             f"{', '.join(map(str, args.inputs))}; device {args.device}")
+
+    t0 = time.time()
+    pred = forcefield_eval.predict(model, held, device=args.device)
+    result = {"checkpoint": str(args.ckpt), "step": ckpt["step"], "teacher": data.teacher,
+              "teacher_version": data.teacher_version, "labels": [str(p) for p in args.inputs], "held_out": len(held),
+              "accuracy": forcefield_eval.accuracy(pred, held), "accuracy_seconds": time.time() - t0}
+    for group, row in result["accuracy"].items():
+        log.info(f"{group:<10} {row['structures']:>7} structures  energy MAE {row.get('energy_mae_mev_per_atom', float('nan')):8.2f} "
+                 f"meV/atom  force MAE {row.get('force_mae_mev_per_a', float('nan')):8.1f} meV/A" +
+                 (f"  stress MAE {row['stress_mae_gpa']:.3f} GPa" if "stress_mae_gpa" in row else ""))
+
+    # Speed: each kind in three size groups (smallest to largest of --speed-structures picked evenly), and crystals
+    # once more as 2 x 2 x 2 supercells, so the scaling with size shows.
+    teacher = None
+    if not args.no_teacher:
+        try:
+            teacher = get_teacher(args.teacher or ckpt["teacher"], args.device)
+        except TeacherError as e:
+            log.warning(f"warning: no teacher speed ({e}); pass --no-teacher to skip it")
+    groups = {}
+    for kind, members in (("molecules", np.flatnonzero(~held.periodic)), ("crystals", np.flatnonzero(held.periodic))):
+        if not len(members):
+            continue
+        picked = members[np.linspace(0, len(members) - 1, min(len(members), 3 * args.speed_structures)).astype(int)]
+        picked = picked[np.argsort(held.c["n_atoms"][picked], kind="stable")]
+        for part in np.array_split(picked, 3):
+            if len(part):
+                sizes = held.c["n_atoms"][part]
+                groups[f"{kind} {sizes.min()}-{sizes.max()} atoms"] = [held.to_atoms(s) for s in part]
+        if kind == "crystals":
+            groups["crystals x 2x2x2"] = [held.to_atoms(s).repeat(2) for s in picked[:args.speed_structures]]
+    result["speed"] = forcefield_eval.speed(model, teacher, groups, device=args.device)
+    result["speed_device"] = args.device
+    for row in result["speed"]:
+        log.info(f"speed {row['group']:<26} student {row['student_single_atoms_per_s']:>9,.0f} atoms/s one at a time, "
+                 f"{row['student_batched_atoms_per_s']:>10,.0f} batched" +
+                 (f"; teacher {row['teacher_atoms_per_s']:>8,.0f}: speed-up x{row['speedup_single']:.1f} / x{row['speedup_batched']:.1f}"
+                  if "teacher_atoms_per_s" in row else ""))
+
+    calc = student_calculator(model, args.device)
+    result["md"] = []
+    for kind, members in (("molecules", np.flatnonzero(~held.periodic)), ("crystals", np.flatnonzero(held.periodic))):
+        for k, s in enumerate(members[np.linspace(0, len(members) - 1, min(len(members), args.md_structures)).astype(int)]
+                              if len(members) and args.md_structures else []):
+            atoms = held.to_atoms(s)
+            while atoms.pbc.any() and len(atoms) < 16:  # a crystal's small cell as a supercell, so atoms can move apart
+                atoms = atoms.repeat(2)
+            run = forcefield_eval.nve(atoms, calc, args.md_steps, args.md_timestep, args.md_temperature, seed=k)
+            run["key"] = str(held.c["key"][s])
+            result["md"].append(run)
+            log.info(f"NVE {run['formula']:<14} {run['atoms']:>4} atoms {run['ps']:.2f} ps: drift {run['drift_mev_per_atom_per_ps']:+.3f} "
+                     f"meV/atom/ps, fluctuation {run['energy_std_mev_per_atom']:.3f} meV/atom, <T> {run['mean_temperature_k']:.0f} K, "
+                     f"{'physical' if run['physical'] else 'NOT physical: ' + run['problem']} ({run['seconds']:.1f} s)")
+
+    def write(tmp):
+        Path(tmp).write_text(json.dumps(nan_to_none(result), indent=2) + "\n")
+    try:
+        atomic_write(out_json, write)
+    except OSError as e:
+        fail(str(e))
+    log.info(f"wrote {out_json}")
+
+    c = held.c
+    panels = [("energy (eV/atom)", c["energy"] / c["n_atoms"], pred["energy"] / c["n_atoms"]),
+              ("force components (eV/A)", c["forces"].ravel(), pred["forces"].ravel())]
+    if held.periodic.any():
+        panels.append(("stress components (GPa)", EV_PER_A3_IN_GPA * c["stress"][held.periodic].ravel(),
+                       EV_PER_A3_IN_GPA * pred["stress"][held.periodic].ravel()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, truth, guess) in zip(axes[0], panels):
+        ax.scatter(truth, guess, s=2, alpha=0.4)
+        lo, hi = float(min(truth.min(), guess.min())), float(max(truth.max(), guess.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
+        ax.set(title=title, xlabel=f"teacher ({data.teacher})", ylabel="student")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "parity.png", dpi=100)
+    plt.close(fig)
+    if result["md"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for run in result["md"]:
+            e = np.array(run["trace"]["total_energy_ev"])
+            ax.plot(run["trace"]["ps"], 1000 * (e - e[0]) / run["atoms"], label=f"{run['formula']} ({run['atoms']} atoms)")
+        ax.set(xlabel="time (ps)", ylabel="total energy - initial (meV/atom)", title="NVE with the student")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_dir / "md.png", dpi=100)
+        plt.close(fig)
+    log.info(f"wrote {fig_dir / 'parity.png'}{' and ' + str(fig_dir / 'md.png') if result['md'] else ''}; "
+             f"{time.time() - t_start:.1f} s in all")
+
+
 args = parser.parse_args()
+t_start = time.time()
+if args.task == "ff":
+    args.inputs += args.labels
+    if args.reference or args.ckpt is None or not args.inputs:
+        parser.error("--task ff takes --ckpt STUDENT and labels files: evaluate.py --task ff --ckpt out/ff/ckpt.pt labels.h5")
+    for path in [args.ckpt, *args.inputs]:
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
+    checked_device(parser, args.device)
+    if args.teacher is not None:
+        from models.teachers import teacher_name
+        try:
+            teacher_name(args.teacher)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--teacher: {e}")
+    out_json = output_file(parser, args.json or args.ckpt.parent / "ff_metrics.json", "--json")
+    fig_dir = writable_dir(parser, args.figures or out_json.parent, "--figures")
+    evaluate_student(args, out_json, fig_dir)
+    sys.exit(0)
+if args.ckpt or args.labels or args.teacher:
+    parser.error("--ckpt, --labels and --teacher are options of --task ff")
+if len(args.inputs) > 1:
+    parser.error(f"one SAMPLES file at a time ({len(args.inputs)} given)")
+args.samples = args.inputs[0] if args.inputs else None
 if (args.samples is None) == (args.reference is None):
     parser.error("give either SAMPLES or --reference qm9")
 if args.samples is not None and not args.samples.is_file():
     parser.error(f"SAMPLES {args.samples}: no such file")
-t_start = time.time()
 
 # The heavy imports once the flags are known to be good: a bad flag fails at once.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,10 +240,6 @@ from models.data import DataError, default_data_dir, load_qm9, split_indices  # 
 from models.fileio import atomic_write  # noqa: E402
 
 plt.switch_backend("Agg")  # figures go to files; no display needed
-
-
-def fail(message: str):
-    sys.exit(f"evaluate.py: error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,13 +321,6 @@ stats = metrics.molecule_statistics(samples, progress=progress, desc="samples")
 result = metrics.score(stats, ref, train_smiles, fcd=not args.no_fcd, coverage_threshold=args.coverage_threshold)
 t_eval = time.time() - t0
 result.update(samples=name, reference=ref_name, data=args.data, eval_seconds=t_eval, non_finite=n_non_finite)
-
-
-def nan_to_none(v):
-    """JSON has no NaN: undefined metrics are written as null."""
-    if isinstance(v, dict):
-        return {k: nan_to_none(x) for k, x in v.items()}
-    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 try:
