@@ -37,7 +37,8 @@ def predict(model: ForceField, data: LabelledStructures, batch_size: int = 64, d
 
 def accuracy(pred: dict, data: LabelledStructures) -> dict:
     """MAE and RMSE against the teacher: energy per atom (meV/atom), force components (meV/A), stress components of
-    crystals (GPa); for all structures and separately for molecules and crystals when both are present."""
+    crystals (GPa); for all structures, separately for molecules and crystals when both are present, and for each
+    `source` (generated structures, a data set's split, ...) when there are several."""
     c = data.c
     per_atom = (pred["energy"] - c["energy"]) / c["n_atoms"]
     force_err = pred["forces"] - c["forces"]
@@ -59,6 +60,9 @@ def accuracy(pred: dict, data: LabelledStructures) -> dict:
     result = {"all": summary(np.ones(len(data), dtype=bool))}
     if data.periodic.any() and not data.periodic.all():
         result.update(molecules=summary(~data.periodic), crystals=summary(data.periodic))
+    sources = np.unique(c["source"])
+    if len(sources) > 1:
+        result.update({f"source {name}": summary(c["source"] == name) for name in sources})
     return {k: {m: float(v) if isinstance(v, np.floating) else v for m, v in d.items()} for k, d in result.items()}
 
 

@@ -193,10 +193,28 @@ def test_bad_labels_files_give_clear_errors(labels, tmp_path):
     assert proc.returncode == 2 and "options of --task ff" in proc.stderr
 
 
-def test_checkpoints_of_the_other_task_are_refused(student, qm9_dir, tmp_path):
-    proc = run("sample.py", "--ckpt", student / "ckpt.pt", "--n", "2", "--out", tmp_path, check=False)
-    assert proc.returncode != 0 and "student force field" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+def test_student_misuse_gives_clear_errors(student, labels, qm9_dir, tmp_path):
+    gen = tmp_path / "gen"
+    run("train.py", "--preset", "tiny", "--iters", "2", "--eval-samples", "0", "--data-dir", qm9_dir, "--out", gen)
+    cases = [  # (command, exit status, words of the message)
+        (["label.py", QM9_FIXTURE, "--teacher", f"student:{tmp_path / 'none.pt'}", "--out", tmp_path / "a.h5"], 2,
+         ["none.pt", "no such student checkpoint"]),
+        (["label.py", QM9_FIXTURE, "--teacher", f"student:{gen / 'ckpt.pt'}", "--out", tmp_path / "b.h5"], 1,
+         ["is a generative model", "not a student force field"]),
+        (["evaluate.py", "--task", "ff", "--ckpt", gen / "ckpt.pt", labels, "--json", tmp_path / "c.json"], 1,
+         ["is a generative model"]),
+        (["evaluate.py", "--task", "ff", "--ckpt", student / "ckpt.pt", "--json", tmp_path / "d.json"], 2,
+         ["--task ff takes --ckpt STUDENT and labels files"]),
+        (["train.py", *TINY, "--data", labels, "--out", student, "--resume", "--cutoff", "4"], 1,
+         ["--cutoff 4.0 (checkpoint: 5.0)", "cannot change"]),
+        (["train.py", *TINY, "--data", labels, "--out", student, "--resume", "--force-weight", "3"], 1,
+         ["--force-weight 3.0 (checkpoint: 10.0)", "--override"]),
+        (["sample.py", "--ckpt", student / "ckpt.pt", "--n", "2", "--out", tmp_path], 1,
+         ["is a student force field", "not a generative model"]),
+    ]
+    for command, status, words in cases:
+        proc = run(*command, check=False)
+        assert proc.returncode == status and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
+        assert all(w in proc.stdout + proc.stderr for w in words), (command, words, proc.stderr[-2000:])
     with pytest.raises(CheckpointError, match="not a student force field"):
-        gen = tmp_path / "gen"
-        run("train.py", "--preset", "tiny", "--iters", "2", "--eval-samples", "0", "--data-dir", qm9_dir, "--out", gen)
         load_student(gen / "ckpt.pt")
