@@ -32,6 +32,8 @@ def predict(model: ForceField, data: LabelledStructures, batch_size: int = 64, d
             voigt = np.stack([s[:, 0, 0], s[:, 1, 1], s[:, 2, 2], s[:, 1, 2], s[:, 0, 2], s[:, 0, 1]], axis=1)
             voigt[~b["pbc"].cpu().numpy()] = np.nan
         stresses.append(voigt)
+    if not energies:
+        return {"energy": np.zeros(0), "forces": np.zeros((0, 3)), "stress": np.zeros((0, 6))}
     return {"energy": np.concatenate(energies), "forces": np.concatenate(forces), "stress": np.concatenate(stresses)}
 
 
