@@ -266,6 +266,9 @@ else:
         labelled = LabelledStructures.load(args.data)
     except LabelsError as e:
         raise SystemExit(f"train.py: {e}")
+    if resume_ckpt is not None and (labelled.teacher, labelled.teacher_version) != (resume_ckpt["teacher"], resume_ckpt["teacher_version"]):
+        raise SystemExit(f"cannot resume {resume_path}: it learned {resume_ckpt['teacher']} ({resume_ckpt['teacher_version']}), and "
+                         f"{', '.join(args.data)} hold labels of {labelled.teacher} ({labelled.teacher_version}). A student learns one teacher")
     train_set, valid_set = labelled.split(args.val_fraction)
     if not len(train_set) or not len(valid_set):
         raise SystemExit(f"train.py: the {len(labelled)} structures of {', '.join(args.data)} leave {len(train_set)} for training and "

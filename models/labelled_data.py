@@ -71,7 +71,9 @@ class LabelledStructures:
                               f"these: relabel the file, or drop those structures")
 
     def where(self, s: int) -> str:
-        return f"{self.files[int(self.c['file'][s])]}, structure {s} (key {self.c['key'][s]!r})"
+        """Structure s named by its file, its index in that file and its key."""
+        f = self.c["file"]
+        return f"{self.files[int(f[s])]}, structure {int((f[:s] == f[s]).sum())} (key {str(self.c['key'][s])!r})"
 
     def __len__(self) -> int:
         return len(self.c["key"])

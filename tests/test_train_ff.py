@@ -196,6 +196,10 @@ def test_bad_labels_files_give_clear_errors(labels, tmp_path):
 def test_student_misuse_gives_clear_errors(student, labels, qm9_dir, tmp_path):
     gen = tmp_path / "gen"
     run("train.py", "--preset", "tiny", "--iters", "2", "--eval-samples", "0", "--data-dir", qm9_dir, "--out", gen)
+    other = tmp_path / "other_teacher.h5"
+    _, rows = emt_rows(4, 0, prefix="o")
+    with LabelWriter(other, "xtb", "tblite 0.0 GFN2-xTB") as w:
+        w.append(rows, 1.0)
     cases = [  # (command, exit status, words of the message)
         (["label.py", QM9_FIXTURE, "--teacher", f"student:{tmp_path / 'none.pt'}", "--out", tmp_path / "a.h5"], 2,
          ["none.pt", "no such student checkpoint"]),
@@ -209,6 +213,8 @@ def test_student_misuse_gives_clear_errors(student, labels, qm9_dir, tmp_path):
          ["--cutoff 4.0 (checkpoint: 5.0)", "cannot change"]),
         (["train.py", *TINY, "--data", labels, "--out", student, "--resume", "--force-weight", "3"], 1,
          ["--force-weight 3.0 (checkpoint: 10.0)", "--override"]),
+        (["train.py", *TINY, "--data", other, "--out", student, "--resume", "--override"], 1,
+         ["learned emt", "other_teacher.h5", "A student learns one teacher"]),
         (["sample.py", "--ckpt", student / "ckpt.pt", "--n", "2", "--out", tmp_path], 1,
          ["is a student force field", "not a generative model"]),
     ]
