@@ -147,7 +147,5 @@ def load_student(path: Path, device="cpu"):
         model, _ = build_student(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    meta = {k: ckpt[k] for k in ("teacher", "teacher_version", "step") if k in ckpt}
-    meta["data"] = ckpt.get("data")
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), {k: ckpt.get(k) for k in ("teacher", "teacher_version", "step", "data")}
 
