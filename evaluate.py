@@ -121,6 +121,7 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
                  f"meV/atom  force MAE {row.get('force_mae_mev_per_a', float('nan')):8.1f} meV/A" +
                  (f"  stress MAE {row['stress_mae_gpa']:.3f} GPa" if "stress_mae_gpa" in row else ""))
 
+    kinds = {"molecules": np.flatnonzero(~held.periodic), "crystals": np.flatnonzero(held.periodic)}  # held-out indices
     # Speed: each kind in three size groups (smallest to largest of --speed-structures picked evenly), and crystals
     # once more as 2 x 2 x 2 supercells, so the scaling with size shows.
     teacher = None
@@ -130,7 +131,7 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
         except TeacherError as e:
             log.warning(f"warning: no teacher speed ({e}); pass --no-teacher to skip it")
     groups = {}
-    for kind, members in (("molecules", np.flatnonzero(~held.periodic)), ("crystals", np.flatnonzero(held.periodic))):
+    for kind, members in kinds.items():
         if not len(members):
             continue
         picked = members[np.linspace(0, len(members) - 1, min(len(members), 3 * args.speed_structures)).astype(int)]
@@ -151,7 +152,7 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
 
     calc = student_calculator(model, args.device)
     result["md"] = []
-    for kind, members in (("molecules", np.flatnonzero(~held.periodic)), ("crystals", np.flatnonzero(held.periodic))):
+    for kind, members in kinds.items():
         for k, s in enumerate(members[np.linspace(0, len(members) - 1, min(len(members), args.md_structures)).astype(int)]
                               if len(members) and args.md_structures else []):
             atoms = held.to_atoms(s)

@@ -78,11 +78,17 @@ class LabelledStructures:
     def __len__(self) -> int:
         return len(self.c["key"])
 
+    def atom_rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows of the per-atom arrays that belong to the structures `index`, in that order."""
+        c = self.c
+        if not len(index):
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(c["offset"][s], c["offset"][s] + c["n_atoms"][s]) for s in index])
+
     def subset(self, index) -> "LabelledStructures":
         index = np.asarray(index, dtype=np.int64)
         c = self.c
-        atoms = np.concatenate([np.arange(c["offset"][s], c["offset"][s] + c["n_atoms"][s]) for s in index]) \
-            if len(index) else np.zeros(0, np.int64)
+        atoms = self.atom_rows(index)
         per_atom = {k: c[k][atoms] for k in ("numbers", "positions", "forces")}
         per_struct = {k: c[k][index] for k in c if k not in per_atom and k != "offset"}
         per_struct["offset"] = np.concatenate([[0], np.cumsum(per_struct["n_atoms"])[:-1]]).astype(np.int64)
@@ -124,7 +130,7 @@ class LabelledStructures:
         counts = torch.tensor([len(whole), 3 * c["n_atoms"][whole].sum(), 9 * c["pbc"][whole].all(axis=1).sum()],
                               dtype=torch.float64) / world
         n_atoms = c["n_atoms"][index]
-        atoms = np.concatenate([np.arange(c["offset"][s], c["offset"][s] + c["n_atoms"][s]) for s in index])
+        atoms = self.atom_rows(index)
         pbc = torch.from_numpy(c["pbc"][index].all(axis=1))
         voigt = np.nan_to_num(c["stress"][index].astype(np.float64))
         stress = voigt[:, [[0, 5, 4], [5, 1, 3], [4, 3, 2]]]  # Voigt xx yy zz yz xz xy -> [S, 3, 3]
