@@ -237,7 +237,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import metrics  # noqa: E402
-from models.data import DataError, default_data_dir, load_qm9, split_indices  # noqa: E402
+from models.molecules import DataError, default_data_dir, load_qm9, split_indices  # noqa: E402
 from models.fileio import atomic_write  # noqa: E402
 
 plt.switch_backend("Agg")  # figures go to files; no display needed

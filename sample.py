@@ -20,7 +20,7 @@ from rdkit import Chem
 from models import PROCESSES
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import checked_device, nonnegative_int, positive_int, writable_dir
-from models.data import ATOM_SYMBOLS
+from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
 from models.sampling import sample_molecules

@@ -133,7 +133,7 @@ from tqdm import tqdm  # noqa: E402
 from models import ARCHS, PROCESSES  # noqa: E402
 from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, load_checkpoint,  # noqa: E402
                                save_checkpoint)
-from models.data import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
+from models.molecules import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
 from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_temporaries  # noqa: E402
 from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies  # noqa: E402
 from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures  # noqa: E402

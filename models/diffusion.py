@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.data import remove_mean
+from models.geometry import remove_mean
 from models.process import GaussianProcess, per_molecule_loss
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kernels.radius_graph import radius_message_passing
-from models.data import remove_mean
+from models.geometry import remove_mean
 from models.precision import full, no_autocast
 
 

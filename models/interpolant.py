@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.data import remove_mean
+from models.geometry import remove_mean
 from models.precision import full
 from models.process import GaussianProcess, per_molecule_loss
 

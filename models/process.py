@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.data import remove_mean
+from models.geometry import remove_mean
 
 
 def per_molecule_loss(coord_sq_err: torch.Tensor, logits: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,

@@ -146,7 +146,7 @@ def _parse_csv_row(row: dict, where: str):
     import ase
     import ase.io
 
-    from models.data import parse_qm9pack_row
+    from models.molecules import parse_qm9pack_row
 
     try:
         if "cif" in row:
@@ -229,8 +229,8 @@ def read_p1_cif(text: str):
 
 
 def _read_qm9(item: str):
-    """'qm9' (all) or 'qm9:train|valid|test' (EDM split) via models.data.load_qm9 (cached in ./data or $MOLGEN_DATA)."""
-    from models.data import load_qm9
+    """'qm9' (all) or 'qm9:train|valid|test' (EDM split) via models.molecules.load_qm9 (cached in ./data or $MOLGEN_DATA)."""
+    from models.molecules import load_qm9
 
     split = item.split(":")[1] if ":" in item else None
     if split not in (None, "train", "valid", "test"):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.data import remove_mean
+from models.geometry import remove_mean
 from models.precision import full, no_autocast
 
 

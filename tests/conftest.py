@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import models/ the way the scripts do: from the repository root
 
-from models.data import read_qm9pack_csv, save_cache  # noqa: E402
+from models.molecules import read_qm9pack_csv, save_cache  # noqa: E402
 
 QM9_FIXTURE = ROOT / "tests" / "data" / "qm9_sample.csv"
 

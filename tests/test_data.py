@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import QM9_FIXTURE
-from models.data import (DataError, PaddedMolecules, load_cache, load_qm9, parse_qm9_xyz, read_qm9_tarball,
+from models.molecules import (DataError, PaddedMolecules, load_cache, load_qm9, parse_qm9_xyz, read_qm9_tarball,
                          read_qm9pack_csv, split_indices)
 
 
@@ -123,7 +123,7 @@ def test_original_release_tarball(tmp_path):
     assert list(got.ids) == [mols.ids[i] for i in (0, 1, 3, 4)]
     assert np.allclose(got[2][1], mols[3][1], atol=1e-6) and np.array_equal(got[2][0], mols[3][0])
     # and through load_qm9's download code, from a local URL, into a fresh cache
-    import models.data as data
+    import models.molecules as data
     data_dir = tmp_path / "dl"
     orig = (data.QM9_XYZ_URL, data.QM9_EXCLUDED_URL)
     data.QM9_XYZ_URL, data.QM9_EXCLUDED_URL = tar_path.as_uri(), excluded.as_uri()
@@ -147,7 +147,7 @@ def test_corrupt_tarball_and_record(tmp_path):
 def test_damaged_cache_is_named_and_rebuilt(tmp_path, monkeypatch, capsys, damage):
     """A damaged or stale data/qm9.npz is reported by name and rebuilt from the source (here the fixture CSV standing
     in for qm9pack's files); the rebuilt cache equals a fresh one."""
-    import models.data as data
+    import models.molecules as data
     from models.fileio import save_npz
 
     monkeypatch.setattr(data, "qm9pack_csv_files", lambda: [QM9_FIXTURE])

@@ -10,7 +10,7 @@ import torch
 from ase.build import bulk
 
 from conftest import QM9_FIXTURE
-from models.data import read_qm9pack_csv
+from models.molecules import read_qm9pack_csv
 from models.forcefield import ForceField, ForceFieldConfig, fit_reference_energies, flat_batch, student_calculator
 from models.structures import iter_structures
 

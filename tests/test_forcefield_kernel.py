@@ -6,7 +6,7 @@ import torch
 from ase.build import bulk
 
 from conftest import DEVICE, QM9_FIXTURE, kernels, run_kernel_tests_in_interpreter
-from models.data import read_qm9pack_csv
+from models.molecules import read_qm9pack_csv
 from models.forcefield import ForceField, ForceFieldConfig, flat_batch, neighbour_edges
 
 

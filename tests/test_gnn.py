@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models import ARCHS
-from models.data import remove_mean
+from models.geometry import remove_mean
 
 
 def random_inputs(B=3, N=9, T=5, seed=0):

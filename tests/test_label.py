@@ -17,7 +17,7 @@ import pytest
 from ase.build import bulk, molecule
 
 from conftest import QM9_FIXTURE, ROOT
-from models.data import read_qm9pack_csv
+from models.molecules import read_qm9pack_csv
 from models.structures import check_structure, iter_structures
 from models.labels import FORMAT_V1, LabelWriter, LabelsError, read_labels
 from models.teachers import Teacher, TeacherError, get_teacher

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from models import metrics
-from models.data import read_qm9pack_csv
+from models.molecules import read_qm9pack_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "qm9_sample.csv"

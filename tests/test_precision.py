@@ -11,7 +11,8 @@ from torch import nn
 
 from conftest import QM9_FIXTURE
 from models import ARCHS, PROCESSES
-from models.data import PaddedMolecules, read_qm9pack_csv, remove_mean
+from models.geometry import remove_mean
+from models.molecules import PaddedMolecules, read_qm9pack_csv
 
 TOLERANCE = 0.005  # A
 

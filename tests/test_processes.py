@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from models import PROCESSES
-from models.data import PaddedMolecules, load_qm9, remove_mean
+from models.geometry import remove_mean
+from models.molecules import PaddedMolecules, load_qm9
 from models.flow import align_prior, kabsch_rotation
 from models.gnn import EGNN, EGNNConfig
 

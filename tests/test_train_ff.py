@@ -15,7 +15,7 @@ from ase.build import bulk
 
 from conftest import QM9_FIXTURE
 from models.checkpoint import CheckpointError, load_checkpoint, load_student
-from models.data import read_qm9pack_csv
+from models.molecules import read_qm9pack_csv
 from models.labelled_data import LabelledStructures, is_validation
 from models.labels import LabelsError, LabelWriter, read_labels
 from models.teachers import get_teacher

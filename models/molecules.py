@@ -1,4 +1,4 @@
-"""QM9 molecules: load, cache, split and batch.
+"""The molecule domain's data, QM9: load, cache, split and batch.
 
 Source of truth is the CSV that the `qm9pack` wheel ships (all 130,831 characterised molecules with
 B3LYP coordinates). Without qm9pack, the original QM9 release (one .xyz file per molecule in a
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models.fileio import check_writable_dir, download, save_npz
+from models.geometry import remove_mean
 
 ATOM_SYMBOLS = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
@@ -354,9 +355,3 @@ class PaddedMolecules:
     def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {"types": self.types[idx].to(device), "pos": self.pos[idx].to(device), "mask": self.mask[idx].to(device)}
 
-
-def remove_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Subtract the masked mean over atoms: x [B, N, D], mask [B, N] -> x with zero centre, 0 at padding."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
-    return (x - mean) * m
