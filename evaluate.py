@@ -1,8 +1,10 @@
-"""Evaluate generated molecules against QM9 (EDM protocol plus distribution metrics), or the real test set; or a
-student force field against its teacher.
+"""Evaluate generated molecules against QM9 (EDM protocol plus distribution metrics) or generated crystals against
+a CDVAE set (CDVAE protocol), or the real test set; or a student force field against its teacher.
 
     python evaluate.py out/run/samples.extxyz --data qm9     # metrics of generated molecules
     python evaluate.py --reference qm9                         # the same metrics on the real test set
+    python evaluate.py out/csp/samples.extxyz --data perov5    # crystals: structure prediction or de novo
+    python evaluate.py --reference perov5                      # the real perov-5 test crystals
     python evaluate.py --task ff --ckpt out/ff/ckpt.pt labels.h5 [more.h5 ...]   # student vs teacher
 
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
@@ -15,21 +17,24 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
+from models import CRYSTAL_DATA
 from models.cli import checked_device, fraction, nonnegative_int, output_file, positive_float, positive_int, writable_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the extended XYZ file of generated molecules (ASE reads "
                     "it); --task ff: labels files (.h5) of the student's teacher, scored on the structures it did not train on")
 parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: generated molecules; ff: a student force field")
-parser.add_argument("--data", default="qm9", choices=["qm9"], help="data set the samples imitate")
-parser.add_argument("--reference", choices=["qm9"], help="evaluate the real test set instead of samples "
+parser.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set the samples imitate")
+parser.add_argument("--reference", choices=["qm9", *CRYSTAL_DATA], help="evaluate the real test set instead of samples "
                     "(the 'Data' row; its distribution metrics are taken against the validation split)")
-parser.add_argument("--data-dir", type=Path, default=None, help="QM9 cache directory (default $MOLGEN_DATA or "
+parser.add_argument("--data-dir", type=Path, default=None, help="data and cache directory (default $MOLGEN_DATA or "
                     "./data); reference statistics and training SMILES are cached there")
+parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher (default: every core)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
                     "metrics.json, or out/reference-qm9/metrics.json); evaluate.log goes next to it")
 parser.add_argument("--figures", type=Path, default=None,
@@ -202,6 +207,77 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
              f"{time.time() - t_start:.1f} s in all")
 
 
+def evaluate_crystals(args, out_json: Path) -> None:
+    """Crystals, the CDVAE protocol (models/crystal_metrics.py): samples that carry truth_id (sample.py on a
+    structure-prediction model) get match rate and RMSE against their split's true crystals, every composition
+    of the split up to the last one sampled in the denominator; other samples (de novo) and --reference get
+    structural and compositional validity."""
+    import ase.io
+    import numpy as np
+
+    from models import crystal_metrics
+    from models.crystals import load_crystals
+    from models.fileio import DataError, atomic_write
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
+        logging.StreamHandler(sys.stdout), logging.FileHandler(out_json.parent / "evaluate.log", mode="w")])
+    log = logging.getLogger("evaluate")
+    log.info("$ python " + " ".join(sys.argv))
+    name = args.reference or args.data
+    try:
+        test = load_crystals(name, "test", args.data_dir, progress=not args.no_progress)
+    except DataError as e:
+        fail(str(e))
+    truths = [(test.numbers[test.atoms_of(i)], test.frac[test.atoms_of(i)], test.lengths[i], test.angles[i]) for i in range(len(test))]
+    if args.reference:
+        crystals, structures, label = truths, None, f"{name} test set"
+    else:
+        try:
+            structures = ase.io.read(args.samples, ":", format="extxyz")
+        except Exception as e:  # ASE raises many kinds for malformed files
+            fail(f"{args.samples}: not readable as extended XYZ ({type(e).__name__}: {e})")
+        if not structures:
+            fail(f"{args.samples}: no structures (empty file)")
+        for k, atoms in enumerate(structures):
+            if not atoms.pbc.all():
+                fail(f"{args.samples}: structure {k + 1} is not a crystal (no periodic cell); molecules are scored with --data qm9")
+        crystals = [(a.numbers, a.cell.scaled_positions(a.positions) % 1.0, a.cell.cellpar()[:3], a.cell.cellpar()[3:])
+                    for a in structures]
+        label = str(args.samples)
+    t0 = time.time()
+    result = {"samples": label, "data": name, "crystals": len(crystals),
+              "structural_validity": float(np.mean([crystal_metrics.structure_valid(*c) for c in crystals])),
+              "compositional_validity": float(np.mean([crystal_metrics.composition_valid(c[0]) for c in crystals]))}
+    result["validity"] = float(np.mean([crystal_metrics.is_valid(c) for c in crystals]))
+    log.info(f"{label}: {len(crystals)} crystals; structural validity {100 * result['structural_validity']:.2f} %, "
+             f"compositional validity {100 * result['compositional_validity']:.2f} %, both {100 * result['validity']:.2f} %")
+    if structures is not None and "truth_id" in structures[0].info:
+        groups: dict[int, list] = {}
+        for k, (atoms, crystal) in enumerate(zip(structures, crystals)):
+            i = int(atoms.info.get("truth_index", -1))
+            if not 0 <= i < len(test) or str(atoms.info.get("truth_id")) != str(test.ids[i]):
+                fail(f"{args.samples}: structure {k + 1} names truth {atoms.info.get('truth_id')} at row {i}, which is not a "
+                     f"{name} test crystal: these samples were drawn for another split (sample.py --compositions test)")
+            groups.setdefault(i, []).append(crystal)
+        n = max(groups) + 1  # compositions skipped by sample.py (unknown elements) count as not matched
+        k = max(len(g) for g in groups.values())
+        result.update(crystal_metrics.csp_metrics([groups.get(i, []) for i in range(n)], truths[:n], args.workers,
+                                                  progress=not args.no_progress))
+        result["matcher_seconds"] = time.time() - t0
+        log.info(f"structure prediction on the first {n} of {len(test)} {name} test compositions, {k} sample(s) each: "
+                 + ", ".join(f"match rate@{j} {100 * result[f'match_rate@{j}']:.2f} %, RMSE@{j} "
+                             f"{result[f'rmse@{j}'] if result[f'rmse@{j}'] is None else round(result[f'rmse@{j}'], 4)}"
+                             for j in sorted({1, k}))
+                 + f" (StructureMatcher stol 0.5, ltol 0.3, angle_tol 10 on {args.workers or os.cpu_count()} processes: "
+                   f"{result['matcher_seconds']:.1f} s)")
+    result["eval_seconds"] = time.time() - t0
+    try:
+        atomic_write(out_json, lambda tmp: Path(tmp).write_text(json.dumps(nan_to_none(result), indent=2) + "\n"))
+    except OSError as e:
+        fail(str(e))
+    log.info(f"wrote {out_json}; {time.time() - t_start:.1f} s in all")
+
+
 args = parser.parse_args()
 t_start = time.time()
 if args.task == "ff":
@@ -228,9 +304,14 @@ if len(args.inputs) > 1:
     parser.error(f"one SAMPLES file at a time ({len(args.inputs)} given)")
 args.samples = args.inputs[0] if args.inputs else None
 if (args.samples is None) == (args.reference is None):
-    parser.error("give either SAMPLES or --reference qm9")
+    parser.error("give either SAMPLES or --reference qm9|perov5|carbon24|mp20")
 if args.samples is not None and not args.samples.is_file():
     parser.error(f"SAMPLES {args.samples}: no such file")
+if (args.reference or args.data) in CRYSTAL_DATA:
+    name = args.reference or args.data
+    evaluate_crystals(args, output_file(parser, args.json or (args.samples.parent / "metrics.json" if args.samples else
+                                                              Path(f"out/reference-{name}/metrics.json")), "--json"))
+    sys.exit(0)
 
 # The heavy imports once the flags are known to be good: a bad flag fails at once.
 import matplotlib.pyplot as plt  # noqa: E402

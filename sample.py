@@ -1,10 +1,13 @@
-"""Sample molecules from a trained checkpoint (EMA weights) and write them as extxyz and SDF.
+"""Sample molecules or crystals from a trained checkpoint (EMA weights) and write them as extxyz and SDF / CIF.
 
     python sample.py --ckpt out/qm9_gnn_flow_small/ckpt.pt --n 1000 --steps 50
+    python sample.py --ckpt out/perov5_csp_gnn_flow_small/ckpt.pt --compositions test   # structure prediction
 
-Molecule sizes are drawn from the training set's atom-count distribution stored in the checkpoint,
-so the checkpoint alone is enough. Writes OUT/samples.extxyz (every molecule, ASE reads it),
-OUT/samples.sdf (bonds inferred from geometry, RDKit reads it) and OUT/sample.log.
+Molecule and de novo crystal sizes are drawn from the training set's atom-count distribution stored in the
+checkpoint, so the checkpoint alone is enough; a structure-prediction model samples for the compositions of a
+split of its data set. Writes OUT/samples.extxyz (every structure, ASE reads it), OUT/samples.sdf for molecules
+(bonds inferred from geometry, RDKit reads it), OUT/samples.cif for crystals (one data block per crystal;
+pymatgen and ASE read it) and OUT/sample.log.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ import ase.io
 import numpy as np
 from rdkit import Chem
 
-from models import PROCESSES
+from models import CRYSTAL_PROCESSES, PROCESSES
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import checked_device, nonnegative_int, positive_int, writable_dir
 from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
-from models.sampling import sample_molecules
+from models.sampling import sample_crystals, sample_molecules
 
 
 def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
@@ -50,15 +53,18 @@ def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
-    parser.add_argument("--n", type=positive_int, default=1000, help="number of molecules to sample")
+    parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
     parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
-    parser.add_argument("--method", choices=sorted({m for p in PROCESSES.values() for m in p.SAMPLERS}), default=None,
+    parser.add_argument("--method", choices=sorted({m for reg in (PROCESSES, CRYSTAL_PROCESSES) for p in reg.values() for m in p.SAMPLERS}), default=None,
                         help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
                              "ancestral (default; DDPM) or ode (DDIM, deterministic); interpolant: sde (default) or ode")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--compositions", choices=["test", "val", "train"], default="test", help="structure prediction: the split of the checkpoint's data set whose compositions are sampled")
+    parser.add_argument("--n-per-composition", type=positive_int, default=1, help="structure prediction: samples for each composition")
+    parser.add_argument("--data-dir", default=None, help="structure prediction: where the crystal data lives (default: ./data or $MOLGEN_DATA)")
     parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
     args = parser.parse_args()
 
@@ -68,6 +74,9 @@ def main() -> None:
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {e}")
     out_dir = writable_dir(parser, Path(args.out) if args.out else Path(args.ckpt).parent, "--out")
+    if ckpt.get("domain", "molecules") == "crystals":
+        return sample_crystal_checkpoint(args, ckpt, device, out_dir)
+    args.n = args.n or 1000
     if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
         raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
 
@@ -99,6 +108,60 @@ def main() -> None:
                f"and {out_dir / 'samples.sdf'} ({sdf_failed} not writable as SDF)")
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
+    print(summary)
+    with open(out_dir / "sample.log", "a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + summary + "\n")
+
+
+def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
+    """Crystals: de novo (args.n of them) or structure prediction (for the compositions of a split)."""
+    from models.crystals import load_crystals, write_cif
+    from models.fileio import DataError
+
+    samplers = CRYSTAL_PROCESSES[ckpt["gen"]].SAMPLERS
+    args.method = args.method or samplers[0]
+    if args.method not in samplers:
+        raise SystemExit(f"sample.py: --method {args.method} is not a sampler of crystal --gen {ckpt['gen']}; choose one of {samplers}")
+    compositions, what = None, f"{args.n or 1000} crystals"
+    if ckpt["csp"]:
+        try:
+            compositions = load_crystals(ckpt["data"], args.compositions, args.data_dir)
+        except DataError as e:
+            raise SystemExit(f"sample.py: {e}")
+        unknown = [i for i in range(len(compositions)) if set(compositions.numbers[compositions.atoms_of(i)]) - set(ckpt["elements"])]
+        if unknown:  # the model has no embedding for an element it never saw: those compositions cannot be sampled
+            print(f"sample.py: {len(unknown)} {args.compositions} compositions hold elements outside the model's vocabulary; "
+                  f"skipped (evaluate.py counts them as not matched), e.g. {compositions.ids[unknown[0]]}")
+        keep = [i for i in range(len(compositions)) if i not in set(unknown)][: args.n or None]
+        compositions = compositions.subset(keep)
+        what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}"
+    batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
+    t0 = time.time()
+    try:
+        structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
+                                            args.weights, compositions, args.n_per_composition)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"sample.py: {args.ckpt}: {e}")
+    elapsed = time.time() - t0
+    if not structures:
+        raise SystemExit(f"sample.py: all {n_bad} sampled crystals have non-finite (NaN / Inf) coordinates or cells; nothing written")
+    for atoms in structures:
+        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], data=ckpt["data"], csp=bool(ckpt["csp"]),
+                          steps=args.steps, method=args.method)
+    names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if ckpt["csp"] else f"sample_{a.info['sample_index']}" for a in structures]
+    try:
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
+        write_cif(out_dir / "samples.cif", [AseAtomsAdaptor.get_structure(a) for a in structures], names)
+    except DiskFull as e:
+        raise SystemExit(f"sample.py: {e}")
+    n = len(structures) + n_bad
+    summary = (f"sampled {what} ({n} crystals) from {args.ckpt} (step {ckpt['step']}, {args.weights} weights) with {args.steps} "
+               f"{args.method} steps on {device} in {elapsed:.1f} s: {n / elapsed:,.1f} crystals/s; wrote {len(structures)} to "
+               f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.cif'}")
+    if n_bad:
+        summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
     print(summary)
     with open(out_dir / "sample.log", "a") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + summary + "\n")

@@ -1,7 +1,8 @@
-"""Train a 3D generative model of molecules (every --arch x --gen combination), or a student force field on
-label.py's labels (--task ff): one loop for both.
+"""Train a 3D generative model of molecules or crystals (every --arch x --gen combination), or a student force
+field on label.py's labels (--task ff): one loop for all.
 
     python train.py --arch gnn --gen flow --preset small            # one device (CUDA if present, else CPU)
+    python train.py --data perov5 --csp --train-split val           # crystal structure prediction (CDVAE sets)
     torchrun --nproc_per_node 8 train.py --arch gnn --gen flow ...  # data-parallel, same flags
     python train.py --task ff --data labels.h5 [more.h5 ...]        # student of the teacher that labelled them
 
@@ -23,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models import ARCH_NAMES, PROCESS_NAMES
+from models import ARCH_NAMES, CRYSTAL_DATA, CRYSTAL_PROCESS_NAMES, PROCESS_NAMES
 from models.cli import (checked_device, decay, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
                         writable_dir)
 
@@ -48,7 +49,9 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: a generative model; ff: a student force field (models/forcefield.py) on --data labels files")
 parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn)")
 parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="--task gen: generative process (default flow)")
-parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set, qm9 (default); --task ff: label.py's labels files (.h5) of one teacher")
+parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task ff: label.py's labels files (.h5) of one teacher")
+parser.add_argument("--csp", action="store_true", help="crystals: structure prediction (the composition is given; lattice and coordinates are generated) instead of de novo generation")
+parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on; val where the train file cannot be had (offline), with 5 %% of it (by a hash of material_id) held out for validation")
 parser.add_argument("--data-dir", default=None, help="where the data cache lives (default: ./data or $MOLGEN_DATA)")
 parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
 parser.add_argument("--hidden", type=positive_int, help="hidden width of the backbone (preset)")
@@ -91,9 +94,12 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale")
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split")
+MOLECULE_ONLY = ("cfconv_cutoff", "ot_align", "gamma_scale")
+CRYSTAL_ONLY = ("csp", "train_split")
+domain = None  # --task gen: "molecules" or "crystals", from --data
 if args.task == "ff":
-    if given := [k for k in GEN_ONLY if getattr(args, k) not in (None, False, 0.0)]:
+    if given := [k for k in GEN_ONLY if getattr(args, k) not in (None, False, 0.0, parser.get_default(k))]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of --task gen; --task ff trains the "
                      f"student force field of models/forcefield.py")
     if not args.data:
@@ -106,10 +112,16 @@ else:
     if given := [k for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of --task ff")
     args.arch, args.gen = args.arch or "gnn", args.gen or "flow"
-    if args.data is None or args.data == ["qm9"]:
-        args.data = "qm9"
-    else:
-        parser.error(f"--data {' '.join(args.data)}: --task gen trains on qm9 (crystal sets come with their issue)")
+    args.data = (args.data or ["qm9"])[0] if len(args.data or [None]) == 1 else args.data
+    if args.data not in ("qm9",) + CRYSTAL_DATA:
+        parser.error(f"--data {args.data if isinstance(args.data, str) else ' '.join(args.data)}: --task gen trains on "
+                     f"one of qm9, {', '.join(CRYSTAL_DATA)}")
+    domain = "molecules" if args.data == "qm9" else "crystals"
+    wrong = CRYSTAL_ONLY if domain == "molecules" else MOLECULE_ONLY
+    if given := [k for k in wrong if getattr(args, k) not in (None, False, 0.0, parser.get_default(k))]:
+        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: not an option for {domain} (--data {args.data})")
+    if domain == "crystals" and args.gen not in CRYSTAL_PROCESS_NAMES:
+        parser.error(f"--gen {args.gen}: not implemented for crystals yet; crystals train with --gen {', '.join(CRYSTAL_PROCESS_NAMES)}")
 if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 if args.ot_align and args.gen != "flow":
@@ -120,7 +132,7 @@ if args.resume and args.overwrite:
     parser.error("--resume continues the run in OUT and --overwrite deletes it: give one of them")
 if args.override and not args.resume:
     parser.error("--override applies to --resume only")
-default_out = f"out/{args.data}_{args.arch}_{args.gen}_{args.preset}" if args.task == "gen" else \
+default_out = f"out/{args.data}{'_csp' if args.csp else ''}_{args.arch}_{args.gen}_{args.preset}" if args.task == "gen" else \
     f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
 writable_dir(parser, out_dir, "--out")
@@ -130,9 +142,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models import ARCHS, PROCESSES  # noqa: E402
+import numpy as np  # noqa: E402
+from ase.data import chemical_symbols  # noqa: E402
+
+from models import arch_class, process_class  # noqa: E402
 from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, load_checkpoint,  # noqa: E402
                                save_checkpoint)
+from models.crystal_metrics import csp_metrics, composition_valid, structure_valid  # noqa: E402
+from models.crystals import PaddedCrystals, holdout_mask, load_crystals  # noqa: E402
+from models.geometry import LatticeScaler  # noqa: E402
 from models.molecules import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
 from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_temporaries  # noqa: E402
 from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies  # noqa: E402
@@ -181,7 +199,8 @@ run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json
 # checkpoint, so they cannot change at all.
 RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
              "n_train", "preset") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
-MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data") if args.task == "gen" else ("cutoff",))
+MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split")
+                                         if args.task == "gen" else ("cutoff",))
 resume_ckpt, resume_path = None, ckpt_path
 if args.resume:
     try:
@@ -249,7 +268,32 @@ def log_json(record: dict) -> None:
 # their neighbour lists, split into train / validation by a hash of each structure's key.
 
 t_load = time.time()
-if args.task == "gen":
+if args.task == "gen" and domain == "crystals":
+    try:
+        train_crystals = load_crystals(args.data, args.train_split, args.data_dir, progress=master)
+        if args.train_split == "val":  # the validation split is the training set: hold a fixed part of it out
+            held = holdout_mask(train_crystals.ids, 0.05)
+            valid_crystals, train_crystals = train_crystals.subset(np.flatnonzero(held)), train_crystals.subset(np.flatnonzero(~held))
+        else:
+            valid_crystals = load_crystals(args.data, "val", args.data_dir, progress=master)
+    except DataError as e:
+        raise SystemExit(f"train.py: {e}")
+    if args.n_train:
+        train_crystals = train_crystals.subset(range(min(args.n_train, len(train_crystals))))
+    valid_crystals = valid_crystals.subset(range(min(args.val_size, len(valid_crystals))))
+    # the vocabulary and the lattice statistics belong to the model: a resumed run keeps the checkpoint's
+    elements = resume_ckpt["elements"] if resume_ckpt is not None else \
+        sorted(set(train_crystals.elements()) | set(valid_crystals.elements()))
+    n_max = int(max(train_crystals.n_atoms.max(), valid_crystals.n_atoms.max()))
+    try:
+        train_set = PaddedCrystals(train_crystals, elements, n_max, f"{args.data} {args.train_split}")
+        valid_set = PaddedCrystals(valid_crystals, elements, n_max, f"{args.data} validation")
+    except DataError as e:
+        raise SystemExit(f"train.py: {e}")
+    n_atoms_hist = train_crystals.n_atoms_histogram().tolist()
+    log(f"data: {args.data} ({args.train_split} split): {len(train_set)} train / {len(valid_set)} validation crystals, "
+        f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t_load:.1f} s")
+elif args.task == "gen":
     try:
         train_mols, valid_mols = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
     except DataError as e:
@@ -316,10 +360,14 @@ if resume_ckpt is not None:  # the checkpoint's configs win over the flags
         raise SystemExit(f"cannot resume from {resume_path}: {e}")
 elif args.task == "gen":
     torch.manual_seed(args.seed)
-    arch_cls, proc_cls = ARCHS[args.arch], PROCESSES[args.gen]
+    arch_cls, proc_cls = arch_class(domain, args.arch), process_class(domain, args.gen)
     extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
-    model = arch_cls(arch_cls.Config(n_types=len(ATOM_SYMBOLS), hidden=args.hidden, n_layers=args.n_layers, **extra))
-    process_options = {"n_types": len(ATOM_SYMBOLS)}
+    n_types = len(ATOM_SYMBOLS) if domain == "molecules" else len(elements)
+    model = arch_cls(arch_cls.Config(n_types=n_types, hidden=args.hidden, n_layers=args.n_layers, **extra))
+    process_options = {"n_types": n_types}
+    if domain == "crystals":
+        scaler = LatticeScaler.fit(train_set.lengths, train_set.angles)
+        process_options.update(csp=args.csp, lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"])
     if args.ot_align:
         process_options["ot_align"] = True
     if args.gamma_scale is not None:
@@ -400,8 +448,10 @@ def save(step: int) -> None:
     log_file.flush()  # log.jsonl is closed after each record
     log_bytes = {name: (out_dir / name).stat().st_size for name in ("train.log", "log.jsonl") if (out_dir / name).exists()}
     if args.task == "gen":
-        task_meta = {"arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
+        task_meta = {"domain": domain, "arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
                      "atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": n_atoms_hist}
+        if domain == "crystals":  # the element vocabulary, by atomic number
+            task_meta.update(elements=elements, atom_symbols=[chemical_symbols[z] for z in elements], csp=args.csp)
     else:  # the student knows whose labels it learned: label.py and evaluate.py name them
         task_meta = {"objective_config": asdict(objective.config), "teacher": labelled.teacher,
                      "teacher_version": labelled.teacher_version, "n_train": len(train_set), "n_valid": len(valid_set)}
@@ -425,7 +475,9 @@ def evaluate(step: int) -> dict:
         with autocast:
             losses.append(objective.loss(ema, valid_set.batch(idx, device), noise).item() * len(idx))
     record = {"step": step, "val_loss": sum(losses) / len(valid_set)}
-    if args.eval_samples:
+    if args.eval_samples and domain == "crystals":
+        record.update(crystal_quality())
+    elif args.eval_samples:
         hist = torch.tensor(n_atoms_hist)
         gen = torch.Generator().manual_seed(args.seed + 17)
         n_atoms = torch.multinomial(hist, args.eval_samples, replacement=True, generator=gen)
@@ -437,6 +489,33 @@ def evaluate(step: int) -> dict:
         record["mol_stability"] = sum(r[0] for r in results) / len(results)
         record["atom_stability"] = sum(r[1] for r in results) / sum(r[2] for r in results)
     return record
+
+
+def crystal_quality() -> dict:
+    """csp: match rate and RMSE of one sample for each of the first eval_samples validation crystals; de novo:
+    structural and compositional validity of eval_samples fresh crystals."""
+    gen = torch.Generator().manual_seed(args.seed + 17)
+    z_of = torch.tensor(elements)
+    if args.csp:
+        truth = valid_set.batch(torch.arange(min(args.eval_samples, len(valid_set))))
+        with autocast:
+            out = objective.sample(ema, types=truth["types"], mask=truth["mask"], n_steps=args.sample_steps, generator=gen)
+    else:
+        n_atoms = torch.multinomial(torch.tensor(n_atoms_hist), args.eval_samples, replacement=True, generator=gen)
+        with autocast:
+            out = objective.sample(ema, n_atoms=n_atoms, n_steps=args.sample_steps, generator=gen)
+
+    def crystals(b):
+        b = {k: v.cpu() for k, v in b.items()}
+        return [(z_of[b["types"][i][b["mask"][i]]].numpy(), b["frac"][i][b["mask"][i]].double().numpy(),
+                 b["lengths"][i].double().numpy(), b["angles"][i].double().numpy()) for i in range(len(b["mask"]))]
+
+    samples = crystals(out)
+    if args.csp:
+        m = csp_metrics([[s] for s in samples], crystals(truth), workers=1, progress=False)
+        return {"match_rate": m["match_rate@1"], "rmse": m["rmse@1"]}
+    return {"structural_validity": float(np.mean([structure_valid(*c) for c in samples])),
+            "compositional_validity": float(np.mean([composition_valid(c[0]) for c in samples]))}
 
 
 def evaluate_student(step: int) -> dict:
@@ -491,8 +570,9 @@ def step_inputs(step: int):
 # ----------------------------------------------------------------------------------------------
 # Loop
 
-what = f"{args.arch} x {args.gen} on {args.data}" if args.task == "gen" else f"a student of {labelled.teacher} on {', '.join(args.data)}"
-unit = "mol" if args.task == "gen" else "structures"
+what = f"{args.arch} x {args.gen} on {args.data}{' (structure prediction)' if args.csp else ''}" if args.task == "gen" else \
+    f"a student of {labelled.teacher} on {', '.join(args.data)}"
+unit = "structures" if args.task == "ff" else "mol" if domain == "molecules" else "crystals"
 log(f"training {what}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
     f"on {world} process(es), device {device}, out {out_dir}")
 rows = slice(rank * local_batch, (rank + 1) * local_batch)
@@ -549,7 +629,7 @@ try:
             eta = (args.iters - done) * args.batch_size / max(per_s, 1e-9)
             # data_wait: the fraction of the time since the last line that the loop waited for its inputs
             record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm.item(), f"{'mol' if args.task == 'gen' else 'structures'}_per_s": per_s,
+                      "grad_norm": grad_norm.item(), f"{unit}_per_s": per_s,
                       "data_wait": waited / (now - t_last), "time": now - t_start}
             log_json(record)
             log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "

@@ -1,13 +1,24 @@
-"""Backbones and generative processes, picked by name (train.py --arch / --gen).
+"""Backbones and generative processes, picked by domain and name (train.py --data, --arch, --gen).
 
-ARCHS and PROCESSES (name -> class) are imported on first use, so the scripts can check their flags, and modules
-of this package that need no torch (models.labels, models.fileio) can be used, without importing torch."""
+Each domain has its own classes behind the same names: the molecule backbones and processes work on
+Euclidean coordinates, the crystal ones on a lattice and fractional coordinates on the torus
+(models/geometry.py). ARCHS and PROCESSES are the molecule registries, CRYSTAL_ARCHS and CRYSTAL_PROCESSES
+the crystal ones (name -> class); `arch_class` and `process_class` pick by domain. Classes are imported on
+first use, so the scripts can check their flags, and modules of this package that need no torch
+(models.labels, models.fileio) can be used, without importing torch."""
 from importlib import import_module
 
+DOMAINS = ("molecules", "crystals")
+CRYSTAL_DATA = ("perov5", "carbon24", "mp20")  # the CDVAE sets models/crystals.py loads
 _ARCHS = {"gnn": "models.gnn:EGNN", "transformer": "models.transformer:Transformer", "pairformer": "models.pairformer:Pairformer"}
 _PROCESSES = {"flow": "models.flow:FlowMatching", "diffusion": "models.diffusion:Diffusion",
               "interpolant": "models.interpolant:StochasticInterpolant"}
+_CRYSTAL_ARCHS = {"gnn": "models.periodic:PeriodicGNN", "transformer": "models.periodic:PeriodicTransformer",
+                  "pairformer": "models.periodic:PeriodicPairformer"}
+_CRYSTAL_PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching"}
 ARCH_NAMES, PROCESS_NAMES = tuple(_ARCHS), tuple(_PROCESSES)
+CRYSTAL_PROCESS_NAMES = tuple(_CRYSTAL_PROCESSES)
+_REGISTRIES = {"ARCHS": _ARCHS, "PROCESSES": _PROCESSES, "CRYSTAL_ARCHS": _CRYSTAL_ARCHS, "CRYSTAL_PROCESSES": _CRYSTAL_PROCESSES}
 
 
 def _load(registry: dict[str, str]) -> dict:
@@ -15,7 +26,15 @@ def _load(registry: dict[str, str]) -> dict:
 
 
 def __getattr__(name: str):
-    if name not in ("ARCHS", "PROCESSES"):
+    if name not in _REGISTRIES:
         raise AttributeError(f"module 'models' has no attribute {name!r}")
-    globals().update(ARCHS=_load(_ARCHS), PROCESSES=_load(_PROCESSES))
+    globals()[name] = _load(_REGISTRIES[name])
     return globals()[name]
+
+
+def arch_class(domain: str, name: str):
+    return (__getattr__("ARCHS") if domain == "molecules" else __getattr__("CRYSTAL_ARCHS"))[name]
+
+
+def process_class(domain: str, name: str):
+    return (__getattr__("PROCESSES") if domain == "molecules" else __getattr__("CRYSTAL_PROCESSES"))[name]

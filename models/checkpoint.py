@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models import ARCHS, PROCESSES
+from models import DOMAINS, arch_class, process_class
 from models.fileio import atomic_write
 
 FORMAT = "molgen-bench-ckpt-v1"
@@ -82,13 +82,20 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:
             raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
-    if ckpt["arch"] not in ARCHS:
-        raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r}; known: {sorted(ARCHS)}")
-    if ckpt["gen"] not in PROCESSES:
-        raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r}; known: {sorted(PROCESSES)}")
+    domain = ckpt.get("domain", "molecules")  # checkpoints from before crystals have no "domain"
+    if domain not in DOMAINS:
+        raise CheckpointError(f"{path}: unknown domain {domain!r}; known: {list(DOMAINS)}")
+    try:
+        arch_cls = arch_class(domain, ckpt["arch"])
+    except KeyError:
+        raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r} for {domain}") from None
+    try:
+        proc_cls = process_class(domain, ckpt["gen"])
+    except KeyError:
+        raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r} for {domain}") from None
     try:  # configs that no longer (or never) fit their classes fail here, with the file's name
-        config_from_dict(ARCHS[ckpt["arch"]].Config, ckpt["model_config"])
-        config_from_dict(PROCESSES[ckpt["gen"]].Config, ckpt["process_config"])
+        config_from_dict(arch_cls.Config, ckpt["model_config"])
+        config_from_dict(proc_cls.Config, ckpt["process_config"])
     except (CheckpointError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {ckpt['arch']} x {ckpt['gen']} checkpoint with an unusable config: {e}") from None
     return ckpt
@@ -116,7 +123,8 @@ def _load_weights(model, ckpt: dict, weights: str, name: str):
 
 def build_model(ckpt: dict, weights: str = "ema"):
     """(model, process) from a checkpoint alone; weights 'ema' (for sampling) or 'model'."""
-    arch_cls, proc_cls = ARCHS[ckpt["arch"]], PROCESSES[ckpt["gen"]]
+    domain = ckpt.get("domain", "molecules")
+    arch_cls, proc_cls = arch_class(domain, ckpt["arch"]), process_class(domain, ckpt["gen"])
     model = _load_weights(arch_cls(config_from_dict(arch_cls.Config, ckpt["model_config"])), ckpt, weights, ckpt["arch"])
     process = proc_cls(config_from_dict(proc_cls.Config, ckpt["process_config"]))
     return model, process

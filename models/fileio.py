@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,10 @@ import numpy as np
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names the file, the record and the problem."""
 
 
 class DiskFull(OSError):
@@ -100,8 +105,19 @@ def save_npz(path: Path, arrays: dict) -> None:
     atomic_write(path, write)
 
 
-def download(url: str, dest: Path) -> Path:
-    """Download url to dest atomically, with a progress bar."""
+def git_blob_sha1(path: Path) -> str:
+    """The SHA-1 git gives a file's content (its blob id): a checksum that a repository's tree lists for every
+    file, so a download from a pinned commit can be verified against that commit's listing."""
+    h = hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, blob_sha1: str | None = None) -> Path:
+    """Download url to dest atomically, with a progress bar. With blob_sha1, a download whose git blob id
+    differs raises OSError naming url and both ids, and nothing is written."""
     from tqdm import tqdm
 
     def write(tmp):
@@ -111,6 +127,9 @@ def download(url: str, dest: Path) -> Path:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+        if blob_sha1 is not None and (got := git_blob_sha1(tmp)) != blob_sha1:
+            raise OSError(f"{url}: downloaded content has git blob id {got}, expected {blob_sha1} (changed upstream or "
+                          f"damaged in transit); {dest} not written")
 
     atomic_write(dest, write)
     return dest

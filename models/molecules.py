@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fileio import check_writable_dir, download, save_npz
+from models.fileio import DataError, check_writable_dir, download, save_npz
 from models.geometry import remove_mean
 
 ATOM_SYMBOLS = ("H", "C", "N", "O", "F")
@@ -38,10 +38,6 @@ QM9_SPLIT_SEED = 0
 QM9_XYZ_URL = "https://springernature.figshare.com/ndownloader/files/3195389"  # dsgdb9nsd.xyz.tar.bz2
 QM9_EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"  # uncharacterized.txt
 CACHE_VERSION = 1
-
-
-class DataError(ValueError):
-    """A data file or record that cannot be used; the message names the file, the record and the problem."""
 
 
 @dataclass

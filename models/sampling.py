@@ -39,3 +39,50 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
                 structures.append(atoms)
             bar.update(len(types))
     return structures, n_bad
+
+
+def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
+                    weights: str = "ema", compositions=None, n_per_composition: int = 1) -> tuple[list[ase.Atoms], int]:
+    """Crystals from a loaded crystal checkpoint: (the crystals with finite coordinates and cell, how many were
+    dropped for NaN / Inf). De novo: n crystals, sizes from the training histogram; info['sample_index'].
+    Structure prediction: n_per_composition samples for each crystal of `compositions` (a models.crystals.
+    CrystalSet, e.g. the test split), whose elements the model must know; info['truth_id'] (its material_id),
+    info['truth_index'] (its row) and info['sample_index'] (0..n_per_composition-1)."""
+    from models.crystals import PaddedCrystals, crystal_atoms
+
+    model, process = build_model(ckpt, weights=weights)
+    model.to(device).eval()
+    elements = torch.tensor(ckpt["elements"])
+    generator = torch.Generator().manual_seed(seed)
+    if process.config.csp:
+        padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
+        jobs = [(i, k) for i in range(len(padded)) for k in range(n_per_composition)]
+    else:
+        n_atoms = torch.multinomial(torch.tensor(ckpt["n_atoms_hist"]), n, replacement=True, generator=generator)
+        jobs = [(i, 0) for i in range(n)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    structures, n_bad = [], 0
+    with tqdm(total=len(jobs), unit=" crystals", desc="sampling", mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
+        for lo in range(0, len(jobs), batch_size):
+            rows = torch.tensor([i for i, _ in jobs[lo:lo + batch_size]])
+            with autocast:
+                if process.config.csp:
+                    b = padded.batch(rows)
+                    out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator)
+                else:
+                    out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator)
+            out = {k: v.cpu() for k, v in out.items()}
+            for r, (i, k) in enumerate(jobs[lo:lo + batch_size]):
+                m = out["mask"][r]
+                frac, lengths, angles = (out[key][r].double().numpy() for key in ("frac", "lengths", "angles"))
+                frac = frac[m.numpy()]
+                if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()):
+                    n_bad += 1
+                    continue
+                atoms = crystal_atoms(elements[out["types"][r][m]].numpy(), frac, lengths, angles)
+                atoms.info["sample_index"] = k if process.config.csp else i
+                if process.config.csp:
+                    atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=i)
+                structures.append(atoms)
+            bar.update(len(rows))
+    return structures, n_bad

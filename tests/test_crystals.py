@@ -1,0 +1,379 @@
+"""Crystals on real CDVAE fixtures: loading, caching and checked downloads, geometry round trips, the periodic
+backbones' invariances, every backbone overfitting a few crystals in both tasks, the CDVAE metrics on real and
+broken crystals, and train -> sample -> CIF -> evaluate end to end."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import CRYSTAL_ARCHS
+from models.crystal_flow import CrystalFlowConfig, CrystalFlowMatching
+from models.crystal_metrics import composition_valid, csp_metrics, structure_valid
+from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, crystal_atoms, holdout_mask, load_crystals,
+                             read_cdvae_csv)
+from models.fileio import DataError, git_blob_sha1
+from models.geometry import (LatticeScaler, lattice_matrix, lattice_to_unconstrained, torus_difference,
+                             unconstrained_to_lattice, wrap)
+
+ROOT = Path(__file__).resolve().parents[1]
+PEROV_TEST = ROOT / "tests" / "data" / "perov5_sample.csv"  # the first rows of perov-5's test.csv
+PEROV_VAL = ROOT / "tests" / "data" / "perov5_val_sample.csv"  # the first 64 rows of perov-5's val.csv
+CARBON = ROOT / "tests" / "data" / "carbon24_sample.csv"
+
+
+def run(*args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def crystal_dir(tmp_path_factory) -> Path:
+    """DATA_DIR with the documented layout: cdvae/perov_5/{val,test}.csv from the fixtures."""
+    d = tmp_path_factory.mktemp("cdvae")
+    (d / "cdvae" / "perov_5").mkdir(parents=True)
+    shutil.copy(PEROV_VAL, d / "cdvae" / "perov_5" / "val.csv")
+    shutil.copy(PEROV_TEST, d / "cdvae" / "perov_5" / "test.csv")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.mark.parametrize("path, n", [(PEROV_TEST, 7), (CARBON, 6)])
+def test_loader_gives_niggli_reduced_crystals_that_match_their_cif(path, n):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Structure
+    import csv
+
+    crystals = read_cdvae_csv(path, progress=False)
+    assert len(crystals) == n and crystals.offset[-1] + crystals.n_atoms[-1] == len(crystals.numbers)
+    assert (crystals.frac >= 0).all() and (crystals.frac < 1).all()
+    assert (crystals.angles >= 60 - 1e-6).all() and (crystals.angles <= 120 + 1e-6).all()  # Niggli-reduced
+    csv.field_size_limit(1 << 26)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    matcher = StructureMatcher(primitive_cell=False, scale=False)
+    for i, row in enumerate(rows):
+        original = Structure.from_str(row["cif"], fmt="cif")
+        assert crystals.ids[i] == row["material_id"]
+        assert matcher.fit(original, crystals.to_structure(i)), f"crystal {i} changed in loading"
+        assert np.isclose(crystals.to_structure(i).volume, original.volume)
+    atoms = crystals.to_atoms(0)
+    assert atoms.pbc.all() and np.allclose(atoms.cell.cellpar(), [*crystals.lengths[0], *crystals.angles[0]])
+
+
+def test_cache_is_written_reused_and_rebuilt_when_the_csv_changes(tmp_path):
+    (tmp_path / "cdvae" / "perov_5").mkdir(parents=True)
+    csv_path = tmp_path / "cdvae" / "perov_5" / "test.csv"
+    shutil.copy(PEROV_TEST, csv_path)
+    first = load_crystals("perov5", "test", tmp_path, progress=False)
+    cache = tmp_path / "cdvae_perov5_test.npz"
+    assert cache.exists()
+    mtime = cache.stat().st_mtime_ns
+    again = load_crystals("perov5", "test", tmp_path, progress=False)
+    assert cache.stat().st_mtime_ns == mtime and np.array_equal(first.frac, again.frac)
+    text = PEROV_TEST.read_text()
+    csv_path.write_text(text[: text.index("\n996,") if "\n996," in text else len(text)] + text[text.index("\n13356,"):])
+    fewer = load_crystals("perov5", "test", tmp_path, progress=False)  # another file: parsed again
+    assert len(fewer) == len(first) - 1
+    cache.write_bytes(b"garbage")
+    assert len(load_crystals("perov5", "test", tmp_path, progress=False)) == len(fewer)
+
+
+def test_download_is_checked_against_the_pinned_git_blob(tmp_path, monkeypatch):
+    import models.crystals as crystals
+
+    src = tmp_path / "release" / "perov_5" / "val.csv"
+    src.parent.mkdir(parents=True)
+    shutil.copy(PEROV_VAL, src)
+    monkeypatch.setattr(crystals, "CDVAE_URL", f"file://{tmp_path}/release/{{folder}}/{{split}}.csv")
+    good = dict(crystals.CRYSTAL_SETS["perov5"].blob_sha1, val=git_blob_sha1(src))
+    monkeypatch.setitem(crystals.CRYSTAL_SETS, "perov5", crystals.CRYSTAL_SETS["perov5"].__class__(
+        "perov_5", 5, good, (0.2, 4.0)))
+    data = tmp_path / "data"
+    assert len(load_crystals("perov5", "val", data, progress=False)) == 64
+    assert (data / "cdvae" / "perov_5" / "val.csv").read_bytes() == PEROV_VAL.read_bytes()
+    with pytest.raises(DataError, match="git blob id") as e:  # test.csv is not what the pinned commit lists
+        shutil.copy(PEROV_VAL, src.with_name("test.csv"))
+        load_crystals("perov5", "test", data, progress=False)
+    assert "release's perov_5/test.csv" in str(e.value) and not (data / "cdvae" / "perov_5" / "test.csv").exists()
+    with pytest.raises(DataError, match="--train-split val"):  # offline: no train.csv anywhere
+        load_crystals("perov5", "train", data, progress=False)
+
+
+def test_the_pinned_blob_ids_are_those_of_the_real_files():
+    # The fixtures are byte-for-byte prefixes of the release files, so only their head can be checked here: the
+    # real files in the shared data directory, when present, must hash to the pinned ids.
+    shared = ROOT.parent / "shared" / "data" / "cdvae"
+    files = [(name, split, shared / info.folder / f"{split}.csv") for name, info in CRYSTAL_SETS.items() for split in ("val", "test")]
+    present = [(n, s, p) for n, s, p in files if p.exists()]
+    if not present:
+        pytest.skip("the CDVAE release files are not on this machine")
+    for name, split, path in present:
+        assert git_blob_sha1(path) == CRYSTAL_SETS[name].blob_sha1[split], path
+
+
+HEADER = ",material_id,cif\n"
+CIF = """data_X
+_cell_length_a 4.0
+_cell_length_b 4.0
+_cell_length_c 4.0
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+ _atom_site_type_symbol
+ _atom_site_label
+ _atom_site_fract_x
+ _atom_site_fract_y
+ _atom_site_fract_z
+ _atom_site_occupancy
+{sites}
+"""
+
+
+@pytest.mark.parametrize("sites, problem", [
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.02 0 0 1", "overlap"),
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 nan 1", "non-finite|unreadable CIF|no atoms"),
+    ("  Na Na0 0 0 0 1\n  Xx Xx0 0.5 0.5 0.5 1", "unknown element|unreadable CIF"),
+    ("", "unreadable CIF|no atoms"),
+])
+def test_bad_records_name_file_line_and_id(tmp_path, sites, problem):
+    good = CIF.format(sites="  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 1")
+    bad = CIF.format(sites=sites)
+    path = tmp_path / "bad.csv"
+    path.write_text(HEADER + f'0,good-1,"{good}"\n1,bad-2,"{bad}"\n')
+    with pytest.raises(DataError, match=problem) as e:
+        read_cdvae_csv(path, progress=False)
+    assert str(path) in str(e.value) and "bad-2" in str(e.value) and "lines" in str(e.value)
+
+
+def test_empty_and_foreign_files_are_refused(tmp_path):
+    (tmp_path / "empty.csv").write_text(HEADER)
+    with pytest.raises(DataError, match="no crystals"):
+        read_cdvae_csv(tmp_path / "empty.csv", progress=False)
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_cdvae_csv(tmp_path / "other.csv", progress=False)
+
+
+def test_holdout_is_stable_and_vocabulary_is_enforced():
+    crystals = read_cdvae_csv(PEROV_VAL, progress=False)
+    held = holdout_mask(crystals.ids, 0.25)
+    assert 0 < held.sum() < len(held)
+    assert np.array_equal(holdout_mask(crystals.ids[::-1], 0.25), held[::-1])  # by id, not by position
+    with pytest.raises(DataError, match="not in the model's vocabulary"):
+        PaddedCrystals(crystals, crystals.elements()[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+
+
+def test_lattice_and_torus_round_trips():
+    from pymatgen.core import Lattice
+
+    torch.manual_seed(0)
+    lengths = torch.rand(50, 3, dtype=torch.float64) * 8 + 2
+    angles = torch.rand(50, 3, dtype=torch.float64) * 50 + 65
+    back_lengths, back_angles = unconstrained_to_lattice(lattice_to_unconstrained(lengths, angles))
+    assert torch.allclose(back_lengths, lengths) and torch.allclose(back_angles, angles)
+    for i in range(5):  # the Gram matrix of our orientation is pymatgen's
+        ours = lattice_matrix(lengths[i], angles[i]).numpy()
+        theirs = Lattice.from_parameters(*lengths[i].tolist(), *angles[i].tolist()).matrix
+        assert np.allclose(ours @ ours.T, theirs @ theirs.T)
+    u = torch.randn(100, 6, dtype=torch.float64) * 3  # every real u is a valid cell
+    lengths_u, angles_u = unconstrained_to_lattice(u)
+    assert (lengths_u > 0).all() and (angles_u > 59).all() and (angles_u < 121).all()
+    scaler = LatticeScaler.fit(lengths, angles)
+    assert torch.allclose(torch.cat(scaler.lattice(scaler.normalise(lengths, angles))), torch.cat([lengths, angles]))
+    f0, f1 = torch.rand(200, 3), torch.rand(200, 3)
+    d = torus_difference(f1, f0)
+    assert (d >= -0.5).all() and (d < 0.5).all()
+    assert torch.allclose(torch.remainder(f0 + d - f1 + 0.5, 1.0), torch.full_like(d, 0.5), atol=1e-5)
+    assert torch.equal(wrap(f1 + 3), wrap(f1)) or torch.allclose(wrap(f1 + 3), f1, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones: invariances and overfitting
+
+
+def crystal_batch(n=6):
+    crystals = read_cdvae_csv(PEROV_TEST, progress=False)
+    crystals = CrystalSet(*(getattr(crystals, k) for k in ("numbers", "frac", "lengths", "angles", "n_atoms", "offset", "ids")))
+    return crystals, PaddedCrystals(crystals.subset(range(n)), crystals.elements())
+
+
+@pytest.mark.parametrize("arch", ["gnn", "transformer", "pairformer"])
+def test_periodic_backbones_are_invariant(arch):
+    crystals, padded = crystal_batch()
+    cls = CRYSTAL_ARCHS[arch]
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=len(crystals.elements()), hidden=32, n_layers=2)).double().eval()
+    for p in model.parameters():  # the zero-initialised output layers would make every check trivially pass
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else None
+    b = padded.batch(torch.arange(len(padded)))
+    h = torch.nn.functional.one_hot(b["types"], len(crystals.elements())).double() + torch.randn(*b["types"].shape, len(crystals.elements()), dtype=torch.float64) * 0.3
+    b["mask"][0, 4] = False  # one padded atom too
+    t = torch.rand(len(h), dtype=torch.float64)
+    frac = torch.rand_like(b["frac"].double())
+    lengths, angles = b["lengths"].double(), b["angles"].double() + torch.randn_like(b["angles"].double()) * 5
+
+    def forward(frac, h=h, mask=b["mask"], lengths=lengths, angles=angles):
+        return model(h, frac, lengths, angles, t, mask)
+
+    ref = forward(frac)
+    assert ref[0].abs().max() > 1e-3 and ref[1].abs().max() > 1e-3
+    node = b["mask"].unsqueeze(-1).double()
+    shifted = forward(wrap(frac + torch.rand(len(h), 1, 3, dtype=torch.float64)) * node)  # periodic translation
+    images = forward(frac + torch.randint(-2, 3, frac.shape).double() * node)  # any image of each atom
+    for out in (shifted, images):
+        for a, r in zip(out, ref):
+            assert torch.allclose(a, r, atol=1e-9)
+    perm = torch.tensor([3, 1, 2, 0, 4])
+    permuted = forward(frac[:, perm], h[:, perm], b["mask"][:, perm])
+    for a, r in zip(permuted, ref):
+        assert torch.allclose(a, r[:, perm] if r.dim() == 3 else r, atol=1e-9)
+    assert (ref[0][0, 4] == 0).all()  # padding stays zero
+    # rotating a crystal changes neither its cell parameters nor its fractional coordinates: the model's inputs
+    atoms = crystals.to_atoms(1)
+    rotated = atoms.copy()
+    rotated.rotate(37, (1, 2, 3), rotate_cell=True)
+    assert np.allclose(rotated.cell.cellpar(), atoms.cell.cellpar())
+    assert np.allclose(rotated.get_scaled_positions(), atoms.get_scaled_positions())
+
+
+@pytest.mark.parametrize("arch", ["gnn", "transformer", "pairformer"])
+@pytest.mark.parametrize("csp", [True, False], ids=["csp", "de-novo"])
+def test_every_backbone_overfits_a_few_crystals(arch, csp):
+    crystals, padded = crystal_batch()
+    scaler = LatticeScaler.fit(padded.lengths, padded.angles)
+    process = CrystalFlowMatching(CrystalFlowConfig(n_types=len(crystals.elements()), csp=csp,
+                                                    lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"]))
+    cls = CRYSTAL_ARCHS[arch]
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=len(crystals.elements()), hidden=32, n_layers=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    b = padded.batch(torch.arange(len(padded)))
+    gen = torch.Generator().manual_seed(1)
+    fixed = process.draw_noise(len(padded), padded.n_max, gen)  # one noise draw: the loss can only fall by learning
+    before = process.loss(model, b, fixed).item()
+    for _ in range(60):
+        loss = process.loss(model, b, fixed)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert process.loss(model, b, fixed).item() < 0.6 * before
+    out = process.sample(model, n_atoms=b["mask"].sum(1), types=b["types"], mask=b["mask"], n_steps=4)
+    assert out["frac"].shape == b["frac"].shape and ((out["frac"] >= 0) & (out["frac"] < 1)).all()
+    assert (out["lengths"] > 0).all() and torch.isfinite(out["angles"]).all()
+    if csp:
+        assert torch.equal(out["types"], b["types"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_real_crystals_are_valid_and_broken_ones_are_not():
+    crystals = read_cdvae_csv(PEROV_VAL, progress=False)
+    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
+               crystals.angles[i]) for i in range(len(crystals))]
+    assert all(structure_valid(*c) for c in arrays)
+    z, f, lengths, angles = arrays[0]
+    squashed = f.copy()
+    squashed[1] = squashed[0] + 0.01  # two atoms 0.04 A apart
+    assert not structure_valid(z, squashed, lengths, angles)
+    assert not structure_valid(z, f, np.array([0.3, 0.3, 0.3]), angles)  # a cell too small for its atoms
+    assert not structure_valid(z, f * np.nan, lengths, angles)
+    assert composition_valid([11, 17]) and composition_valid([26, 26]) and composition_valid([29, 30])  # NaCl, Fe, CuZn
+    assert not composition_valid([11, 17, 17]) and not composition_valid([8, 8, 11])  # NaCl2, NaO2 as written
+    assert np.mean([composition_valid(c[0]) for c in arrays]) > 0.9
+
+
+def test_structure_prediction_metrics():
+    crystals = read_cdvae_csv(PEROV_VAL, progress=False)
+    truths = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
+               crystals.angles[i]) for i in range(12)]
+    rng = np.random.default_rng(0)
+    shifted = [(z, (f + rng.random(3)) % 1, lengths * 1.02, angles) for z, f, lengths, angles in truths]
+    scrambled = [(z, rng.random(f.shape), lengths, angles) for z, f, lengths, angles in truths]
+    exact = csp_metrics([[s] for s in shifted], truths, workers=1, progress=False)
+    valid = exact["valid_truths"]
+    assert exact["match_rate@1"] == pytest.approx(valid) and exact["rmse@1"] < 1e-6
+    two = csp_metrics([[a, b] for a, b in zip(scrambled, shifted)], truths, workers=2, progress=False)
+    assert two["match_rate@2"] == pytest.approx(valid) and two["rmse@2"] < 1e-6
+    assert two["match_rate@1"] < valid  # random positions rarely match
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripts
+
+
+def test_train_sample_cif_evaluate_structure_prediction(crystal_dir, tmp_path):
+    out = tmp_path / "csp"
+    run("train.py", "--data", "perov5", "--csp", "--train-split", "val", "--data-dir", crystal_dir, "--preset", "tiny",
+        "--iters", "30", "--eval-every", "30", "--eval-samples", "4", "--arch", "transformer", "--out", out)
+    log = out.joinpath("train.log").read_text()
+    assert "match_rate" in log and "(structure prediction)" in log
+    run("sample.py", "--ckpt", out / "ckpt.pt", "--steps", "4", "--n-per-composition", "2", "--data-dir", crystal_dir)
+    from pymatgen.io.cif import CifParser
+    import ase.io
+
+    truths = read_cdvae_csv(PEROV_TEST, progress=False)
+    structures = CifParser(out / "samples.cif", check_cif=False).parse_structures(primitive=False)
+    atoms = ase.io.read(out / "samples.cif", ":")
+    assert len(structures) == len(atoms) == 2 * len(truths)
+    for k, s in enumerate(structures):  # the compositions are the test crystals', in order
+        assert sorted(s.atomic_numbers) == sorted(truths.numbers[truths.atoms_of(k // 2)].tolist())
+        assert sorted(atoms[k].numbers) == sorted(s.atomic_numbers)
+    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir, "--workers", "1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_compositions"] == len(truths) and metrics["samples_per_composition"] == 2
+    assert 0 <= metrics["match_rate@1"] <= metrics["match_rate@2"] <= 1
+    ref = run("evaluate.py", "--reference", "perov5", "--data-dir", crystal_dir, "--json", tmp_path / "ref" / "m.json")
+    ref_metrics = json.loads((tmp_path / "ref" / "m.json").read_text())
+    assert ref_metrics["structural_validity"] == 1.0 and "structural validity 100.00 %" in ref.stdout
+
+
+def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):
+    out = tmp_path / "denovo"
+    run("train.py", "--data", "perov5", "--train-split", "val", "--data-dir", crystal_dir, "--preset", "tiny",
+        "--iters", "10", "--eval-samples", "4", "--out", out)
+    assert "structural_validity" in out.joinpath("train.log").read_text()
+    run("sample.py", "--ckpt", out / "ckpt.pt", "--n", "5", "--steps", "3")
+    import ase.io
+
+    atoms = ase.io.read(out / "samples.cif", ":")
+    assert len(atoms) == 5 and all(a.pbc.all() and len(a) == 5 for a in atoms)
+    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir)
+    assert "structural_validity" in json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "qm9", "--csp"], "--csp: not an option for molecules"),
+    (["--data", "perov5", "--cfconv-cutoff", "4"], "--cfconv-cutoff: not an option for crystals"),
+    (["--data", "perov5", "--gen", "diffusion"], "not implemented for crystals yet"),
+    (["--data", "mp21"], "--task gen trains on one of qm9, perov5, carbon24, mp20"),
+    (["--task", "ff", "--data", "x.h5", "--csp"], "--csp: options of --task gen"),
+])
+def test_crystal_flag_misuse_is_refused(flags, message, tmp_path):
+    proc = run("train.py", *flags, "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_training_file_offline_says_what_to_do(crystal_dir, tmp_path):
+    proc = run("train.py", "--data", "perov5", "--data-dir", crystal_dir, "--preset", "tiny", "--out", tmp_path / "x",
+               check=False)  # no train.csv, and the download fails (no network, or a refused URL)
+    assert proc.returncode != 0 and "train.csv" in proc.stderr and "--train-split val" in proc.stderr
