@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models import ARCH_NAMES, CRYSTAL_DATA, CRYSTAL_PROCESS_NAMES, PROCESS_NAMES
+from models import ARCH_NAMES, CRYSTAL_DATA, PROCESS_NAMES
 from models.cli import (checked_device, decay, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
                         writable_dir)
 
@@ -120,8 +120,6 @@ else:
     wrong = CRYSTAL_ONLY if domain == "molecules" else MOLECULE_ONLY
     if given := [k for k in wrong if getattr(args, k) not in (None, False, 0.0, parser.get_default(k))]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: not an option for {domain} (--data {args.data})")
-    if domain == "crystals" and args.gen not in CRYSTAL_PROCESS_NAMES:
-        parser.error(f"--gen {args.gen}: not implemented for crystals yet; crystals train with --gen {', '.join(CRYSTAL_PROCESS_NAMES)}")
 if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 if args.ot_align and args.gen != "flow":

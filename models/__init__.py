@@ -15,9 +15,9 @@ _PROCESSES = {"flow": "models.flow:FlowMatching", "diffusion": "models.diffusion
               "interpolant": "models.interpolant:StochasticInterpolant"}
 _CRYSTAL_ARCHS = {"gnn": "models.periodic:PeriodicGNN", "transformer": "models.periodic:PeriodicTransformer",
                   "pairformer": "models.periodic:PeriodicPairformer"}
-_CRYSTAL_PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching"}
+_CRYSTAL_PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching", "diffusion": "models.crystal_diffusion:CrystalDiffusion",
+                      "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
 ARCH_NAMES, PROCESS_NAMES = tuple(_ARCHS), tuple(_PROCESSES)
-CRYSTAL_PROCESS_NAMES = tuple(_CRYSTAL_PROCESSES)
 _REGISTRIES = {"ARCHS": _ARCHS, "PROCESSES": _PROCESSES, "CRYSTAL_ARCHS": _CRYSTAL_ARCHS, "CRYSTAL_PROCESSES": _CRYSTAL_PROCESSES}
 
 

@@ -30,6 +30,14 @@ from models.geometry import remove_mean
 from models.process import GaussianProcess, per_molecule_loss
 
 
+def polynomial_schedule(t: torch.Tensor, precision: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t, sigma_t of EDM's polynomial schedule at times t (any shape), in float64 for the samplers' ratios:
+    alpha^2 = (1 - 2 s) (1 - (1 - t)^2)^2 + s, sigma^2 = 1 - alpha^2, s = precision."""
+    tau = 1 - t.double()
+    alpha_sq = (1 - 2 * precision) * (1 - tau ** 2) ** 2 + precision
+    return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
+
+
 @dataclass
 class DiffusionConfig:
     n_types: int = 5
@@ -43,11 +51,7 @@ class Diffusion(GaussianProcess):
     SAMPLERS = ("ancestral", "ode")  # the first is sample.py's default
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t, sigma_t of the schedule at times t (any shape), in float64 for the sampler's ratios."""
-        s = self.config.schedule_precision
-        tau = 1 - t.double()
-        alpha_sq = (1 - 2 * s) * (1 - tau ** 2) ** 2 + s
-        return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
+        return polynomial_schedule(t, self.config.schedule_precision)
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)

@@ -39,8 +39,10 @@ def remove_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def wrap(f: torch.Tensor) -> torch.Tensor:
-    """Fractional coordinates into [0, 1)."""
-    return f - torch.floor(f)
+    """Fractional coordinates into [0, 1). f - floor(f) rounds to exactly 1 for a tiny negative f in float32,
+    which is folded back to 0."""
+    w = f - torch.floor(f)
+    return torch.where(w >= 1, w - 1, w)
 
 
 def torus_difference(f_to: torch.Tensor, f_from: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import CRYSTAL_ARCHS
-from models.crystal_flow import CrystalFlowConfig, CrystalFlowMatching
+from models import CRYSTAL_ARCHS, CRYSTAL_PROCESSES
 from models.crystal_metrics import composition_valid, csp_metrics, structure_valid
 from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, crystal_atoms, holdout_mask, load_crystals,
                              read_cdvae_csv)
@@ -255,12 +254,14 @@ def test_periodic_backbones_are_invariant(arch):
 
 
 @pytest.mark.parametrize("arch", ["gnn", "transformer", "pairformer"])
+@pytest.mark.parametrize("gen", ["flow", "diffusion", "interpolant"])
 @pytest.mark.parametrize("csp", [True, False], ids=["csp", "de-novo"])
-def test_every_backbone_overfits_a_few_crystals(arch, csp):
+def test_every_combination_overfits_a_few_crystals(arch, gen, csp):
     crystals, padded = crystal_batch()
     scaler = LatticeScaler.fit(padded.lengths, padded.angles)
-    process = CrystalFlowMatching(CrystalFlowConfig(n_types=len(crystals.elements()), csp=csp,
-                                                    lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"]))
+    proc_cls = CRYSTAL_PROCESSES[gen]
+    process = proc_cls(proc_cls.Config(n_types=len(crystals.elements()), csp=csp, lattice_mean=scaler.state()["mean"],
+                                       lattice_std=scaler.state()["std"]))
     cls = CRYSTAL_ARCHS[arch]
     torch.manual_seed(0)
     model = cls(cls.Config(n_types=len(crystals.elements()), hidden=32, n_layers=2))
@@ -275,11 +276,12 @@ def test_every_backbone_overfits_a_few_crystals(arch, csp):
         loss.backward()
         opt.step()
     assert process.loss(model, b, fixed).item() < 0.6 * before
-    out = process.sample(model, n_atoms=b["mask"].sum(1), types=b["types"], mask=b["mask"], n_steps=4)
-    assert out["frac"].shape == b["frac"].shape and ((out["frac"] >= 0) & (out["frac"] < 1)).all()
-    assert (out["lengths"] > 0).all() and torch.isfinite(out["angles"]).all()
-    if csp:
-        assert torch.equal(out["types"], b["types"])
+    for method in process.SAMPLERS:
+        out = process.sample(model, n_atoms=b["mask"].sum(1), types=b["types"], mask=b["mask"], n_steps=4, method=method)
+        assert out["frac"].shape == b["frac"].shape and ((out["frac"] >= 0) & (out["frac"] < 1)).all()
+        assert (out["lengths"] > 0).all() and torch.isfinite(out["angles"]).all()
+        if csp:
+            assert torch.equal(out["types"], b["types"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +366,6 @@ def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "qm9", "--csp"], "--csp: not an option for molecules"),
     (["--data", "perov5", "--cfconv-cutoff", "4"], "--cfconv-cutoff: not an option for crystals"),
-    (["--data", "perov5", "--gen", "diffusion"], "not implemented for crystals yet"),
     (["--data", "mp21"], "--task gen trains on one of qm9, perov5, carbon24, mp20"),
     (["--task", "ff", "--data", "x.h5", "--csp"], "--csp: options of --task gen"),
 ])

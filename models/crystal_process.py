@@ -1,0 +1,106 @@
+"""What the crystal generative processes (models/crystal_flow.py, crystal_diffusion.py, crystal_interpolant.py)
+share, as models/process.py is for molecules.
+
+A crystal state has three parts, each on its own space (models/geometry.py):
+  - frac [B, N, 3]: fractional coordinates on the torus [0, 1)^3 (prior: uniform, or a wide wrapped normal);
+  - y [B, 6]: the lattice as standardised unconstrained parameters, Euclidean (prior N(0, I));
+  - h [B, N, T]: types as the one-hot vector times `type_scale`, Euclidean (prior N(0, I)), generated de novo,
+    or given (structure prediction, `csp`): then the clean one-hot is the input at every time.
+The processes differ in how they move frac and y from t = 0 (prior) to t = 1 (data) and in what the
+backbone's outputs mean; the backbone contract is in models/periodic.py.
+
+Interface of every crystal process (train.py, sample.py and models/sampling.py use nothing else):
+    loss(model, batch, noise=None) -> scalar
+    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
+    sample(model, n_atoms=None, types=None, mask=None, n_steps, method, generator)
+        -> {"types", "frac", "lengths", "angles", "mask"}
+    SAMPLERS: the sampler names, sample.py's default first
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models.geometry import LatticeScaler
+
+UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
+
+
+@dataclass
+class CrystalProcessConfig:
+    n_types: int = 1
+    csp: bool = False  # structure prediction: types given, not generated
+    type_scale: float = 0.25  # one-hot types are scaled by this before noising
+    type_loss_weight: float = 0.5  # weight of the type cross-entropy (de novo)
+    lattice_loss_weight: float = 1.0
+    lattice_mean: list = field(default_factory=lambda: [0.0] * 6)  # LatticeScaler of the training set
+    lattice_std: list = field(default_factory=lambda: [1.0] * 6)
+
+
+class CrystalProcess:
+    """Base class; a subclass sets Config, SAMPLERS, loss and sample."""
+
+    def __init__(self, config):
+        self.config = config
+        self.scaler = LatticeScaler(config.lattice_mean, config.lattice_std)
+
+    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
+                   device="cpu") -> dict[str, torch.Tensor]:
+        """Prior samples and times for a global batch (DDP ranks slice rows): t [B], f0 [B, N, 3] uniform on the
+        torus, y0 [B, 6], h0 [B, N, T] and z [B, N, 3] (Gaussian; the processes that need noise on the torus
+        take it from here)."""
+        kw = dict(generator=generator, device=generator.device if generator is not None else device)
+        return {"t": torch.rand(batch_size, **kw), "f0": torch.rand(batch_size, n_max, 3, **kw),
+                "y0": torch.randn(batch_size, 6, **kw), "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
+                "z": torch.randn(batch_size, n_max, 3, **kw)}
+
+    def one_hot(self, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(types, self.config.n_types).float() * self.config.type_scale * mask.unsqueeze(-1)
+
+    def data(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None):
+        """(types, f1, y1, h1, mask, node, noise on the batch's device) of a training batch."""
+        types, f1, mask = batch["types"], batch["frac"], batch["mask"]
+        if noise is None:
+            noise = self.draw_noise(*types.shape, device=f1.device)
+        noise = {k: v.to(f1.device) for k, v in noise.items()}
+        y1 = self.scaler.normalise(batch["lengths"], batch["angles"])
+        return types, f1, y1, self.one_hot(types, mask), mask, mask.unsqueeze(-1).float(), noise
+
+    def forward(self, model, h, f, y, t, mask):
+        """The backbone on a state: lattice given as standardised y, converted to lengths and angles here."""
+        lengths, angles = self.scaler.lattice(y)
+        return model(h, f, lengths, angles, t, mask)
+
+    def type_loss(self, logits, types, mask) -> torch.Tensor:
+        """Per-crystal mean cross-entropy of the type logits, times type_loss_weight; 0 for csp. [B]"""
+        if self.config.csp:
+            return torch.zeros(len(types), device=types.device)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")
+        return self.config.type_loss_weight * (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def sampling_start(self, model, n_atoms, types, mask, generator):
+        """The prior state: (types or None, mask, node, noise dict, h), on the model's device. De novo takes
+        n_atoms [B]; structure prediction types [B, N] and mask [B, N]."""
+        device = next(model.parameters()).device
+        if self.config.csp:
+            if types is None or mask is None:
+                raise ValueError("a structure-prediction model samples for given compositions: pass types and mask")
+            types, mask = types.to(device), mask.to(device)
+        else:
+            n_atoms = n_atoms.to(device)
+            mask = torch.arange(int(n_atoms.max()), device=device)[None, :] < n_atoms[:, None]
+        node = mask.unsqueeze(-1).float()
+        noise = {k: v.to(device) for k, v in self.draw_noise(*mask.shape, generator, device=device).items()}
+        h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
+        return types, mask, node, noise, h
+
+    def result(self, types, logits, f, y, mask) -> dict[str, torch.Tensor]:
+        lengths, angles = self.scaler.lattice(y)
+        out_types = types if self.config.csp else logits.argmax(-1) * mask
+        return {"types": out_types, "frac": f, "lengths": lengths, "angles": angles, "mask": mask}
+
+    def check_method(self, method: str) -> None:
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
