@@ -26,9 +26,9 @@ from models import CRYSTAL_DATA
 from models.cli import checked_device, fraction, nonnegative_int, output_file, positive_float, positive_int, writable_dir
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the extended XYZ file of generated molecules (ASE reads "
-                    "it); --task ff: labels files (.h5) of the student's teacher, scored on the structures it did not train on")
-parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: generated molecules; ff: a student force field")
+parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the extended XYZ file of generated molecules or crystals (sample.py's "
+                    "samples.extxyz); --task ff: labels files (.h5) of the student's teacher, scored on the structures it did not train on")
+parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: generated molecules or crystals; ff: a student force field")
 parser.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set the samples imitate")
 parser.add_argument("--reference", choices=["qm9", *CRYSTAL_DATA], help="evaluate the real test set instead of samples "
                     "(the 'Data' row; its distribution metrics are taken against the validation split)")
@@ -36,7 +36,7 @@ parser.add_argument("--data-dir", type=Path, default=None, help="data and cache 
                     "./data); reference statistics and training SMILES are cached there")
 parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher (default: every core)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
-                    "metrics.json, or out/reference-qm9/metrics.json); evaluate.log goes next to it")
+                    "metrics.json, or out/reference-<data>/metrics.json); evaluate.log goes next to it")
 parser.add_argument("--figures", type=Path, default=None,
                     help="directory for the PNG figures (default: next to --json)")
 parser.add_argument("--log", type=Path, default=None, help="training log.jsonl to plot (default: log.jsonl next to "

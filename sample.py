@@ -57,8 +57,9 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
     parser.add_argument("--method", choices=sorted({m for reg in (PROCESSES, CRYSTAL_PROCESSES) for p in reg.values() for m in p.SAMPLERS}), default=None,
                         help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
-                             "ancestral (default; DDPM) or ode (DDIM, deterministic); interpolant: sde (default) or ode")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="molecules sampled at once (default: 100 on a CPU, where larger batches are slower per molecule; 1000 on a GPU)")
+                             "ancestral (default; DDPM / reverse SDE) or ode (DDIM / probability flow, deterministic); interpolant: sde (default; "
+                             "molecules only) or ode")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")

@@ -142,7 +142,8 @@ def csp_metrics(samples: list[list], truths: list, workers: int | None = None, p
     out = {"n_compositions": len(truths), "samples_per_composition": k,
            "valid_truths": float(np.mean(truth_valid)),
            "structural_validity": float(np.mean([structure_valid(*s) for g in samples for s in g])),
-           "compositional_validity": float(np.mean([v for g in sample_valid for v in g]))}
+           "compositional_validity": float(np.mean([composition_valid(s[0]) for g in samples for s in g])),
+           "validity": float(np.mean([v for g in sample_valid for v in g]))}
     for name, cols in (("1", best[:, :1]), (str(k), best)) if k > 1 else (("1", best),):
         matched = ~np.isnan(cols).all(1)
         out[f"match_rate@{name}"] = float(matched.mean())
