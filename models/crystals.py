@@ -19,6 +19,7 @@ In the models a batch of crystals is a dense padded tensor set (README.md, "Desi
 from __future__ import annotations
 
 import csv
+import os
 import sys
 import warnings
 import zlib
@@ -32,7 +33,9 @@ from models.fileio import DataError, check_writable_dir, download, git_blob_sha1
 from models.molecules import default_data_dir
 
 CDVAE_COMMIT = "f857f598d6f6cca5dc1ea0582d228f12dcc2c2ea"
-CDVAE_URL = "https://raw.githubusercontent.com/txie-93/cdvae/{commit}/data/{folder}/{split}.csv"
+# $MOLGEN_CDVAE_URL points at a mirror of the release (same layout; {folder} and {split} are filled in, and
+# {commit} when present); the files are checked against the pinned blob ids wherever they come from
+CDVAE_URL = os.environ.get("MOLGEN_CDVAE_URL", "https://raw.githubusercontent.com/txie-93/cdvae/{commit}/data/{folder}/{split}.csv")
 
 
 @dataclass(frozen=True)
