@@ -56,23 +56,8 @@ class CrystalFlowMatching(CrystalProcess):
     def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, n_steps: int = 50, method: str = "heun",
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions)."""
+        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions). The
+        velocity of an x1 prediction is the remaining displacement over the remaining time."""
         self.check_method(method)
-        types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
-        f, y = noise["f0"] * node, noise["y0"]
-
-        def velocity(f, y, h, t: float):
-            frac_out, lattice_out, logits = self.forward(model, h, f, y, torch.full((len(mask),), t, device=mask.device), mask)
-            vh = torch.zeros_like(h) if self.config.csp else \
-                (logits.float().softmax(-1) * self.config.type_scale * node - h) / (1 - t)
-            return remove_mean(frac_out.float(), mask) / (1 - t), lattice_out.float() / (1 - t), vh, logits
-
-        ts = torch.linspace(0, 1, n_steps + 1).tolist()
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            dt = t_next - t
-            vf, vy, vh, logits = velocity(f, y, h, t)
-            if method == "heun" and t_next < 1:  # the corrector needs u at t_next, undefined at t = 1
-                vf2, vy2, vh2, _ = velocity(wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh, t_next)
-                vf, vy, vh = (vf + vf2) / 2, (vy + vy2) / 2, (vh + vh2) / 2
-            f, y, h = wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh
-        return self.result(types, logits, f, y, mask)
+        return self.integrate(model, n_atoms, types, mask, n_steps, method == "heun", generator,
+                              rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models.geometry import LatticeScaler
+from models.geometry import LatticeScaler, remove_mean, wrap
 
 UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
 
@@ -95,6 +95,29 @@ class CrystalProcess:
         noise = {k: v.to(device) for k, v in self.draw_noise(*mask.shape, generator, device=device).items()}
         h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
         return types, mask, node, noise, h
+
+    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates):
+        """Integrate an ODE from the prior at t = 0 to t = 1 on the torus (Euler, or Heun with an Euler last step,
+        where the types' velocity is undefined). rates(frac_out, lattice_out, t) -> the coordinates' and the
+        lattice's velocities from the backbone's centred outputs; types move towards their prediction."""
+        types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
+        f, y = noise["f0"] * node, noise["y0"]
+
+        def velocity(f, y, h, t: float):
+            frac_out, lattice_out, logits = self.forward(model, h, f, y, torch.full((len(mask),), t, device=mask.device), mask)
+            vh = torch.zeros_like(h) if self.config.csp else \
+                (logits.float().softmax(-1) * self.config.type_scale * node - h) / (1 - t)
+            return *rates(remove_mean(frac_out.float(), mask), lattice_out.float(), t), vh, logits
+
+        ts = torch.linspace(0, 1, n_steps + 1).tolist()
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            dt = t_next - t
+            vf, vy, vh, logits = velocity(f, y, h, t)
+            if heun and t_next < 1:
+                vf2, vy2, vh2, _ = velocity(wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh, t_next)
+                vf, vy, vh = (vf + vf2) / 2, (vy + vy2) / 2, (vh + vh2) / 2
+            f, y, h = wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh
+        return self.result(types, logits, f, y, mask)
 
     def result(self, types, logits, f, y, mask) -> dict[str, torch.Tensor]:
         lengths, angles = self.scaler.lattice(y)

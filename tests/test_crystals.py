@@ -14,7 +14,7 @@ import torch
 
 from models import CRYSTAL_ARCHS, CRYSTAL_PROCESSES
 from models.crystal_metrics import composition_valid, csp_metrics, structure_valid
-from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, crystal_atoms, holdout_mask, load_crystals,
+from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, holdout_mask, load_crystals,
                              read_cdvae_csv)
 from models.fileio import DataError, git_blob_sha1
 from models.geometry import (LatticeScaler, lattice_matrix, lattice_to_unconstrained, torus_difference,
