@@ -148,7 +148,7 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
         raise SystemExit(f"sample.py: all {n_bad} sampled crystals have non-finite (NaN / Inf) coordinates or cells; nothing written")
     for atoms in structures:
         atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], data=ckpt["data"], csp=bool(ckpt["csp"]),
-                          steps=args.steps, method=args.method)
+                          train_split=ckpt["args"].get("train_split", "train"), steps=args.steps, method=args.method)
     names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if ckpt["csp"] else f"sample_{a.info['sample_index']}" for a in structures]
     try:
         from pymatgen.io.ase import AseAtomsAdaptor
