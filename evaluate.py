@@ -34,7 +34,9 @@ parser.add_argument("--reference", choices=["qm9", *CRYSTAL_DATA], help="evaluat
                     "(the 'Data' row; its distribution metrics are taken against the validation split)")
 parser.add_argument("--data-dir", type=Path, default=None, help="data and cache directory (default $MOLGEN_DATA or "
                     "./data); reference statistics and training SMILES are cached there")
-parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher (default: every core)")
+parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher and fingerprints (default: every core)")
+parser.add_argument("--n-unique", type=positive_int, default=1000, help="crystals: the first N samples scored for uniqueness and novelty (StructureMatcher against each other and the training split)")
+parser.add_argument("--no-coverage", action="store_true", help="crystals: skip coverage (CrystalNN fingerprints take minutes per thousand crystals)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
                     "metrics.json, or out/reference-<data>/metrics.json); evaluate.log goes next to it")
 parser.add_argument("--figures", type=Path, default=None,
@@ -207,11 +209,89 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
              f"{time.time() - t_start:.1f} s in all")
 
 
+def crystal_arrays(crystals) -> list:
+    """(numbers, frac, lengths, angles) of every crystal of a models.crystals.CrystalSet."""
+    return [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
+             crystals.angles[i]) for i in range(len(crystals))]
+
+
+def reference_fingerprints(name: str, split: str, crystals: list, args, log):
+    """CrystalNN and Magpie fingerprints of a data split, cached next to its crystal cache (keyed by the CSV's blob
+    id): minutes of CrystalNN for a test set, once."""
+    import numpy as np
+
+    from models import crystal_metrics
+    from models.crystals import split_file
+    from models.fileio import git_blob_sha1, save_npz
+    from models.molecules import default_data_dir
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    sha1 = git_blob_sha1(split_file(name, split, data_dir, download_missing=False))
+    cache = data_dir / f"cdvae_{name}_{split}_fingerprints.npz"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["source_sha1"]) == sha1 and len(z["struct"]) == len(crystals):
+                    return z["struct"], z["comp"]
+        except Exception as e:  # a damaged cache is recomputed
+            log.warning(f"warning: {cache} is unreadable ({type(e).__name__}: {e}); recomputing it")
+    fps = crystal_metrics.fingerprints(crystals, args.workers, not args.no_progress, desc=f"{name} {split} fingerprints")
+    try:
+        save_npz(cache, dict(source_sha1=sha1, struct=fps[0], comp=fps[1]))
+    except OSError as e:
+        log.warning(f"warning: cannot cache fingerprints in {cache} ({e})")
+    return fps
+
+
+def distribution_metrics(args, name, crystals, structures, truths, result, log) -> None:
+    """De novo metrics into result: Wasserstein distances and coverage against the reference split, uniqueness and
+    novelty of the first --n-unique crystals. Samples are compared with the test set and judged novel against their
+    model's training split; the test set itself (--reference) is compared with the validation split and judged
+    novel against the training split (the validation split offline)."""
+    from models import crystal_metrics
+    from models.crystals import CRYSTAL_SETS, load_crystals
+    from models.fileio import DataError
+
+    t0 = time.time()
+    try:
+        if args.reference:
+            reference_split, reference = "val", crystal_arrays(load_crystals(name, "val", args.data_dir, progress=False))
+        else:
+            reference_split, reference = "test", truths
+        train_split = structures[0].info.get("train_split", "train") if structures is not None else "train"
+        try:
+            training = load_crystals(name, train_split, args.data_dir, progress=not args.no_progress)
+        except DataError:
+            if train_split != "train":
+                raise
+            train_split, training = "val", load_crystals(name, "val", args.data_dir, progress=not args.no_progress)
+    except DataError as e:
+        fail(str(e))
+    result.update(crystal_metrics.wasserstein_distances(crystals, reference), distribution_reference=f"{name} {reference_split}")
+    if not args.no_coverage:
+        struct_cutoff, comp_cutoff = CRYSTAL_SETS[name].coverage_cutoffs
+        sample_fps = crystal_metrics.fingerprints(crystals, args.workers, not args.no_progress, desc="sample fingerprints")
+        reference_fps = reference_fingerprints(name, reference_split, reference, args, log)
+        result.update(crystal_metrics.coverage(sample_fps, reference_fps, struct_cutoff, comp_cutoff),
+                      coverage_cutoffs={"structure": struct_cutoff, "composition": comp_cutoff})
+    scored = crystals[: args.n_unique]
+    un = crystal_metrics.uniqueness_novelty(scored, crystal_arrays(training), args.workers, not args.no_progress)
+    result.update(uniqueness=un["uniqueness"], novelty=un["novelty"], unique_and_novel=un["unique_and_novel"],
+                  uniqueness_novelty_of=len(scored), novelty_against=f"{name} {train_split}", distribution_seconds=time.time() - t0)
+    log.info(f"Wasserstein distances to the {name} {reference_split} split: density {result['wdist_density']}, number of "
+             f"elements {result['wdist_num_elements']}" + ("" if args.no_coverage else
+             f"; coverage recall {100 * result['cov_recall']:.2f} %, precision {100 * result['cov_precision']:.2f} %"))
+    log.info(f"uniqueness {100 * un['uniqueness']:.2f} %, novelty {100 * un['novelty']:.2f} % (against {name} {train_split}), "
+             f"unique and novel {100 * un['unique_and_novel']:.2f} % of the first {len(scored)} crystals; "
+             f"{time.time() - t0:.1f} s")
+
+
 def evaluate_crystals(args, out_json: Path) -> None:
     """Crystals, the CDVAE protocol (models/crystal_metrics.py): samples that carry truth_id (sample.py on a
     structure-prediction model) get match rate and RMSE against their split's true crystals, every composition
-    of the split up to the last one sampled in the denominator; other samples (de novo) and --reference get
-    structural and compositional validity."""
+    of the split up to the last one sampled in the denominator. De novo samples get validity, the Wasserstein
+    distances of density and element count and coverage against the test set, and uniqueness and novelty (against
+    the model's training split); --reference scores the test set the same way against the validation split."""
     import ase.io
     import numpy as np
 
@@ -228,7 +308,7 @@ def evaluate_crystals(args, out_json: Path) -> None:
         test = load_crystals(name, "test", args.data_dir, progress=not args.no_progress)
     except DataError as e:
         fail(str(e))
-    truths = [(test.numbers[test.atoms_of(i)], test.frac[test.atoms_of(i)], test.lengths[i], test.angles[i]) for i in range(len(test))]
+    truths = crystal_arrays(test)
     if args.reference:
         crystals, structures, label = truths, None, f"{name} test set"
     else:
@@ -251,7 +331,10 @@ def evaluate_crystals(args, out_json: Path) -> None:
     result["validity"] = float(np.mean([crystal_metrics.is_valid(c) for c in crystals]))
     log.info(f"{label}: {len(crystals)} crystals; structural validity {100 * result['structural_validity']:.2f} %, "
              f"compositional validity {100 * result['compositional_validity']:.2f} %, both {100 * result['validity']:.2f} %")
-    if structures is not None and "truth_id" in structures[0].info:
+    csp = structures is not None and "truth_id" in structures[0].info
+    if not csp:  # de novo samples, or the test set itself as the reference row
+        distribution_metrics(args, name, crystals, structures, truths, result, log)
+    if csp:
         groups: dict[int, list] = {}
         for k, (atoms, crystal) in enumerate(zip(structures, crystals)):
             i = int(atoms.info.get("truth_index", -1))

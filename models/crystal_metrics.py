@@ -149,3 +149,167 @@ def csp_metrics(samples: list[list], truths: list, workers: int | None = None, p
         out[f"match_rate@{name}"] = float(matched.mean())
         out[f"rmse@{name}"] = float(np.nanmin(cols[matched], axis=1).mean()) if matched.any() else None
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# De novo generation: distribution, coverage, uniqueness and novelty
+
+
+def density(crystal) -> float:
+    """Mass density in g/cm^3."""
+    return float(_structure(crystal).density)
+
+
+def n_elements(crystal) -> int:
+    return len(set(np.asarray(crystal[0]).tolist()))
+
+
+def wasserstein_distances(samples: list, reference: list, n_max: int = 1000, seed: int = 0) -> dict:
+    """CDVAE's distribution distances: Wasserstein-1 of density and of the number of elements between at most
+    n_max valid samples (a fixed random subset) and the reference crystals."""
+    from scipy.stats import wasserstein_distance
+
+    valid = [s for s in samples if is_valid(s)]
+    if not valid:
+        return {"wdist_density": None, "wdist_num_elements": None}
+    pick = np.random.default_rng(seed).permutation(len(valid))[:n_max]
+    valid = [valid[i] for i in pick]
+    return {"wdist_density": float(wasserstein_distance([density(s) for s in valid], [density(r) for r in reference])),
+            "wdist_num_elements": float(wasserstein_distance([n_elements(s) for s in valid], [n_elements(r) for r in reference]))}
+
+
+def _fingerprint(crystal):
+    """(CrystalNN 'ops' structure fingerprint averaged over sites [61] or NaNs when CrystalNN fails, Magpie
+    composition fingerprint [132])."""
+    from collections import Counter
+
+    from matminer.featurizers.composition.composite import ElementProperty
+    from matminer.featurizers.site.fingerprint import CrystalNNFingerprint
+    from pymatgen.core import Composition
+
+    global _FEATURISERS
+    if _FEATURISERS is None:  # built once per process: the presets load tables
+        _FEATURISERS = CrystalNNFingerprint.from_preset("ops"), ElementProperty.from_preset("magpie")
+    site_fp, comp_fp = _FEATURISERS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        comp = np.array(comp_fp.featurize(Composition(Counter(int(z) for z in crystal[0]))), dtype=float)
+        try:
+            structure = _structure(crystal)
+            struct = np.array([site_fp.featurize(structure, i) for i in range(len(structure))], dtype=float).mean(0)
+        except Exception:  # CDVAE counts a crystal CrystalNN cannot fingerprint as uncovered
+            struct = np.full(61, np.nan)
+    return struct, comp
+
+
+_FEATURISERS = None
+
+
+def fingerprints(crystals: list, workers: int | None = None, progress: bool = True, desc: str = "fingerprints"):
+    """Structure [n, 61] and composition [n, 132] fingerprints of crystals, on `workers` processes."""
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    bar = dict(total=len(crystals), desc=desc, unit=" crystals", disable=not progress, mininterval=1)
+    if workers == 1 or len(crystals) < 8:
+        out = [_fingerprint(c) for c in tqdm(crystals, **bar)]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            out = list(tqdm(pool.imap(_fingerprint, crystals, chunksize=max(1, min(32, len(crystals) // (8 * workers)))), **bar))
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+
+def coverage(sample_fps, reference_fps, struct_cutoff: float, comp_cutoff: float) -> dict:
+    """CDVAE's coverage: a reference crystal is recalled when some sample is within struct_cutoff (Euclidean
+    distance of CrystalNN fingerprints) and comp_cutoff (of Magpie fingerprints standardised by CDVAE's scaler,
+    models/cdvae_magpie_scaler.json; missing features count 0); precision is the share of samples within both of
+    some reference crystal, over all samples. Samples without a structure fingerprint count as uncovered."""
+    import json
+    from pathlib import Path
+
+    from scipy.spatial.distance import cdist
+
+    scaler = json.loads((Path(__file__).with_name("cdvae_magpie_scaler.json")).read_text())
+    mean, std = np.array(scaler["mean"]), np.array(scaler["std"])
+    (s_struct, s_comp), (r_struct, r_comp) = sample_fps, reference_fps
+    n_samples = len(s_struct)
+    ok = np.isfinite(s_struct).all(1)
+    r_ok = np.isfinite(r_struct).all(1)
+    s_struct, s_comp, r_struct, r_comp = s_struct[ok], s_comp[ok], r_struct[r_ok], r_comp[r_ok]
+    s_comp, r_comp = (np.nan_to_num((c - mean) / std) for c in (s_comp, r_comp))
+    if not len(s_struct):
+        return {"cov_recall": 0.0, "cov_precision": 0.0}
+    d_struct, d_comp = cdist(s_struct, r_struct), cdist(s_comp, r_comp)
+    # CDVAE takes the nearest in each space separately: a crystal is covered when both nearest distances are small
+    recall = (d_struct.min(0) <= struct_cutoff) & (d_comp.min(0) <= comp_cutoff)
+    precision = (d_struct.min(1) <= struct_cutoff) & (d_comp.min(1) <= comp_cutoff)
+    return {"cov_recall": float(recall.mean()), "cov_precision": float(precision.sum() / n_samples),
+            "amsd_recall": float(d_struct.min(0).mean()), "amsd_precision": float(d_struct.min(1).mean()),
+            "amcd_recall": float(d_comp.min(0).mean()), "amcd_precision": float(d_comp.min(1).mean())}
+
+
+def _formula(crystal) -> str:
+    from collections import Counter
+
+    from pymatgen.core import Composition
+
+    return Composition(Counter(int(z) for z in crystal[0])).reduced_formula
+
+
+def _fits(matcher, a, b) -> bool:
+    try:
+        return matcher.fit(a, b)
+    except Exception:  # a degenerate cell the matcher cannot handle matches nothing
+        return False
+
+
+def _first_matches(job) -> list[int | None]:
+    """For each candidate of one composition, the index of the first earlier unique candidate it matches
+    (uniqueness), or of a reference crystal it matches (novelty); None when there is none."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    candidates, references, against_references = job
+    matcher = StructureMatcher(**MATCHER)
+    structures = [_structure(c) for c in candidates]
+    refs = [_structure(r) for r in references]
+    found: list[int | None] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, s in enumerate(structures):
+            others = enumerate(refs) if against_references else ((j, structures[j]) for j in range(i) if found[j] is None)
+            found.append(next((k for k, other in others if _fits(matcher, s, other)), None))
+    return found
+
+
+def uniqueness_novelty(samples: list, training: list, workers: int | None = None, progress: bool = True) -> dict:
+    """Unique: not matched (StructureMatcher, CDVAE's tolerances) by an earlier unique sample; novel: matched by no
+    training crystal. Only crystals of the same reduced formula can match, so the work splits by formula and runs
+    over `workers` processes. Returns the masks `unique` and `novel` (lists of bool) and the rates."""
+    from tqdm import tqdm
+
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(_formula(s), []).append(i)
+    by_formula: dict[str, list] = {}
+    for r in training:
+        by_formula.setdefault(_formula(r), []).append(r)
+    unique_jobs = [([samples[i] for i in idx], [], False) for idx in groups.values()]
+    novel_jobs = [([samples[i] for i in idx], by_formula.get(f, []), True) for f, idx in groups.items()]
+    workers = workers or os.cpu_count() or 1
+    bar = dict(total=2 * len(groups), desc="uniqueness / novelty", unit=" formulas", disable=not progress, mininterval=1)
+    if workers == 1:
+        results = [_first_matches(j) for j in tqdm(unique_jobs + novel_jobs, **bar)]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_first_matches, unique_jobs + novel_jobs), **bar))
+    unique, novel = [False] * len(samples), [False] * len(samples)
+    for idx, dup, seen in zip(groups.values(), results[:len(groups)], results[len(groups):]):
+        for i, d, s in zip(idx, dup, seen):
+            unique[i], novel[i] = d is None, s is None
+    n = max(1, len(samples))
+    return {"unique": unique, "novel": novel, "uniqueness": sum(unique) / n, "novelty": sum(novel) / n,
+            "unique_and_novel": sum(u and v for u, v in zip(unique, novel)) / n}

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models import CRYSTAL_ARCHS, CRYSTAL_PROCESSES
-from models.crystal_metrics import composition_valid, csp_metrics, structure_valid
+from models.crystal_metrics import (composition_valid, coverage, csp_metrics, density, fingerprints, is_valid,
+                                    structure_valid, uniqueness_novelty, wasserstein_distances)
 from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, holdout_mask, load_crystals,
                              read_cdvae_csv)
 from models.fileio import DataError, git_blob_sha1
@@ -320,6 +321,30 @@ def test_structure_prediction_metrics():
     assert two["match_rate@1"] < valid  # random positions rarely match
 
 
+def test_uniqueness_novelty_coverage_and_distances():
+    crystals = read_cdvae_csv(PEROV_VAL, progress=False)
+    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
+               crystals.angles[i]) for i in range(len(crystals))]
+    rng = np.random.default_rng(0)
+    copies = [(z, (f + rng.random(3)) % 1, lengths * 1.05, angles) for z, f, lengths, angles in arrays[:4]]  # same crystals
+    samples = arrays[:6] + copies + arrays[40:46]
+    result = uniqueness_novelty(samples, arrays[:20], workers=2, progress=False)
+    assert result["unique"] == [True] * 6 + [False] * 4 + [True] * 6  # the copies repeat earlier samples
+    assert result["novel"] == [False] * 10 + [True] * 6  # only the last six are not in the training crystals
+    assert result["unique_and_novel"] == pytest.approx(6 / 16)
+    valid = [a for a in arrays if is_valid(a)]  # the distances are taken over valid samples only, as in CDVAE
+    assert wasserstein_distances(valid, valid)["wdist_density"] == pytest.approx(0, abs=1e-9)
+    longer = [(z, f, lengths * 1.05, angles) for z, f, lengths, angles in valid]  # 5 % longer cells are lighter
+    assert wasserstein_distances(longer, valid)["wdist_density"] == pytest.approx(
+        np.mean([d * (1 - 1.05 ** -3) for d in map(density, valid)]), rel=1e-6)
+    fps = fingerprints(arrays[:12], workers=1, progress=False)
+    assert fps[0].shape == (12, 61) and fps[1].shape == (12, 132) and np.isfinite(fps[0]).all()
+    itself = coverage(fps, fps, 0.2, 4.0)
+    assert itself["cov_recall"] == itself["cov_precision"] == 1.0
+    half = coverage((fps[0][:6], fps[1][:6]), fps, 0.2, 4.0)  # six samples cover at least themselves
+    assert 0.5 <= half["cov_recall"] < 1.0 and half["cov_precision"] == 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Scripts
 
@@ -360,8 +385,12 @@ def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):
 
     atoms = ase.io.read(out / "samples.cif", ":")
     assert len(atoms) == 5 and all(a.pbc.all() and len(a) == 5 for a in atoms)
-    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir)
-    assert "structural_validity" in json.loads((out / "metrics.json").read_text())
+    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir, "--workers", "1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("structural_validity", "compositional_validity", "wdist_density", "wdist_num_elements", "cov_recall",
+                "cov_precision", "uniqueness", "novelty"):
+        assert key in metrics, key
+    assert metrics["novelty_against"] == "perov5 val"  # the model trained on the validation split
 
 
 @pytest.mark.parametrize("flags, message", [
