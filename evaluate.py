@@ -36,6 +36,9 @@ parser.add_argument("--data-dir", type=Path, default=None, help="data and cache 
                     "./data); reference statistics and training SMILES are cached there")
 parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher and fingerprints (default: every core)")
 parser.add_argument("--n-unique", type=positive_int, default=1000, help="crystals: the first N samples scored for uniqueness and novelty (StructureMatcher against each other and the training split)")
+parser.add_argument("--stability", action="store_true", help="crystals: relax the first --n-unique samples with CHGNet and score energy above a CHGNet hull and S.U.N. (minutes to hours on a CPU; the hull is cached in --data-dir)")
+parser.add_argument("--relax-steps", type=positive_int, default=500, help="crystals, --stability: FIRE steps at most per relaxation (forces below 0.1 eV/A end it)")
+parser.add_argument("--stable-threshold", type=float, default=0.1, help="crystals, --stability: energy above the hull (eV/atom) at or below which a crystal counts as stable")
 parser.add_argument("--no-coverage", action="store_true", help="crystals: skip coverage (CrystalNN fingerprints take minutes per thousand crystals)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
                     "metrics.json, or out/reference-<data>/metrics.json); evaluate.log goes next to it")
@@ -284,6 +287,92 @@ def distribution_metrics(args, name, crystals, structures, truths, result, log) 
     log.info(f"uniqueness {100 * un['uniqueness']:.2f} %, novelty {100 * un['novelty']:.2f} % (against {name} {train_split}), "
              f"unique and novel {100 * un['unique_and_novel']:.2f} % of the first {len(scored)} crystals; "
              f"{time.time() - t0:.1f} s")
+    if args.stability:
+        stability_metrics(args, name, scored, un, crystal_arrays(training), train_split, structures, result, log)
+
+
+def chgnet_hull(args, name: str, split: str, training: list, elements: list[int], log):
+    """The CHGNet convex hull of a data split plus elemental references, both cached in the data directory: the
+    split's energies keyed by its CSV's blob id and the CHGNet version, the elements by the version."""
+    import numpy as np
+
+    from models import crystal_stability
+    from models.crystals import split_file
+    from models.fileio import git_blob_sha1, save_npz
+    from models.molecules import default_data_dir
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    version = crystal_stability.chgnet_version()
+    key = f"{git_blob_sha1(split_file(name, split, data_dir, download_missing=False))} {version}"
+    cache = data_dir / f"cdvae_{name}_{split}_chgnet.npz"
+    energies = None
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key and len(z["energy"]) == len(training):
+                energies = z["energy"]
+    if energies is None:
+        log.info(f"CHGNet energies of the {len(training)} crystals of {name} {split} (once; cached in {cache})")
+        energies = crystal_stability.static_energies(training, workers=args.workers, progress=not args.no_progress)
+        save_npz(cache, dict(key=key, energy=energies))
+    element_cache = data_dir / "chgnet_elements.npz"
+    references: dict[int, tuple[float, str]] = {}
+    if element_cache.exists():
+        with np.load(element_cache, allow_pickle=False) as z:
+            if str(z["version"]) == version:
+                references = {int(a): (float(e), str(p)) for a, e, p in zip(z["z"], z["energy"], z["prototype"])}
+    if missing := sorted(set(elements) - set(references)):
+        log.info(f"relaxing elemental prototypes of {len(missing)} element(s) with CHGNet (once; cached in {element_cache})")
+        references.update(crystal_stability.elemental_references(missing, workers=args.workers, progress=not args.no_progress))
+        zs = sorted(references)
+        save_npz(element_cache, dict(version=version, z=np.array(zs), energy=np.array([references[a][0] for a in zs]),
+                                     prototype=np.array([references[a][1] for a in zs])))
+    return crystal_stability.convex_hull(training, energies, references)
+
+
+def stability_metrics(args, name, scored, un, training, train_split, structures, result, log) -> None:
+    """Relax the scored samples with CHGNet (the test crystals of --reference are scored at their DFT geometry),
+    take their energy above the CHGNet hull of the training split, and the S.U.N. rate; relaxed samples go to
+    relaxed.extxyz next to the metrics."""
+    import ase.io
+    import numpy as np
+
+    from models import crystal_stability
+    from models.crystals import crystal_atoms
+    from models.fileio import atomic_write
+
+    t0 = time.time()
+    elements = sorted({int(z) for c in scored + training for z in c[0]})
+    hull = chgnet_hull(args, name, train_split, training, elements, log)
+    if args.reference:  # DFT-relaxed crystals: their own geometry
+        energies, relaxed = crystal_stability.static_energies(scored, workers=args.workers, progress=not args.no_progress), scored
+        outcomes = [None] * len(scored)
+    else:
+        outcomes = crystal_stability.relax(scored, args.relax_steps, workers=args.workers, progress=not args.no_progress)
+        relaxed = [o[0] if o else c for o, c in zip(outcomes, scored)]
+        energies = np.array([o[1] if o else np.nan for o in outcomes])
+    e_hull = np.array([crystal_stability.energy_above_hull(hull, c, e) if np.isfinite(e) else np.nan
+                       for c, e in zip(relaxed, energies)])
+    stable = np.nan_to_num(e_hull, nan=np.inf) <= args.stable_threshold
+    sun = stable & np.array(un["unique"]) & np.array(un["novel"])
+    result.update(stability_of=len(scored), stable_threshold_ev_per_atom=args.stable_threshold,
+                  stable_rate=float(stable.mean()), on_hull_rate=float((np.nan_to_num(e_hull, nan=np.inf) <= 0).mean()),
+                  sun_rate=float(sun.mean()), e_above_hull_median=float(np.nanmedian(e_hull)) if np.isfinite(e_hull).any() else None,
+                  relax_failed=int(sum(o is None for o in outcomes)) if not args.reference else 0,
+                  relax_converged=float(np.mean([bool(o and o[3]) for o in outcomes])) if not args.reference else None,
+                  hull=f"CHGNet energies of {name} {train_split} and relaxed elemental prototypes", stability_seconds=time.time() - t0)
+    log.info(f"stability (CHGNet, hull of {name} {train_split}): {100 * stable.mean():.2f} % within {args.stable_threshold} eV/atom "
+             f"of the hull, {100 * result['on_hull_rate']:.2f} % on or below it, median {result['e_above_hull_median']} eV/atom; "
+             f"S.U.N. {100 * sun.mean():.2f} % of {len(scored)}; {time.time() - t0:.1f} s")
+    if structures is not None:
+        frames = []
+        for k, (c, e, eh) in enumerate(zip(relaxed, energies, e_hull)):
+            atoms = crystal_atoms(*c)
+            atoms.info.update(sample_index=k, energy_per_atom=float(e), e_above_hull=float(eh), stable=bool(stable[k]),
+                              sun=bool(sun[k]), relax_steps=int(outcomes[k][2]) if outcomes[k] else -1)
+            frames.append(atoms)
+        path = Path(args.json or args.samples.parent / "metrics.json").parent / "relaxed.extxyz"
+        atomic_write(path, lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
+        log.info(f"wrote the relaxed samples to {path}")
 
 
 def evaluate_crystals(args, out_json: Path) -> None:

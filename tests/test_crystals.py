@@ -408,3 +408,33 @@ def test_missing_training_file_offline_says_what_to_do(crystal_dir, tmp_path):
     proc = run("train.py", "--data", "perov5", "--data-dir", crystal_dir, "--preset", "tiny", "--out", tmp_path / "x",
                check=False)  # no train.csv, and the download fails
     assert proc.returncode != 0 and "train.csv" in proc.stderr and "--train-split val" in proc.stderr
+
+
+def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
+    from models import crystal_stability
+
+    crystals = read_cdvae_csv(CARBON, progress=False)  # carbon only: one element's prototypes to relax
+    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
+               crystals.angles[i]) for i in range(len(crystals))]
+    energies = crystal_stability.static_energies(arrays, batch_size=4, workers=1, progress=False)
+    assert np.isfinite(energies).all() and (energies < -7).all()  # eV/atom of real carbon allotropes
+    references = crystal_stability.elemental_references([6], steps=60, workers=2, progress=False)
+    assert -10 < references[6][0] < -6
+    hull = crystal_stability.convex_hull(arrays, energies, references)
+    e_hull = [crystal_stability.energy_above_hull(hull, c, e) for c, e in zip(arrays, energies)]
+    lowest = min(energies.min(), references[6][0])  # one element: the hull is its lowest energy per atom
+    assert np.allclose(e_hull, energies - lowest, atol=1e-6)
+    squeezed = (arrays[0][0], arrays[0][1], arrays[0][2] * 0.85, arrays[0][3])  # compressed by 15 %: higher in energy
+    relaxed, e_relaxed, steps, _ = crystal_stability.relax([squeezed], steps=40, workers=1, progress=False)[0]
+    e_squeezed = crystal_stability.static_energies([squeezed], workers=1, progress=False)[0]
+    assert e_relaxed < e_squeezed and steps > 1 and relaxed[2].prod() > squeezed[2].prod()  # it expanded again
+    # evaluate.py --stability on the reference set: the hull is cached and the rates written
+    d = tmp_path / "data"
+    (d / "cdvae" / "carbon_24").mkdir(parents=True)
+    for split in ("val", "test"):
+        shutil.copy(CARBON, d / "cdvae" / "carbon_24" / f"{split}.csv")
+    run("evaluate.py", "--reference", "carbon24", "--data-dir", d, "--stability", "--no-coverage", "--workers", "1",
+        "--json", tmp_path / "ref" / "metrics.json")
+    metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert metrics["stable_rate"] > 0 and 0 <= metrics["sun_rate"] <= metrics["stable_rate"]
+    assert (d / "chgnet_elements.npz").exists() and (d / "cdvae_carbon24_val_chgnet.npz").exists()

@@ -1,0 +1,180 @@
+"""A stability proxy for generated crystals: CHGNet relaxation and the energy above a CHGNet convex hull.
+
+DFT is out of reach here, so CHGNet (its weights ship in its wheel; it runs offline on a CPU) stands in for it,
+as in DiffCSP++'s and MatterGen-style S.U.N. rates computed with a universal potential:
+  - every sample is relaxed (positions and cell, FIRE, until the largest force is below `fmax` or `steps`
+    are spent) and keeps CHGNet's energy per atom;
+  - the hull is built from CHGNet energies of the data set's own crystals (single points at their DFT-relaxed
+    geometries: they are near CHGNet's minima, and relaxing thousands of them would take hours) and of
+    relaxed elemental phases. Elemental phases are not in the CDVAE files, and offline there is no Materials
+    Project, so each element's reference is the lowest energy per atom among relaxed prototypes built from
+    its covalent radius: fcc, bcc, hcp, simple cubic, diamond, and a dimer in a 10 A box (the ground state of
+    the gaseous and molecular elements). These are upper bounds on the true elemental energies, so a hull
+    built on them can only be too high where a missed allotrope lies lower;
+  - a crystal is stable when its energy above that hull is at most `threshold` (0.1 eV/atom by default, the
+    metastability cut MatterGen uses; 0 is the strict hull).
+S.U.N.: stable, unique and novel (models/crystal_metrics.py), over the same samples.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+_MODEL = None
+DIMER_BOX = 10.0  # A: a dimer's distance to its images
+
+
+def _chgnet():
+    """CHGNet, loaded once per process, on the CPU with one thread per worker."""
+    global _MODEL
+    if _MODEL is None:
+        import torch
+        from chgnet.model import CHGNet
+
+        torch.set_num_threads(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _MODEL = CHGNet.load(verbose=False)
+    return _MODEL
+
+
+def chgnet_version() -> str:
+    from importlib.metadata import version
+
+    return f"chgnet {version('chgnet')} model {getattr(_chgnet(), 'version', 'unknown')}"
+
+
+def _structure(crystal):
+    from pymatgen.core import Lattice, Structure
+
+    numbers, frac, lengths, angles = crystal
+    return Structure(Lattice.from_parameters(*lengths, *angles), [int(z) for z in numbers], frac)
+
+
+def relax_one(job):
+    """(crystal, steps, fmax) -> (relaxed crystal as arrays, energy per atom eV, FIRE steps, converged) or None when
+    CHGNet fails on it (a degenerate cell, an isolated atom)."""
+    import contextlib
+    import io
+
+    from chgnet.model import StructOptimizer
+
+    crystal, steps, fmax = job
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            result = StructOptimizer(model=_chgnet(), use_device="cpu").relax(_structure(crystal), fmax=fmax, steps=steps,
+                                                                           verbose=False)
+    except Exception:
+        return None
+    final, trajectory = result["final_structure"], result["trajectory"]
+    forces = np.abs(np.asarray(trajectory.forces[-1])).max() if len(trajectory.forces) else np.inf
+    energy = float(trajectory.energies[-1]) / len(final)
+    if not np.isfinite(energy):
+        return None
+    relaxed = (np.array(final.atomic_numbers), final.frac_coords % 1.0, np.array(final.lattice.abc), np.array(final.lattice.angles))
+    return relaxed, energy, len(trajectory.energies), bool(forces <= fmax)
+
+
+def _map(fn, jobs: list, workers: int | None, progress: bool, desc: str, unit: str) -> list:
+    """fn over jobs on `workers` forked processes (in this process when 1). Forked before this process runs any
+    torch computation, so no OpenMP pool is inherited half-initialised; CHGNet loads in each worker."""
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    bar = dict(total=len(jobs), desc=desc, unit=unit, disable=not progress, mininterval=1)
+    if workers == 1 or len(jobs) < 2:
+        return [fn(j) for j in tqdm(jobs, **bar)]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+        return list(tqdm(pool.imap(fn, jobs), **bar))
+
+
+def relax(crystals: list, steps: int = 500, fmax: float = 0.1, workers: int | None = None, progress: bool = True) -> list:
+    """relax_one for every crystal, over `workers` processes."""
+    return _map(relax_one, [(c, steps, fmax) for c in crystals], workers, progress, "CHGNet relaxation", " crystals")
+
+
+def _static_chunk(crystals: list) -> list[float]:
+    model = _chgnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            predictions = model.predict_structure([_structure(c) for c in crystals], task="e", batch_size=len(crystals))
+            return [float(p["e"]) for p in (predictions if isinstance(predictions, list) else [predictions])]
+        except Exception:  # one bad structure spoils a batch: score them one by one
+            out = []
+            for c in crystals:
+                try:
+                    out.append(float(model.predict_structure(_structure(c), task="e")["e"]))
+                except Exception:
+                    out.append(np.nan)
+            return out
+
+
+def static_energies(crystals: list, batch_size: int = 64, workers: int | None = None, progress: bool = True) -> np.ndarray:
+    """CHGNet energy per atom (eV) of each crystal at its given geometry; NaN where CHGNet fails."""
+    chunks = [crystals[lo:lo + batch_size] for lo in range(0, len(crystals), batch_size)]
+    return np.array([e for chunk in _map(_static_chunk, chunks, workers, progress, "CHGNet energies", " batches") for e in chunk])
+
+
+def element_prototypes(z: int) -> list[tuple[str, tuple]]:
+    """Candidate elemental phases of element z as (name, crystal arrays), sized by its covalent radius."""
+    from ase.build import bulk
+    from ase.data import chemical_symbols, covalent_radii
+
+    d = 2 * covalent_radii[z]  # nearest-neighbour distance
+    symbol, out = chemical_symbols[z], []
+    for name, kw in (("fcc", dict(a=d * 2 ** 0.5)), ("bcc", dict(a=2 * d / 3 ** 0.5)), ("hcp", dict(a=d, c=1.633 * d)),
+                     ("sc", dict(a=d)), ("diamond", dict(a=4 * d / 3 ** 0.5))):
+        atoms = bulk(symbol, name, **kw)
+        cellpar = atoms.cell.cellpar()
+        out.append((name, (atoms.numbers, atoms.get_scaled_positions() % 1.0, cellpar[:3], cellpar[3:])))
+    frac = np.array([[0.0, 0.0, 0.0], [d / DIMER_BOX, 0.0, 0.0]])
+    out.append(("dimer", (np.array([z, z]), frac, np.full(3, DIMER_BOX), np.full(3, 90.0))))
+    return out
+
+
+def elemental_references(elements: list[int], steps: int = 300, fmax: float = 0.1, workers: int | None = None,
+                         progress: bool = True) -> dict[int, tuple[float, str]]:
+    """{z: (lowest relaxed CHGNet energy per atom over the prototypes, its prototype's name)}."""
+    jobs = [(z, name, crystal) for z in elements for name, crystal in element_prototypes(z)]
+    results = relax([c for _, _, c in jobs], steps, fmax, workers, progress)
+    best: dict[int, tuple[float, str]] = {}
+    for (z, name, _), r in zip(jobs, results):
+        if r is not None and (z not in best or r[1] < best[z][0]):
+            best[z] = (r[1], name)
+    if missing := sorted(set(elements) - set(best)):
+        raise RuntimeError(f"CHGNet relaxed no prototype of element(s) {missing}: no hull without them")
+    return best
+
+
+def convex_hull(crystals: list, energies: np.ndarray, references: dict[int, tuple[float, str]]):
+    """pymatgen PhaseDiagram of crystals (arrays) with their energies per atom, plus the elemental references."""
+    from collections import Counter
+
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition, Element
+
+    entries = [PDEntry(Composition({Element.from_Z(z): 1}), e) for z, (e, _) in references.items()]
+    for crystal, e in zip(crystals, energies):
+        if np.isfinite(e):
+            composition = Composition(Counter(int(z) for z in crystal[0]))
+            entries.append(PDEntry(composition, e * composition.num_atoms))
+    return PhaseDiagram(entries)
+
+
+def energy_above_hull(hull, crystal, energy_per_atom: float) -> float:
+    """E_hull in eV/atom of a crystal with this energy per atom; NaN when its elements are outside the hull."""
+    from collections import Counter
+
+    from pymatgen.analysis.phase_diagram import PDEntry
+    from pymatgen.core import Composition
+
+    composition = Composition(Counter(int(z) for z in crystal[0]))
+    if not set(composition.elements) <= set(hull.elements):
+        return float("nan")
+    return float(hull.get_e_above_hull(PDEntry(composition, energy_per_atom * composition.num_atoms), allow_negative=True))
