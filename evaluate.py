@@ -212,12 +212,6 @@ def evaluate_student(args, out_json: Path, fig_dir: Path) -> None:
              f"{time.time() - t_start:.1f} s in all")
 
 
-def crystal_arrays(crystals) -> list:
-    """(numbers, frac, lengths, angles) of every crystal of a models.crystals.CrystalSet."""
-    return [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
-             crystals.angles[i]) for i in range(len(crystals))]
-
-
 def reference_fingerprints(name: str, split: str, crystals: list, args, log):
     """CrystalNN and Magpie fingerprints of a data split, cached next to its crystal cache (keyed by the CSV's blob
     id): minutes of CrystalNN for a test set, once."""
@@ -258,7 +252,7 @@ def distribution_metrics(args, name, crystals, structures, truths, result, log) 
     t0 = time.time()
     try:
         if args.reference:
-            reference_split, reference = "val", crystal_arrays(load_crystals(name, "val", args.data_dir, progress=False))
+            reference_split, reference = "val", load_crystals(name, "val", args.data_dir, progress=False).arrays()
         else:
             reference_split, reference = "test", truths
         train_split = structures[0].info.get("train_split", "train") if structures is not None else "train"
@@ -278,7 +272,7 @@ def distribution_metrics(args, name, crystals, structures, truths, result, log) 
         result.update(crystal_metrics.coverage(sample_fps, reference_fps, struct_cutoff, comp_cutoff),
                       coverage_cutoffs={"structure": struct_cutoff, "composition": comp_cutoff})
     scored = crystals[: args.n_unique]
-    un = crystal_metrics.uniqueness_novelty(scored, crystal_arrays(training), args.workers, not args.no_progress)
+    un = crystal_metrics.uniqueness_novelty(scored, training.arrays(), args.workers, not args.no_progress)
     result.update(uniqueness=un["uniqueness"], novelty=un["novelty"], unique_and_novel=un["unique_and_novel"],
                   uniqueness_novelty_of=len(scored), novelty_against=f"{name} {train_split}", distribution_seconds=time.time() - t0)
     log.info(f"Wasserstein distances to the {name} {reference_split} split: density {result['wdist_density']}, number of "
@@ -288,7 +282,7 @@ def distribution_metrics(args, name, crystals, structures, truths, result, log) 
              f"unique and novel {100 * un['unique_and_novel']:.2f} % of the first {len(scored)} crystals; "
              f"{time.time() - t0:.1f} s")
     if args.stability:
-        stability_metrics(args, name, scored, un, crystal_arrays(training), train_split, structures, result, log)
+        stability_metrics(args, name, scored, un, training.arrays(), train_split, structures, result, log)
 
 
 def chgnet_hull(args, name: str, split: str, training: list, elements: list[int], log):
@@ -397,7 +391,7 @@ def evaluate_crystals(args, out_json: Path) -> None:
         test = load_crystals(name, "test", args.data_dir, progress=not args.no_progress)
     except DataError as e:
         fail(str(e))
-    truths = crystal_arrays(test)
+    truths = test.arrays()
     if args.reference:
         crystals, structures, label = truths, None, f"{name} test set"
     else:

@@ -84,6 +84,11 @@ class CrystalSet:
     def atoms_of(self, i: int) -> slice:
         return slice(int(self.offset[i]), int(self.offset[i]) + int(self.n_atoms[i]))
 
+    def arrays(self) -> list[tuple]:
+        """Every crystal as (numbers [n], frac [n, 3], lengths [3], angles [3]): the form the metrics take."""
+        return [(self.numbers[self.atoms_of(i)], self.frac[self.atoms_of(i)], self.lengths[i], self.angles[i])
+                for i in range(len(self))]
+
     def subset(self, idx) -> "CrystalSet":
         idx = np.asarray(idx, dtype=np.int64)
         n_atoms = self.n_atoms[idx]

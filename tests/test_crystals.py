@@ -292,8 +292,7 @@ def test_every_combination_overfits_a_few_crystals(arch, gen, csp):
 
 def test_real_crystals_are_valid_and_broken_ones_are_not():
     crystals = read_cdvae_csv(PEROV_VAL, progress=False)
-    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
-               crystals.angles[i]) for i in range(len(crystals))]
+    arrays = crystals.arrays()
     assert all(structure_valid(*c) for c in arrays)
     z, f, lengths, angles = arrays[0]
     squashed = f.copy()
@@ -308,8 +307,7 @@ def test_real_crystals_are_valid_and_broken_ones_are_not():
 
 def test_structure_prediction_metrics():
     crystals = read_cdvae_csv(PEROV_VAL, progress=False)
-    truths = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
-               crystals.angles[i]) for i in range(12)]
+    truths = crystals.arrays()[:12]
     rng = np.random.default_rng(0)
     shifted = [(z, (f + rng.random(3)) % 1, lengths * 1.02, angles) for z, f, lengths, angles in truths]
     scrambled = [(z, rng.random(f.shape), lengths, angles) for z, f, lengths, angles in truths]
@@ -323,8 +321,7 @@ def test_structure_prediction_metrics():
 
 def test_uniqueness_novelty_coverage_and_distances():
     crystals = read_cdvae_csv(PEROV_VAL, progress=False)
-    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
-               crystals.angles[i]) for i in range(len(crystals))]
+    arrays = crystals.arrays()
     rng = np.random.default_rng(0)
     copies = [(z, (f + rng.random(3)) % 1, lengths * 1.05, angles) for z, f, lengths, angles in arrays[:4]]  # same crystals
     samples = arrays[:6] + copies + arrays[40:46]
@@ -414,8 +411,7 @@ def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
     from models import crystal_stability
 
     crystals = read_cdvae_csv(CARBON, progress=False)  # carbon only: one element's prototypes to relax
-    arrays = [(crystals.numbers[crystals.atoms_of(i)], crystals.frac[crystals.atoms_of(i)], crystals.lengths[i],
-               crystals.angles[i]) for i in range(len(crystals))]
+    arrays = crystals.arrays()
     energies = crystal_stability.static_energies(arrays, batch_size=4, workers=1, progress=False)
     assert np.isfinite(energies).all() and (energies < -7).all()  # eV/atom of real carbon allotropes
     references = crystal_stability.elemental_references([6], steps=60, workers=2, progress=False)
