@@ -133,7 +133,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
         if unknown:  # the model has no embedding for an element it never saw: those compositions cannot be sampled
             print(f"sample.py: {len(unknown)} {args.compositions} compositions hold elements outside the model's vocabulary; "
                   f"skipped (evaluate.py counts them as not matched), e.g. {compositions.ids[unknown[0]]}")
-        keep = [i for i in range(len(compositions)) if i not in set(unknown)][: args.n or None]
+        skipped = set(unknown)
+        keep = [i for i in range(len(compositions)) if i not in skipped][: args.n or None]
         compositions = compositions.subset(keep)
         what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}"
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
