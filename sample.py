@@ -123,7 +123,7 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     args.method = args.method or samplers[0]
     if args.method not in samplers:
         raise SystemExit(f"sample.py: --method {args.method} is not a sampler of crystal --gen {ckpt['gen']}; choose one of {samplers}")
-    compositions, what = None, f"{args.n or 1000} crystals"
+    compositions, truth_rows, what = None, None, f"{args.n or 1000} crystals"
     if ckpt["csp"]:
         try:
             compositions = load_crystals(ckpt["data"], args.compositions, args.data_dir)
@@ -135,13 +135,13 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
                   f"skipped (evaluate.py counts them as not matched), e.g. {compositions.ids[unknown[0]]}")
         skipped = set(unknown)
         keep = [i for i in range(len(compositions)) if i not in skipped][: args.n or None]
-        compositions = compositions.subset(keep)
+        compositions, truth_rows = compositions.subset(keep), keep
         what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}"
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
     t0 = time.time()
     try:
         structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
-                                            args.weights, compositions, args.n_per_composition)
+                                            args.weights, compositions, args.n_per_composition, truth_rows)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0

@@ -42,12 +42,14 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
 
 
 def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
-                    weights: str = "ema", compositions=None, n_per_composition: int = 1) -> tuple[list[ase.Atoms], int]:
+                    weights: str = "ema", compositions=None, n_per_composition: int = 1,
+                    truth_rows: list[int] | None = None) -> tuple[list[ase.Atoms], int]:
     """Crystals from a loaded crystal checkpoint: (the crystals with finite coordinates and cell, how many were
     dropped for NaN / Inf). De novo: n crystals, sizes from the training histogram; info['sample_index'].
     Structure prediction: n_per_composition samples for each crystal of `compositions` (a models.crystals.
-    CrystalSet, e.g. the test split), whose elements the model must know; info['truth_id'] (its material_id),
-    info['truth_index'] (its row) and info['sample_index'] (0..n_per_composition-1)."""
+    CrystalSet, e.g. the test split or a part of it), whose elements the model must know; info['truth_id'] (its
+    material_id), info['truth_index'] (its row in the split: truth_rows[i] when the compositions are a part of it)
+    and info['sample_index'] (0..n_per_composition-1)."""
     from models.crystals import PaddedCrystals, crystal_atoms
 
     model, process = build_model(ckpt, weights=weights)
@@ -82,7 +84,7 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
                 atoms = crystal_atoms(elements[out["types"][r][m]].numpy(), frac, lengths, angles)
                 atoms.info["sample_index"] = k if process.config.csp else i
                 if process.config.csp:
-                    atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=i)
+                    atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=truth_rows[i] if truth_rows else i)
                 structures.append(atoms)
             bar.update(len(rows))
     return structures, n_bad

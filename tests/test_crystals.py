@@ -346,13 +346,23 @@ def test_uniqueness_novelty_coverage_and_distances():
 # Scripts
 
 
+XENON = CIF.format(sites="  Xe Xe0 0 0 0 1").replace("4.0\n", "4.4\n")  # simple cubic Xe: an element no training crystal has
+
+
 def test_train_sample_cif_evaluate_structure_prediction(crystal_dir, tmp_path):
     out = tmp_path / "csp"
     run("train.py", "--data", "perov5", "--csp", "--train-split", "val", "--data-dir", crystal_dir, "--preset", "tiny",
         "--iters", "30", "--eval-every", "30", "--eval-samples", "4", "--arch", "transformer", "--out", out)
     log = out.joinpath("train.log").read_text()
     assert "match_rate" in log and "(structure prediction)" in log
-    run("sample.py", "--ckpt", out / "ckpt.pt", "--steps", "4", "--n-per-composition", "2", "--data-dir", crystal_dir)
+    # a test split whose second crystal has an element outside the model's vocabulary: it is skipped, and the
+    # samples after it still name their own rows of the split
+    data = tmp_path / "data"
+    shutil.copytree(crystal_dir / "cdvae", data / "cdvae")
+    rows = PEROV_TEST.read_text().split("\n13356,", 1)
+    (data / "cdvae" / "perov_5" / "test.csv").write_text(rows[0] + f'\n1,xenon-1,"{XENON}",Xe,0,0,0,0' + "\n13356," + rows[1])
+    sampled = run("sample.py", "--ckpt", out / "ckpt.pt", "--steps", "4", "--n-per-composition", "2", "--data-dir", data)
+    assert "1 test compositions hold elements outside the model's vocabulary" in sampled.stdout
     from pymatgen.io.cif import CifParser
     import ase.io
 
@@ -363,9 +373,10 @@ def test_train_sample_cif_evaluate_structure_prediction(crystal_dir, tmp_path):
     for k, s in enumerate(structures):  # the compositions are the test crystals', in order
         assert sorted(s.atomic_numbers) == sorted(truths.numbers[truths.atoms_of(k // 2)].tolist())
         assert sorted(atoms[k].numbers) == sorted(s.atomic_numbers)
-    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir, "--workers", "1")
+    assert [a.info["truth_index"] for a in ase.io.read(out / "samples.extxyz", ":")][:4] == [0, 0, 2, 2]
+    run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", data, "--workers", "1")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_compositions"] == len(truths) and metrics["samples_per_composition"] == 2
+    assert metrics["n_compositions"] == len(truths) + 1 and metrics["samples_per_composition"] == 2  # xenon unmatched
     assert 0 <= metrics["match_rate@1"] <= metrics["match_rate@2"] <= 1
     ref = run("evaluate.py", "--reference", "perov5", "--data-dir", crystal_dir, "--json", tmp_path / "ref" / "m.json")
     ref_metrics = json.loads((tmp_path / "ref" / "m.json").read_text())
