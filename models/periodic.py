@@ -20,11 +20,12 @@ Head:
   - lattice: an MLP of the mean atom feature, 6 numbers in the process's lattice representation;
   - type logits per atom.
 
-Backbone contract for crystals (every arch; the processes in models/crystal_flow.py use nothing else):
+Backbone contract for crystals (every arch; the processes in models/crystal_*.py use nothing else):
     forward(h [B, N, T] float, frac [B, N, 3], lengths [B, 3] A, angles [B, 3] degrees, t [B], mask [B, N] bool)
-        -> frac_out [B, N, 3]   displacement on the torus, fractional units, centred, 0 at padding
-           lattice_out [B, 6]   change of the standardised lattice representation
+        -> frac_out [B, N, 3]   a tangent vector on the torus, fractional units, centred, 0 at padding
+           lattice_out [B, 6]   a vector in the standardised lattice representation
            logits [B, N, T]     atom-type outputs
+The process decides what the vectors mean (a displacement, a velocity, a scaled score or noise).
 """
 from __future__ import annotations
 
