@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from models.fileio import DataError, check_writable_dir, download, git_blob_sha1, save_npz
+from models.labels import atom_rows, offsets_of
 from models.molecules import default_data_dir
 
 CDVAE_COMMIT = "f857f598d6f6cca5dc1ea0582d228f12dcc2c2ea"
@@ -91,12 +92,9 @@ class CrystalSet:
 
     def subset(self, idx) -> "CrystalSet":
         idx = np.asarray(idx, dtype=np.int64)
-        n_atoms = self.n_atoms[idx]
-        rows = np.concatenate([np.arange(self.offset[i], self.offset[i] + self.n_atoms[i]) for i in idx]) \
-            if len(idx) else np.zeros(0, np.int64)
-        offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64) if len(idx) else np.zeros(0, np.int64)
-        return CrystalSet(self.numbers[rows], self.frac[rows], self.lengths[idx], self.angles[idx], n_atoms, offset,
-                          self.ids[idx])
+        rows = atom_rows(self.offset, self.n_atoms, idx)
+        return CrystalSet(self.numbers[rows], self.frac[rows], self.lengths[idx], self.angles[idx], self.n_atoms[idx],
+                          offsets_of(self.n_atoms[idx]), self.ids[idx])
 
     def elements(self) -> list[int]:
         """Atomic numbers present, ascending: the element vocabulary of a generator trained on this set."""
@@ -202,7 +200,7 @@ def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
     return CrystalSet(
         numbers=np.concatenate([r[1] for r in records]), frac=np.concatenate([r[2] for r in records]),
         lengths=np.stack([r[3] for r in records]), angles=np.stack([r[4] for r in records]), n_atoms=n_atoms,
-        offset=np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64), ids=np.array([r[0] for r in records]))
+        offset=offsets_of(n_atoms), ids=np.array([r[0] for r in records]))
 
 
 # ----------------------------------------------------------------------------------------------

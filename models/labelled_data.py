@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models.forcefield import neighbour_edges
-from models.labels import LabelsError, read_labels
+from models.labels import LabelsError, atom_rows, offsets_of, read_labels
 
 EV_PER_A3_IN_GPA = 160.21766208  # stress unit conversion for reports
 
@@ -48,7 +48,7 @@ class LabelledStructures:
         names = ("numbers", "positions", "forces", "n_atoms", "energy", "stress", "cell", "pbc", "key", "source")
         columns = {k: np.concatenate([lab[k] for _, lab in labs]) for k in names}
         columns["file"] = np.concatenate([np.full(len(lab["key"]), i) for i, (_, lab) in enumerate(labs)])
-        columns["offset"] = np.concatenate([[0], np.cumsum(columns["n_atoms"])[:-1]]).astype(np.int64)
+        columns["offset"] = offsets_of(columns["n_atoms"])
         data = cls(columns, teacher, version, [str(p) for p, _ in labs])
         data._check()
         return data
@@ -80,10 +80,7 @@ class LabelledStructures:
 
     def atom_rows(self, index: np.ndarray) -> np.ndarray:
         """Rows of the per-atom arrays that belong to the structures `index`, in that order."""
-        c = self.c
-        if not len(index):
-            return np.zeros(0, np.int64)
-        return np.concatenate([np.arange(c["offset"][s], c["offset"][s] + c["n_atoms"][s]) for s in index])
+        return atom_rows(self.c["offset"], self.c["n_atoms"], index)
 
     def subset(self, index) -> "LabelledStructures":
         index = np.asarray(index, dtype=np.int64)
@@ -91,7 +88,7 @@ class LabelledStructures:
         atoms = self.atom_rows(index)
         per_atom = {k: c[k][atoms] for k in ("numbers", "positions", "forces")}
         per_struct = {k: c[k][index] for k in c if k not in per_atom and k != "offset"}
-        per_struct["offset"] = np.concatenate([[0], np.cumsum(per_struct["n_atoms"])[:-1]]).astype(np.int64)
+        per_struct["offset"] = offsets_of(per_struct["n_atoms"])
         return LabelledStructures({**per_atom, **per_struct}, self.teacher, self.teacher_version, self.files)
 
     def split(self, val_fraction: float) -> tuple["LabelledStructures", "LabelledStructures"]:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 from models.fileio import Busy, ExclusiveLock, atomic_write, remove_stale_temporaries, require_free_space, save_npz
 
 FORMAT = "molgen-bench-labels-v2"
@@ -50,6 +51,19 @@ H5_SLACK = 4 << 20  # bytes beyond the data that an HDF5 write may allocate (chu
 
 class LabelsError(ValueError):
     """A labels file that cannot be used (not one, damaged, another teacher, busy); the message names it."""
+
+
+def offsets_of(n_atoms: np.ndarray) -> np.ndarray:
+    """Start row of each structure in ragged per-atom arrays, from the structures' atom counts [S] -> int64 [S]."""
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    return np.cumsum(n_atoms) - n_atoms
+
+
+def atom_rows(offset: np.ndarray, n_atoms: np.ndarray, index) -> np.ndarray:
+    """Rows of ragged per-atom arrays that belong to the structures `index`, in that order."""
+    if not len(index):
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(offset[s], offset[s] + n_atoms[s]) for s in index])
 
 
 def code_version() -> str:
@@ -112,7 +126,7 @@ def _h5_append(f, block: dict[str, np.ndarray], seconds: float) -> None:
     """Append a block's columns to an open v2 file (only ever a copy that is not yet the labels file)."""
     s0, a0 = len(f["key"]), len(f["numbers"])
     n_atoms = block["n_atoms"]
-    columns = {**block, "offset": a0 + np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)}
+    columns = {**block, "offset": a0 + offsets_of(n_atoms)}
     for name, (shape, dt) in {**PER_ATOM, **PER_STRUCT}.items():
         data = columns[name]
         data = np.array(data, dtype=object) if dt == "str" else np.asarray(data, dtype=dt)
@@ -172,7 +186,7 @@ def read_labels(path: Path) -> dict:
         if not blocks:
             return main
         out = {k: np.concatenate([main[k]] + [b[k] for b in blocks]) for k in {**PER_ATOM, **PER_STRUCT} if k != "offset"}
-        out["offset"] = np.concatenate([[0], np.cumsum(out["n_atoms"])[:-1]]).astype(np.int64)
+        out["offset"] = offsets_of(out["n_atoms"])
         out["attrs"] = {**main["attrs"], "n_structures": len(out["key"]),
                         "label_seconds": float(main["attrs"].get("label_seconds", 0.0)) + sum(float(b["seconds"]) for b in blocks)}
         return out

@@ -23,6 +23,7 @@ import torch
 
 from models.fileio import DataError, check_writable_dir, download, save_npz
 from models.geometry import remove_mean
+from models.labels import atom_rows, offsets_of
 
 ATOM_SYMBOLS = ("H", "C", "N", "O", "F")
 ATOMIC_NUMBERS = (1, 6, 7, 8, 9)
@@ -65,11 +66,8 @@ class MoleculeSet:
 
     def subset(self, idx) -> "MoleculeSet":
         idx = np.asarray(idx, dtype=np.int64)
-        n_atoms = self.n_atoms[idx]
-        atom_idx = np.concatenate([np.arange(self.offset[i], self.offset[i] + self.n_atoms[i]) for i in idx]) \
-            if len(idx) else np.zeros(0, dtype=np.int64)
-        offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64) if len(idx) else np.zeros(0, np.int64)
-        return MoleculeSet(self.numbers[atom_idx], self.positions[atom_idx], n_atoms, offset,
+        rows = atom_rows(self.offset, self.n_atoms, idx)
+        return MoleculeSet(self.numbers[rows], self.positions[rows], self.n_atoms[idx], offsets_of(self.n_atoms[idx]),
                            self.smiles[idx], self.ids[idx])
 
     def to_atoms(self, i: int):
@@ -122,7 +120,7 @@ def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray]]) -> MoleculeSet
         numbers=np.concatenate([r[2] for r in records]).astype(np.int8),
         positions=np.concatenate([r[3] for r in records]).astype(np.float32),
         n_atoms=n_atoms,
-        offset=np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64),
+        offset=offsets_of(n_atoms),
         smiles=np.array([r[1] for r in records]),
         ids=np.array([r[0] for r in records], dtype=np.int32),
     )
