@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from models.crystal_process import CrystalProcess, CrystalProcessConfig
-from models.diffusion import polynomial_schedule
+from models.diffusion import ddpm_posterior, polynomial_schedule
 from models.geometry import remove_mean, torus_difference, wrap
 
 N_IMAGES = 4  # images k = -4..4 of the wrapped normal: enough for sigma <= 0.5 to float precision
@@ -105,10 +105,7 @@ class CrystalDiffusion(CrystalProcess):
             else:
                 xi = remove_mean(torch.randn(f.shape, **kw).to(device), mask)
                 f = wrap(f + step_var * score + math.sqrt(step_var) * xi) * node
-                a_ts = a_t / a_s  # DDPM posterior q(x_s | x_t, x1_hat), as in models/diffusion.py
-                var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
-                c_t, c_x = a_ts * s_s ** 2 / s_t ** 2, a_s * var_ts / s_t ** 2
-                std = (var_ts * s_s ** 2 / s_t ** 2) ** 0.5
+                c_t, c_x, std = ddpm_posterior(a_t, s_t, a_s, s_s)  # with x1_hat for x1
                 y = c_t * y + c_x * y1_hat + std * torch.randn(y.shape, **kw).to(device)
                 h = (c_t * h + c_x * h1_hat + std * torch.randn(h.shape, **kw).to(device)) * node
             if self.config.csp:  # the composition is given: the clean types stay the input

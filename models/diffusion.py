@@ -38,6 +38,14 @@ def polynomial_schedule(t: torch.Tensor, precision: float) -> tuple[torch.Tensor
     return alpha_sq.sqrt(), (1 - alpha_sq).sqrt()
 
 
+def ddpm_posterior(a_t: float, s_t: float, a_s: float, s_s: float) -> tuple[float, float, float]:
+    """DDPM's posterior q(x_s | x_t, x1) from time t to the less noisy s, as (c_t, c_x, std): its mean is
+    c_t x_t + c_x x1 and its standard deviation std (alpha_{t|s} = a_t / a_s, sigma_{t|s}^2 = s_t^2 - alpha_{t|s}^2 s_s^2)."""
+    a_ts = a_t / a_s
+    var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2
+    return a_ts * s_s ** 2 / s_t ** 2, a_s * var_ts / s_t ** 2, (var_ts * s_s ** 2 / s_t ** 2) ** 0.5
+
+
 @dataclass
 class DiffusionConfig:
     n_types: int = 5
@@ -79,10 +87,7 @@ class Diffusion(GaussianProcess):
                 h0_hat = (h - a_t * h1_hat) / s_t
                 x, h = a_s * x1_hat + s_s * x0_hat, a_s * h1_hat + s_s * h0_hat
             else:  # DDPM posterior q(z_s | z_t, x1_hat): mean c_t z_t + c_x x1_hat, std sqrt(var)
-                a_ts = a_t / a_s  # alpha_{t|s}, from the less noisy s back to t
-                var_ts = s_t ** 2 - a_ts ** 2 * s_s ** 2  # sigma_{t|s}^2
-                c_t, c_x = a_ts * s_s ** 2 / s_t ** 2, a_s * var_ts / s_t ** 2
-                std = (var_ts * s_s ** 2 / s_t ** 2) ** 0.5
+                c_t, c_x, std = ddpm_posterior(a_t, s_t, a_s, s_s)
                 noise_x, noise_h = self.fresh_noise(mask, generator)
                 x = c_t * x + c_x * x1_hat + std * noise_x
                 h = c_t * h + c_x * h1_hat + std * noise_h
