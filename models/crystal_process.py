@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from models.geometry import LatticeScaler, remove_mean, wrap
+from models.process import NamedSamplers
 
 UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
 
@@ -39,7 +40,7 @@ class CrystalProcessConfig:
     lattice_std: list = field(default_factory=lambda: [1.0] * 6)
 
 
-class CrystalProcess:
+class CrystalProcess(NamedSamplers):
     """Base class; a subclass sets Config, SAMPLERS, loss and sample."""
 
     def __init__(self, config):
@@ -123,7 +124,3 @@ class CrystalProcess:
         lengths, angles = self.scaler.lattice(y)
         out_types = types if self.config.csp else logits.argmax(-1) * mask
         return {"types": out_types, "frac": f, "lengths": lengths, "angles": angles, "mask": mask}
-
-    def check_method(self, method: str) -> None:
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")

@@ -40,7 +40,17 @@ def per_molecule_loss(coord_sq_err: torch.Tensor, logits: torch.Tensor, types: t
     return (coord_loss + type_loss_weight * type_loss).mean()
 
 
-class GaussianProcess:
+class NamedSamplers:
+    """What every process, molecular or periodic, shares: samplers chosen by name (SAMPLERS, the default first)."""
+
+    SAMPLERS: tuple[str, ...] = ()
+
+    def check_method(self, method: str) -> None:
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
+
+
+class GaussianProcess(NamedSamplers):
     """Base class; a subclass sets Config, SAMPLERS, alpha_sigma(t), loss and sample. Its config has
     at least n_types and type_scale."""
 
@@ -104,6 +114,3 @@ class GaussianProcess:
         ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
         return (ts, *self.alpha_sigma(ts))
 
-    def check_method(self, method: str) -> None:
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
