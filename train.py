@@ -147,7 +147,7 @@ from models import arch_class, process_class  # noqa: E402
 from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, load_checkpoint,  # noqa: E402
                                save_checkpoint)
 from models.crystal_metrics import csp_metrics, composition_valid, structure_valid  # noqa: E402
-from models.crystals import PaddedCrystals, holdout_mask, load_crystals  # noqa: E402
+from models.crystals import PaddedCrystals, holdout_mask, load_crystals, unpad  # noqa: E402
 from models.geometry import LatticeScaler  # noqa: E402
 from models.molecules import ATOM_SYMBOLS, ATOMIC_NUMBERS, DataError, PaddedMolecules, load_qm9  # noqa: E402
 from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_temporaries  # noqa: E402
@@ -493,7 +493,6 @@ def crystal_quality() -> dict:
     """csp: match rate and RMSE of one sample for each of the first eval_samples validation crystals; de novo:
     structural and compositional validity of eval_samples fresh crystals."""
     gen = torch.Generator().manual_seed(args.seed + 17)
-    z_of = torch.tensor(elements)
     if args.csp:
         truth = valid_set.batch(torch.arange(min(args.eval_samples, len(valid_set))))
         with autocast:
@@ -502,15 +501,9 @@ def crystal_quality() -> dict:
         n_atoms = torch.multinomial(torch.tensor(n_atoms_hist), args.eval_samples, replacement=True, generator=gen)
         with autocast:
             out = objective.sample(ema, n_atoms=n_atoms, n_steps=args.sample_steps, generator=gen)
-
-    def crystals(b):
-        b = {k: v.cpu() for k, v in b.items()}
-        return [(z_of[b["types"][i][b["mask"][i]]].numpy(), b["frac"][i][b["mask"][i]].double().numpy(),
-                 b["lengths"][i].double().numpy(), b["angles"][i].double().numpy()) for i in range(len(b["mask"]))]
-
-    samples = crystals(out)
+    samples = unpad(out, elements)
     if args.csp:
-        m = csp_metrics([[s] for s in samples], crystals(truth), workers=1, progress=False)
+        m = csp_metrics([[s] for s in samples], unpad(truth, elements), workers=1, progress=False)
         return {"match_rate": m["match_rate@1"], "rmse": m["rmse@1"]}
     return {"structural_validity": float(np.mean([structure_valid(*c) for c in samples])),
             "compositional_validity": float(np.mean([composition_valid(c[0]) for c in samples]))}

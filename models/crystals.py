@@ -323,6 +323,19 @@ class PaddedCrystals:
         return {k: getattr(self, k)[idx].to(device) for k in ("types", "frac", "lengths", "angles", "mask")}
 
 
+def unpad(batch: dict[str, torch.Tensor], elements) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """A padded batch (PaddedCrystals.batch or a process's samples; types index `elements`) back to one
+    (atomic numbers, frac [n, 3], lengths [3], angles [3]) per crystal, in float64 on the CPU: the form the
+    metrics and crystal_atoms take."""
+    z_of = np.asarray(elements)
+    b = {k: v.detach().cpu() for k, v in batch.items()}
+    crystals = []
+    for types, frac, lengths, angles, mask in zip(*(b[k] for k in ("types", "frac", "lengths", "angles", "mask"))):
+        crystals.append((z_of[types[mask].numpy()], frac[mask].double().numpy(), lengths.double().numpy(),
+                         angles.double().numpy()))
+    return crystals
+
+
 def write_cif(path: Path, structures: list, names: list[str]) -> None:
     """pymatgen Structures as one multi-block CIF file (a `data_<name>` block each; pymatgen and ASE read all
     blocks back), written atomically."""

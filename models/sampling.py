@@ -50,11 +50,10 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
     CrystalSet, e.g. the test split or a part of it), whose elements the model must know; info['truth_id'] (its
     material_id), info['truth_index'] (its row in the split: truth_rows[i] when the compositions are a part of it)
     and info['sample_index'] (0..n_per_composition-1)."""
-    from models.crystals import PaddedCrystals, crystal_atoms
+    from models.crystals import PaddedCrystals, crystal_atoms, unpad
 
     model, process = build_model(ckpt, weights=weights)
     model.to(device).eval()
-    elements = torch.tensor(ckpt["elements"])
     generator = torch.Generator().manual_seed(seed)
     if process.config.csp:
         padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
@@ -73,15 +72,11 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
                     out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator)
                 else:
                     out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator)
-            out = {k: v.cpu() for k, v in out.items()}
-            for r, (i, k) in enumerate(jobs[lo:lo + batch_size]):
-                m = out["mask"][r]
-                frac, lengths, angles = (out[key][r].double().numpy() for key in ("frac", "lengths", "angles"))
-                frac = frac[m.numpy()]
+            for (i, k), (numbers, frac, lengths, angles) in zip(jobs[lo:lo + batch_size], unpad(out, ckpt["elements"])):
                 if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()):
                     n_bad += 1
                     continue
-                atoms = crystal_atoms(elements[out["types"][r][m]].numpy(), frac, lengths, angles)
+                atoms = crystal_atoms(numbers, frac, lengths, angles)
                 atoms.info["sample_index"] = k if process.config.csp else i
                 if process.config.csp:
                     atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=truth_rows[i] if truth_rows else i)

@@ -16,7 +16,7 @@ from models import CRYSTAL_ARCHS, CRYSTAL_PROCESSES
 from models.crystal_metrics import (composition_valid, coverage, csp_metrics, density, fingerprints, is_valid,
                                     structure_valid, uniqueness_novelty, wasserstein_distances)
 from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, holdout_mask, load_crystals,
-                             read_cdvae_csv)
+                             read_cdvae_csv, unpad)
 from models.fileio import DataError, git_blob_sha1
 from models.geometry import (LatticeScaler, lattice_matrix, lattice_to_unconstrained, torus_difference,
                              unconstrained_to_lattice, wrap)
@@ -176,6 +176,16 @@ def test_holdout_is_stable_and_vocabulary_is_enforced():
     assert np.array_equal(holdout_mask(crystals.ids[::-1], 0.25), held[::-1])  # by id, not by position
     with pytest.raises(DataError, match="not in the model's vocabulary"):
         PaddedCrystals(crystals, crystals.elements()[1:])
+
+
+def test_padding_round_trips_crystals_of_several_sizes():
+    crystals = read_cdvae_csv(CARBON, progress=False)
+    assert len(set(crystals.n_atoms)) > 1
+    padded = PaddedCrystals(crystals, crystals.elements(), n_max=crystals.n_atoms.max() + 3)
+    for (z, f, lengths, angles), back in zip(crystals.arrays(), unpad(padded.batch(torch.arange(len(padded))), crystals.elements())):
+        assert np.array_equal(back[0], z)
+        for a, b in zip((f, lengths, angles), back[1:]):
+            assert b.dtype == np.float64 and np.allclose(a, b, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
