@@ -1,0 +1,166 @@
+"""Scaling laws fitted to training runs, with bootstrap confidence intervals.
+
+One resource at a time (parameters N, training-set size D, training FLOPs C):
+
+    L(x) = a x^-alpha + L_inf
+
+and parameters and data together, in the form of Hoffmann et al. (2022, "Chinchilla", approach 3):
+
+    L(N, D) = E + A N^-alpha + B D^-beta
+
+Losses here (flow / diffusion / interpolant regression, cross-entropy) are never negative, so L_inf and E are
+bounded to [0, min L). Fits minimise squared residuals of log L, so a run at loss 0.3 counts as much as one at 3;
+a robust loss (soft L1, as Hoffmann et al. use a Huber loss) keeps one diverged run from deciding an exponent.
+
+Intervals come from a residual bootstrap: refit after adding resampled log-residuals of the best fit to its
+predictions. Sweeps have 3-10 points, too few for resampling the points themselves (a resample repeating one
+point is often unfittable). Residuals are inflated by sqrt(n / (n - p)) for the p fitted parameters, because
+fitted residuals are smaller than the noise that produced them.
+
+With a floor fitted, a law needs more points than parameters to say anything about its noise: with fewer than 4
+points the one-resource law drops L_inf (a pure power law, two parameters), and the result says which form it
+used.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+LOSS = "soft_l1"
+F_SCALE = 0.05  # residuals of log L beyond ~5 % count linearly, not quadratically
+
+
+@dataclass
+class PowerLaw:
+    """L(x) = a x^-alpha + l_inf; floor False: l_inf was held at 0, not fitted."""
+    a: float
+    alpha: float
+    l_inf: float
+    floor: bool = True
+
+    def __call__(self, x):
+        return self.a * np.asarray(x, dtype=float) ** -self.alpha + self.l_inf
+
+    def params(self) -> dict[str, float]:
+        return {"a": self.a, "alpha": self.alpha, **({"l_inf": self.l_inf} if self.floor else {})}
+
+
+@dataclass
+class JointLaw:
+    """L(N, D) = e + a N^-alpha + b D^-beta."""
+    e: float
+    a: float
+    alpha: float
+    b: float
+    beta: float
+
+    def __call__(self, n, d):
+        n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+        return self.e + self.a * n ** -self.alpha + self.b * d ** -self.beta
+
+    def params(self) -> dict[str, float]:
+        return asdict(self)
+
+    def compute_optimal(self, flops, flops_per_param_example: float) -> tuple[np.ndarray, np.ndarray]:
+        """(N*, D*) minimising L(N, D) under the budget C = k N D (k FLOPs per parameter per training example):
+        N* = G (C/k)^(beta/(alpha+beta)), D* = (C/k) / N*, G = (alpha a / (beta b))^(1/(alpha+beta))."""
+        budget = np.asarray(flops, dtype=float) / flops_per_param_example
+        g = (self.alpha * self.a / (self.beta * self.b)) ** (1 / (self.alpha + self.beta))
+        n_opt = g * budget ** (self.beta / (self.alpha + self.beta))
+        return n_opt, budget / n_opt
+
+
+def _check(*columns) -> list[np.ndarray]:
+    arrays = [np.asarray(c, dtype=float).ravel() for c in columns]
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError("scaling fit: the columns have different lengths")
+    for a in arrays:
+        if not (np.isfinite(a).all() and (a > 0).all()):
+            raise ValueError(f"scaling fit: every value must be finite and > 0, got {a.tolist()}")
+    return arrays
+
+
+def fit_power_law(x, loss, floor: bool | None = None, start: PowerLaw | None = None) -> PowerLaw:
+    """Least-squares fit in log space, from `start` or from a grid of starts. floor=None fits L_inf when there
+    are at least 4 points."""
+    x, loss = _check(x, loss)
+    if len(np.unique(x)) < 2:
+        raise ValueError(f"scaling fit: need at least 2 distinct x, got {x.tolist()}")
+    floor = len(x) >= 4 if floor is None else floor
+    lx, ly, top = np.log(x), np.log(loss), loss.min() * (1 - 1e-6)
+
+    def residuals(theta):
+        log_a, alpha, l_inf = theta if floor else (*theta, 0.0)
+        return np.log(np.exp(log_a - alpha * lx) + l_inf) - ly
+
+    # Without a start: the best straight lines of log(L - L_inf) against log x over a grid of floors.
+    starts = []
+    for l_inf in np.linspace(0, top, 12) if floor else [0.0]:
+        slope, intercept = np.polyfit(lx, np.log(loss - l_inf), 1)
+        starts.append([intercept, max(-slope, 1e-3)] + ([l_inf] if floor else []))
+    if start is not None:
+        starts = [[np.log(start.a), start.alpha] + ([min(start.l_inf, top)] if floor else [])]
+    lower = [-np.inf, 0.0] + ([0.0] if floor else [])
+    upper = [np.inf, 10.0] + ([top] if floor else [])
+    best = min((least_squares(residuals, np.clip(s, np.add(lower, 1e-9), np.subtract(upper, 1e-9)),
+                              bounds=(lower, upper), loss=LOSS, f_scale=F_SCALE) for s in starts), key=lambda r: r.cost)
+    log_a, alpha, l_inf = best.x if floor else (*best.x, 0.0)
+    return PowerLaw(float(np.exp(log_a)), float(alpha), float(l_inf), floor)
+
+
+def fit_joint_law(n, d, loss, start: JointLaw | None = None) -> JointLaw:
+    """L(N, D) = E + A N^-alpha + B D^-beta in log space, from `start` or from a grid of starts (the surface has
+    local minima)."""
+    n, d, loss = _check(n, d, loss)
+    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(loss) < 5:
+        raise ValueError("scaling fit: the joint law needs at least 5 runs with at least 2 distinct N and 2 distinct D")
+    ln, ld, ly, top = np.log(n), np.log(d), np.log(loss), loss.min() * (1 - 1e-6)
+
+    def residuals(theta):
+        e, log_a, alpha, log_b, beta = theta
+        return np.log(e + np.exp(log_a - alpha * ln) + np.exp(log_b - beta * ld)) - ly
+
+    starts = []
+    for alpha in (0.2, 0.5, 1.0):
+        for beta in (0.2, 0.5, 1.0):
+            for e in (0.0, 0.5 * top):
+                # split what is above the floor evenly between the two terms at the geometric-mean run
+                excess = max(np.exp(ly.mean()) - e, 1e-6 * top)
+                starts.append([e, np.log(excess / 2) + alpha * ln.mean(), alpha, np.log(excess / 2) + beta * ld.mean(), beta])
+    if start is not None:
+        starts = [[min(start.e, top), np.log(start.a), start.alpha, np.log(start.b), start.beta]]
+    lower, upper = [0.0, -np.inf, 0.0, -np.inf, 0.0], [top, np.inf, 10.0, np.inf, 10.0]
+    best = min((least_squares(residuals, np.clip(s, np.add(lower, 1e-12), np.subtract(upper, 1e-12)),
+                              bounds=(lower, upper), loss=LOSS, f_scale=F_SCALE) for s in starts), key=lambda r: r.cost)
+    e, log_a, alpha, log_b, beta = best.x
+    return JointLaw(float(e), float(np.exp(log_a)), float(alpha), float(np.exp(log_b)), float(beta))
+
+
+def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """The best fit and percentile intervals of every parameter from a residual bootstrap in log space.
+
+    fit(*columns, start=None) returns a PowerLaw or JointLaw; the last column is the loss. Each resample is
+    refitted from the best fit. Returns {"fit": law, "interval": {param: (low, high)}, "samples": {param:
+    array}}; resamples whose fit fails are dropped."""
+    *inputs, loss = [np.asarray(c, dtype=float) for c in columns]
+    law = fit(*inputs, loss)
+    predicted = law(*inputs)
+    residuals = np.log(loss) - np.log(predicted)
+    residuals = residuals * np.sqrt(len(loss) / max(len(loss) - len(law.params()), 1))
+    rng = np.random.default_rng(seed)
+    samples = {k: [] for k in law.params()}
+    for _ in range(n_boot):
+        resampled = predicted * np.exp(rng.choice(residuals, size=len(loss), replace=True))
+        try:
+            boot = fit(*inputs, resampled, start=law)
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        for k, v in boot.params().items():
+            samples[k].append(v)
+    tail = 100 * (1 - level) / 2
+    samples = {k: np.array(v) for k, v in samples.items()}
+    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in samples.items()}
+    return {"fit": law, "interval": interval, "samples": samples}
