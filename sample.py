@@ -7,11 +7,12 @@ Molecule and de novo crystal sizes are drawn from the training set's atom-count 
 checkpoint, so the checkpoint alone is enough; a structure-prediction model samples for the compositions of a
 split of its data set. Writes OUT/samples.extxyz (every structure, ASE reads it), OUT/samples.sdf for molecules
 (bonds inferred from geometry, RDKit reads it), OUT/samples.cif for crystals (one data block per crystal;
-pymatgen and ASE read it) and OUT/sample.log.
+pymatgen and ASE read it), OUT/sample.log and OUT/sample.json (the counts and the throughput, for scale.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -109,9 +110,8 @@ def main() -> None:
                f"and {out_dir / 'samples.sdf'} ({sdf_failed} not writable as SDF)")
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
-    print(summary)
-    with open(out_dir / "sample.log", "a") as f:
-        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + summary + "\n")
+    report(out_dir, summary, {"structures": args.n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
+                              "method": args.method, "device": str(device), "seconds": elapsed, "per_s": args.n / elapsed})
 
 
 def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
@@ -164,9 +164,16 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
                f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.cif'}")
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
+    report(out_dir, summary, {"structures": n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
+                              "method": args.method, "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
+
+
+def report(out_dir: Path, summary: str, stats: dict) -> None:
+    """The summary line to the console and sample.log; the numbers (throughput included) to sample.json."""
     print(summary)
     with open(out_dir / "sample.log", "a") as f:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + summary + "\n")
+    atomic_write(out_dir / "sample.json", lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1)))
 
 
 if __name__ == "__main__":

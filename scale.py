@@ -1,40 +1,98 @@
-"""Scaling laws of the benchmark's runs.
+"""Sweeps of training runs and the scaling laws fitted to them.
 
-    python scale.py fit RESULTS [RESULTS ...] [--out DIR]
+    python scale.py grid --data qm9 --params 200000 --iters 2000 --samples 1000    # the 3 x 3 cells, matched size
+    python scale.py model --arch gnn --gen flow --widths 32 64 128 256               # L(N)
+    python scale.py data --arch gnn --gen flow --sizes 2000 8000 32000 110000        # L(D)
+    python scale.py compute --arch gnn --gen flow --iters-list 500 1000 2000 4000     # L(C)
+    python scale.py fit out/scale/*/results.json                                     # the laws
 
-RESULTS are JSON files of training runs, each {"sweep": "model" | "data" | "compute", "runs": [...]} (or a bare
-list of runs that each name their sweep), one record per finished run:
-
-    {"sweep": "model", "params": 1.2e6, "train_size": 110000, "examples_seen": 3.2e6, "train_flops": 4.1e15,
-     "val_loss": 0.42, ...}
+Each point of a sweep is one train.py run in OUT/<run>/ (the same loop, checkpoints and logs as by hand), then
+optionally sample.py and evaluate.py on it (--samples). A finished run is skipped and an interrupted one resumed,
+so a sweep killed at any point continues where it stopped when the same command is run again. OUT/results.json
+(rewritten after every run) holds one record per run: parameters, training structures, examples seen, training
+FLOPs (counted by train.py), the final validation loss, training and sampling throughput and the sample metrics;
+OUT/results.md is the table, OUT/scale.log the log, and the grid adds OUT/grid.png.
 
 `fit` fits L(N) = a N^-alpha + L_inf to the model sweep (N: parameters), L(D) to the data sweep (D: training
 structures), L(C) to the compute sweep (C: training FLOPs), and L(N, D) = E + A N^-alpha + B D^-beta (D:
 examples seen) to the model and compute sweeps together, with residual-bootstrap intervals for every parameter,
 and from the joint law the compute-optimal N*(C) and D*(C) under C = k N D, k measured from the runs (models/
-scaling.py says how and why). Writes DIR/fit.json, DIR/fit.md (the report), DIR/fit.png (log-log plots) and
-DIR/fit.log; DIR defaults to the first RESULTS file's directory.
+scaling.py says how and why). RESULTS are the sweeps' results.json files (or lists of run records that name
+their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png and DIR/fit.log; DIR defaults to the first RESULTS
+file's directory.
 """
 import argparse
 import json
 import logging
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from models.cli import positive_int, writable_dir
+from models import CRYSTAL_DATA
+from models.cli import nonnegative_int, positive_float, positive_int, writable_dir
 from models.fileio import atomic_write
 
+ROOT = Path(__file__).resolve().parent
+ARCH_NAMES, GEN_NAMES = ("gnn", "transformer", "pairformer"), ("flow", "diffusion", "interpolant")
 LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
     "model": ("params", "N", "parameters"),
     "data": ("train_size", "D", "training structures"),
     "compute": ("train_flops", "C", "training FLOPs"),
 }
+QUALITY = {  # metrics.json keys shown in the tables, by domain and task, the headline first
+    "molecules": ("mol_stability", "atom_stability", "validity", "uniqueness", "novelty", "fcd"),
+    "crystals": ("validity", "structural_validity", "compositional_validity", "cov_recall", "cov_precision",
+                 "wdist_density", "uniqueness", "novelty"),
+    "csp": ("match_rate@1", "rmse@1", "structural_validity"),
+}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+runs_flags = argparse.ArgumentParser(add_help=False)  # what every sweep shares
+runs_flags.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set of every run")
+runs_flags.add_argument("--csp", action="store_true", help="crystals: structure prediction instead of de novo generation")
+runs_flags.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on (val offline; see train.py)")
+runs_flags.add_argument("--data-dir", default=None, help="data and cache directory of every run (default ./data or $MOLGEN_DATA)")
+runs_flags.add_argument("--iters", type=positive_int, default=2000, help="optimizer steps of every run (compute: --iters-list instead)")
+runs_flags.add_argument("--batch-size", type=positive_int, default=64, help="global batch size of every run")
+runs_flags.add_argument("--n-layers", type=positive_int, default=4, help="backbone depth (model: --depths instead)")
+runs_flags.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every run")
+runs_flags.add_argument("--samples", type=nonnegative_int, default=None, help="structures sampled and evaluated per run (0: validation "
+                        "loss only; default 1000 for grid, 0 for the sweeps)")
+runs_flags.add_argument("--sample-steps", type=positive_int, default=50, help="sampling steps (sample.py --steps)")
+runs_flags.add_argument("--train-args", default="", help="more train.py flags for every run, as one string: --train-args='--lr 5e-4 --val-size 500'")
+runs_flags.add_argument("--eval-args", default="", help="more evaluate.py flags, as one string: --eval-args=--no-fcd")
+runs_flags.add_argument("--out", type=Path, default=None, help="sweep directory (default out/scale/<sweep>-<data>[-<arch>-<gen>])")
+one_cell = argparse.ArgumentParser(add_help=False)
+one_cell.add_argument("--arch", choices=ARCH_NAMES, default="gnn", help="backbone of every run")
+one_cell.add_argument("--gen", choices=GEN_NAMES, default="flow", help="generative process of every run")
+
+grid_parser = commands.add_parser("grid", parents=[runs_flags], help="every backbone x process at one matched size and budget",
+                                  description="Train, sample and evaluate every backbone x process cell with parameter counts "
+                                  "matched within 10 %% and the same budget; a table, results.json and grid.png.")
+grid_parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=list(ARCH_NAMES), help="backbones of the grid")
+grid_parser.add_argument("--gens", nargs="+", choices=GEN_NAMES, default=list(GEN_NAMES), help="processes of the grid")
+grid_parser.add_argument("--params", type=positive_int, default=200_000, help="parameter count every cell is matched to (within 10 %%, by width)")
+grid_parser.add_argument("--seconds", type=positive_float, default=None, help="wall-clock training budget per cell instead of --iters: a "
+                         "30-step probe measures each cell's steps/s and sets its steps, so each runs a complete schedule")
+model_parser = commands.add_parser("model", parents=[runs_flags, one_cell], help="L(N): a sweep over width and depth",
+                                   description="Runs over --widths x --depths at fixed data and steps.")
+model_parser.add_argument("--widths", nargs="+", type=positive_int, required=True, help="hidden widths (--hidden)")
+model_parser.add_argument("--depths", nargs="+", type=positive_int, default=None, help="depths (--n-layers; default: --n-layers)")
+data_parser = commands.add_parser("data", parents=[runs_flags, one_cell], help="L(D): a sweep over training-set size",
+                                  description="Runs over --sizes (train.py --n-train) at fixed model and steps.")
+data_parser.add_argument("--sizes", nargs="+", type=positive_int, required=True, help="training structures (the first N of the split)")
+data_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
+compute_parser = commands.add_parser("compute", parents=[runs_flags, one_cell], help="L(C): a sweep over training steps",
+                                     description="Runs over --iters-list at fixed model and data, each with its full schedule.")
+compute_parser.add_argument("--iters-list", nargs="+", type=positive_int, required=True, help="optimizer steps of the runs")
+compute_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
+
 fit_parser = commands.add_parser("fit", help="fit scaling laws to sweep results", description="Fit L(N), L(D), L(C) "
                                  "and L(N, D) with bootstrap intervals; write fit.json, fit.md, fit.png and fit.log.")
 fit_parser.add_argument("results", nargs="+", type=Path, help="results JSON files of the sweeps")
@@ -42,6 +100,250 @@ fit_parser.add_argument("--out", type=Path, default=None, help="output directory
 fit_parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples per law")
 fit_parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 fit_parser.add_argument("--loss-key", default="val_loss", help="the record key of the loss to fit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def setup_log(out: Path, name: str) -> logging.Logger:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
+        logging.StreamHandler(sys.stdout), logging.FileHandler(out / name, mode="a")])
+    return logging.getLogger("scale")
+
+
+def domain_of(args) -> str:
+    return "molecules" if args.data == "qm9" else "crystals"
+
+
+def n_types_of(args) -> int:
+    """The backbone's type vocabulary, as train.py builds it, for matching parameter counts."""
+    if domain_of(args) == "molecules":
+        from models.molecules import ATOM_SYMBOLS
+        return len(ATOM_SYMBOLS)
+    from models.crystals import load_crystals
+    return len(load_crystals(args.data, args.train_split, args.data_dir, progress=False).elements())
+
+
+def matched_width(domain: str, arch: str, n_types: int, n_layers: int, target: int) -> tuple[int, int]:
+    """(hidden, parameters) of the width (a multiple of 4) whose parameter count is nearest to target."""
+    import torch
+
+    from models import arch_class
+
+    cls, best = arch_class(domain, arch), None
+    for hidden in range(4, 4097, 4):
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation
+                n = sum(p.numel() for p in cls(cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers)).parameters())
+        except (ValueError, AssertionError):  # a width the architecture does not allow (heads must divide it)
+            continue
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (hidden, n)
+        if n > target:
+            break
+    return best
+
+
+def run_command(cmd: list, log_path: Path, what: str) -> float:
+    """Run one script with its output appended to log_path; exit naming the run and showing the log's end if it
+    fails. Returns the wall-clock seconds."""
+    t0 = time.time()
+    with open(log_path, "a") as f:
+        f.write(f"$ {shlex.join(map(str, cmd))}\n")
+        f.flush()
+        code = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        sys.exit(f"scale.py: {what} failed (exit {code}); the end of {log_path}:\n" + "\n".join(tail))
+    return time.time() - t0
+
+
+def train_flags(args, arch: str, gen: str, hidden: int, n_layers: int, iters: int, n_train: int | None = None) -> list:
+    flags = ["--data", args.data, "--arch", arch, "--gen", gen, "--hidden", hidden, "--n-layers", n_layers,
+             "--iters", iters, "--batch-size", args.batch_size, "--seed", args.seed, "--eval-samples", 0]
+    if domain_of(args) == "crystals":
+        flags += ["--train-split", args.train_split] + (["--csp"] if args.csp else [])
+    if args.data_dir:
+        flags += ["--data-dir", args.data_dir]
+    if n_train:
+        flags += ["--n-train", n_train]
+    return flags + shlex.split(args.train_args)
+
+
+def finished_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "config.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run_point(args, run_dir: Path, flags: list, iters: int, log) -> dict:
+    """Train one run (skip it when finished, resume it when interrupted), sample and evaluate it when asked, and
+    return its record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    step = finished_step(run_dir)
+    if step >= iters:
+        log.info(f"{run_dir.name}: trained ({step} steps), skipped")
+    else:
+        resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else ["--overwrite"]  # no checkpoint: nothing to keep
+        log.info(f"{run_dir.name}: training{' (resuming from step %d)' % step if step else ''}: train.py {shlex.join(map(str, flags))}")
+        seconds = run_command([sys.executable, "train.py", *flags, "--out", run_dir, *resume], run_dir / "scale_stdout.log",
+                              f"training {run_dir.name}")
+        log.info(f"{run_dir.name}: trained in {seconds:.0f} s")
+    record = run_record(run_dir)
+    if args.samples:
+        record.update(sample_and_evaluate(args, run_dir, record["steps"], log))
+    return record
+
+
+def run_record(run_dir: Path) -> dict:
+    """What fit and the tables need, from the run's config.json and log.jsonl."""
+    config = json.loads((run_dir / "config.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in records if "val_loss" in r and r["step"] == config["step"]]
+    rates = [v for r in records for k, v in r.items() if k.endswith("_per_s")]
+    steps, batch = config["step"], config["args"]["batch_size"]
+    return {"run": run_dir.name, "arch": config["arch"], "gen": config["gen"], "hidden": config["model_config"]["hidden"],
+            "n_layers": config["model_config"]["n_layers"], "params": config["n_params"], "train_size": config["n_train"],
+            "steps": steps, "batch_size": batch, "examples_seen": steps * batch,
+            "train_flops": config["train_flops_per_step"] * steps, "val_loss": final[-1]["val_loss"] if final else None,
+            "train_per_s": float(np.median(rates)) if rates else None}
+
+
+def sample_and_evaluate(args, run_dir: Path, step: int, log) -> dict:
+    """sample.py and evaluate.py on the run's EMA weights, unless samples of this checkpoint step exist already;
+    returns the sampling throughput and the metrics."""
+    out = run_dir / "samples"
+    out.mkdir(exist_ok=True)
+    try:
+        done = json.loads((out / "sample.json").read_text())
+        fresh = done["ckpt_step"] == step and done["structures"] == args.samples and (out / "metrics.json").exists()
+    except (OSError, ValueError, KeyError):
+        fresh = False
+    if not fresh:
+        log.info(f"{run_dir.name}: sampling {args.samples} with {args.sample_steps} steps, then evaluating")
+        sample_cmd = [sys.executable, "sample.py", "--ckpt", run_dir / "ckpt.pt", "--n", args.samples, "--steps", args.sample_steps,
+                      "--out", out] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        run_command(sample_cmd, out / "scale_stdout.log", f"sampling {run_dir.name}")
+        (out / "metrics.json").unlink(missing_ok=True)
+        eval_cmd = [sys.executable, "evaluate.py", out / "samples.extxyz", "--data", args.data, "--no-progress"] + \
+            (["--data-dir", args.data_dir] if args.data_dir else []) + shlex.split(args.eval_args)
+        run_command(eval_cmd, out / "scale_stdout.log", f"evaluating {run_dir.name}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    keys = QUALITY["csp" if args.csp else domain_of(args)]
+    return {"sample_per_s": json.loads((out / "sample.json").read_text())["per_s"], "samples": args.samples,
+            "sample_steps": args.sample_steps, "metrics": {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}}
+
+
+def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
+    """results.json (what fit reads) and results.md (the table), rewritten after every run."""
+    content = {"sweep": sweep, "data": args.data, "csp": args.csp, "runs": [{**r, "sweep": sweep} for r in runs]}
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
+    keys = [k for k in QUALITY["csp" if args.csp else domain_of(args)] if any(k in r.get("metrics", {}) for r in runs)]
+    unit = "mol/s" if domain_of(args) == "molecules" else "crystals/s"
+    lines = [f"| run | params | train size | steps | train {unit} | val loss |" + (f" sample {unit} | " if keys else "")
+             + " | ".join(keys) + (" |" if keys else ""),
+             "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
+    for r in runs:
+        cells = [r["run"], f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
+                 f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
+        if keys:
+            cells.append(f"{r['sample_per_s']:,.1f}")
+            cells += [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    title = f"# scale.py {sweep} on {args.data}{' (structure prediction)' if args.csp else ''}"
+    note = (f"{args.batch_size} structures per step" + (f"; {args.samples} samples per run, {args.sample_steps} sampling steps"
+                                                          if args.samples else "") + f"; command: `python scale.py {shlex.join(sys.argv[1:])}`")
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join([title, "", note, "", *lines, ""])))
+
+
+def sweep_points(args) -> list[tuple[str, list, int]]:
+    """(run name, train.py flags, steps) of every point of the sweep."""
+    if args.command == "model":
+        return [(f"h{w}-l{d}", train_flags(args, args.arch, args.gen, w, d, args.iters), args.iters)
+                for d in (args.depths or [args.n_layers]) for w in args.widths]
+    if args.command == "data":
+        return [(f"n{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, args.iters, n), args.iters)
+                for n in args.sizes]
+    if args.command == "compute":
+        return [(f"s{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, n), n) for n in args.iters_list]
+    raise ValueError(args.command)
+
+
+def grid_points(args, out: Path, log) -> list[tuple[str, list, int]]:
+    """Every cell at the width that brings it nearest to --params (refused beyond 10 %), with --iters steps or the
+    steps --seconds buys at the cell's measured speed."""
+    n_types, points = n_types_of(args), []
+    for arch in args.archs:
+        hidden, n = matched_width(domain_of(args), arch, n_types, args.n_layers, args.params)
+        if abs(n - args.params) > 0.1 * args.params:
+            sys.exit(f"scale.py: {arch} cannot be matched to {args.params:,} parameters within 10 % at depth {args.n_layers} "
+                     f"(nearest: {n:,} at width {hidden}); choose another --params or --n-layers")
+        log.info(f"{arch}: width {hidden}, {n:,} parameters (target {args.params:,})")
+        for gen in args.gens:
+            iters = args.iters if args.seconds is None else probe_steps(args, out / f"{arch}-{gen}" / "probe", arch, gen, hidden, log)
+            points.append((f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters))
+    return points
+
+
+def probe_steps(args, probe_dir: Path, arch: str, gen: str, hidden: int, log) -> int:
+    """Steps of a --seconds budget: the median speed of a 30-step run (its first 10 steps, which warm up, left out),
+    measured once and kept in the probe's directory."""
+    if finished_step(probe_dir) < 30:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        flags = train_flags(args, arch, gen, hidden, args.n_layers, 30) + ["--log-every", 5, "--val-size", 16]
+        run_command([sys.executable, "train.py", *flags, "--out", probe_dir, "--overwrite"], probe_dir / "scale_stdout.log", f"probing {arch}-{gen}")
+    records = [json.loads(line) for line in (probe_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    rates = [v for r in records if r.get("step", 0) > 10 for k, v in r.items() if k.endswith("_per_s")]
+    steps = max(1, int(args.seconds * float(np.median(rates)) / args.batch_size))
+    log.info(f"{arch}-{gen}: {np.median(rates):,.0f} structures/s in the probe: {steps:,} steps in {args.seconds:g} s")
+    return steps
+
+
+def plot_grid(args, runs: list[dict], path: Path) -> None:
+    """Bars of the validation loss and of the headline metric of every cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    headline = QUALITY["csp" if args.csp else domain_of(args)][0]
+    panels = [("val_loss", "validation loss")] + ([(headline, headline)] if any(headline in r.get("metrics", {}) for r in runs) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [(r["val_loss"] if key == "val_loss" else r["metrics"].get(key, np.nan)) or np.nan for r in runs]
+        ax.bar([r["run"] for r in runs], values, color=[f"C{ARCH_NAMES.index(r['arch'])}" for r in runs])
+        ax.set(ylabel=label, title=f"{label} ({args.data})")
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def run_sweep(args) -> None:
+    if args.samples is None:
+        args.samples = 1000 if args.command == "grid" else 0
+    cell = "" if args.command == "grid" else f"-{args.arch}-{args.gen}"
+    out = writable_dir(commands.choices[args.command], args.out or Path("out/scale") / f"{args.command}-{args.data}{'-csp' if args.csp else ''}{cell}", "--out")
+    log = setup_log(out, "scale.log")
+    log.info(f"$ python scale.py {shlex.join(sys.argv[1:])}")
+    points = grid_points(args, out, log) if args.command == "grid" else sweep_points(args)
+    t0, runs = time.time(), []
+    for i, (name, flags, iters) in enumerate(points):
+        log.info(f"[{i + 1}/{len(points)}] {name}")
+        runs.append(run_point(args, out / name, flags, iters, log))
+        write_results(args, out, args.command, runs)
+        if i + 1 < len(points):
+            eta = (time.time() - t0) / (i + 1) * (len(points) - i - 1)
+            log.info(f"{i + 1} of {len(points)} runs done in {time.time() - t0:.0f} s; ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    if args.command == "grid":
+        plot_grid(args, runs, out / "grid.png")
+    log.info(f"wrote {out / 'results.json'} and {out / 'results.md'}" + (f" and {out / 'grid.png'}" if args.command == "grid" else "")
+             + f"; {len(runs)} runs in {time.time() - t0:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit
 
 
 def read_runs(paths: list[Path], loss_key: str) -> list[dict]:
@@ -78,8 +380,7 @@ def interval_text(interval) -> str:
     return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
 
 
-def main():
-    args = parser.parse_args()
+def run_fit(args) -> None:
     from models.scaling import bootstrap, fit_joint_law, fit_power_law
 
     runs = read_runs(args.results, args.loss_key)
@@ -173,4 +474,8 @@ def plot(plots: list, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    arguments = parser.parse_args()
+    try:
+        run_fit(arguments) if arguments.command == "fit" else run_sweep(arguments)
+    except KeyboardInterrupt:  # every finished run is in results.json; the same command continues
+        sys.exit("scale.py: interrupted; the runs finished so far are in results.json, and the same command resumes the rest")

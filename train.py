@@ -452,9 +452,10 @@ def save(step: int) -> None:
             task_meta.update(elements=elements, atom_symbols=[chemical_symbols[z] for z in elements], csp=args.csp)
     else:  # the student knows whose labels it learned: label.py and evaluate.py name them
         task_meta = {"objective_config": asdict(objective.config), "teacher": labelled.teacher,
-                     "teacher_version": labelled.teacher_version, "n_train": len(train_set), "n_valid": len(valid_set)}
+                     "teacher_version": labelled.teacher_version, "n_valid": len(valid_set)}
     save_checkpoint(ckpt_path, {
         "task": args.task, "data": args.data, "step": step, "model_config": asdict(model.config), **task_meta,
+        "n_params": n_params, "n_train": len(train_set), "train_flops_per_step": flops_per_step,
         "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -558,6 +559,23 @@ def step_inputs(step: int):
     return load_batch(train_set, idx[rows], global_idx=idx), noise
 
 
+def train_step_flops() -> int:
+    """FLOPs of one global training step (forward and backward of the loss on this rank's first batch, times the
+    ranks), counted by torch's FlopCounterMode: matrix products and convolutions, not elementwise work, the
+    convention of scaling-law papers. Kernels outside torch (Triton on CUDA) are not seen. Weights, gradients and
+    the RNG are left as they were, so resuming stays exact. scale.py multiplies it by the steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, noise = step_inputs(start_step)
+    rng = torch.get_rng_state()
+    with FlopCounterMode(display=False) as counter, autocast:
+        loss = objective.loss(model, batch, noise)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    return counter.get_total_flops() * world
+
+
 # ----------------------------------------------------------------------------------------------
 # Loop
 
@@ -567,6 +585,8 @@ unit = "structures" if args.task == "ff" else "mol" if domain == "molecules" els
 log(f"training {what}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
     f"on {world} process(es), device {device}, out {out_dir}")
 rows = slice(rank * local_batch, (rank + 1) * local_batch)
+flops_per_step = train_step_flops()
+log(f"{flops_per_step:.3g} FLOPs per training step (matrix products, forward and backward)")
 end_step = args.iters if args.stop_after is None else min(args.iters, start_step + args.stop_after)
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
            mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not 10 a second

@@ -1,6 +1,7 @@
 """Scaling-law fits (models/scaling.py, scale.py fit): known exponents come back from noisy synthetic runs inside
 their bootstrap intervals, the compute-optimal allocation is the minimum along its iso-FLOP line, and the command
 writes its report and refuses unusable results with a message naming the file and the run."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models import arch_class
 from models.scaling import JointLaw, PowerLaw, bootstrap, fit_joint_law, fit_power_law
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +109,53 @@ def test_unusable_results_name_file_and_run(tmp_path, record, message):
     path.write_text(json.dumps([good, record, {**good, "params": 1e6}]))
     proc = run_fit(path)
     assert proc.returncode != 0 and str(path) in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def scale(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "scale.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+TINY_RUN = "--preset tiny --val-size 16 --n-train 64"
+
+
+def test_three_point_compute_sweep_runs_skips_when_done_and_fits(qm9_dir, tmp_path):
+    sweep = ["compute", "--iters-list", 4, 6, 8, "--batch-size", 8, "--n-layers", 2, "--hidden", 16, "--data-dir", qm9_dir,
+             "--train-args", TINY_RUN, "--out", tmp_path / "sweep"]
+    scale(*sweep)
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    runs = results["runs"]
+    assert results["sweep"] == "compute" and [r["steps"] for r in runs] == [4, 6, 8]
+    assert all(r["sweep"] == "compute" and r["examples_seen"] == 8 * r["steps"] and r["train_size"] == 64 for r in runs)
+    assert runs[0]["train_flops"] > 0 and runs[2]["train_flops"] == pytest.approx(2 * runs[0]["train_flops"])
+    assert len({r["params"] for r in runs}) == 1 and all(np.isfinite(r["val_loss"]) for r in runs)
+    assert "| s8 |" in (tmp_path / "sweep" / "results.md").read_text()
+    again = scale(*sweep)  # finished runs are not trained again
+    assert again.stdout.count("skipped") == 3
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"] == runs
+    scale("fit", tmp_path / "sweep" / "results.json", "--n-boot", 20)
+    assert "L(C)" in json.loads((tmp_path / "sweep" / "fit.json").read_text())["laws"]
+
+
+@pytest.mark.parametrize("domain, n_types", [("molecules", 5), ("crystals", 55)])
+def test_every_backbone_is_matched_to_the_parameter_target(domain, n_types):
+    spec = importlib.util.spec_from_file_location("scale_script", ROOT / "scale.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # defines the parser and functions; runs nothing
+    for arch in script.ARCH_NAMES:
+        hidden, n = script.matched_width(domain, arch, n_types, 4, 200_000)
+        cls = arch_class(domain, arch)
+        assert n == sum(p.numel() for p in cls(cls.Config(n_types=n_types, hidden=hidden, n_layers=4)).parameters())
+        assert abs(n - 200_000) <= 20_000, (arch, hidden, n)
+
+
+def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
+    scale("grid", "--archs", "transformer", "--gens", "flow", "--params", 9000, "--n-layers", 2, "--iters", 4,
+          "--batch-size", 8, "--samples", 6, "--sample-steps", 3, "--data-dir", qm9_dir, "--train-args", TINY_RUN,
+          "--eval-args=--no-fcd", "--out", tmp_path / "grid")
+    (run,) = json.loads((tmp_path / "grid" / "results.json").read_text())["runs"]
+    assert run["run"] == "transformer-flow" and abs(run["params"] - 9000) <= 900
+    assert run["samples"] == 6 and run["sample_per_s"] > 0 and 0 <= run["metrics"]["atom_stability"] <= 1
+    assert (tmp_path / "grid" / "grid.png").stat().st_size > 0 and "atom_stability" in (tmp_path / "grid" / "results.md").read_text()
