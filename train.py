@@ -59,6 +59,8 @@ parser.add_argument("--n-layers", type=positive_int, help="number of backbone la
 parser.add_argument("--cfconv-cutoff", type=nonnegative_float, default=0.0, help="molecules, gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
 parser.add_argument("--iters", type=positive_int, help="optimisation steps in total (preset)")
 parser.add_argument("--batch-size", type=positive_int, help="global batch size in molecules, crystals or structures, split over ranks (preset)")
+parser.add_argument("--batching", choices=["random", "size"], default="random", help="--task gen: random: batches drawn "
+                    "uniformly; size: batches of similar-sized structures, padded only to their largest (less padding, faster steps)")
 parser.add_argument("--n-train", type=positive_int, help="use only the first N training molecules / structures (preset; default all)")
 parser.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (preset)")
 parser.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps before cosine decay (preset)")
@@ -94,7 +96,7 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split")
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "batching")
 MOLECULE_ONLY = ("cfconv_cutoff", "ot_align", "gamma_scale")
 CRYSTAL_ONLY = ("csp", "train_split")
 domain = None  # --task gen: "molecules" or "crystals", from --data
@@ -196,7 +198,7 @@ run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json
 # Flags that define a run: changing them on --resume makes a different run. The model's sizes come from the
 # checkpoint, so they cannot change at all.
 RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
-             "n_train", "preset") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
+             "n_train", "preset", "batching") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
 MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split")
                                          if args.task == "gen" else ("cutoff",))
 resume_ckpt, resume_path = None, ckpt_path
@@ -324,6 +326,12 @@ else:
         f"labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t_load:.1f} s")
 
 
+atom_counts = train_set.mask.sum(1) if args.task == "gen" else None  # structure sizes, for --batching size
+if args.batching == "size" and len(train_set) < args.batch_size:
+    raise SystemExit(f"--batching size needs at least one whole batch of training structures: {len(train_set)} < "
+                     f"--batch-size {args.batch_size}")
+
+
 def load_batch(data, idx, global_idx=None) -> dict:
     """The batch of `idx`; for ff, normalised over the global batch `global_idx` that this rank holds a part of."""
     return data.batch(idx, device) if args.task == "gen" else \
@@ -335,9 +343,26 @@ def epoch_permutation(epoch: int) -> torch.Tensor:
     return torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
 
 
+@functools.lru_cache(maxsize=2)
+def size_grouped_batches(epoch: int) -> torch.Tensor:
+    """--batching size: the epoch's batches [len // batch_size, batch_size]. The epoch's permutation is cut into
+    pools of 32 batches; each pool is sorted by structure size and cut into batches, and the batches of the epoch
+    are shuffled. Batches hold similar sizes yet stay random, and depend on (seed, epoch) alone. The structures
+    left over by the last whole batch sit this epoch out (another set each epoch)."""
+    perm = epoch_permutation(epoch)
+    n_batches, pool = len(perm) // args.batch_size, 32 * args.batch_size
+    perm = perm[: n_batches * args.batch_size]
+    grouped = torch.cat([p[torch.argsort(atom_counts[p], stable=True)] for p in perm.split(pool)])
+    order = torch.randperm(n_batches, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch + 50_000))
+    return grouped.view(n_batches, args.batch_size)[order]
+
+
 def batch_indices(step: int) -> torch.Tensor:
     """The global batch of a step: a fresh seeded permutation each epoch, so any step can be rebuilt
     from (seed, step) alone and a resumed run sees exactly the batches it would have seen."""
+    if args.batching == "size":
+        n_batches = len(train_set) // args.batch_size
+        return size_grouped_batches(step // n_batches)[step % n_batches]
     positions = torch.arange(step * args.batch_size, (step + 1) * args.batch_size)
     epochs, within = positions // len(train_set), positions % len(train_set)
     return torch.stack([epoch_permutation(int(e))[i] for e, i in zip(epochs, within)])
@@ -553,27 +578,44 @@ class Prefetcher:
 
 
 def step_inputs(step: int):
-    """(batch, noise) of this rank at a step: both from (seed, step) alone."""
-    noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, n_max, step_generator(step)).items()}
+    """(batch, noise) of this rank at a step: both from (seed, step) alone. --batching size pads the batch only to
+    the largest structure of the global batch, so that every rank draws the same noise."""
     idx = batch_indices(step)
-    return load_batch(train_set, idx[rows], global_idx=idx), noise
+    width = int(atom_counts[idx].max()) if args.batching == "size" else n_max
+    noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, width, step_generator(step)).items()}
+    if args.task == "ff":
+        return load_batch(train_set, idx[rows], global_idx=idx), noise
+    return train_set.batch(idx[rows], device, width=width), noise
 
 
-def train_step_flops() -> int:
-    """FLOPs of one global training step (forward and backward of the loss on this rank's first batch, times the
-    ranks), counted by torch's FlopCounterMode: matrix products and convolutions, not elementwise work, the
-    convention of scaling-law papers. Kernels outside torch (Triton on CUDA) are not seen. Weights, gradients and
-    the RNG are left as they were, so resuming stays exact. scale.py multiplies it by the steps."""
+def train_step_flops() -> float:
+    """FLOPs of one global training step (forward and backward of the loss, times the ranks), counted by torch's
+    FlopCounterMode: matrix products and convolutions, not elementwise work, the convention of scaling-law
+    papers. Kernels outside torch (Triton on CUDA) are not seen. The dense backbones cost the same for every batch
+    of one padded width, so with --batching size it is the mean over the widths of an epoch's batches, each
+    counted once; flat force-field batches are counted on the first batch. Weights, gradients and the RNG are left
+    as they were, so resuming stays exact. scale.py multiplies it by the steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch, noise = step_inputs(start_step)
+    def count(width: int | None) -> int:
+        idx = batch_indices(start_step)
+        batch = load_batch(train_set, idx[rows], global_idx=idx) if width is None else train_set.batch(idx[rows], device, width=width)
+        noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, width or 0, step_generator(start_step)).items()}
+        with FlopCounterMode(display=False) as counter, autocast:
+            objective.loss(model, batch, noise).backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops() * world
+
     rng = torch.get_rng_state()
-    with FlopCounterMode(display=False) as counter, autocast:
-        loss = objective.loss(model, batch, noise)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
+    if args.task == "ff":
+        flops = count(None)
+    elif args.batching == "size":
+        widths, n_batches = atom_counts[size_grouped_batches(0)].max(1).values.unique(return_counts=True)
+        flops = sum(int(n) * count(int(w)) for w, n in zip(widths, n_batches)) / int(n_batches.sum())
+    else:
+        flops = count(n_max)
     torch.set_rng_state(rng)
-    return counter.get_total_flops() * world
+    return flops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +629,9 @@ log(f"training {what}: steps {start_step} -> {args.iters}, global batch {args.ba
 rows = slice(rank * local_batch, (rank + 1) * local_batch)
 flops_per_step = train_step_flops()
 log(f"{flops_per_step:.3g} FLOPs per training step (matrix products, forward and backward)")
+if args.batching == "size":
+    log(f"size-grouped batches: padded to {atom_counts[size_grouped_batches(0)].max(1).values.double().mean():.1f} atoms "
+        f"on average, not {n_max}")
 end_step = args.iters if args.stop_after is None else min(args.iters, start_step + args.stop_after)
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
            mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not 10 a second

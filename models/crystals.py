@@ -319,8 +319,11 @@ class PaddedCrystals:
     def __len__(self) -> int:
         return len(self.types)
 
-    def batch(self, idx, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k)[idx].to(device) for k in ("types", "frac", "lengths", "angles", "mask")}
+    def batch(self, idx, device: torch.device | str = "cpu", width: int | None = None) -> dict[str, torch.Tensor]:
+        """The crystals idx, padded to n_max atoms, or to `width` (at least their largest) to save work."""
+        atoms = slice(0, width or self.n_max)
+        per_atom = {k: getattr(self, k)[idx, atoms].to(device) for k in ("types", "frac", "mask")}
+        return {**per_atom, "lengths": self.lengths[idx].to(device), "angles": self.angles[idx].to(device)}
 
 
 def unpad(batch: dict[str, torch.Tensor], elements) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

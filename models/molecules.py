@@ -346,6 +346,9 @@ class PaddedMolecules:
     def __len__(self) -> int:
         return len(self.types)
 
-    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {"types": self.types[idx].to(device), "pos": self.pos[idx].to(device), "mask": self.mask[idx].to(device)}
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu", width: int | None = None) -> dict[str, torch.Tensor]:
+        """The molecules idx, padded to n_max atoms, or to `width` (at least their largest) to save work."""
+        atoms = slice(0, width or self.n_max)
+        return {"types": self.types[idx, atoms].to(device), "pos": self.pos[idx, atoms].to(device),
+                "mask": self.mask[idx, atoms].to(device)}
 

@@ -296,6 +296,25 @@ def test_every_combination_overfits_a_few_crystals(arch, gen, csp):
             assert torch.equal(out["types"], b["types"])
 
 
+@pytest.mark.parametrize("arch, gen", [("gnn", "flow"), ("gnn", "diffusion"), ("gnn", "interpolant"), ("transformer", "flow"),
+                                       ("pairformer", "flow")])
+def test_loss_does_not_depend_on_padding(arch, gen):
+    # train.py --batching size pads a batch only to its largest crystal: same loss as padding to n_max
+    crystals = read_cdvae_csv(CARBON, progress=False)
+    n_max, width = int(crystals.n_atoms.max()) + 5, int(crystals.n_atoms.max())
+    padded = PaddedCrystals(crystals, crystals.elements(), n_max=n_max)
+    scaler = LatticeScaler.fit(padded.lengths, padded.angles)
+    proc_cls, cls = CRYSTAL_PROCESSES[gen], CRYSTAL_ARCHS[arch]
+    process = proc_cls(proc_cls.Config(n_types=1, lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"]))
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=1, hidden=32, n_layers=2))
+    idx = torch.arange(len(padded))
+    noise = process.draw_noise(len(padded), n_max, torch.Generator().manual_seed(0))
+    trimmed = {k: v[:, :width] if v.dim() > 1 and v.shape[1] == n_max else v for k, v in noise.items()}
+    full = process.loss(model, padded.batch(idx), noise)
+    assert torch.allclose(process.loss(model, padded.batch(idx, width=width), trimmed), full, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 

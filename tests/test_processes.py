@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import PROCESSES
+from models import ARCHS, PROCESSES
 from models.geometry import remove_mean
 from models.molecules import PaddedMolecules, load_qm9
 from models.flow import align_prior, kabsch_rotation
@@ -48,6 +48,23 @@ def test_ot_alignment_shortens_paths_and_keeps_prior_statistics(qm9_dir):
             sel = types[b, :n] == el
             assert torch.allclose(x0[b, :n][sel].norm(dim=-1).sort().values, aligned[b, :n][sel].norm(dim=-1).sort().values, atol=1e-8)
     assert aligned[mask].sum(0).abs().max() < 1e-8 * 64 or torch.allclose(remove_mean(aligned, mask), aligned, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch, gen", [("gnn", "flow"), ("gnn", "diffusion"), ("gnn", "interpolant"), ("transformer", "flow"),
+                                       ("pairformer", "flow")])
+def test_loss_does_not_depend_on_padding(qm9_dir, arch, gen):
+    # train.py --batching size pads a batch only to its largest molecule: same loss as padding to 29 atoms
+    data = PaddedMolecules(load_qm9("train", qm9_dir), n_max=29)
+    idx = torch.arange(16)
+    width = int(data.mask[idx].sum(1).max())
+    assert width < 29
+    process, cls = make_process(gen), ARCHS[arch]
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=5, hidden=32, n_layers=2))
+    noise = process.draw_noise(16, 29, torch.Generator().manual_seed(0))
+    trimmed = {k: v[:, :width] if v.dim() > 1 and v.shape[1] == 29 else v for k, v in noise.items()}
+    full = process.loss(model, data.batch(idx), noise)
+    assert torch.allclose(process.loss(model, data.batch(idx, width=width), trimmed), full, rtol=1e-5, atol=1e-6)
 
 
 # (process, config overrides, time t the loss is judged at, the largest after / before ratio passing).
