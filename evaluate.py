@@ -32,6 +32,8 @@ parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: g
 parser.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set the samples imitate")
 parser.add_argument("--reference", choices=["qm9", *CRYSTAL_DATA], help="evaluate the real test set instead of samples "
                     "(the 'Data' row; its distribution metrics are taken against the validation split)")
+parser.add_argument("--n-test", type=positive_int, default=None, help="--reference: score a fixed random subset of N test "
+                    "structures (seed 0), so that the Data row has the model rows' sample count (default: all)")
 parser.add_argument("--data-dir", type=Path, default=None, help="data and cache directory (default $MOLGEN_DATA or "
                     "./data); reference statistics and training SMILES are cached there")
 parser.add_argument("--workers", type=positive_int, default=None, help="crystals: processes for StructureMatcher and fingerprints (default: every core)")
@@ -369,6 +371,15 @@ def stability_metrics(args, name, scored, un, training, train_split, structures,
         log.info(f"wrote the relaxed samples to {path}")
 
 
+def test_subset(n: int, n_test: int | None) -> list[int]:
+    """--n-test: the same random test structures every time (seed 0), in their file order; all without it."""
+    import numpy as np
+
+    if n_test is None or n_test >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(0).choice(n, n_test, replace=False).tolist())
+
+
 def evaluate_crystals(args, out_json: Path) -> None:
     """Crystals, the CDVAE protocol (models/crystal_metrics.py): samples that carry truth_id (sample.py on a
     structure-prediction model) get match rate and RMSE against their split's true crystals, every composition
@@ -393,7 +404,8 @@ def evaluate_crystals(args, out_json: Path) -> None:
         fail(str(e))
     truths = test.arrays()
     if args.reference:
-        crystals, structures, label = truths, None, f"{name} test set"
+        crystals, structures = [truths[i] for i in test_subset(len(truths), args.n_test)], None
+        label = f"{name} test set" + (f" ({len(crystals)} of {len(truths)}, seed 0)" if args.n_test else "")
     else:
         try:
             structures = ase.io.read(args.samples, ":", format="extxyz")
@@ -473,6 +485,8 @@ if (args.samples is None) == (args.reference is None):
     parser.error("give either SAMPLES or --reference qm9|perov5|carbon24|mp20")
 if args.samples is not None and not args.samples.is_file():
     parser.error(f"SAMPLES {args.samples}: no such file")
+if args.n_test and not args.reference:
+    parser.error("--n-test is an option of --reference (a model row's count is the number of samples in SAMPLES)")
 if (args.reference or args.data) in CRYSTAL_DATA:
     name = args.reference or args.data
     evaluate_crystals(args, output_file(parser, args.json or (args.samples.parent / "metrics.json" if args.samples else
@@ -545,7 +559,8 @@ if args.reference:
     # The Data row: EDM's metrics on the test molecules themselves. Its distribution metrics (FCD, W1,
     # coverage) are taken against the validation split, a disjoint draw of the same distribution, so they
     # show what a perfect generator scores (test against itself would give a meaningless 0).
-    name, label, samples = "QM9 test set", "QM9 test set", [test[i] for i in range(len(test))]
+    name = label = "QM9 test set" + (f" ({min(args.n_test, len(test))} of {len(test)}, seed 0)" if args.n_test else "")
+    samples = [test[i] for i in test_subset(len(test), args.n_test)]
     ref_set, ref_name, n_ref = qm9.subset(split["valid"]), "QM9 validation split", args.n_ref or len(test)
 else:
     name, label = str(args.samples), args.samples.name

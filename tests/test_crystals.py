@@ -407,9 +407,10 @@ def test_train_sample_cif_evaluate_structure_prediction(crystal_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_compositions"] == len(truths) + 1 and metrics["samples_per_composition"] == 2  # xenon unmatched
     assert 0 <= metrics["match_rate@1"] <= metrics["match_rate@2"] <= 1
-    ref = run("evaluate.py", "--reference", "perov5", "--data-dir", crystal_dir, "--json", tmp_path / "ref" / "m.json")
+    ref = run("evaluate.py", "--reference", "perov5", "--n-test", "5", "--data-dir", crystal_dir, "--json", tmp_path / "ref" / "m.json")
     ref_metrics = json.loads((tmp_path / "ref" / "m.json").read_text())
     assert ref_metrics["structural_validity"] == 1.0 and "structural validity 100.00 %" in ref.stdout
+    assert ref_metrics["crystals"] == 5 and "(5 of 7, seed 0)" in ref_metrics["samples"]
 
 
 def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):

@@ -196,6 +196,10 @@ def test_evaluate_reference(qm9_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "ref.json").read_text())
     assert m["mol_stability"] >= 0.85 and m["validity"] >= 0.9 and m["reference"] == "QM9 validation split"
+    r = run_evaluate("--reference", "qm9", "--data-dir", qm9_dir, "--no-fcd", "--n-test", 7, "--json", tmp_path / "ref7.json")
+    assert r.returncode == 0, r.stderr
+    m7 = json.loads((tmp_path / "ref7.json").read_text())
+    assert m7["n_samples"] == 7 and m7["samples"].startswith("QM9 test set (7 of ") and m["n_samples"] > 7
 
 
 def test_evaluate_rejects_corrupt_file(qm9_dir, tmp_path):
