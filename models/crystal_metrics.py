@@ -250,12 +250,23 @@ def coverage(sample_fps, reference_fps, struct_cutoff: float, comp_cutoff: float
             "amcd_recall": float(d_comp.min(0).mean()), "amcd_precision": float(d_comp.min(1).mean())}
 
 
-def _formula(crystal) -> str:
+def _match_key(indexed) -> tuple:
+    """Crystals that StructureMatcher can match (primitive_cell on, supercells off, as MATCHER leaves them) share
+    their reduced formula and the site count of the Niggli-reduced primitive cell, which the matcher compares
+    before anything else: grouping by both skips only pairs it would reject. A crystal whose primitive cell
+    cannot be found matches nothing (the matcher would fail on it too) and gets a group of its own."""
     from collections import Counter
 
     from pymatgen.core import Composition
 
-    return Composition(Counter(int(z) for z in crystal[0])).reduced_formula
+    i, crystal = indexed
+    formula = Composition(Counter(int(z) for z in crystal[0])).reduced_formula
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return formula, len(_structure(crystal).get_reduced_structure(reduction_algo="niggli").get_primitive_structure())
+    except Exception:
+        return formula, "unreducible", i
 
 
 def _fits(matcher, a, b) -> bool:
@@ -285,27 +296,33 @@ def _first_matches(job) -> list[int | None]:
 
 def uniqueness_novelty(samples: list, training: list, workers: int | None = None, progress: bool = True) -> dict:
     """Unique: not matched (StructureMatcher, CDVAE's tolerances) by an earlier unique sample; novel: matched by no
-    training crystal. Only crystals of the same reduced formula can match, so the work splits by formula and runs
-    over `workers` processes. Returns the masks `unique` and `novel` (lists of bool) and the rates."""
+    training crystal. Only crystals of the same reduced formula and primitive-cell size can match (_match_key), so
+    the work splits into those groups and runs over `workers` processes. Returns the masks `unique` and `novel`
+    (lists of bool) and the rates."""
+    import multiprocessing
+
     from tqdm import tqdm
 
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        groups.setdefault(_formula(s), []).append(i)
-    by_formula: dict[str, list] = {}
-    for r in training:
-        by_formula.setdefault(_formula(r), []).append(r)
-    unique_jobs = [([samples[i] for i in idx], [], False) for idx in groups.values()]
-    novel_jobs = [([samples[i] for i in idx], by_formula.get(f, []), True) for f, idx in groups.items()]
     workers = workers or os.cpu_count() or 1
-    bar = dict(total=2 * len(groups), desc="uniqueness / novelty", unit=" formulas", disable=not progress, mininterval=1)
-    if workers == 1:
-        results = [_first_matches(j) for j in tqdm(unique_jobs + novel_jobs, **bar)]
-    else:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = list(tqdm(pool.imap(_first_matches, unique_jobs + novel_jobs), **bar))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        run = pool.imap if pool else map
+        keys = list(tqdm(run(_match_key, enumerate(samples + training)), total=len(samples) + len(training), mininterval=1,
+                         desc="primitive cells", unit=" crystals", disable=not progress))
+        groups: dict[tuple, list[int]] = {}
+        for i in range(len(samples)):
+            groups.setdefault(keys[i], []).append(i)
+        by_key: dict[tuple, list] = {}
+        for r, key in zip(training, keys[len(samples):]):
+            by_key.setdefault(key, []).append(r)
+        unique_jobs = [([samples[i] for i in idx], [], False) for idx in groups.values()]
+        novel_jobs = [([samples[i] for i in idx], by_key.get(k, []), True) for k, idx in groups.items()]
+        bar = dict(total=2 * len(groups), desc="uniqueness / novelty", unit=" groups", disable=not progress, mininterval=1)
+        results = list(tqdm(run(_first_matches, unique_jobs + novel_jobs), **bar))
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     unique, novel = [False] * len(samples), [False] * len(samples)
     for idx, dup, seen in zip(groups.values(), results[:len(groups)], results[len(groups):]):
         for i, d, s in zip(idx, dup, seen):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from models import CRYSTAL_ARCHS, CRYSTAL_PROCESSES
-from models.crystal_metrics import (composition_valid, coverage, csp_metrics, density, fingerprints, is_valid,
-                                    structure_valid, uniqueness_novelty, wasserstein_distances)
+from models.crystal_metrics import (_first_matches, composition_valid, coverage, csp_metrics, density, fingerprints,
+                                    is_valid, structure_valid, uniqueness_novelty, wasserstein_distances)
 from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, holdout_mask, load_crystals,
                              read_cdvae_csv, unpad)
 from models.fileio import DataError, git_blob_sha1
@@ -358,6 +358,16 @@ def test_uniqueness_novelty_coverage_and_distances():
     assert result["unique"] == [True] * 6 + [False] * 4 + [True] * 6  # the copies repeat earlier samples
     assert result["novel"] == [False] * 10 + [True] * 6  # only the last six are not in the training crystals
     assert result["unique_and_novel"] == pytest.approx(6 / 16)
+    # carbon-24: one reduced formula for every crystal, split further by primitive-cell size. A supercell has twice
+    # the atoms and the same primitive cell, so it must still match its original; judged against all pairs.
+    carbon = read_cdvae_csv(CARBON, progress=False).arrays()
+    z, f, lengths, angles = carbon[0]
+    doubled = (np.concatenate([z, z]), np.concatenate([f * [0.5, 1, 1], f * [0.5, 1, 1] + [0.5, 0, 0]]), lengths * [2, 1, 1], angles)
+    samples = carbon + [doubled]
+    result = uniqueness_novelty(samples, carbon[1:], workers=2, progress=False)
+    assert result["unique"][-1] is False and result["novel"][-1] is True  # a copy of carbon[0], which is not in training
+    assert result["unique"] == [m is None for m in _first_matches((samples, [], False))]
+    assert result["novel"] == [m is None for m in _first_matches((samples, carbon[1:], True))]
     valid = [a for a in arrays if is_valid(a)]  # the distances are taken over valid samples only, as in CDVAE
     assert wasserstein_distances(valid, valid)["wdist_density"] == pytest.approx(0, abs=1e-9)
     longer = [(z, f, lengths * 1.05, angles) for z, f, lengths, angles in valid]  # 5 % longer cells are lighter
