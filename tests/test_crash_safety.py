@@ -220,7 +220,9 @@ def test_ctrl_c_in_training_keeps_the_last_checkpoint(qm9_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", "--preset", "tiny", "--iters", "100000", "--log-every", "1",
                              "--ckpt-every", "3", "--eval-samples", "2", "--data-dir", str(qm9_dir), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a suite started as a background job inherits SIGINT ignored; Ctrl-C is what is tested
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "ckpt.pt").exists() and (out / "log.jsonl").exists()
                                           and len((out / "log.jsonl").read_text().splitlines()) > 4):
