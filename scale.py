@@ -4,6 +4,7 @@
     python scale.py model --arch gnn --gen flow --widths 32 64 128 256               # L(N)
     python scale.py data --arch gnn --gen flow --sizes 2000 8000 32000 110000        # L(D)
     python scale.py compute --arch gnn --gen flow --iters-list 500 1000 2000 4000     # L(C)
+    python scale.py ablate --variants base= tilt='--time-tilt 1' grid='|--time-power 2'   # one lever at a time
     python scale.py fit out/scale/*/results.json                                     # the laws
 
 Each point of a sweep is one train.py run in OUT/<run>/ (the same loop, checkpoints and logs as by hand), then
@@ -12,6 +13,11 @@ so a sweep killed at any point continues where it stopped when the same command 
 (rewritten after every run) holds one record per run: parameters, training structures, examples seen, training
 FLOPs (counted by train.py), the final validation loss, training and sampling throughput and the sample metrics;
 OUT/results.md is the table, OUT/scale.log the log, and the grid adds OUT/grid.png.
+
+`ablate` runs named variants of one recipe side by side, each NAME=TRAIN_FLAGS[|SAMPLE_FLAGS]: train.py flags
+added to the common ones and, after a bar, sample.py flags. Variants with the same training flags share one
+training run (a sampler-only variant trains nothing), and with --archs / --gens every variant runs on every
+cell, the variants of one cell one after the other, so that throughput is compared under the same load.
 
 `fit` fits L(N) = a N^-alpha + L_inf to the model sweep (N: parameters), L(D) to the data sweep (D: training
 structures), L(C) to the compute sweep (C: training FLOPs), and L(N, D) = E + A N^-alpha + B D^-beta (D:
@@ -29,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,6 +99,14 @@ compute_parser = commands.add_parser("compute", parents=[runs_flags, one_cell], 
                                      description="Runs over --iters-list at fixed model and data, each with its full schedule.")
 compute_parser.add_argument("--iters-list", nargs="+", type=positive_int, required=True, help="optimizer steps of the runs")
 compute_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
+
+ablate_parser = commands.add_parser("ablate", parents=[runs_flags], help="variants of one recipe at a fixed budget, side by side",
+                                    description="Train (and with --samples, sample and evaluate) every variant on every cell.")
+ablate_parser.add_argument("--variants", nargs="+", required=True, metavar="NAME=FLAGS", help="NAME=TRAIN_FLAGS[|SAMPLE_FLAGS]: "
+                           "base= is the common recipe, tilt='--time-tilt 1' adds a train.py flag, heun20='|--steps 20' a sample.py flag")
+ablate_parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=["gnn"], help="backbones")
+ablate_parser.add_argument("--gens", nargs="+", choices=GEN_NAMES, default=["flow"], help="processes")
+ablate_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
 
 fit_parser = commands.add_parser("fit", help="fit scaling laws to sweep results", description="Fit L(N), L(D), L(C) "
                                  "and L(N, D) with bootstrap intervals; write fit.json, fit.md, fit.png and fit.log.")
@@ -178,9 +193,9 @@ def finished_step(run_dir: Path) -> int:
         return 0
 
 
-def run_point(args, run_dir: Path, flags: list, iters: int, log) -> dict:
-    """Train one run (skip it when finished, resume it when interrupted), sample and evaluate it when asked, and
-    return its record."""
+def run_point(args, run_dir: Path, flags: list, iters: int, log, sample_flags: tuple = (), samples_name: str = "samples") -> dict:
+    """Train one run (skip it when finished, resume it when interrupted), sample and evaluate it when asked (into
+    run_dir/samples_name, with sample_flags added to sample.py's), and return its record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     step = finished_step(run_dir)
     if step >= iters:
@@ -193,7 +208,7 @@ def run_point(args, run_dir: Path, flags: list, iters: int, log) -> dict:
         log.info(f"{run_dir.name}: trained in {seconds:.0f} s")
     record = run_record(run_dir)
     if args.samples:
-        record.update(sample_and_evaluate(args, run_dir, record["steps"], log))
+        record.update(sample_and_evaluate(args, run_dir, record["steps"], log, sample_flags, samples_name))
     return record
 
 
@@ -211,25 +226,28 @@ def run_record(run_dir: Path) -> dict:
             "train_per_s": float(np.median(rates)) if rates else None}
 
 
-def sample_and_evaluate(args, run_dir: Path, step: int, log) -> dict:
-    """sample.py and evaluate.py on the run's EMA weights, unless samples of this checkpoint step exist already;
-    returns the sampling throughput and the metrics."""
-    out = run_dir / "samples"
+def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple = (), samples_name: str = "samples") -> dict:
+    """sample.py and evaluate.py on the run's EMA weights, unless samples of this checkpoint step with these flags
+    exist already; returns the sampling throughput and the metrics."""
+    out = run_dir / samples_name
     out.mkdir(exist_ok=True)
     try:
         done = json.loads((out / "sample.json").read_text())
-        fresh = done["ckpt_step"] == step and done["structures"] == args.samples and (out / "metrics.json").exists()
+        fresh = done["ckpt_step"] == step and done["structures"] == args.samples and (out / "metrics.json").exists() \
+            and json.loads((out / "scale_sample_flags.json").read_text()) == list(sample_flags)
     except (OSError, ValueError, KeyError):
         fresh = False
     if not fresh:
-        log.info(f"{run_dir.name}: sampling {args.samples} with {args.sample_steps} steps, then evaluating")
+        log.info(f"{run_dir.name}: sampling {args.samples} with {args.sample_steps} steps{' ' + shlex.join(sample_flags) if sample_flags else ''}, then evaluating")
+        (out / "scale_sample_flags.json").unlink(missing_ok=True)
         sample_cmd = [sys.executable, "sample.py", "--ckpt", run_dir / "ckpt.pt", "--n", args.samples, "--steps", args.sample_steps,
-                      "--out", out] + (["--data-dir", args.data_dir] if args.data_dir else [])
+                      "--out", out, *sample_flags] + (["--data-dir", args.data_dir] if args.data_dir else [])
         run_command(sample_cmd, out / "scale_stdout.log", f"sampling {run_dir.name}")
         (out / "metrics.json").unlink(missing_ok=True)
         eval_cmd = [sys.executable, "evaluate.py", out / "samples.extxyz", "--data", args.data, "--no-progress"] + \
             (["--data-dir", args.data_dir] if args.data_dir else []) + shlex.split(args.eval_args)
         run_command(eval_cmd, out / "scale_stdout.log", f"evaluating {run_dir.name}")
+        (out / "scale_sample_flags.json").write_text(json.dumps(list(sample_flags)))
     metrics = json.loads((out / "metrics.json").read_text())
     keys = QUALITY["csp" if args.csp else domain_of(args)]
     return {"sample_per_s": json.loads((out / "sample.json").read_text())["per_s"], "samples": args.samples,
@@ -245,8 +263,10 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
     lines = [f"| run | params | train size | steps | train {unit} | val loss |" + (f" sample {unit} | " if keys else "")
              + " | ".join(keys) + (" |" if keys else ""),
              "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
+    if sweep == "ablate":  # the variant's own flags after its name
+        lines = [lines[0].replace("| run |", "| run | variant flags |"), lines[1] + "---|"]
     for r in runs:
-        cells = [r["run"], f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
+        cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
                  f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
         if keys:
             cells.append(f"{r['sample_per_s']:,.1f}")
@@ -258,20 +278,31 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join([title, "", note, "", *lines, ""])))
 
 
-def sweep_points(args) -> list[tuple[str, list, int]]:
-    """(run name, train.py flags, steps) of every point of the sweep."""
+class Point(NamedTuple):
+    """One record of a sweep: its name, its train.py run (flags, steps, directory) and its samples (sample.py
+    flags, directory; an ablation variant's flags as given)."""
+    name: str
+    flags: list
+    iters: int
+    run_dir: str = ""  # default: the name
+    sample_flags: tuple = ()
+    samples_dir: str = "samples"
+    variant: str | None = None
+
+
+def sweep_points(args) -> list[Point]:
     if args.command == "model":
-        return [(f"h{w}-l{d}", train_flags(args, args.arch, args.gen, w, d, args.iters), args.iters)
+        return [Point(f"h{w}-l{d}", train_flags(args, args.arch, args.gen, w, d, args.iters), args.iters)
                 for d in (args.depths or [args.n_layers]) for w in args.widths]
     if args.command == "data":
-        return [(f"n{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, args.iters, n), args.iters)
+        return [Point(f"n{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, args.iters, n), args.iters)
                 for n in args.sizes]
     if args.command == "compute":
-        return [(f"s{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, n), n) for n in args.iters_list]
+        return [Point(f"s{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, n), n) for n in args.iters_list]
     raise ValueError(args.command)
 
 
-def grid_points(args, out: Path, log) -> list[tuple[str, list, int]]:
+def grid_points(args, out: Path, log) -> list[Point]:
     """Every cell at the width that brings it nearest to --params (refused beyond 10 %), with --iters steps or the
     steps --seconds buys at the cell's measured speed."""
     n_types, points = n_types_of(args), []
@@ -283,7 +314,7 @@ def grid_points(args, out: Path, log) -> list[tuple[str, list, int]]:
         log.info(f"{arch}: width {hidden}, {n:,} parameters (target {args.params:,})")
         for gen in args.gens:
             iters = args.iters if args.seconds is None else probe_steps(args, out / f"{arch}-{gen}" / "probe", arch, gen, hidden, log)
-            points.append((f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters))
+            points.append(Point(f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters))
     return points
 
 
@@ -299,6 +330,36 @@ def probe_steps(args, probe_dir: Path, arch: str, gen: str, hidden: int, log) ->
     steps = max(1, int(args.seconds * float(np.median(rates)) / args.batch_size))
     log.info(f"{arch}-{gen}: {np.median(rates):,.0f} structures/s in the probe: {steps:,} steps in {args.seconds:g} s")
     return steps
+
+
+def parse_variants(variants: list[str]) -> list[tuple[str, list, tuple, str]]:
+    """NAME=TRAIN_FLAGS[|SAMPLE_FLAGS] -> (name, train flags, sample flags, the flags as given); a malformed or
+    repeated name exits."""
+    parsed = []
+    for spec in variants:
+        name, eq, flags = spec.partition("=")
+        if not eq or not name.replace("-", "").replace("_", "").isalnum():
+            sys.exit(f"scale.py ablate: variant {spec!r} is not NAME=TRAIN_FLAGS[|SAMPLE_FLAGS] (NAME: letters, digits, - and _)")
+        if name in (p[0] for p in parsed):
+            sys.exit(f"scale.py ablate: variant name {name!r} is given twice")
+        train, _, sample = flags.partition("|")
+        parsed.append((name, shlex.split(train), tuple(shlex.split(sample)), flags))
+    return parsed
+
+
+def ablation_points(args) -> list[Point]:
+    """Every variant on every cell. Variants with equal training flags share the run of the first of them; each
+    variant with sample flags samples into its own directory."""
+    points = []
+    for arch in args.archs:
+        for gen in args.gens:
+            trained = {}
+            for name, train, sample, given in parse_variants(args.variants):
+                flags = train_flags(args, arch, gen, args.hidden, args.n_layers, args.iters) + train
+                run_dir = trained.setdefault(shlex.join(map(str, flags)), f"{arch}-{gen}-{name}")
+                points.append(Point(f"{arch}-{gen}-{name}", flags, args.iters, run_dir, sample,
+                                    f"samples-{name}" if sample else "samples", given))
+    return points
 
 
 def plot_grid(args, runs: list[dict], path: Path) -> None:
@@ -323,15 +384,17 @@ def plot_grid(args, runs: list[dict], path: Path) -> None:
 def run_sweep(args) -> None:
     if args.samples is None:
         args.samples = 1000 if args.command == "grid" else 0
-    cell = "" if args.command == "grid" else f"-{args.arch}-{args.gen}"
+    cell = "" if args.command in ("grid", "ablate") else f"-{args.arch}-{args.gen}"
     out = writable_dir(commands.choices[args.command], args.out or Path("out/scale") / f"{args.command}-{args.data}{'-csp' if args.csp else ''}{cell}", "--out")
     log = setup_log(out, "scale.log")
     log.info(f"$ python scale.py {shlex.join(sys.argv[1:])}")
-    points = grid_points(args, out, log) if args.command == "grid" else sweep_points(args)
+    points = ablation_points(args) if args.command == "ablate" else grid_points(args, out, log) if args.command == "grid" \
+        else sweep_points(args)
     t0, runs = time.time(), []
-    for i, (name, flags, iters) in enumerate(points):
-        log.info(f"[{i + 1}/{len(points)}] {name}")
-        runs.append(run_point(args, out / name, flags, iters, log))
+    for i, point in enumerate(points):
+        log.info(f"[{i + 1}/{len(points)}] {point.name}")
+        record = run_point(args, out / (point.run_dir or point.name), point.flags, point.iters, log, point.sample_flags, point.samples_dir)
+        runs.append({**record, "run": point.name, **({"variant": point.variant} if point.variant is not None else {})})
         write_results(args, out, args.command, runs)
         if i + 1 < len(points):
             eta = (time.time() - t0) / (i + 1) * (len(points) - i - 1)
