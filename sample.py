@@ -23,7 +23,7 @@ from rdkit import Chem
 
 from models import CRYSTAL_PROCESSES, PROCESSES
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.cli import checked_device, nonnegative_int, positive_int, writable_dir
+from models.cli import checked_device, nonnegative_int, positive_float, positive_int, writable_dir
 from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
@@ -60,6 +60,8 @@ def main() -> None:
                         help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
                              "ancestral (default; DDPM / reverse SDE) or ode (DDIM / probability flow, deterministic); interpolant: sde (default; "
                              "molecules only) or ode")
+    parser.add_argument("--time-power", type=positive_float, default=1.0, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
+                        "1 equal steps, > 1 finer steps near the data end (models/time.py)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
@@ -89,7 +91,8 @@ def main() -> None:
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
     t0 = time.time()
     try:
-        structures, n_bad = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights)
+        structures, n_bad = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights,
+                                             args.time_power)
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
@@ -97,7 +100,8 @@ def main() -> None:
         raise SystemExit(f"sample.py: all {n_bad} sampled molecules have non-finite (NaN / Inf) coordinates; nothing written. "
                          f"The checkpoint {args.ckpt} (step {ckpt['step']}) is not usable; try more --steps or another checkpoint")
     for atoms in structures:
-        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], steps=args.steps, method=args.method)
+        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], steps=args.steps, method=args.method,
+                          time_power=args.time_power)
     try:
         atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
         sdf_failed = write_sdf(out_dir / "samples.sdf", structures)
@@ -111,7 +115,8 @@ def main() -> None:
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
     report(out_dir, summary, {"structures": args.n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "device": str(device), "seconds": elapsed, "per_s": args.n / elapsed})
+                              "method": args.method, "time_power": args.time_power, "device": str(device), "seconds": elapsed,
+                              "per_s": args.n / elapsed})
 
 
 def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
@@ -141,7 +146,7 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     t0 = time.time()
     try:
         structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
-                                            args.weights, compositions, args.n_per_composition, truth_rows)
+                                            args.weights, compositions, args.n_per_composition, truth_rows, args.time_power)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
@@ -149,7 +154,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
         raise SystemExit(f"sample.py: all {n_bad} sampled crystals have non-finite (NaN / Inf) coordinates or cells; nothing written")
     for atoms in structures:
         atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], data=ckpt["data"], csp=bool(ckpt["csp"]),
-                          train_split=ckpt["args"].get("train_split", "train"), steps=args.steps, method=args.method)
+                          train_split=ckpt["args"].get("train_split", "train"), steps=args.steps, method=args.method,
+                          time_power=args.time_power)
     names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if ckpt["csp"] else f"sample_{a.info['sample_index']}" for a in structures]
     try:
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -165,7 +171,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
     report(out_dir, summary, {"structures": n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
+                              "method": args.method, "time_power": args.time_power, "device": str(device), "seconds": elapsed,
+                              "per_s": n / elapsed})
 
 
 def report(out_dir: Path, summary: str, stats: dict) -> None:

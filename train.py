@@ -25,8 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from models import ARCH_NAMES, CRYSTAL_DATA, PROCESS_NAMES
-from models.cli import (checked_device, decay, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                        writable_dir)
+from models.cli import (checked_device, clip_value, decay, fraction, nonnegative_float, nonnegative_int, positive_float,
+                        positive_int, writable_dir)
 
 # ----------------------------------------------------------------------------------------------
 # Flags. A preset sets model size, data size and schedule; any flag given explicitly wins.
@@ -59,15 +59,25 @@ parser.add_argument("--n-layers", type=positive_int, help="number of backbone la
 parser.add_argument("--cfconv-cutoff", type=nonnegative_float, default=0.0, help="molecules, gnn: add a radius-graph continuous-filter convolution with this cutoff in A (fused Triton kernel on CUDA; 0: off)")
 parser.add_argument("--iters", type=positive_int, help="optimisation steps in total (preset)")
 parser.add_argument("--batch-size", type=positive_int, help="global batch size in molecules, crystals or structures, split over ranks (preset)")
-parser.add_argument("--batching", choices=["random", "size"], default="random", help="--task gen: random: batches drawn "
-                    "uniformly; size: batches of similar-sized structures, padded only to their largest (less padding, faster steps)")
+parser.add_argument("--batching", choices=["random", "size"], default=None, help="--task gen: size (default; with --resume, the "
+                    "checkpoint's): batches of similar-sized structures, padded only to their largest (about 2 x the structures/s on "
+                    "QM9); random: batches drawn uniformly, padded to the largest structure of the data set")
 parser.add_argument("--n-train", type=positive_int, help="use only the first N training molecules / structures (preset; default all)")
 parser.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (preset)")
 parser.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps before cosine decay (preset)")
 parser.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="final learning rate as a fraction of the peak")
 parser.add_argument("--weight-decay", type=nonnegative_float, default=1e-12, help="AdamW weight decay")
-parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="clip the global gradient norm to this (0: off)")
+parser.add_argument("--grad-clip", type=clip_value, default=1.0, help="clip the global gradient norm to this (0: off), or adaptive: "
+                    "to 1.5 x the mean + 2 x the standard deviation of the last 50 steps' (clipped) norms, as EDM does")
 parser.add_argument("--ema-decay", type=decay, default=0.999, help="decay of the EMA weights used for sampling")
+parser.add_argument("--time-tilt", type=fraction, default=0.0, help="--task gen: draw training times with density "
+                    "proportional to the loss weight to this power, and divide the weight by that density: 0 uniform times, 1 the "
+                    "draws where the weight is; the same objective, with another variance (models/time.py; no effect where the "
+                    "loss is unweighted: diffusion)")
+parser.add_argument("--time-frequencies", type=nonnegative_int, default=0, help="--task gen: K: the backbone also sees sin and "
+                    "cos of 2^k pi t for k < K (Fourier time features; 0: t alone)")
+parser.add_argument("--self-condition", action="store_true", help="molecules: the backbone also sees its own estimate of the "
+                    "clean molecule (from a no-gradient pass on half the batches; the previous step's when sampling)")
 parser.add_argument("--ot-align", action="store_true", help="molecules, flow: equivariant OT alignment of prior and data")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--cutoff", type=positive_float, default=5.0, help="ff: radius of the student's neighbour graph (A)")
@@ -96,8 +106,9 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "batching")
-MOLECULE_ONLY = ("cfconv_cutoff", "ot_align", "gamma_scale")
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "batching", "time_tilt",
+            "time_frequencies", "self_condition")
+MOLECULE_ONLY = ("cfconv_cutoff", "ot_align", "gamma_scale", "self_condition")
 CRYSTAL_ONLY = ("csp", "train_split")
 domain = None  # --task gen: "molecules" or "crystals", from --data
 if args.task == "ff":
@@ -199,7 +210,8 @@ run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json
 # checkpoint, so they cannot change at all.
 RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
              "n_train", "preset", "batching") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
-MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split")
+MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split", "time_tilt",
+                                          "time_frequencies", "self_condition")
                                          if args.task == "gen" else ("cutoff",))
 resume_ckpt, resume_path = None, ckpt_path
 if args.resume:
@@ -214,6 +226,8 @@ if args.resume:
             raise SystemExit(f"cannot resume: {e}; and {e_prev}")
         print(f"warning: {e}; resuming from the previous checkpoint {prev_ckpt_path}", file=sys.stderr)
     stored = resume_ckpt["args"]
+    if args.batching is None:  # runs from before --batching drew their batches at random
+        args.batching = stored.get("batching", "random")
 
     def changes(keys) -> str:
         return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
@@ -230,6 +244,8 @@ elif any(p.exists() for p in run_files if p.name != "train.log"):  # a run that 
         what = "a checkpoint (ckpt.pt)" if ckpt_path.exists() or prev_ckpt_path.exists() else "the logs of an earlier run"
         raise SystemExit(f"{out_dir} holds {what}. Continue it with --resume, start over there with --overwrite "
                          f"(deletes its checkpoints and logs), or give another --out")
+if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
+    args.batching = "size" if args.task == "gen" else "random"
 if ddp:  # every rank has looked at OUT before rank 0 changes it
     dist.barrier()
 if args.overwrite and master:
@@ -385,14 +401,19 @@ elif args.task == "gen":
     torch.manual_seed(args.seed)
     arch_cls, proc_cls = arch_class(domain, args.arch), process_class(domain, args.gen)
     extra = {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
+    if args.self_condition:
+        extra["self_condition"] = True
     n_types = len(ATOM_SYMBOLS) if domain == "molecules" else len(elements)
-    model = arch_cls(arch_cls.Config(n_types=n_types, hidden=args.hidden, n_layers=args.n_layers, **extra))
-    process_options = {"n_types": n_types}
+    model = arch_cls(arch_cls.Config(n_types=n_types, hidden=args.hidden, n_layers=args.n_layers,
+                                     time_frequencies=args.time_frequencies, **extra))
+    process_options = {"n_types": n_types, "time_tilt": args.time_tilt}
     if domain == "crystals":
         scaler = LatticeScaler.fit(train_set.lengths, train_set.angles)
         process_options.update(csp=args.csp, lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"])
     if args.ot_align:
         process_options["ot_align"] = True
+    if args.self_condition:
+        process_options["self_condition"] = True
     if args.gamma_scale is not None:
         process_options["gamma_scale"] = args.gamma_scale
     objective = proc_cls(config_from_dict(proc_cls.Config, process_options))
@@ -425,6 +446,30 @@ def lr_factor(step: int) -> float:
 
 
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+class AdaptiveClip:
+    """EDM's gradient clipping: the threshold follows the recent norms (1.5 x their mean + 2 x their standard
+    deviation over the last 50 steps), so it clips the rare spikes, where a fixed clip far below the typical norm
+    rescales every step (QM9's global norm is 1e3-1e4 at initialisation and 3-120 later). The first step is not
+    clipped. Its history is part of the checkpoint, so that resuming stays exact."""
+
+    def __init__(self, history: list[float] | None = None, length: int = 50):
+        self.history, self.length = list(history or []), length
+
+    def threshold(self) -> float:
+        if not self.history:
+            return float("inf")
+        norms = torch.tensor(self.history, dtype=torch.float64)
+        return float(1.5 * norms.mean() + 2 * (norms.std() if len(norms) > 1 else 0.0))
+
+    def record(self, norm: float, threshold: float) -> None:
+        """Remember a good step's norm, as clipped (a spike does not raise the next thresholds)."""
+        self.history = (self.history + [min(norm, threshold)])[-self.length:]
+
+
+adaptive_clip = AdaptiveClip(resume_ckpt.get("clip_history") if resume_ckpt is not None else None) \
+    if args.grad_clip == "adaptive" else None
 start_step = 0
 if resume_ckpt is not None:
     try:
@@ -485,6 +530,7 @@ def save(step: int) -> None:
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
+        **({"clip_history": adaptive_clip.history} if adaptive_clip else {}),
     }, keep_previous=out_dir / "ckpt.prev.pt")
 
 
@@ -577,11 +623,18 @@ class Prefetcher:
         return inputs
 
 
-def step_inputs(step: int):
+def epoch_widths() -> torch.Tensor:
+    """The padded width of each of the first epoch's size-grouped batches."""
+    return atom_counts[size_grouped_batches(0)].max(1).values
+
+
+def step_inputs(step: int, width: int | None = None):
     """(batch, noise) of this rank at a step: both from (seed, step) alone. --batching size pads the batch only to
-    the largest structure of the global batch, so that every rank draws the same noise."""
+    the largest structure of the global batch, so that every rank draws the same noise; `width` overrides that
+    padding (the FLOP count measures each width)."""
     idx = batch_indices(step)
-    width = int(atom_counts[idx].max()) if args.batching == "size" else n_max
+    if width is None:
+        width = int(atom_counts[idx].max()) if args.batching == "size" else n_max
     noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, width, step_generator(step)).items()}
     if args.task == "ff":
         return load_batch(train_set, idx[rows], global_idx=idx), noise
@@ -597,23 +650,26 @@ def train_step_flops() -> float:
     as they were, so resuming stays exact. scale.py multiplies it by the steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def count(width: int | None) -> int:
-        idx = batch_indices(start_step)
-        batch = load_batch(train_set, idx[rows], global_idx=idx) if width is None else train_set.batch(idx[rows], device, width=width)
-        noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, width or 0, step_generator(start_step)).items()}
-        with FlopCounterMode(display=False) as counter, autocast:
-            objective.loss(model, batch, noise).backward()
-        model.zero_grad(set_to_none=True)
-        return counter.get_total_flops() * world
+    def count(width: int | None) -> float:  # width None: the step's own padding
+        batch, noise = step_inputs(start_step, width)
+        # self-conditioning adds a no-gradient pass on half the batches (coin < 1/2): the mean of both kinds of step
+        coins = [0.0, 1.0] if "self_condition" in noise else [None]
+        total = 0
+        for coin in coins:
+            if coin is not None:
+                noise["self_condition"] = torch.full_like(noise["self_condition"], coin)
+            with FlopCounterMode(display=False) as counter, autocast:
+                objective.loss(model, batch, noise).backward()
+            model.zero_grad(set_to_none=True)
+            total += counter.get_total_flops()
+        return total / len(coins) * world
 
     rng = torch.get_rng_state()
-    if args.task == "ff":
-        flops = count(None)
-    elif args.batching == "size":
-        widths, n_batches = atom_counts[size_grouped_batches(0)].max(1).values.unique(return_counts=True)
+    if args.batching == "size":  # (force-field runs store "random": their flat batches are not padded)
+        widths, n_batches = epoch_widths().unique(return_counts=True)
         flops = sum(int(n) * count(int(w)) for w, n in zip(widths, n_batches)) / int(n_batches.sum())
     else:
-        flops = count(n_max)
+        flops = count(None)
     torch.set_rng_state(rng)
     return flops
 
@@ -630,7 +686,7 @@ rows = slice(rank * local_batch, (rank + 1) * local_batch)
 flops_per_step = train_step_flops()
 log(f"{flops_per_step:.3g} FLOPs per training step (matrix products, forward and backward)")
 if args.batching == "size":
-    log(f"size-grouped batches: padded to {atom_counts[size_grouped_batches(0)].max(1).values.double().mean():.1f} atoms "
+    log(f"size-grouped batches: padded to {epoch_widths().double().mean():.1f} atoms "
         f"on average, not {n_max}")
 end_step = args.iters if args.stop_after is None else min(args.iters, start_step + args.stop_after)
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
@@ -648,7 +704,8 @@ try:
             loss = objective.loss(train_model, batch, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        max_norm = adaptive_clip.threshold() if adaptive_clip else args.grad_clip if args.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         # A non-finite loss or gradient skips the step (the weights and EMA stay as they were). This reads one
         # flag back from the device each step; under DDP the ranks agree on it, so they stay in lockstep.
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
@@ -666,9 +723,11 @@ try:
             if bad_in_a_row >= args.max_bad_steps:
                 raise SystemExit(f"training diverged: {bad_in_a_row} steps in a row with a non-finite loss or gradient, up to "
                                  f"step {done}. Nothing was written after the last good checkpoint ({ckpt_path}). Lower --lr "
-                                 f"(now {args.lr:g}), keep --grad-clip on (now {args.grad_clip:g}), or raise --max-bad-steps.")
+                                 f"(now {args.lr:g}), keep --grad-clip on (now {args.grad_clip}), or raise --max-bad-steps.")
         else:
             bad_in_a_row = 0
+            if adaptive_clip:
+                adaptive_clip.record(grad_norm.item(), max_norm)
             optimizer.step()
             scheduler.step()
             update_ema(step)

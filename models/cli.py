@@ -34,6 +34,11 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def clip_value(text: str):
+    """--grad-clip: a finite number >= 0, or "adaptive"."""
+    return "adaptive" if text == "adaptive" else _number(float, lambda v: v >= 0, 'a finite number >= 0 or "adaptive"')(text)
+
+
 def checked_device(parser: argparse.ArgumentParser, flag_value: str | None):
     """The torch device of a --device flag (None: cuda if available, else cpu); refuses cuda without a GPU."""
     import torch

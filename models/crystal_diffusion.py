@@ -27,6 +27,7 @@ import torch
 from models.crystal_process import CrystalProcess, CrystalProcessConfig
 from models.diffusion import ddpm_posterior, polynomial_schedule
 from models.geometry import remove_mean, torus_difference, wrap
+from models.time import time_grid
 
 N_IMAGES = 4  # images k = -4..4 of the wrapped normal: enough for sigma <= 0.5 to float precision
 LATTICE_CLIP = 5.0  # standard deviations of the training lattices that a lattice prediction may reach
@@ -73,13 +74,14 @@ class CrystalDiffusion(CrystalProcess):
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, n_steps: int = 100, method: str = "ancestral",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions)."""
+               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
+        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions); the time grid
+        of time_power (models/time.py)."""
         self.check_method(method)
         types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
         f, y, given = noise["f0"] * node, noise["y0"], h
         B, device = len(mask), mask.device
-        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+        ts = time_grid(n_steps, time_power)
         alphas, sigmas = polynomial_schedule(ts, self.config.schedule_precision)
         kw = dict(generator=generator, device=generator.device if generator is not None else device)
         for step in range(n_steps):

@@ -35,6 +35,10 @@ class CrystalFlowMatching(CrystalProcess):
     Config = CrystalFlowConfig
     SAMPLERS = ("heun", "euler")
 
+    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The velocity-matching weight 1 / (1 - t)^2 of the displacement errors, capped at t = 1 - min_one_minus_t."""
+        return (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)
+
     def frac_path(self, f0, f1, z, t):
         """f_t [B, N, 3] on the path from f0 to f1 at times t [B]."""
         return wrap(f0 + t[:, None, None] * torus_difference(f1, f0))
@@ -46,7 +50,7 @@ class CrystalFlowMatching(CrystalProcess):
         y_t = t[:, None] * y1 + (1 - t[:, None]) * noise["y0"]
         h_t = h1 if self.config.csp else (t[:, None, None] * h1 + (1 - t[:, None, None]) * noise["h0"]) * node
         frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask)
-        weight = (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)  # [B]
+        weight = self.times.loss_weight(t)  # [B], the velocity-matching weight over the times' density
         target = remove_mean(torus_difference(f1, f_t), mask)
         frac_err = ((frac_out.float() - target) ** 2).sum(-1).mul(mask).sum(1) / (3 * mask.sum(1).clamp(min=1) * UNIFORM_VARIANCE)
         lattice_err = ((lattice_out.float() - (y1 - y_t)) ** 2).mean(-1)
@@ -55,9 +59,9 @@ class CrystalFlowMatching(CrystalProcess):
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, n_steps: int = 50, method: str = "heun",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
         """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions). The
         velocity of an x1 prediction is the remaining displacement over the remaining time."""
         self.check_method(method)
         return self.integrate(model, n_atoms, types, mask, n_steps, method == "heun", generator,
-                              rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)))
+                              rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)), time_power=time_power)

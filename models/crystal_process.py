@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from models.geometry import LatticeScaler, remove_mean, wrap
 from models.process import NamedSamplers
+from models.time import TimeDistribution, time_grid
 
 UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
 
@@ -38,14 +39,21 @@ class CrystalProcessConfig:
     lattice_loss_weight: float = 1.0
     lattice_mean: list = field(default_factory=lambda: [0.0] * 6)  # LatticeScaler of the training set
     lattice_std: list = field(default_factory=lambda: [1.0] * 6)
+    time_tilt: float = 0.0  # training times drawn with density proportional to time_weight^tilt (models/time.py)
 
 
 class CrystalProcess(NamedSamplers):
-    """Base class; a subclass sets Config, SAMPLERS, loss and sample."""
+    """Base class; a subclass sets Config, SAMPLERS, loss and sample, and time_weight(t) when its loss is weighted
+    over t."""
 
     def __init__(self, config):
         self.config = config
         self.scaler = LatticeScaler(config.lattice_mean, config.lattice_std)
+        self.times = TimeDistribution(self.time_weight, config.time_tilt)
+
+    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The loss's weight over t [B] under a uniform draw of t: 1 here (unweighted losses)."""
+        return torch.ones_like(t)
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
                    device="cpu") -> dict[str, torch.Tensor]:
@@ -53,7 +61,7 @@ class CrystalProcess(NamedSamplers):
         torus, y0 [B, 6], h0 [B, N, T] and z [B, N, 3] (Gaussian; the processes that need noise on the torus
         take it from here)."""
         kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {"t": torch.rand(batch_size, **kw), "f0": torch.rand(batch_size, n_max, 3, **kw),
+        return {"t": self.times.draw(torch.rand(batch_size, **kw)), "f0": torch.rand(batch_size, n_max, 3, **kw),
                 "y0": torch.randn(batch_size, 6, **kw), "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
                 "z": torch.randn(batch_size, n_max, 3, **kw)}
 
@@ -97,9 +105,10 @@ class CrystalProcess(NamedSamplers):
         h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
         return types, mask, node, noise, h
 
-    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates):
-        """Integrate an ODE from the prior at t = 0 to t = 1 on the torus (Euler, or Heun with an Euler last step,
-        where the types' velocity is undefined). rates(frac_out, lattice_out, t) -> the coordinates' and the
+    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0):
+        """Integrate an ODE from the prior at t = 0 to t = 1 on the torus over the time grid of time_power
+        (models/time.py), by Euler, or Heun with an Euler last step (where the types' velocity is undefined).
+        rates(frac_out, lattice_out, t) -> the coordinates' and the
         lattice's velocities from the backbone's centred outputs; types move towards their prediction."""
         types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
         f, y = noise["f0"] * node, noise["y0"]
@@ -110,7 +119,7 @@ class CrystalProcess(NamedSamplers):
                 (logits.float().softmax(-1) * self.config.type_scale * node - h) / (1 - t)
             return *rates(remove_mean(frac_out.float(), mask), lattice_out.float(), t), vh, logits
 
-        ts = torch.linspace(0, 1, n_steps + 1).tolist()
+        ts = time_grid(n_steps, time_power).tolist()
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t
             vf, vy, vh, logits = velocity(f, y, h, t)

@@ -13,7 +13,7 @@ Parametrisation, as in EDM: the backbone's equivariant coordinate output is the 
 x0_hat (EDM's epsilon), trained with the plain L2 loss; the type logits predict the clean types,
 trained with cross-entropy as in flow matching.
 
-Samplers, from t = 0 to 1 in n_steps equal steps:
+Samplers, from t = 0 to 1 in n_steps steps (equal ones by default; models/time.py):
   - "ancestral": DDPM, draws z_s ~ q(z_s | z_t, x1 = x1_hat) at every step (stochastic);
   - "ode": DDIM with eta = 0, the deterministic probability-flow path through the same predictions.
 The last step returns the prediction of the clean sample itself (EDM's p(x | z_0) without noise).
@@ -52,6 +52,8 @@ class DiffusionConfig:
     type_scale: float = 0.25  # one-hot types are scaled by this before noising (EDM's 0.25)
     type_loss_weight: float = 0.5  # weight of the atom-type cross-entropy against the coordinate loss
     schedule_precision: float = 1e-5  # s of the polynomial schedule: alpha^2 stays within [s, 1 - s]
+    time_tilt: float = 0.0  # no effect: the epsilon loss is unweighted, so every tilt draws t uniformly (models/time.py)
+    self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
 
 
 class Diffusion(GaussianProcess):
@@ -61,26 +63,35 @@ class Diffusion(GaussianProcess):
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return polynomial_schedule(t, self.config.schedule_precision)
 
+    def estimate(self, x, t, pos_out, logits, mask) -> dict[str, torch.Tensor]:
+        """The clean molecule implied by the noise prediction pos_out: (x - sigma_t x0_hat) / alpha_t."""
+        alpha, sigma = (a.float()[:, None, None] for a in self.alpha_sigma(t))
+        return {"pos": (x - sigma * remove_mean(pos_out.float(), mask)) / alpha,
+                "h": logits.float().softmax(-1) * self.config.type_scale * mask.unsqueeze(-1)}
+
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)
-        x0_hat, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        x0_hat, logits = self.training_outputs(model, z)
         return per_molecule_loss(((x0_hat.float() - z["x0"]) ** 2).sum(-1), logits, z["types"], z["mask"],
                                  self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "ancestral",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Denoise from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
+               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
+        """Denoise from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py). n_atoms
+        [B] long."""
         self.check_method(method)
         mask, node, x, h = self.sampling_start(model, n_atoms, generator)
         B, device = len(mask), mask.device
-        ts, alphas, sigmas = self.time_grid(n_steps)
+        ts, alphas, sigmas = self.time_grid(n_steps, time_power)
+        estimate = None
         for step in range(n_steps):
             a_t, s_t, a_s, s_s = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
-            x0_hat, logits = model(h, x, torch.full((B,), float(ts[step]), device=device), mask)
+            x0_hat, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate)
             x0_hat = remove_mean(x0_hat.float(), mask)
             x1_hat = (x - s_t * x0_hat) / a_t
             h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
+            estimate = {"pos": x1_hat, "h": h1_hat}
             if step == n_steps - 1:  # t = 1: the prediction of the clean sample
                 x, h = x1_hat, h1_hat
             elif method == "ode":  # DDIM: keep the predicted noise, move to the next noise level

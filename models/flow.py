@@ -37,6 +37,8 @@ class FlowConfig:
     type_loss_weight: float = 0.5  # weight of the atom-type cross-entropy against the coordinate MSE
     ot_align: bool = False  # equivariant OT alignment of prior and data coordinates
     min_one_minus_t: float = 0.05  # caps the velocity-loss weight 1 / (1 - t)^2 at 400
+    time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
+    self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
 
 
 def kabsch_rotation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -80,21 +82,26 @@ class FlowMatching(GaussianProcess):
         """x_t = alpha_t x1 + sigma_t x0: the straight path, alpha_t = t and sigma_t = 1 - t."""
         return t, 1 - t
 
+    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The velocity-matching weight 1 / (1 - t)^2 of the x1 error, capped at t = 1 - min_one_minus_t."""
+        return (1 - t).clamp(min=self.config.min_one_minus_t).pow(-2)
+
     def couple(self, x0, x1, types, mask):
         return align_prior(x0, x1, types, mask) if self.config.ot_align else x0
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)
-        pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        pos_out, logits = self.training_outputs(model, z)
         x1_hat = z["x_t"] + full(pos_out)
-        weight = (1 - z["t"]).clamp(min=self.config.min_one_minus_t).pow(-2)[:, None]  # velocity-matching weight
+        weight = self.times.loss_weight(z["t"])[:, None]  # the velocity-matching weight over the times' density
         return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
                                  self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 50, method: str = "euler",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Integrate the learned ODE from t=0 to 1. n_atoms [B] long; Euler or Heun (2nd order).
+               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
+        """Integrate the learned ODE from t=0 to 1 on the time grid of `time_power` (models/time.py). n_atoms [B]
+        long; Euler or Heun (2nd order).
 
         Heun's corrector needs u at t + dt, which is undefined at t = 1 (division by 1 - t), so the last
         step is an Euler step; with x1 prediction that step lands exactly on the predicted endpoint.
@@ -102,18 +109,19 @@ class FlowMatching(GaussianProcess):
         self.check_method(method)
         mask, node, x, h = self.sampling_start(model, n_atoms, generator)
 
-        def velocity(x, h, t: float):
+        def velocity(x, h, t: float, estimate):
+            """The velocities at (x, h, t) and the logits and estimate they come from."""
             tt = torch.full((len(x),), t, device=x.device)
-            pos_out, logits = model(h, x, tt, mask)
-            h1_hat = logits.float().softmax(-1) * self.config.type_scale
-            return remove_mean(pos_out.float(), mask) / (1 - t), (h1_hat - h) * node / (1 - t), logits
+            pos_out, logits = self.backbone(model, h, x, tt, mask, estimate)
+            estimate = self.estimate(x, tt, pos_out, logits, mask)
+            return remove_mean(pos_out.float(), mask) / (1 - t), (estimate["h"] - h) * node / (1 - t), logits, estimate
 
-        ts = torch.linspace(0, 1, n_steps + 1).tolist()
+        ts, estimate = self.time_grid(n_steps, time_power)[0].tolist(), None
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t
-            vx, vh, logits = velocity(x, h, t)
+            vx, vh, logits, estimate = velocity(x, h, t, estimate)
             if method == "heun" and t_next < 1:
-                vx2, vh2, _ = velocity(x + dt * vx, h + dt * vh, t_next)
+                vx2, vh2, _, estimate = velocity(x + dt * vx, h + dt * vh, t_next, estimate)
                 vx, vh = (vx + vx2) / 2, (vh + vh2) / 2
             x, h = x + dt * vx, h + dt * vh
         # After the last step h equals the predicted expected one-hot; the argmax of the last logits

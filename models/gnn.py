@@ -9,9 +9,11 @@ its PyTorch reference elsewhere. It is an invariant feature update (it sees only
 layer stays E(3)-equivariant; it is the path larger, periodic systems and the force-field student use.
 
 Backbone contract (shared by every arch):
-    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool)
+    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs
+    estimate: with config.self_condition, the previous estimate of the clean molecule {"pos" [B, N, 3], "h"
+    [B, N, T]} or None (zeros); models/self_conditioning.py says what the backbone sees of it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from torch import nn
 from kernels.radius_graph import radius_message_passing
 from models.geometry import remove_mean
 from models.precision import full, no_autocast
+from models.self_conditioning import estimate_features
+from models.time import time_features
 
 
 @dataclass
@@ -34,6 +38,8 @@ class EGNNConfig:
     aggregation_norm: float = 1.0  # messages are summed over neighbours and divided by this
     cfconv_cutoff: float = 0.0  # > 0: add a radius-graph continuous-filter convolution with this cutoff (A)
     cfconv_rbf: int = 16  # radial basis functions of that filter
+    time_frequencies: int = 0  # Fourier features of t besides t itself (models/time.py; 0: t alone)
+    self_condition: bool = False  # also see an estimate of the clean molecule (models/self_conditioning.py)
 
 
 def pairwise(pos):
@@ -50,18 +56,19 @@ class EquivariantLayer(nn.Module):
     the coordinate update (coord_mlp included) run in pos's dtype (models/precision.py)."""
 
     def __init__(self, hidden: int, coords_range: float, aggregation_norm: float, cfconv_cutoff: float = 0.0,
-                 cfconv_rbf: int = 16):
+                 cfconv_rbf: int = 16, n_fixed_edge: int = 1):
         super().__init__()
         self.cfconv_cutoff = cfconv_cutoff
         if cfconv_cutoff > 0:
             self.cf_in = nn.Linear(hidden, hidden, bias=False)
             self.cf_filter = nn.Parameter(torch.randn(cfconv_rbf, hidden) / cfconv_rbf ** 0.5)
             self.cf_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden))
-        # The first edge-MLP layer acts on [h_i, h_j, d_ij^2, d0_ij^2]; splitting its weight lets us
-        # project nodes once ([B, N, F]) and broadcast, instead of materialising [B, N, N, 2F+2].
+        # The first edge-MLP layer acts on [h_i, h_j, d_ij^2, fixed_ij] (fixed: the input's d0_ij^2, and the
+        # estimate's distance squared under self-conditioning); splitting its weight lets us project nodes once
+        # ([B, N, F]) and broadcast, instead of materialising [B, N, N, 2F+3].
         self.edge_src = nn.Linear(hidden, hidden)
         self.edge_dst = nn.Linear(hidden, hidden, bias=False)
-        self.edge_dist = nn.Linear(2, hidden, bias=False)
+        self.edge_dist = nn.Linear(1 + n_fixed_edge, hidden, bias=False)
         self.edge_mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.edge_gate = nn.Sequential(nn.Linear(hidden, 1), nn.Sigmoid())
         self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -77,13 +84,14 @@ class EquivariantLayer(nn.Module):
         y = radius_message_passing(pos[b, n], self.cf_in(h)[b, n], b, self.cfconv_cutoff, self.cf_filter)
         return torch.zeros_like(h).index_put((b, n), self.cf_out(y).to(h.dtype))
 
-    def forward(self, h, pos, d0_sq, edge_mask, mask):
-        # h [B,N,F], pos [B,N,3], d0_sq [B,N,N] (distances at the input), edge_mask [B,N,N] float, mask [B,N]
+    def forward(self, h, pos, fixed, edge_mask, mask):
+        # h [B,N,F], pos [B,N,3], fixed [B,N,N,k] (the input's squared distances, ...), edge_mask [B,N,N] float,
+        # mask [B,N]
         if self.cfconv_cutoff > 0:
             h = h + self.continuous_filter(h, pos, mask)
         diff, d_sq = pairwise(pos)  # [B,N,N,3] x_i - x_j, [B,N,N]
         with no_autocast(pos):  # bf16 would round a 1.5 A bond's d^2 = 2.25 by up to 0.008 A^2 (0.003 A)
-            m_dist = self.edge_dist(torch.stack([d_sq, d0_sq], dim=-1))
+            m_dist = self.edge_dist(torch.cat([d_sq.unsqueeze(-1), fixed], dim=-1))
         m = self.edge_src(h).unsqueeze(2) + self.edge_dst(h).unsqueeze(1)
         m = self.edge_mlp(m + m_dist)  # [B,N,N,F]
         m = m * self.edge_gate(m) * edge_mask.unsqueeze(-1)
@@ -104,24 +112,30 @@ class EGNN(nn.Module):
     def __init__(self, config: EGNNConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Linear(config.n_types + 1, config.hidden)  # atom-type features + time
+        n_estimate = config.n_types if config.self_condition else 0  # the estimate's types, beside the input's
+        self.embed = nn.Linear(config.n_types + n_estimate + 1 + 2 * config.time_frequencies, config.hidden)
         self.layers = nn.ModuleList(
             EquivariantLayer(config.hidden, config.coords_range, config.aggregation_norm, config.cfconv_cutoff,
-                             config.cfconv_rbf) for _ in range(config.n_layers)
+                             config.cfconv_rbf, 2 if config.self_condition else 1) for _ in range(config.n_layers)
         )
         self.out = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.n_types))
 
-    def forward(self, h, pos, t, mask):
+    def forward(self, h, pos, t, mask, estimate=None):
+        if estimate is not None and not self.config.self_condition:
+            raise ValueError("an estimate was passed to a backbone built without self_condition")
         pos = full(pos)  # the coordinate path is never bf16 (models/precision.py)
         node_mask = mask.unsqueeze(-1).to(pos.dtype)  # [B,N,1]
         eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
         edge_mask = (mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye).to(pos.dtype)  # [B,N,N]
-        t_feat = t.to(pos.dtype)[:, None, None].expand(-1, h.shape[1], 1)
+        t_feat = time_features(t.to(pos.dtype), self.config.time_frequencies)[:, None, :].expand(-1, h.shape[1], -1)
+        fixed = pairwise(pos)[1].unsqueeze(-1)  # [B,N,N,1]: the input's squared distances
+        if self.config.self_condition:
+            h_hat, d_hat = estimate_features(estimate, mask, self.config.n_types, pos)
+            h, fixed = torch.cat([h, h_hat.to(h.dtype)], dim=-1), torch.cat([fixed, d_hat.pow(2).unsqueeze(-1)], dim=-1)
         x = self.embed(torch.cat([h, t_feat], dim=-1)) * node_mask
         pos_in = pos
-        d0_sq = pairwise(pos)[1]
         for layer in self.layers:
-            x, pos = layer(x, pos, d0_sq, edge_mask, mask)
+            x, pos = layer(x, pos, fixed, edge_mask, mask)
             x = x * node_mask
         with no_autocast(pos):  # the type head in float32
             return remove_mean(pos - pos_in, mask), self.out(x.to(pos.dtype)) * node_mask

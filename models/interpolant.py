@@ -15,7 +15,7 @@ The backbone predicts x1 (coordinates as a displacement from x_t, types as logit
 give the drift and the score. The coordinate loss is the regression of b onto its target, i.e. the
 x1 error weighted by (alpha'_t - sigma'_t alpha_t / sigma_t)^2 (capped near t = 1 as in flow matching).
 
-Samplers, from t = 0 to 1 in n_steps equal steps, both ending on the predicted clean sample:
+Samplers, from t = 0 to 1 in n_steps steps (equal ones by default), both ending on the predicted clean sample:
   - "sde": dX = [b + eps_t s] dt + sqrt(2 eps_t) dW, whose densities are the interpolant's for any
     eps_t >= 0; here eps_t = noise * sigma_t^2, so that eps_t s = -noise sigma_t eps_hat stays finite
     and the noise vanishes at the data end. With x1_hat held over a step, the SDE is linear in
@@ -50,6 +50,8 @@ class InterpolantConfig:
     gamma_scale: float = 1.0  # a in gamma_t^2 = a t (1 - t); 0 gives flow matching's path
     noise: float = 1.0  # the SDE sampler's diffusion eps_t = noise * sigma_t^2
     min_one_minus_t: float = 0.05  # the loss weight is taken at t <= 1 - this
+    time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
+    self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
 
 
 class StochasticInterpolant(GaussianProcess):
@@ -60,7 +62,7 @@ class StochasticInterpolant(GaussianProcess):
         """alpha_t = t, sigma_t = sqrt((1 - t)^2 + a t (1 - t)) at times t (any shape)."""
         return t, ((1 - t) ** 2 + self.config.gamma_scale * t * (1 - t)).sqrt()
 
-    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
         """(alpha'_t - sigma'_t alpha_t / sigma_t)^2, the velocity error per unit x1 error, with
         sigma'_t = (-2 (1 - t) + a (1 - 2 t)) / (2 sigma_t) and alpha'_t = 1; capped near t = 1."""
         t = t.clamp(max=1 - self.config.min_one_minus_t)
@@ -70,32 +72,34 @@ class StochasticInterpolant(GaussianProcess):
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         z = self.noised(batch, noise)
-        pos_out, logits = model(z["h_t"], z["x_t"], z["t"], z["mask"])
+        pos_out, logits = self.training_outputs(model, z)
         x1_hat = z["x_t"] + full(pos_out)
-        weight = self.loss_weight(z["t"])[:, None]
+        weight = self.times.loss_weight(z["t"])[:, None]
         return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
                                  self.config.type_loss_weight)
 
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "sde",
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Integrate from t = 0 (noise) to t = 1 (data). n_atoms [B] long."""
+               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
+        """Integrate from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py). n_atoms
+        [B] long."""
         self.check_method(method)
         mask, node, x, h = self.sampling_start(model, n_atoms, generator)
         B, device = len(mask), mask.device
-        ts, alphas, sigmas = self.time_grid(n_steps)
-        noise = self.config.noise if method == "sde" else 0.0
-        keep = math.exp(-noise / n_steps)  # e^{-noise dt}: the share of eps_hat a step keeps
-        fresh = math.sqrt(1 - keep ** 2)  # and the share of new noise, so the variance stays sigma^2
+        ts, alphas, sigmas = self.time_grid(n_steps, time_power)
+        noise, estimate = (self.config.noise if method == "sde" else 0.0), None
         for step in range(n_steps):
             a_t, s_t, a_next, s_next = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
-            pos_out, logits = model(h, x, torch.full((B,), float(ts[step]), device=device), mask)
+            pos_out, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate)
             x1_hat = x + remove_mean(pos_out.float(), mask)
             h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
+            estimate = {"pos": x1_hat, "h": h1_hat}
             if step == n_steps - 1:  # t = 1: the prediction of the clean sample
                 x, h = x1_hat, h1_hat
                 break
             x0_hat, h0_hat = (x - a_t * x1_hat) / s_t, (h - a_t * h1_hat) / s_t
+            keep = math.exp(-noise * float(ts[step + 1] - ts[step]))  # e^{-noise dt}: the share of eps_hat a step keeps
+            fresh = math.sqrt(1 - keep ** 2)  # and the share of new noise, so the variance stays sigma^2
             x0_next, h0_next = keep * x0_hat, keep * h0_hat
             if fresh > 0:
                 noise_x, noise_h = self.fresh_noise(mask, generator)

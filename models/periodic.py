@@ -37,6 +37,7 @@ from torch import nn
 from models.geometry import fourier_features, lattice_matrix, pair_differences, remove_mean
 from models.pairformer import PairformerBlock, PairformerConfig
 from models.precision import full, no_autocast
+from models.time import time_features
 from models.transformer import TransformerBlock, TransformerConfig
 
 
@@ -56,9 +57,12 @@ class PeriodicPairformerConfig(PairformerConfig):
 class PeriodicEmbedding(nn.Module):
     def __init__(self, c):
         super().__init__()
+        if c.self_condition:
+            raise ValueError("self-conditioning is built for molecules only (models/self_conditioning.py)")
         self.n_frequencies, self.rbf_max, self.width = c.n_frequencies, c.rbf_max, c.rbf_max / (c.n_rbf - 1)
+        self.time_frequencies = c.time_frequencies
         self.register_buffer("centres", torch.linspace(0.0, c.rbf_max, c.n_rbf), persistent=False)
-        self.atom = nn.Linear(c.n_types + 1 + 6, c.hidden)  # type features, time, ln lengths, cos angles
+        self.atom = nn.Linear(c.n_types + 1 + 2 * c.time_frequencies + 6, c.hidden)  # types, time, ln lengths, cos angles
         self.pair_from_atoms = nn.Linear(c.hidden, 2 * c.pair_dim, bias=False)
         self.pair_from_geometry = nn.Linear(6 * c.n_frequencies + c.n_rbf + 1, c.pair_dim)
 
@@ -73,7 +77,8 @@ class PeriodicEmbedding(nn.Module):
             geometry = torch.cat([fourier_features(d, self.n_frequencies), rbf, (dist / self.rbf_max).unsqueeze(-1)], -1)
             cell = torch.cat([lengths.log(), torch.deg2rad(angles).cos()], dim=-1)  # [B, 6]
         node = mask.unsqueeze(-1).to(frac.dtype)
-        s = self.atom(torch.cat([h, t.to(frac.dtype)[:, None, None].expand(B, N, 1), cell.unsqueeze(1).expand(B, N, 6)], -1))
+        t_feat = time_features(t.to(frac.dtype), self.time_frequencies)[:, None, :].expand(B, N, -1)
+        s = self.atom(torch.cat([h, t_feat, cell.unsqueeze(1).expand(B, N, 6)], -1))
         s = s * node
         a, b = self.pair_from_atoms(s).chunk(2, dim=-1)
         z = a.unsqueeze(2) + b.unsqueeze(1) + self.pair_from_geometry(geometry)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models.geometry import remove_mean
+from models.time import TimeDistribution, time_grid
 
 
 def per_molecule_loss(coord_sq_err: torch.Tensor, logits: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
@@ -51,24 +52,34 @@ class NamedSamplers:
 
 
 class GaussianProcess(NamedSamplers):
-    """Base class; a subclass sets Config, SAMPLERS, alpha_sigma(t), loss and sample. Its config has
-    at least n_types and type_scale."""
+    """Base class; a subclass sets Config, SAMPLERS, alpha_sigma(t), loss and sample, time_weight(t) when its
+    coordinate loss is weighted over t, and estimate() when its backbone predicts something other than the clean
+    molecule. Its config has at least n_types, type_scale, time_tilt (models/time.py: training times drawn with
+    density proportional to time_weight^tilt) and self_condition (models/self_conditioning.py)."""
 
     def __init__(self, config):
         self.config = config
+        self.times = TimeDistribution(self.time_weight, config.time_tilt)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The coordinate loss's weight over t [B] (what a uniform draw of t multiplies the error by): 1 here."""
+        return torch.ones_like(t)
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
                    device="cpu") -> dict[str, torch.Tensor]:
         """Prior samples and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
         kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {
-            "t": torch.rand(batch_size, **kw),
+        noise = {
+            "t": self.times.draw(torch.rand(batch_size, **kw)),
             "x0": torch.randn(batch_size, n_max, 3, **kw),
             "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
         }
+        if self.config.self_condition:  # one coin for the global batch, a copy per row so that ranks can slice it
+            noise["self_condition"] = torch.rand(1, **kw).expand(batch_size)
+        return noise
 
     def couple(self, x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The prior coordinates paired with x1; independent by default (flow matching's OT overrides it)."""
@@ -88,7 +99,26 @@ class GaussianProcess(NamedSamplers):
         h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
         h0 = noise["h0"] * node
         return {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
-                "types": types, "x1": x1, "mask": mask}
+                "types": types, "x1": x1, "mask": mask, **({"coin": noise["self_condition"]} if "self_condition" in noise else {})}
+
+    def estimate(self, x, t, pos_out, logits, mask) -> dict[str, torch.Tensor]:
+        """The clean molecule the backbone's outputs at state x [B, N, 3], times t [B] imply: {"pos" [B, N, 3], "h"
+        [B, N, T] expected scaled one-hot}. Here the outputs predict it (pos_out: its displacement from x)."""
+        return {"pos": x + remove_mean(pos_out.float(), mask),
+                "h": logits.float().softmax(-1) * self.config.type_scale * mask.unsqueeze(-1)}
+
+    def backbone(self, model, h, x, t, mask, estimate=None):
+        """The backbone at a state; a self-conditioned one also sees the estimate (None: zeros)."""
+        return model(h, x, t, mask, estimate) if self.config.self_condition else model(h, x, t, mask)
+
+    def training_outputs(self, model, z: dict[str, torch.Tensor]):
+        """The backbone on a noised batch. Self-conditioned, on the batches whose coin is below 1/2, it first
+        estimates the clean molecule without gradient and sees that estimate (models/self_conditioning.py)."""
+        estimate = None
+        if self.config.self_condition and float(z["coin"][0]) < 0.5:
+            with torch.no_grad():
+                estimate = self.estimate(z["x_t"], z["t"], *self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"]), z["mask"])
+        return self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"], estimate)
 
     def sampling_start(self, model, n_atoms: torch.Tensor, generator: torch.Generator | None):
         """The state at t = 0 for molecules of n_atoms [B] atoms: (mask [B, N], node [B, N, 1] float,
@@ -109,8 +139,9 @@ class GaussianProcess(NamedSamplers):
         coords = remove_mean(torch.randn(B, N, 3, **kw).to(mask.device), mask)
         return coords, torch.randn(B, N, self.config.n_types, **kw).to(mask.device) * mask.unsqueeze(-1)
 
-    def time_grid(self, n_steps: int):
-        """n_steps + 1 equal-spaced times from 0 to 1 with their alpha_t and sigma_t, in float64."""
-        ts = torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
+    def time_grid(self, n_steps: int, power: float = 1.0):
+        """The sampler's n_steps + 1 times from 0 to 1 (models/time.py: equal steps at power 1, finer near the data
+        at power > 1) with their alpha_t and sigma_t, in float64."""
+        ts = time_grid(n_steps, power)
         return (ts, *self.alpha_sigma(ts))
 

@@ -13,8 +13,9 @@ from models.checkpoint import build_model
 
 
 def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int,
-                     device: torch.device, weights: str = "ema") -> tuple[list[ase.Atoms], int]:
-    """n molecules from a loaded checkpoint, in batches, with a progress bar: (the molecules with finite
+                     device: torch.device, weights: str = "ema", time_power: float = 1.0) -> tuple[list[ase.Atoms], int]:
+    """n molecules from a loaded checkpoint, in batches, with a progress bar, on the sampler time grid of time_power
+    (models/time.py): (the molecules with finite
     coordinates, how many had NaN / Inf coordinates and were dropped). Each kept molecule has
     info['sample_index'], its index among the n drawn, so dropped ones leave a visible gap."""
     model, process = build_model(ckpt, weights=weights)
@@ -27,7 +28,8 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
     with tqdm(total=n, unit="mol", desc="sampling", mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
         for lo in range(0, n, batch_size):
             with autocast:
-                out = process.sample(model, n_atoms[lo:lo + batch_size], n_steps=n_steps, method=method, generator=generator)
+                out = process.sample(model, n_atoms[lo:lo + batch_size], n_steps=n_steps, method=method, generator=generator,
+                                     time_power=time_power)
             types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
             for i in range(len(types)):
                 positions = pos[i][mask[i]].double().numpy()
@@ -43,8 +45,8 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
 
 def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                     weights: str = "ema", compositions=None, n_per_composition: int = 1,
-                    truth_rows: list[int] | None = None) -> tuple[list[ase.Atoms], int]:
-    """Crystals from a loaded crystal checkpoint: (the crystals with finite coordinates and cell, how many were
+                    truth_rows: list[int] | None = None, time_power: float = 1.0) -> tuple[list[ase.Atoms], int]:
+    """Crystals from a loaded crystal checkpoint, on the sampler time grid of time_power (models/time.py): (the crystals with finite coordinates and cell, how many were
     dropped for NaN / Inf). De novo: n crystals, sizes from the training histogram; info['sample_index'].
     Structure prediction: n_per_composition samples for each crystal of `compositions` (a models.crystals.
     CrystalSet, e.g. the test split or a part of it), whose elements the model must know; info['truth_id'] (its
@@ -69,9 +71,11 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
             with autocast:
                 if process.config.csp:
                     b = padded.batch(rows)
-                    out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator)
+                    out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator,
+                                         time_power=time_power)
                 else:
-                    out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator)
+                    out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator,
+                                         time_power=time_power)
             for (i, k), (numbers, frac, lengths, angles) in zip(jobs[lo:lo + batch_size], unpad(out, ckpt["elements"])):
                 if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()):
                     n_bad += 1

@@ -14,7 +14,7 @@ multiplications and triangle attention in every block; it shares this file's lay
 head, so the two differ only in what the ablation is about.
 
 Backbone contract (shared by every arch, see models/gnn.py):
-    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool)
+    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs
 """
@@ -28,6 +28,8 @@ from torch import nn
 
 from models.geometry import remove_mean
 from models.precision import full, no_autocast
+from models.self_conditioning import estimate_features
+from models.time import time_features
 
 
 @dataclass
@@ -39,6 +41,8 @@ class TransformerConfig:
     pair_dim: int = 0  # width of the distance embedding the biases are projected from; 0: hidden // 2 (at least 16)
     n_rbf: int = 32  # Gaussian radial basis of interatomic distances
     rbf_max: float = 10.0  # last basis centre in A (QM9 molecules span up to ~10 A)
+    time_frequencies: int = 0  # Fourier features of t besides t itself (models/time.py; 0: t alone)
+    self_condition: bool = False  # also see an estimate of the clean molecule (models/self_conditioning.py)
 
     def __post_init__(self):
         if self.pair_dim == 0:
@@ -91,26 +95,42 @@ class GeometryEmbedding(nn.Module):
     from s_i, s_j and a Gaussian basis of |x_i - x_j| (plus d / rbf_max, so that pairs beyond the last
     centre stay distinguishable). Also returns x_i - x_j and |x_i - x_j| for the coordinate head."""
 
-    def __init__(self, n_types: int, hidden: int, pair_dim: int, n_rbf: int, rbf_max: float):
+    def __init__(self, n_types: int, hidden: int, pair_dim: int, n_rbf: int, rbf_max: float, time_frequencies: int = 0,
+                 self_condition: bool = False):
         super().__init__()
-        self.rbf_max, self.width = rbf_max, rbf_max / (n_rbf - 1)
+        self.rbf_max, self.width, self.time_frequencies = rbf_max, rbf_max / (n_rbf - 1), time_frequencies
+        self.n_types, self.self_condition = n_types, self_condition
         self.register_buffer("centres", torch.linspace(0.0, rbf_max, n_rbf), persistent=False)
-        self.atom = nn.Linear(n_types + 1, hidden)  # atom-type features + time
+        # atom-type features (and the estimate's, with self-conditioning) + time features
+        self.atom = nn.Linear(n_types * (2 if self_condition else 1) + 1 + 2 * time_frequencies, hidden)
         self.pair_from_atoms = nn.Linear(hidden, 2 * pair_dim, bias=False)
         self.pair_from_distance = nn.Linear(n_rbf + 1, pair_dim)
+        if self_condition:  # the estimate's distances, embedded as the input's are
+            self.pair_from_estimate = nn.Linear(n_rbf + 1, pair_dim)
 
-    def forward(self, h, pos, t, mask):
+    def distance_basis(self, dist):
+        """[B, N, N] -> [B, N, N, n_rbf + 1]: the Gaussian basis and d / rbf_max."""
+        rbf = torch.exp(-(((dist.unsqueeze(-1) - self.centres) / self.width) ** 2))
+        return torch.cat([rbf, (dist / self.rbf_max).unsqueeze(-1)], dim=-1)
+
+    def forward(self, h, pos, t, mask, estimate=None):
+        if estimate is not None and not self.self_condition:
+            raise ValueError("an estimate was passed to a backbone built without self_condition")
         N = mask.shape[1]
         pos = full(pos)  # the coordinate path is never bf16 (models/precision.py)
         with no_autocast(pos):  # the geometry in pos's dtype; the embeddings below may run in bf16
             diff = pos.unsqueeze(2) - pos.unsqueeze(1)  # [B, N, N, 3], x_i - x_j
             dist = (diff.pow(2).sum(-1) + 1e-12).sqrt()  # [B, N, N]; the epsilon keeps the gradient finite at i = j
-            rbf = torch.exp(-(((dist.unsqueeze(-1) - self.centres) / self.width) ** 2))
-            distance = torch.cat([rbf, (dist / self.rbf_max).unsqueeze(-1)], dim=-1)
-        t_feat = t.to(pos.dtype)[:, None, None].expand(-1, N, 1)
+            distance = self.distance_basis(dist)
+            if self.self_condition:
+                h_hat, d_hat = estimate_features(estimate, mask, self.n_types, pos)
+                h, estimate_distance = torch.cat([h, h_hat.to(h.dtype)], dim=-1), self.distance_basis(d_hat)
+        t_feat = time_features(t.to(pos.dtype), self.time_frequencies)[:, None, :].expand(-1, N, -1)
         s = self.atom(torch.cat([h, t_feat], dim=-1)) * mask.unsqueeze(-1).to(pos.dtype)
         a, b = self.pair_from_atoms(s).chunk(2, dim=-1)
         z = a.unsqueeze(2) + b.unsqueeze(1) + self.pair_from_distance(distance)
+        if self.self_condition:
+            z = z + self.pair_from_estimate(estimate_distance)
         pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)  # [B, N, N]; the diagonal is a real pair (i, i)
         return s, z * pair_mask.unsqueeze(-1).to(z.dtype), diff, dist
 
@@ -162,12 +182,12 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = c = config
-        self.embed = GeometryEmbedding(c.n_types, c.hidden, c.pair_dim, c.n_rbf, c.rbf_max)
+        self.embed = GeometryEmbedding(c.n_types, c.hidden, c.pair_dim, c.n_rbf, c.rbf_max, c.time_frequencies, c.self_condition)
         self.blocks = nn.ModuleList(self.Block(c) for _ in range(c.n_layers))
         self.head = EquivariantHead(c.n_types, c.hidden, c.pair_dim)
 
-    def forward(self, h, pos, t, mask):
-        s, z, diff, dist = self.embed(h, pos, t, mask)
+    def forward(self, h, pos, t, mask, estimate=None):
+        s, z, diff, dist = self.embed(h, pos, t, mask, estimate)
         for block in self.blocks:
             s, z = block(s, z, mask)
         return self.head(s, z, diff, dist, mask)

@@ -123,6 +123,25 @@ def test_sample_shapes_masks_and_centring(name):
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_self_conditioned_process_samples_and_trains_on_both_kinds_of_batch(name):
+    """Self-conditioned: every sampler runs (each step feeding the last estimate back), and the loss differs
+    between a batch whose coin asks for the estimate and one whose coin does not."""
+    torch.manual_seed(0)
+    cls = PROCESSES[name]
+    process = cls(cls.Config(self_condition=True))
+    model = EGNN(EGNNConfig(hidden=16, n_layers=2, self_condition=True))
+    for method in process.SAMPLERS:
+        out = process.sample(model, torch.tensor([4, 9]), n_steps=3, method=method, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out["pos"]).all() and out["pos"].shape == (2, 9, 3)
+    batch = {"types": torch.randint(0, 5, (2, 6)), "pos": remove_mean(torch.randn(2, 6, 3), torch.ones(2, 6, dtype=torch.bool)),
+             "mask": torch.ones(2, 6, dtype=torch.bool)}
+    noise = process.draw_noise(2, 6, torch.Generator().manual_seed(3))
+    assert noise["self_condition"].shape == (2,) and noise["self_condition"].unique().numel() == 1  # one coin a batch
+    losses = [process.loss(model, batch, {**noise, "self_condition": torch.full((2,), coin)}).item() for coin in (0.0, 1.0)]
+    assert all(np.isfinite(losses)) and losses[0] != losses[1]
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSES))
 def test_sampling_is_seeded(name):
     torch.manual_seed(0)
     process = make_process(name)
@@ -154,19 +173,22 @@ class ExactDenoiser(nn.Module):
         return out.expand_as(pos) * mask[..., None], logits.expand(len(pos), -1, -1)
 
 
+@pytest.mark.parametrize("time_power", [1.0, 2.5], ids=["equal-steps", "power-2.5-grid"])
 @pytest.mark.parametrize("name,method", [(n, m) for n in sorted(PROCESSES) for m in PROCESSES[n].SAMPLERS])
-def test_exact_denoiser_reproduces_the_marginals_and_the_molecule(name, method):
+def test_exact_denoiser_reproduces_the_marginals_and_the_molecule(name, method, time_power):
     """With the exact denoiser, the sampler's state at time t must be distributed as the forward
     process: mean alpha_t x1 and per-coordinate variance sigma_t^2 (times 1 - 1/n for coordinates,
     whose noise lives in the zero-centre-of-mass subspace). Wrong posterior coefficients, a wrong
-    time grid or a missing projection shift these moments; the end point must be the molecule."""
+    time grid or a missing projection shift these moments; the end point must be the molecule. On a
+    grid of unequal steps too (a step whose noise assumed equal steps would fail here)."""
     process = make_process(name)
     g = torch.Generator().manual_seed(0)
     n, B = 4, 4000
     x1 = remove_mean(torch.randn(1, n, 3, generator=g) * 1.5, torch.ones(1, n, dtype=torch.bool))
     types1 = torch.tensor([[1, 0, 2, 0]])
     model = ExactDenoiser(process, x1, types1)
-    out = process.sample(model, torch.full((B,), n), n_steps=8, method=method, generator=torch.Generator().manual_seed(1))
+    out = process.sample(model, torch.full((B,), n), n_steps=8, method=method, generator=torch.Generator().manual_seed(1),
+                         time_power=time_power)
     torch.testing.assert_close(out["pos"], x1.expand(B, -1, -1), atol=2e-3, rtol=0)
     assert torch.equal(out["types"], types1.expand(B, -1))
     h1 = nn.functional.one_hot(types1, 5).float() * process.config.type_scale

@@ -78,6 +78,26 @@ def test_size_grouped_batches_pad_less_resume_exactly_and_match_ddp(qm9_dir, tmp
         assert ddp[step] == pytest.approx(full[step], rel=1e-4, abs=1e-5), step
 
 
+def test_recipe_levers_are_stored_and_resume_exactly(qm9_dir, tmp_path):
+    """Adaptive clipping (its history is in the checkpoint), tilted training times and Fourier time features."""
+    levers = ["--grad-clip", "adaptive", "--time-tilt", "0.7", "--time-frequencies", "3", "--eval-samples", "0"]
+    run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "whole")
+    run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "resumed", "--stop-after", "10")
+    run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "resumed", "--resume")
+    full, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert [resumed[s] for s in range(11, 25)] == [full[s] for s in range(11, 25)]  # bit-exact on the CPU
+    ckpt = load_checkpoint(tmp_path / "whole" / "ckpt.pt")
+    assert ckpt["model_config"]["time_frequencies"] == 3 and ckpt["process_config"]["time_tilt"] == 0.7
+    assert len(ckpt["clip_history"]) == 24 and all(n > 0 for n in ckpt["clip_history"])
+    norms = [r["grad_norm"] for r in map(json.loads, (tmp_path / "whole" / "log.jsonl").read_text().splitlines()) if "grad_norm" in r]
+    history = ckpt["clip_history"]  # each step's norm as clipped: the first is not, none exceeds its step's norm
+    assert history[0] == pytest.approx(norms[0], rel=1e-5) and all(h <= n * (1 + 1e-5) for h, n in zip(history, norms))
+    assert min(history) > 1.0  # the recent norms, not the fixed clip of 1.0, set the threshold
+    proc = run("sample.py", "--ckpt", tmp_path / "whole" / "ckpt.pt", "--n", "6", "--steps", "4", "--time-power", "2",
+               "--out", tmp_path / "samples")
+    assert json.loads((tmp_path / "samples" / "sample.json").read_text())["time_power"] == 2.0, proc.stdout
+
+
 def test_two_process_ddp_matches_one_process(trained, qm9_dir, tmp_path):
     out = tmp_path / "ddp"
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
