@@ -73,6 +73,7 @@ runs_flags.add_argument("--samples", type=nonnegative_int, default=None, help="s
                         "loss only; default 1000 for grid, 0 for the sweeps)")
 runs_flags.add_argument("--sample-steps", type=positive_int, default=50, help="sampling steps (sample.py --steps)")
 runs_flags.add_argument("--train-args", default="", help="more train.py flags for every run, as one string: --train-args='--lr 5e-4 --val-size 500'")
+runs_flags.add_argument("--sample-args", default="", help="more sample.py flags for every run, as one string: --sample-args='--time-power 1'")
 runs_flags.add_argument("--eval-args", default="", help="more evaluate.py flags, as one string: --eval-args=--no-fcd")
 runs_flags.add_argument("--out", type=Path, default=None, help="sweep directory (default out/scale/<sweep>-<data>[-<arch>-<gen>])")
 one_cell = argparse.ArgumentParser(add_help=False)
@@ -231,6 +232,7 @@ def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple
     exist already; returns the sampling throughput and the metrics."""
     out = run_dir / samples_name
     out.mkdir(exist_ok=True)
+    sample_flags = (*shlex.split(args.sample_args), *sample_flags)  # a variant's own flags come last, so they win
     try:
         done = json.loads((out / "sample.json").read_text())
         fresh = done["ckpt_step"] == step and done["structures"] == args.samples and (out / "metrics.json").exists() \

@@ -164,7 +164,7 @@ def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
 def test_ablation_shares_runs_between_sampler_variants_and_skips_when_done(qm9_dir, tmp_path):
     ablate = ["ablate", "--variants", "base=", "grid2=|--time-power 2", "tilt=--time-tilt 1", "--hidden", 16, "--n-layers", 2,
               "--iters", 4, "--batch-size", 8, "--samples", 5, "--sample-steps", 3, "--data-dir", qm9_dir,
-              "--train-args", TINY_RUN, "--eval-args=--no-fcd", "--out", tmp_path / "ablate"]
+              "--train-args", TINY_RUN, "--sample-args=--time-power 1", "--eval-args=--no-fcd", "--out", tmp_path / "ablate"]
     scale(*ablate)
     runs = json.loads((tmp_path / "ablate" / "results.json").read_text())["runs"]
     assert [r["run"] for r in runs] == ["gnn-flow-base", "gnn-flow-grid2", "gnn-flow-tilt"]
@@ -172,7 +172,8 @@ def test_ablation_shares_runs_between_sampler_variants_and_skips_when_done(qm9_d
     # the sampler variant samples base's run: two trained runs, three sample directories
     assert sorted(p.name for p in (tmp_path / "ablate").iterdir() if p.is_dir()) == ["gnn-flow-base", "gnn-flow-tilt"]
     grid2 = json.loads((tmp_path / "ablate" / "gnn-flow-base" / "samples-grid2" / "sample.json").read_text())
-    assert grid2["time_power"] == 2.0 and grid2["structures"] == 5
+    base = json.loads((tmp_path / "ablate" / "gnn-flow-base" / "samples" / "sample.json").read_text())
+    assert grid2["time_power"] == 2.0 and grid2["structures"] == 5 and base["time_power"] == 1.0  # the variant's flag wins
     assert runs[0]["val_loss"] == runs[1]["val_loss"] != runs[2]["val_loss"]
     assert "| gnn-flow-tilt | `--time-tilt 1` |" in (tmp_path / "ablate" / "results.md").read_text()
     again = scale(*ablate)  # nothing is trained or sampled again
