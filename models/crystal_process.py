@@ -108,8 +108,8 @@ class CrystalProcess(NamedSamplers):
     def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0):
         """Integrate an ODE from the prior at t = 0 to t = 1 on the torus over the time grid of time_power
         (models/time.py), by Euler, or Heun with an Euler last step (where the types' velocity is undefined).
-        rates(frac_out, lattice_out, t) -> the coordinates' and the
-        lattice's velocities from the backbone's centred outputs; types move towards their prediction."""
+        rates(frac_out, lattice_out, t) -> the coordinates' and the lattice's velocities from the backbone's centred
+        outputs; types move towards their prediction."""
         types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
         f, y = noise["f0"] * node, noise["y0"]
 
@@ -119,7 +119,7 @@ class CrystalProcess(NamedSamplers):
                 (logits.float().softmax(-1) * self.config.type_scale * node - h) / (1 - t)
             return *rates(remove_mean(frac_out.float(), mask), lattice_out.float(), t), vh, logits
 
-        ts = time_grid(n_steps, time_power).tolist()
+        ts = time_grid(n_steps, time_power, torch.float32).tolist()  # float32, as the grid always was here
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t
             vf, vy, vh, logits = velocity(f, y, h, t)

@@ -28,6 +28,7 @@ import torch
 from models.geometry import remove_mean
 from models.precision import full
 from models.process import GaussianProcess, per_molecule_loss
+from models.time import time_grid
 
 
 @dataclass
@@ -116,7 +117,7 @@ class FlowMatching(GaussianProcess):
             estimate = self.estimate(x, tt, pos_out, logits, mask)
             return remove_mean(pos_out.float(), mask) / (1 - t), (estimate["h"] - h) * node / (1 - t), logits, estimate
 
-        ts, estimate = self.time_grid(n_steps, time_power)[0].tolist(), None
+        ts, estimate = time_grid(n_steps, time_power, torch.float32).tolist(), None  # float32, as the grid always was here
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t
             vx, vh, logits, estimate = velocity(x, h, t, estimate)
