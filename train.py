@@ -169,6 +169,7 @@ from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective,
 from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures  # noqa: E402
 from models.labels import LabelsError  # noqa: E402
 from models.metrics import stability  # noqa: E402
+from models.time import DEFAULT_TIME_POWER  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: the same file runs alone or under torchrun.
@@ -475,7 +476,7 @@ class AdaptiveClip:
 
 adaptive_clip = AdaptiveClip(resume_ckpt.get("clip_history") if resume_ckpt is not None else None) \
     if args.grad_clip == "adaptive" else None
-start_step = 0
+start_step, run_seconds_before = 0, 0.0
 if resume_ckpt is not None:
     try:
         ema.load_state_dict(resume_ckpt["ema"])
@@ -485,6 +486,7 @@ if resume_ckpt is not None:
     scheduler.load_state_dict(resume_ckpt["scheduler"])
     scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)  # --override may have changed --lr
     start_step = resume_ckpt["step"]
+    run_seconds_before = resume_ckpt.get("run_seconds", 0.0)  # (0 for checkpoints from before it was kept)
     torch.set_rng_state(resume_ckpt["rng"]["torch"])
     if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
@@ -535,6 +537,7 @@ def save(step: int) -> None:
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
+        "run_seconds": run_seconds_before + time.time() - t_start,  # wall-clock over all sessions, evaluations included
         **({"clip_history": adaptive_clip.history} if adaptive_clip else {}),
     }, keep_previous=out_dir / "ckpt.prev.pt")
 
@@ -557,7 +560,8 @@ def evaluate(step: int) -> dict:
         gen = torch.Generator().manual_seed(args.seed + 17)
         n_atoms = torch.multinomial(hist, args.eval_samples, replacement=True, generator=gen)
         with autocast:
-            out = objective.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen)
+            out = objective.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen,
+                                   time_power=DEFAULT_TIME_POWER["molecules"])
         types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
         z = torch.tensor(ATOMIC_NUMBERS)[types]
         results = [stability(z[i][mask[i]].numpy(), pos[i][mask[i]].double().numpy()) for i in range(len(n_atoms))]
@@ -750,7 +754,7 @@ try:
             # data_wait: the fraction of the time since the last line that the loop waited for its inputs
             record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm.item(), f"{unit}_per_s": per_s,
-                      "data_wait": waited / (now - t_last), "time": now - t_start}
+                      "data_wait": waited / (now - t_last), "time": run_seconds_before + now - t_start}
             log_json(record)
             log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"grad {record['grad_norm']:.2f} | {per_s:,.0f} {unit}/s | data wait {100 * record['data_wait']:.1f} % | "
@@ -758,7 +762,8 @@ try:
             bar.set_postfix(loss=f"{record['loss']:.3f}", per_s=f"{per_s:,.0f}")
             t_last, seen, waited = now, 0, 0.0
         if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
-            record = evaluate(done) if args.task == "gen" else evaluate_student(done)
+            run_seconds = run_seconds_before + time.time() - t_start  # the run's time up to these weights
+            record = {**(evaluate(done) if args.task == "gen" else evaluate_student(done)), "time": run_seconds}
             log_json(record)
             log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             model.train()

@@ -60,6 +60,9 @@ def test_resume_reproduces_uninterrupted_losses(trained, qm9_dir, tmp_path):
     a, b = load_checkpoint(trained / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    # the logged time is the run's, over both sessions: it goes on from the checkpoint's, not from 0
+    times = [json.loads(line)["time"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert times == sorted(times) and b["run_seconds"] >= times[-1]
 
 
 def test_size_grouped_batches_pad_less_resume_exactly_and_match_ddp(qm9_dir, tmp_path):
