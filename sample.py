@@ -28,6 +28,7 @@ from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
 from models.sampling import sample_crystals, sample_molecules
+from models.time import DEFAULT_TIME_POWER
 
 
 def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
@@ -53,7 +54,7 @@ def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, or weights.pt: a finished run's EMA weights alone)")
     parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
     parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
     parser.add_argument("--method", choices=sorted({m for reg in (PROCESSES, CRYSTAL_PROCESSES) for p in reg.values() for m in p.SAMPLERS}), default=None,

@@ -7,7 +7,8 @@ field on label.py's labels (--task ff): one loop for all.
     python train.py --task ff --data labels.h5 [more.h5 ...]        # student of the teacher that labelled them
 
 Reads top to bottom: flags, distributed setup, data, model, optimiser, checkpoints, loop. Only rank 0
-writes files. Writes OUT/ckpt.pt (+ config.json), OUT/log.jsonl and OUT/train.log.
+writes files. Writes OUT/ckpt.pt (+ config.json), OUT/log.jsonl and OUT/train.log; at the last step also
+OUT/weights.pt, the EMA weights alone (sample.py --ckpt reads it).
 """
 from __future__ import annotations
 
@@ -158,8 +159,8 @@ import numpy as np  # noqa: E402
 from ase.data import chemical_symbols  # noqa: E402
 
 from models import arch_class, process_class  # noqa: E402
-from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, load_checkpoint,  # noqa: E402
-                               save_checkpoint)
+from models.checkpoint import (CheckpointError, build_model, build_student, config_from_dict, export_weights,  # noqa: E402
+                               load_checkpoint, save_checkpoint)
 from models.crystal_metrics import csp_metrics, composition_valid, structure_valid  # noqa: E402
 from models.crystals import PaddedCrystals, holdout_mask, load_crystals, unpad  # noqa: E402
 from models.geometry import LatticeScaler  # noqa: E402
@@ -513,7 +514,8 @@ def update_ema(step: int) -> None:
 
 
 def save(step: int) -> None:
-    """Write ckpt.pt, keeping the one it replaces as ckpt.prev.pt; never a checkpoint with non-finite weights."""
+    """Write ckpt.pt, keeping the one it replaces as ckpt.prev.pt (and weights.pt at the last step); never a
+    checkpoint with non-finite weights."""
     if not master:
         return
     bad = [name for net in (model, ema) for name, p in net.state_dict().items() if p.is_floating_point() and not p.isfinite().all()]
@@ -530,7 +532,7 @@ def save(step: int) -> None:
     else:  # the student knows whose labels it learned: label.py and evaluate.py name them
         task_meta = {"objective_config": asdict(objective.config), "teacher": labelled.teacher,
                      "teacher_version": labelled.teacher_version, "n_valid": len(valid_set)}
-    save_checkpoint(ckpt_path, {
+    state = {
         "task": args.task, "data": args.data, "step": step, "model_config": asdict(model.config), **task_meta,
         "n_params": n_params, "n_train": len(train_set), "train_flops_per_step": flops_per_step,
         "args": vars(args), "model": model.state_dict(), "ema": ema.state_dict(),
@@ -539,7 +541,10 @@ def save(step: int) -> None:
         "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
         "run_seconds": run_seconds_before + time.time() - t_start,  # wall-clock over all sessions, evaluations included
         **({"clip_history": adaptive_clip.history} if adaptive_clip else {}),
-    }, keep_previous=out_dir / "ckpt.prev.pt")
+    }
+    save_checkpoint(ckpt_path, state, keep_previous=out_dir / "ckpt.prev.pt")
+    if step == args.iters:  # the finished run's EMA weights alone, to sample from or to share (a few MB)
+        export_weights(state, out_dir / "weights.pt")
 
 
 @torch.no_grad()

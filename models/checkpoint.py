@@ -51,10 +51,20 @@ def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) 
     atomic_write(path.with_name("config.json"), write_json)
 
 
-REQUIRED = {"gen": ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "model", "ema"),
-            "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "model", "ema")}
-RESUME = ("optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
+REQUIRED = {"gen": ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "ema"),
+            "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "ema")}
+RESUME = ("model", "optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
+TRAINING_STATE = ("model", "optimizer", "scheduler", "rng", "log_bytes", "clip_history")  # what export_weights leaves out
 TASK_NAMES = {"gen": "a generative model (train.py --task gen)", "ff": "a student force field (train.py --task ff)"}
+
+
+def export_weights(state: dict, path: Path) -> None:
+    """Write the sampling-only file of a checkpoint dict: its EMA weights and what rebuilds the model (configs,
+    vocabulary, size histogram, flags), without the raw weights, optimiser, scheduler and RNG states, so about a
+    quarter of the checkpoint's size. sample.py, evaluate.py and label.py read it like a checkpoint; train.py
+    cannot resume from it."""
+    weights = {"format": FORMAT, **{k: v for k, v in state.items() if k not in TRAINING_STATE}}
+    atomic_write(Path(path), lambda tmp: torch.save(weights, tmp))
 
 
 def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None, resume: bool = False,
@@ -111,6 +121,8 @@ def config_from_dict(cls, values: dict):
 
 
 def _load_weights(model, ckpt: dict, weights: str, name: str):
+    if weights not in ckpt:
+        raise CheckpointError(f"the checkpoint holds no {weights!r} weights (an export of train.py: only its EMA weights)")
     try:
         model.load_state_dict(ckpt[weights])
     except RuntimeError as e:

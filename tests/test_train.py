@@ -126,6 +126,23 @@ def test_sample_writes_extxyz_and_sdf(trained, tmp_path):
     assert (tmp_path / "sample.log").exists()
 
 
+def test_finished_run_exports_ema_weights_that_sample_alike(trained, qm9_dir, tmp_path):
+    weights = trained / "weights.pt"
+    assert weights.stat().st_size < (trained / "ckpt.pt").stat().st_size / 2  # no optimiser moments, no raw weights
+    assert "optimizer" not in load_checkpoint(weights)
+    for name in ("ckpt.pt", "weights.pt"):
+        run("sample.py", "--ckpt", trained / name, "--n", "6", "--steps", "4", "--out", tmp_path / name)
+    a, b = (ase.io.read(tmp_path / name / "samples.extxyz", ":") for name in ("ckpt.pt", "weights.pt"))
+    assert [m.numbers.tolist() for m in a] == [m.numbers.tolist() for m in b]
+    assert all((m.positions == n.positions).all() for m, n in zip(a, b))
+    proc = run("sample.py", "--ckpt", weights, "--n", "2", "--weights", "model", "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "no 'model' weights" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "ckpt.pt").write_bytes(weights.read_bytes())
+    proc = run("train.py", *TINY, "--data-dir", qm9_dir, "--out", tmp_path / "resume", "--resume", check=False)
+    assert proc.returncode != 0 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_tiny_run_trains_samples_and_evaluates_end_to_end(trained, qm9_dir, tmp_path):
     run("sample.py", "--ckpt", trained / "ckpt.pt", "--n", "20", "--steps", "5", "--out", tmp_path)
     proc = run("evaluate.py", tmp_path / "samples.extxyz", "--data", "qm9", "--data-dir", qm9_dir, "--no-fcd",
