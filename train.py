@@ -170,7 +170,6 @@ from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective,
 from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures  # noqa: E402
 from models.labels import LabelsError  # noqa: E402
 from models.metrics import stability  # noqa: E402
-from models.time import DEFAULT_TIME_POWER  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: the same file runs alone or under torchrun.
@@ -565,8 +564,7 @@ def evaluate(step: int) -> dict:
         gen = torch.Generator().manual_seed(args.seed + 17)
         n_atoms = torch.multinomial(hist, args.eval_samples, replacement=True, generator=gen)
         with autocast:
-            out = objective.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen,
-                                   time_power=DEFAULT_TIME_POWER["molecules"])
+            out = objective.sample(ema, n_atoms, n_steps=args.sample_steps, generator=gen)
         types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
         z = torch.tensor(ATOMIC_NUMBERS)[types]
         results = [stability(z[i][mask[i]].numpy(), pos[i][mask[i]].double().numpy()) for i in range(len(n_atoms))]

@@ -65,7 +65,8 @@ def time_features(t: torch.Tensor, n_frequencies: int) -> torch.Tensor:
 
 
 # The samplers' default grid power per domain: the recipe ablation found P = 2 better for molecules (README); crystals
-# were not ablated and keep equal steps. sample.py and train.py's in-training evaluation both use it.
+# were not ablated and keep equal steps. (train.py's periodic check keeps each process's own sampler on equal steps,
+# so a long run's curve is measured the same way from its first check to its last.)
 DEFAULT_TIME_POWER = {"molecules": 2.0, "crystals": 1.0}
 
 

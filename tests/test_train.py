@@ -126,6 +126,18 @@ def test_sample_writes_extxyz_and_sdf(trained, tmp_path):
     assert (tmp_path / "sample.log").exists()
 
 
+def test_size_ordered_sampling_keeps_the_drawn_sizes_in_order(trained, tmp_path):
+    """--batching size samples the same drawn sizes in other batches, and writes them in the order drawn."""
+    for batching in ("size", "random"):
+        run("sample.py", "--ckpt", trained / "ckpt.pt", "--n", "9", "--steps", "3", "--batch-size", "3", "--batching", batching,
+            "--out", tmp_path / batching)
+    by_size, in_order = (ase.io.read(tmp_path / b / "samples.extxyz", ":") for b in ("size", "random"))
+    assert [m.info["sample_index"] for m in by_size] == [m.info["sample_index"] for m in in_order] == list(range(9))
+    assert [len(m) for m in by_size] == [len(m) for m in in_order] and len({len(m) for m in by_size}) > 1
+    assert any((m.positions != n.positions).any() for m, n in zip(by_size, in_order))  # other batches, other noise
+    assert json.loads((tmp_path / "size" / "sample.json").read_text())["batching"] == "size"
+
+
 def test_finished_run_exports_ema_weights_that_sample_alike(trained, qm9_dir, tmp_path):
     weights = trained / "weights.pt"
     assert weights.stat().st_size < (trained / "ckpt.pt").stat().st_size / 2  # no optimiser moments, no raw weights
