@@ -78,8 +78,10 @@ parser.add_argument("--time-tilt", type=fraction, default=0.0, help="--task gen:
 parser.add_argument("--time-frequencies", type=nonnegative_int, default=None, help="--task gen: K: the backbone also sees sin "
                     "and cos of 2^k pi t for k < K (Fourier time features; 0: t alone). Default 6 for molecules (the recipe "
                     "ablation's winner), 0 for crystals (not ablated there); with --resume, the checkpoint's")
-parser.add_argument("--self-condition", action="store_true", help="molecules: the backbone also sees its own estimate of the "
-                    "clean molecule (from a no-gradient pass on half the batches; the previous step's when sampling)")
+parser.add_argument("--self-condition", action=argparse.BooleanOptionalAction, default=None, help="molecules: the backbone "
+                    "also sees its own estimate of the clean molecule (from a no-gradient pass on half the batches; the "
+                    "previous step's when sampling). Default on for molecules (the recipe ablation's winner; "
+                    "--no-self-condition: off); with --resume, the checkpoint's")
 parser.add_argument("--ot-align", action="store_true", help="molecules, flow: equivariant OT alignment of prior and data")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--cutoff", type=positive_float, default=5.0, help="ff: radius of the student's neighbour graph (A)")
@@ -232,6 +234,8 @@ if args.resume:
         args.batching = stored.get("batching", "random")
     if args.time_frequencies is None:  # and saw t alone
         args.time_frequencies = stored.get("time_frequencies", 0)
+    if args.self_condition is None:  # and had no self-conditioning
+        args.self_condition = stored.get("self_condition", False)
 
     def changes(keys) -> str:
         return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
@@ -252,6 +256,8 @@ if args.batching is None:  # the force field's flat batches have no padding: "ra
     args.batching = "size" if args.task == "gen" else "random"
 if args.time_frequencies is None and args.task == "gen":
     args.time_frequencies = 6 if domain == "molecules" else 0
+if args.self_condition is None:
+    args.self_condition = domain == "molecules"
 if ddp:  # every rank has looked at OUT before rank 0 changes it
     dist.barrier()
 if args.overwrite and master:

@@ -101,6 +101,20 @@ def test_recipe_levers_are_stored_and_resume_exactly(qm9_dir, tmp_path):
     assert json.loads((tmp_path / "samples" / "sample.json").read_text())["time_power"] == 2.0, proc.stdout
 
 
+def test_recipe_defaults_and_resume_keeps_the_checkpoints_recipe(trained, qm9_dir, tmp_path):
+    """Molecules default to Fourier time features and self-conditioning; a run started without them resumes without
+    them (the flags are the checkpoint's, not today's defaults, which would be a different model)."""
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model_config"]["time_frequencies"] == 6 and config["model_config"]["self_condition"]
+    assert config["process_config"]["self_condition"] and config["args"]["batching"] == "size"
+    old_recipe = ["--time-frequencies", "0", "--no-self-condition", "--batching", "random", "--eval-samples", "0"]
+    run("train.py", *TINY, *old_recipe, "--data-dir", qm9_dir, "--out", tmp_path, "--stop-after", "8")
+    run("train.py", *TINY[:-2], "--eval-samples", "0", "--data-dir", qm9_dir, "--out", tmp_path, "--resume")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["step"] == 24 and config["model_config"]["time_frequencies"] == 0
+    assert not config["model_config"]["self_condition"] and config["args"]["batching"] == "random"
+
+
 def test_two_process_ddp_matches_one_process(trained, qm9_dir, tmp_path):
     out = tmp_path / "ddp"
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *TINY,
