@@ -142,16 +142,19 @@ def n_types_of(args) -> int:
 
 
 def matched_width(domain: str, arch: str, n_types: int, n_layers: int, target: int) -> tuple[int, int]:
-    """(hidden, parameters) of the width (a multiple of 4) whose parameter count is nearest to target."""
+    """(hidden, parameters) of the width (a multiple of 4) whose parameter count is nearest to target, for the
+    backbone train.py builds by default (its recipe defaults; --train-args that change the model's size are not
+    seen here, but each run's own count is what the tables report)."""
     import torch
 
-    from models import arch_class
+    from models import RECIPE_DEFAULTS, arch_class
 
     cls, best = arch_class(domain, arch), None
     for hidden in range(4, 4097, 4):
         try:
             with torch.device("meta"):  # shapes only: no memory, no initialisation
-                n = sum(p.numel() for p in cls(cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers)).parameters())
+                config = cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers, **RECIPE_DEFAULTS[domain])
+                n = sum(p.numel() for p in cls(config).parameters())
         except (ValueError, AssertionError):  # a width the architecture does not allow (heads must divide it)
             continue
         if best is None or abs(n - target) < abs(best[1] - target):

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models import ARCH_NAMES, CRYSTAL_DATA, PROCESS_NAMES
+from models import ARCH_NAMES, CRYSTAL_DATA, PROCESS_NAMES, RECIPE_DEFAULTS
 from models.cli import (checked_device, clip_value, decay, fraction, nonnegative_float, nonnegative_int, positive_float,
                         positive_int, writable_dir)
 
@@ -255,9 +255,9 @@ elif any(p.exists() for p in run_files if p.name != "train.log"):  # a run that 
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
     args.batching = "size" if args.task == "gen" else "random"
 if args.time_frequencies is None and args.task == "gen":
-    args.time_frequencies = 6 if domain == "molecules" else 0
+    args.time_frequencies = RECIPE_DEFAULTS[domain]["time_frequencies"]
 if args.self_condition is None:
-    args.self_condition = domain == "molecules"
+    args.self_condition = args.task == "gen" and RECIPE_DEFAULTS[domain].get("self_condition", False)
 if ddp:  # every rank has looked at OUT before rank 0 changes it
     dist.barrier()
 if args.overwrite and master:

@@ -18,6 +18,9 @@ _CRYSTAL_ARCHS = {"gnn": "models.periodic:PeriodicGNN", "transformer": "models.p
 _CRYSTAL_PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching", "diffusion": "models.crystal_diffusion:CrystalDiffusion",
                       "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
 ARCH_NAMES, PROCESS_NAMES = tuple(_ARCHS), tuple(_PROCESSES)
+# train.py's backbone defaults per domain where the classes' own differ: the recipe ablation's winners for molecules
+# (README); crystals were not ablated. scale.py matches parameter counts with them.
+RECIPE_DEFAULTS = {"molecules": {"time_frequencies": 6, "self_condition": True}, "crystals": {"time_frequencies": 0}}
 _REGISTRIES = {"ARCHS": _ARCHS, "PROCESSES": _PROCESSES, "CRYSTAL_ARCHS": _CRYSTAL_ARCHS, "CRYSTAL_PROCESSES": _CRYSTAL_PROCESSES}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import arch_class
+from models import RECIPE_DEFAULTS, arch_class
 from models.scaling import JointLaw, PowerLaw, bootstrap, fit_joint_law, fit_power_law
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,15 +139,21 @@ def test_three_point_compute_sweep_runs_skips_when_done_and_fits(qm9_dir, tmp_pa
     assert "L(C)" in json.loads((tmp_path / "sweep" / "fit.json").read_text())["laws"]
 
 
-@pytest.mark.parametrize("domain, n_types", [("molecules", 5), ("crystals", 55)])
-def test_every_backbone_is_matched_to_the_parameter_target(domain, n_types):
+def scale_module():
     spec = importlib.util.spec_from_file_location("scale_script", ROOT / "scale.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)  # defines the parser and functions; runs nothing
+    return script
+
+
+@pytest.mark.parametrize("domain, n_types", [("molecules", 5), ("crystals", 55)])
+def test_every_backbone_is_matched_to_the_parameter_target(domain, n_types):
+    script = scale_module()
     for arch in script.ARCH_NAMES:
         hidden, n = script.matched_width(domain, arch, n_types, 4, 200_000)
         cls = arch_class(domain, arch)
-        assert n == sum(p.numel() for p in cls(cls.Config(n_types=n_types, hidden=hidden, n_layers=4)).parameters())
+        config = cls.Config(n_types=n_types, hidden=hidden, n_layers=4, **RECIPE_DEFAULTS[domain])
+        assert n == sum(p.numel() for p in cls(config).parameters())
         assert abs(n - 200_000) <= 20_000, (arch, hidden, n)
 
 
@@ -157,6 +163,7 @@ def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
           "--eval-args=--no-fcd", "--out", tmp_path / "grid")
     (run,) = json.loads((tmp_path / "grid" / "results.json").read_text())["runs"]
     assert run["run"] == "transformer-flow" and abs(run["params"] - 9000) <= 900
+    assert run["params"] == scale_module().matched_width("molecules", "transformer", 5, 2, 9000)[1]  # train.py's model
     assert run["samples"] == 6 and run["sample_per_s"] > 0 and 0 <= run["metrics"]["atom_stability"] <= 1
     assert (tmp_path / "grid" / "grid.png").stat().st_size > 0 and "atom_stability" in (tmp_path / "grid" / "results.md").read_text()
 
