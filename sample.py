@@ -84,10 +84,10 @@ def main() -> None:
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {e}")
     out_dir = writable_dir(parser, Path(args.out) if args.out else Path(args.ckpt).parent, "--out")
-    if ckpt.get("domain", "molecules") == "crystals":
-        args.time_power = args.time_power or DEFAULT_TIME_POWER["crystals"]
+    domain = ckpt.get("domain", "molecules")  # checkpoints from before crystals have no "domain"
+    args.time_power = args.time_power or DEFAULT_TIME_POWER[domain]
+    if domain == "crystals":
         return sample_crystal_checkpoint(args, ckpt, device, out_dir)
-    args.time_power = args.time_power or DEFAULT_TIME_POWER["molecules"]
     args.n = args.n or 1000
     if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
         raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")

@@ -230,12 +230,11 @@ if args.resume:
             raise SystemExit(f"cannot resume: {e}; and {e_prev}")
         print(f"warning: {e}; resuming from the previous checkpoint {prev_ckpt_path}", file=sys.stderr)
     stored = resume_ckpt["args"]
-    if args.batching is None:  # runs from before --batching drew their batches at random
-        args.batching = stored.get("batching", "random")
-    if args.time_frequencies is None:  # and saw t alone
-        args.time_frequencies = stored.get("time_frequencies", 0)
-    if args.self_condition is None:  # and had no self-conditioning
-        args.self_condition = stored.get("self_condition", False)
+    # flags left unset take the checkpoint's value, or for runs from before the flag what they did then: batches
+    # drawn at random, t alone, no self-conditioning
+    for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False)):
+        if getattr(args, key) is None:
+            setattr(args, key, stored.get(key, before_the_flag))
 
     def changes(keys) -> str:
         return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
@@ -544,7 +543,7 @@ def save(step: int) -> None:
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "log_bytes": log_bytes,  # a resumed run cuts its logs back to these sizes
-        "run_seconds": run_seconds_before + time.time() - t_start,  # wall-clock over all sessions, evaluations included
+        "run_seconds": run_seconds(),
         **({"clip_history": adaptive_clip.history} if adaptive_clip else {}),
     }
     save_checkpoint(ckpt_path, state, keep_previous=out_dir / "ckpt.prev.pt")
@@ -710,6 +709,13 @@ end_step = args.iters if args.stop_after is None else min(args.iters, start_step
 bar = tqdm(total=args.iters, initial=start_step, disable=not master, unit="step", dynamic_ncols=True,
            mininterval=0.1 if sys.stderr.isatty() else 10)  # a log file gets a line every 10 s, not 10 a second
 t_start, t_last, seen, waited = time.time(), time.time(), 0, 0.0
+
+
+def run_seconds() -> float:
+    """The run's wall-clock so far, over all its sessions, evaluations included (what log.jsonl's time shows)."""
+    return run_seconds_before + time.time() - t_start
+
+
 bad_in_a_row, done = 0, start_step
 model.train()
 prefetch = Prefetcher(step_inputs, range(start_step, end_step))
@@ -763,7 +769,7 @@ try:
             # data_wait: the fraction of the time since the last line that the loop waited for its inputs
             record = {"step": done, "loss": loss_value.item(), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm.item(), f"{unit}_per_s": per_s,
-                      "data_wait": waited / (now - t_last), "time": run_seconds_before + now - t_start}
+                      "data_wait": waited / (now - t_last), "time": run_seconds()}
             log_json(record)
             log(f"step {done:>7}/{args.iters} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"grad {record['grad_norm']:.2f} | {per_s:,.0f} {unit}/s | data wait {100 * record['data_wait']:.1f} % | "
@@ -771,8 +777,8 @@ try:
             bar.set_postfix(loss=f"{record['loss']:.3f}", per_s=f"{per_s:,.0f}")
             t_last, seen, waited = now, 0, 0.0
         if master and ((args.eval_every and done % args.eval_every == 0) or done == args.iters):
-            run_seconds = run_seconds_before + time.time() - t_start  # the run's time up to these weights
-            record = {**(evaluate(done) if args.task == "gen" else evaluate_student(done)), "time": run_seconds}
+            seconds = run_seconds()  # the run's time up to these weights, before evaluating them
+            record = {**(evaluate(done) if args.task == "gen" else evaluate_student(done)), "time": seconds}
             log_json(record)
             log("eval " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             model.train()
