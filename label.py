@@ -110,13 +110,15 @@ def generate(args, out: Path, device: str) -> str:
         from models import PROCESSES
         from models.checkpoint import CheckpointError, load_checkpoint
         from models.sampling import sample_molecules
+        from models.time import DEFAULT_TIME_POWER
 
         try:
             ckpt = load_checkpoint(ckpt_path)
             method = PROCESSES[ckpt["gen"]].SAMPLERS[0]  # the process's default sampler, as in sample.py
             dev = torch.device(device)
+            # sample.py's defaults: the grid finer near the data, batches of similar sizes
             structures, n_bad = sample_molecules(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100,
-                                                 args.seed, dev)
+                                                 args.seed, dev, time_power=DEFAULT_TIME_POWER["molecules"], by_size=True)
         except CheckpointError as e:
             raise LabelsError(f"--generate: {e}") from None
         if not structures:

@@ -65,10 +65,11 @@ def main() -> None:
                         "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
                         "ablation's winner), 1 for crystals (not ablated there)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
-    parser.add_argument("--batching", choices=["size", "random"], default="size", help="molecules: size (default): sample "
-                        "the drawn sizes in increasing order, so each batch is padded only to its largest, not to about "
-                        "the largest of all; random: in the order drawn (the sampler before this option; the same seed "
-                        "gives other molecules under each)")
+    parser.add_argument("--batching", choices=["size", "random"], default="size", help="size (default): sample the drawn "
+                        "sizes (crystals, structure prediction: the compositions) in increasing order, so each batch is "
+                        "padded only to its largest, not to about the largest of all; random: in the order drawn (the "
+                        "sampler before this option; the same seed gives other structures under each). The output is "
+                        "in the order drawn either way")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -155,7 +156,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     t0 = time.time()
     try:
         structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
-                                            args.weights, compositions, args.n_per_composition, truth_rows, args.time_power)
+                                            args.weights, compositions, args.n_per_composition, truth_rows, args.time_power,
+                                            by_size=args.batching == "size")
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
@@ -180,8 +182,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
     report(out_dir, summary, {"structures": n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "time_power": args.time_power, "device": str(device), "seconds": elapsed,
-                              "per_s": n / elapsed})
+                              "method": args.method, "time_power": args.time_power, "batching": args.batching,
+                              "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
 
 
 def report(out_dir: Path, summary: str, stats: dict) -> None:

@@ -50,13 +50,16 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
 
 def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                     weights: str = "ema", compositions=None, n_per_composition: int = 1,
-                    truth_rows: list[int] | None = None, time_power: float = 1.0) -> tuple[list[ase.Atoms], int]:
+                    truth_rows: list[int] | None = None, time_power: float = 1.0,
+                    by_size: bool = False) -> tuple[list[ase.Atoms], int]:
     """Crystals from a loaded crystal checkpoint, on the sampler time grid of time_power (models/time.py): (the crystals with finite coordinates and cell, how many were
     dropped for NaN / Inf). De novo: n crystals, sizes from the training histogram; info['sample_index'].
     Structure prediction: n_per_composition samples for each crystal of `compositions` (a models.crystals.
     CrystalSet, e.g. the test split or a part of it), whose elements the model must know; info['truth_id'] (its
     material_id), info['truth_index'] (its row in the split: truth_rows[i] when the compositions are a part of it)
-    and info['sample_index'] (0..n_per_composition-1)."""
+    and info['sample_index'] (0..n_per_composition-1). Either way the crystals come in that order (drawn sizes; compositions
+    x samples). by_size: batches of the jobs in increasing size, each padded only to its largest crystal, as for
+    molecules (other noise, the same distribution)."""
     from models.crystals import PaddedCrystals, crystal_atoms, unpad
 
     model, process = build_model(ckpt, weights=weights)
@@ -65,23 +68,28 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
     if process.config.csp:
         padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
         jobs = [(i, k) for i in range(len(padded)) for k in range(n_per_composition)]
+        sizes = padded.mask.sum(1)
     else:
         n_atoms = torch.multinomial(torch.tensor(ckpt["n_atoms_hist"]), n, replacement=True, generator=generator)
         jobs = [(i, 0) for i in range(n)]
+        sizes = n_atoms
+    order = torch.argsort(sizes[[i for i, _ in jobs]], stable=True).tolist() if by_size else list(range(len(jobs)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    structures, n_bad = [], 0
+    structures, n_bad = [], 0  # structures: (job index, crystal), put back in job order at the end
     with tqdm(total=len(jobs), unit=" crystals", desc="sampling", mininterval=0.1 if sys.stderr.isatty() else 10) as bar:
         for lo in range(0, len(jobs), batch_size):
-            rows = torch.tensor([i for i, _ in jobs[lo:lo + batch_size]])
+            batch_jobs = order[lo:lo + batch_size]
+            rows = torch.tensor([jobs[j][0] for j in batch_jobs])
             with autocast:
                 if process.config.csp:
-                    b = padded.batch(rows)
+                    b = padded.batch(rows, width=int(sizes[rows].max()))
                     out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator,
                                          time_power=time_power)
                 else:
                     out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator,
                                          time_power=time_power)
-            for (i, k), (numbers, frac, lengths, angles) in zip(jobs[lo:lo + batch_size], unpad(out, ckpt["elements"])):
+            for j, (numbers, frac, lengths, angles) in zip(batch_jobs, unpad(out, ckpt["elements"])):
+                i, k = jobs[j]
                 if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()):
                     n_bad += 1
                     continue
@@ -89,6 +97,6 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
                 atoms.info["sample_index"] = k if process.config.csp else i
                 if process.config.csp:
                     atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=truth_rows[i] if truth_rows else i)
-                structures.append(atoms)
+                structures.append((j, atoms))
             bar.update(len(rows))
-    return structures, n_bad
+    return [atoms for _, atoms in sorted(structures, key=lambda pair: pair[0])], n_bad

@@ -296,6 +296,34 @@ def test_every_combination_overfits_a_few_crystals(arch, gen, csp):
             assert torch.equal(out["types"], b["types"])
 
 
+@pytest.mark.parametrize("csp", [False, True], ids=["de-novo", "csp"])
+def test_size_ordered_sampling_keeps_the_crystals_in_the_order_drawn(csp):
+    """sample.py --batching size (the default) batches the jobs by size; the crystals come back as drawn."""
+    from dataclasses import asdict
+
+    from models.sampling import sample_crystals
+
+    crystals = read_cdvae_csv(CARBON, progress=False)  # 6 carbon crystals of several sizes
+    padded = PaddedCrystals(crystals, crystals.elements())
+    scaler = LatticeScaler.fit(padded.lengths, padded.angles)
+    proc_cls, cls = CRYSTAL_PROCESSES["flow"], CRYSTAL_ARCHS["gnn"]
+    process = proc_cls(proc_cls.Config(n_types=len(crystals.elements()), csp=csp, lattice_mean=scaler.state()["mean"],
+                                       lattice_std=scaler.state()["std"]))
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=len(crystals.elements()), hidden=16, n_layers=1))
+    ckpt = {"domain": "crystals", "arch": "gnn", "gen": "flow", "model_config": asdict(model.config),
+            "process_config": asdict(process.config), "ema": model.state_dict(), "elements": crystals.elements(),
+            "n_atoms_hist": (np.bincount(crystals.n_atoms) / len(crystals)).tolist()}
+    by_size, in_order = (sample_crystals(ckpt, 8, 2, process.SAMPLERS[0], 3, 0, torch.device("cpu"),
+                                         compositions=crystals if csp else None, by_size=b)[0] for b in (True, False))
+    assert [len(a) for a in by_size] == [len(a) for a in in_order] and len({len(a) for a in by_size}) > 1
+    key = "truth_index" if csp else "sample_index"
+    assert [a.info[key] for a in by_size] == [a.info[key] for a in in_order] == list(range(6 if csp else 8))
+    if csp:
+        assert all(sorted(a.numbers) == sorted(crystals.numbers[crystals.atoms_of(i)]) for i, a in enumerate(by_size))
+    assert any(not np.allclose(a.get_scaled_positions(), b.get_scaled_positions()) for a, b in zip(by_size, in_order))
+
+
 @pytest.mark.parametrize("arch, gen", [("gnn", "flow"), ("gnn", "diffusion"), ("gnn", "interpolant"), ("transformer", "flow"),
                                        ("pairformer", "flow")])
 def test_loss_does_not_depend_on_padding(arch, gen):
