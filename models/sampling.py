@@ -82,7 +82,7 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
             rows = torch.tensor([jobs[j][0] for j in batch_jobs])
             with autocast:
                 if process.config.csp:
-                    b = padded.batch(rows, width=int(sizes[rows].max()))
+                    b = padded.batch(rows, width=int(sizes[rows].max()) if by_size else None)  # random: padded as before, the same noise
                     out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator,
                                          time_power=time_power)
                 else:
