@@ -28,7 +28,6 @@ def test_shipped_model_samples_stable_atoms():
     this seed the shipped model gets 87 % of these 16 molecules' atoms right, the same backbone at initialisation
     11 %; 70 % leaves room for another machine's arithmetic (another seed gave 83 %)."""
     ckpt = load_checkpoint(PRETRAINED)
-    torch.set_num_threads(1)
     molecules, n_bad = sample_molecules(ckpt, n=16, n_steps=20, method="heun", batch_size=16, seed=0,
                                         device=torch.device("cpu"), time_power=DEFAULT_TIME_POWER["molecules"],
                                         by_size=True)
