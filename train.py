@@ -93,6 +93,10 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order, noise and initialisation")
 parser.add_argument("--out", default=None, help="output directory (default: out/<data>[_csp]_<arch>_<gen>_<preset>)")
+parser.add_argument("--init-from", default=None, help="--task gen: start a new run from the EMA weights of another run's checkpoint (ckpt.pt, weights.pt, or a "
+                    "shipped model such as models/pretrained/qm9_gnn_flow.pt): its backbone, process, data and model flags, with a fresh "
+                    "optimiser, schedule and step count. A second stage: fine-tuning, or training on where --resume cannot (the "
+                    "first run's optimiser state is gone)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt: weights, EMA, optimiser, schedule, RNG, step; the logs are cut back to its step")
 parser.add_argument("--overwrite", action="store_true", help="start a new run in an OUT that holds one: its checkpoints and logs are deleted")
 parser.add_argument("--override", action="store_true", help="with --resume: accept run-defining flags (iters, batch size, seed, lr, schedule, EMA, n-train, preset) that differ from the checkpoint's; they apply from its step on")
@@ -106,6 +110,7 @@ parser.add_argument("--ckpt-every", type=positive_int, default=500, help="steps 
 parser.add_argument("--stop-after", type=positive_int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
 parser.add_argument("--wandb", default=None, help="wandb project name (logs there if wandb is installed)")
 args = parser.parse_args()
+explicit = {k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)}  # set on the command line
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
@@ -116,6 +121,8 @@ MOLECULE_ONLY = ("cfconv_cutoff", "ot_align", "gamma_scale", "self_condition")
 CRYSTAL_ONLY = ("csp", "train_split")
 domain = None  # --task gen: "molecules" or "crystals", from --data
 if args.task == "ff":
+    if args.init_from:
+        parser.error("--init-from applies to --task gen; a student force field starts from reference energies fitted to its labels")
     if given := [k for k in GEN_ONLY if getattr(args, k) not in (None, False, 0.0, parser.get_default(k))]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in given)}: options of --task gen; --task ff trains the "
                      f"student force field of models/forcefield.py")
@@ -147,6 +154,8 @@ if args.resume and args.overwrite:
     parser.error("--resume continues the run in OUT and --overwrite deletes it: give one of them")
 if args.override and not args.resume:
     parser.error("--override applies to --resume only")
+if args.init_from and not Path(args.init_from).is_file():
+    parser.error(f"--init-from {args.init_from}: no such checkpoint file")
 default_out = f"out/{args.data}{'_csp' if args.csp else ''}_{args.arch}_{args.gen}_{args.preset}" if args.task == "gen" else \
     f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
@@ -215,8 +224,25 @@ run_files = [out_dir / name for name in ("ckpt.pt", "ckpt.prev.pt", "config.json
 RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
              "n_train", "preset", "batching") + (("data", "energy_weight", "force_weight", "stress_weight", "val_fraction") if args.task == "ff" else ())
 MODEL_FLAGS = ("hidden", "n_layers") + (("cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split", "time_tilt",
-                                          "time_frequencies", "self_condition")
+                                          "time_frequencies", "self_condition", "init_from")
                                          if args.task == "gen" else ("cutoff",))
+
+
+def changes(keys, stored: dict) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
+                     for k in keys if k in stored and stored[k] != getattr(args, k))
+
+
+def adopt_model_flags(stored: dict, keys, source: str, advice: str) -> None:
+    """The model is rebuilt from a checkpoint whose flags are `stored`: a model flag left unset (a preset's value)
+    becomes the checkpoint's, one set to another value is refused. --data and --csp chose the domain before any
+    checkpoint was read, so they must match as they are."""
+    if changed := changes([k for k in keys if k in explicit or k in ("data", "csp")], stored):
+        raise SystemExit(f"{source}: {changed}; {advice}")
+    for key in (k for k in keys if k in stored):
+        setattr(args, key, stored[key])
+
+
 resume_ckpt, resume_path = None, ckpt_path
 if args.resume:
     try:
@@ -235,15 +261,9 @@ if args.resume:
     for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False)):
         if getattr(args, key) is None:
             setattr(args, key, stored.get(key, before_the_flag))
-
-    def changes(keys) -> str:
-        return ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {stored[k]})"
-                         for k in keys if k in stored and stored[k] != getattr(args, k))
-
-    if changed := changes(MODEL_FLAGS):
-        raise SystemExit(f"cannot resume {resume_path}: {changed}; the model is rebuilt from the checkpoint, so these "
-                         f"cannot change. Drop those flags, or start a new run in another --out")
-    if (changed := changes(RUN_FLAGS)) and not args.override:
+    adopt_model_flags(stored, MODEL_FLAGS, f"cannot resume {resume_path}", "the model is rebuilt from the checkpoint, so these "
+                      "cannot change. Drop those flags, or start a new run in another --out")
+    if (changed := changes(RUN_FLAGS, stored)) and not args.override:
         raise SystemExit(f"cannot resume {resume_path}: {changed}; these define the run. Give the checkpoint's values, "
                          f"or add --override to change them from its step on")
 elif any(p.exists() for p in run_files if p.name != "train.log"):  # a run that stopped before its first step
@@ -251,6 +271,16 @@ elif any(p.exists() for p in run_files if p.name != "train.log"):  # a run that 
         what = "a checkpoint (ckpt.pt)" if ckpt_path.exists() or prev_ckpt_path.exists() else "the logs of an earlier run"
         raise SystemExit(f"{out_dir} holds {what}. Continue it with --resume, start over there with --overwrite "
                          f"(deletes its checkpoints and logs), or give another --out")
+init_ckpt = None  # --init-from: a new run whose model is another run's (its EMA weights and every model flag)
+if args.init_from and resume_ckpt is None:
+    try:
+        init_ckpt = load_checkpoint(args.init_from, arch=args.arch, gen=args.gen)
+    except CheckpointError as e:
+        raise SystemExit(f"--init-from: {e}")
+    if "args" not in init_ckpt:
+        raise SystemExit(f"--init-from {args.init_from}: the checkpoint holds no train.py flags ('args'), so its model flags are unknown")
+    adopt_model_flags(init_ckpt["args"], [k for k in MODEL_FLAGS if k != "init_from"], f"--init-from {args.init_from}",
+                      "the model is the checkpoint's. Drop those flags, or give its values")
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
     args.batching = "size" if args.task == "gen" else "random"
 if args.time_frequencies is None and args.task == "gen":
@@ -309,7 +339,8 @@ if args.task == "gen" and domain == "crystals":
         train_crystals = train_crystals.subset(range(min(args.n_train, len(train_crystals))))
     valid_crystals = valid_crystals.subset(range(min(args.val_size, len(valid_crystals))))
     # the vocabulary and the lattice statistics belong to the model: a resumed run keeps the checkpoint's
-    elements = resume_ckpt["elements"] if resume_ckpt is not None else \
+    model_ckpt = resume_ckpt if resume_ckpt is not None else init_ckpt
+    elements = model_ckpt["elements"] if model_ckpt is not None else \
         sorted(set(train_crystals.elements()) | set(valid_crystals.elements()))
     n_max = int(max(train_crystals.n_atoms.max(), valid_crystals.n_atoms.max()))
     try:
@@ -408,6 +439,13 @@ if resume_ckpt is not None:  # the checkpoint's configs win over the flags
         model, objective = (build_model if args.task == "gen" else build_student)(resume_ckpt, weights="model")
     except CheckpointError as e:
         raise SystemExit(f"cannot resume from {resume_path}: {e}")
+elif init_ckpt is not None:  # the model (and so the EMA) starts from the checkpoint's EMA weights
+    torch.manual_seed(args.seed)
+    try:
+        model, objective = build_model(init_ckpt, weights="ema")
+    except CheckpointError as e:
+        raise SystemExit(f"--init-from {args.init_from}: {e}")
+    log(f"initialised from {args.init_from}: the EMA weights of its step {init_ckpt['step']}")
 elif args.task == "gen":
     torch.manual_seed(args.seed)
     arch_cls, proc_cls = arch_class(domain, args.arch), process_class(domain, args.gen)

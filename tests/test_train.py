@@ -169,6 +169,29 @@ def test_finished_run_exports_ema_weights_that_sample_alike(trained, qm9_dir, tm
     assert proc.returncode != 0 and "missing" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_init_from_starts_a_new_run_from_another_runs_ema_weights(trained, qm9_dir, tmp_path):
+    """A second stage: the model (weights and model flags) is the first run's, the optimiser and the step start over,
+    and the new run resumes like any other."""
+    flags = ["--preset", "small", "--iters", "2", "--lr", "1e-3", "--warmup", "1", "--batch-size", "16", "--n-train", "256",
+             "--val-size", "32", "--eval-every", "0", "--eval-samples", "4", "--sample-steps", "2", "--data-dir", qm9_dir]
+    out = tmp_path / "stage2"
+    run("train.py", *flags, "--init-from", trained / "weights.pt", "--out", out, "--stop-after", "1")
+    config = json.loads((out / "config.json").read_text())
+    assert config["step"] == 1 and config["model_config"]["hidden"] == 32  # the tiny preset's width, not small's 64
+    assert "initialised from" in (out / "train.log").read_text()
+    source, stage2 = load_checkpoint(trained / "weights.pt")["ema"], load_checkpoint(out / "ckpt.pt")["model"]
+    # one AdamW step moves each weight by about the learning rate; a fresh initialisation is nowhere near
+    assert max((stage2[k] - source[k]).abs().max().item() for k in source if source[k].is_floating_point()) < 2e-3
+    run("train.py", *flags, "--out", out, "--resume")  # --init-from and the width come from the checkpoint
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+    for extra, message in ((["--hidden", "48"], "--hidden 48 (checkpoint: 32); the model is the checkpoint's"),
+                           (["--arch", "transformer"], "trained with --arch gnn, not --arch transformer")):
+        proc = run("train.py", *flags, "--init-from", trained / "weights.pt", *extra, "--out", tmp_path / "other", check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = run("train.py", "--task", "ff", "--init-from", trained / "weights.pt", "--out", tmp_path / "ff", check=False)
+    assert proc.returncode != 0 and "--init-from applies to --task gen" in proc.stderr
+
+
 def test_tiny_run_trains_samples_and_evaluates_end_to_end(trained, qm9_dir, tmp_path):
     run("sample.py", "--ckpt", trained / "ckpt.pt", "--n", "20", "--steps", "5", "--out", tmp_path)
     proc = run("evaluate.py", tmp_path / "samples.extxyz", "--data", "qm9", "--data-dir", qm9_dir, "--no-fcd",
