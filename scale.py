@@ -82,12 +82,13 @@ one_cell.add_argument("--gen", choices=GEN_NAMES, default="flow", help="generati
 
 grid_parser = commands.add_parser("grid", parents=[runs_flags], help="every backbone x process at one matched size and budget",
                                   description="Train, sample and evaluate every backbone x process cell with parameter counts "
-                                  "matched within 10 %% and the same budget; a table, results.json and grid.png.")
+                                  "matched within 10 % and the same budget; a table, results.json and grid.png.")
 grid_parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=list(ARCH_NAMES), help="backbones of the grid")
 grid_parser.add_argument("--gens", nargs="+", choices=GEN_NAMES, default=list(GEN_NAMES), help="processes of the grid")
 grid_parser.add_argument("--params", type=positive_int, default=200_000, help="parameter count every cell is matched to (within 10 %%, by width)")
 grid_parser.add_argument("--seconds", type=positive_float, default=None, help="wall-clock training budget per cell instead of --iters: a "
-                         "30-step probe measures each cell's steps/s and sets its steps, so each runs a complete schedule")
+                         "30-step probe measures each cell's speed, and the median over a backbone's processes sets the steps of all "
+                         "of them, so each runs a complete schedule")
 model_parser = commands.add_parser("model", parents=[runs_flags, one_cell], help="L(N): a sweep over width and depth",
                                    description="Runs over --widths x --depths at fixed data and steps.")
 model_parser.add_argument("--widths", nargs="+", type=positive_int, required=True, help="hidden widths (--hidden)")
@@ -309,7 +310,7 @@ def sweep_points(args) -> list[Point]:
 
 def grid_points(args, out: Path, log) -> list[Point]:
     """Every cell at the width that brings it nearest to --params (refused beyond 10 %), with --iters steps or the
-    steps --seconds buys at the cell's measured speed."""
+    steps --seconds buys at its backbone's measured speed."""
     n_types, points = n_types_of(args), []
     for arch in args.archs:
         hidden, n = matched_width(domain_of(args), arch, n_types, args.n_layers, args.params)
@@ -317,24 +318,32 @@ def grid_points(args, out: Path, log) -> list[Point]:
             sys.exit(f"scale.py: {arch} cannot be matched to {args.params:,} parameters within 10 % at depth {args.n_layers} "
                      f"(nearest: {n:,} at width {hidden}); choose another --params or --n-layers")
         log.info(f"{arch}: width {hidden}, {n:,} parameters (target {args.params:,})")
-        for gen in args.gens:
-            iters = args.iters if args.seconds is None else probe_steps(args, out / f"{arch}-{gen}" / "probe", arch, gen, hidden, log)
-            points.append(Point(f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters))
+        iters = args.iters if args.seconds is None else seconds_to_steps(args, out, arch, hidden, log)
+        points += [Point(f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters) for gen in args.gens]
     return points
 
 
-def probe_steps(args, probe_dir: Path, arch: str, gen: str, hidden: int, log) -> int:
-    """Steps of a --seconds budget: the median speed of a 30-step run (its first 10 steps, which warm up, left out),
-    measured once and kept in the probe's directory."""
+def seconds_to_steps(args, out: Path, arch: str, hidden: int, log) -> int:
+    """Steps of a --seconds budget for every cell of one backbone: its speed is the median over the probes of its
+    processes, which cost the same per step (one network, the same batches), so that one noisy probe does not give
+    one process fewer steps than the others."""
+    rates = {gen: probe_rate(args, out / f"{arch}-{gen}" / "probe", arch, gen, hidden, log) for gen in args.gens}
+    rate = float(np.median(list(rates.values())))
+    steps = max(1, int(args.seconds * rate / args.batch_size))
+    log.info(f"{arch}: {rate:,.0f} structures/s, the median of {', '.join(f'{g} {r:,.0f}' for g, r in rates.items())}: "
+             f"{steps:,} steps in {args.seconds:g} s for each process")
+    return steps
+
+
+def probe_rate(args, probe_dir: Path, arch: str, gen: str, hidden: int, log) -> float:
+    """Structures/s of one cell: the median of a 30-step run's progress lines (its first 10 steps, which warm up,
+    left out), measured once and kept in the probe's directory."""
     if finished_step(probe_dir) < 30:
         probe_dir.mkdir(parents=True, exist_ok=True)
         flags = train_flags(args, arch, gen, hidden, args.n_layers, 30) + ["--log-every", 5, "--val-size", 16]
         run_command([sys.executable, "train.py", *flags, "--out", probe_dir, "--overwrite"], probe_dir / "scale_stdout.log", f"probing {arch}-{gen}")
     records = [json.loads(line) for line in (probe_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    rates = [v for r in records if r.get("step", 0) > 10 for k, v in r.items() if k.endswith("_per_s")]
-    steps = max(1, int(args.seconds * float(np.median(rates)) / args.batch_size))
-    log.info(f"{arch}-{gen}: {np.median(rates):,.0f} structures/s in the probe: {steps:,} steps in {args.seconds:g} s")
-    return steps
+    return float(np.median([v for r in records if r.get("step", 0) > 10 for k, v in r.items() if k.endswith("_per_s")]))
 
 
 def parse_variants(variants: list[str]) -> list[tuple[str, list, tuple, str]]:

@@ -168,6 +168,17 @@ def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
     assert (tmp_path / "grid" / "grid.png").stat().st_size > 0 and "atom_stability" in (tmp_path / "grid" / "results.md").read_text()
 
 
+def test_seconds_budget_gives_every_process_of_a_backbone_the_same_steps(qm9_dir, tmp_path):
+    grid = ["grid", "--archs", "gnn", "--gens", "flow", "diffusion", "--params", 9000, "--n-layers", 2, "--seconds", 1,
+            "--batch-size", 8, "--data-dir", qm9_dir, "--train-args", TINY_RUN, "--out", tmp_path / "grid"]
+    scale(*grid)
+    runs = json.loads((tmp_path / "grid" / "results.json").read_text())["runs"]
+    assert [r["run"] for r in runs] == ["gnn-flow", "gnn-diffusion"] and runs[0]["steps"] == runs[1]["steps"] >= 1
+    assert all((tmp_path / "grid" / f"gnn-{gen}" / "probe" / "log.jsonl").exists() for gen in ("flow", "diffusion"))
+    assert "the median of flow" in (tmp_path / "grid" / "scale.log").read_text()
+    assert scale(*grid).stdout.count("skipped") == 2  # probes and runs are kept: the same steps, nothing trained again
+
+
 def test_ablation_shares_runs_between_sampler_variants_and_skips_when_done(qm9_dir, tmp_path):
     ablate = ["ablate", "--variants", "base=", "grid2=|--time-power 2", "tilt=--time-tilt 1", "--hidden", 16, "--n-layers", 2,
               "--iters", 4, "--batch-size", 8, "--samples", 5, "--sample-steps", 3, "--data-dir", qm9_dir,
