@@ -176,7 +176,10 @@ class ForceField(nn.Module):
         for a loss on them. Stress is computed for periodic structures (zeros for molecules). edges: the
         neighbour_edges of these positions, when the caller found them already (a data loader). Without
         edges, create_graph or stress, the fused kernel runs the layers where it applies (CUDA)."""
-        pos = pos.requires_grad_(True) if not pos.requires_grad else pos
+        # Differentiate with respect to a view of the positions, never the caller's tensor: autograd.grad refuses a
+        # leaf while module backward hooks run (torch.utils.flop_counter's, in train.py), and the caller's tensor
+        # keeps its requires_grad.
+        pos = (pos if pos.requires_grad else pos.detach().requires_grad_(True)).view_as(pos)
         n_struct = int(batch.max()) + 1 if len(batch) else 0
         strain = torch.zeros(n_struct, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=stress)
         if stress:  # E(pos (1 + eps), cell (1 + eps)): dE/deps at 0 is the virial

@@ -91,6 +91,19 @@ def test_student_trains_and_logs_validation_errors_and_data_wait(student, labels
     assert ckpt["n_valid"] == int(is_validation(lab["key"], 0.2).sum()) and ckpt["n_train"] + ckpt["n_valid"] == len(lab["key"])
 
 
+def test_student_trains_on_molecules_alone(tmp_path):
+    """A labels file of molecules only: no batch has a cell, so no strain is differentiated (the fixture above
+    always mixes in crystals; molecule-only runs once failed while train.py counted the FLOPs of a step)."""
+    path = tmp_path / "molecules.h5"
+    teacher, rows = emt_rows(n_molecules=24, n_crystals=0)
+    with LabelWriter(path, teacher.name, teacher.version) as w:
+        w.append(rows, 1.0)
+    run("train.py", *TINY, "--iters", "10", "--eval-every", "10", "--data", path, "--out", tmp_path / "run")
+    log = records(tmp_path / "run")
+    assert log[-1]["step"] == 10 and np.isfinite(log[-1]["val_force_mae_mev_per_a"]), log[-1]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_flops_per_step"] > 0
+
+
 def test_student_resume_is_exact(student, labels, tmp_path):
     out = tmp_path / "resumed"
     run("train.py", *TINY, "--data", labels, "--out", out, "--stop-after", "10")
