@@ -322,7 +322,7 @@ def chgnet_hull(args, name: str, split: str, training: list, elements: list[int]
         zs = sorted(references)
         save_npz(element_cache, dict(version=version, z=np.array(zs), energy=np.array([references[a][0] for a in zs]),
                                      prototype=np.array([references[a][1] for a in zs])))
-    return crystal_stability.convex_hull(training, energies, references)
+    return crystal_stability.Hull(training, energies, references)
 
 
 def stability_metrics(args, name, scored, un, training, train_split, structures, result, log) -> None:
@@ -346,7 +346,7 @@ def stability_metrics(args, name, scored, un, training, train_split, structures,
         outcomes = crystal_stability.relax(scored, args.relax_steps, workers=args.workers, progress=not args.no_progress)
         relaxed = [o[0] if o else c for o, c in zip(outcomes, scored)]
         energies = np.array([o[1] if o else np.nan for o in outcomes])
-    e_hull = np.array([crystal_stability.energy_above_hull(hull, c, e) if np.isfinite(e) else np.nan
+    e_hull = np.array([hull.above(c, e) if np.isfinite(e) else np.nan
                        for c, e in zip(relaxed, energies)])
     stable = np.nan_to_num(e_hull, nan=np.inf) <= args.stable_threshold
     sun = stable & np.array(un["unique"]) & np.array(un["novel"])

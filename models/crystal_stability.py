@@ -152,29 +152,43 @@ def elemental_references(elements: list[int], steps: int = 300, fmax: float = 0.
     return best
 
 
-def convex_hull(crystals: list, energies: np.ndarray, references: dict[int, tuple[float, str]]):
-    """pymatgen PhaseDiagram of crystals (arrays) with their energies per atom, plus the elemental references."""
-    from collections import Counter
+class Hull:
+    """The convex hull of CHGNet energies of crystals (arrays, energies per atom) and elemental references, queried
+    one chemical system at a time.
 
-    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-    from pymatgen.core import Composition, Element
+    One pymatgen PhaseDiagram over a whole data set's elements (56 for perov-5, 89 for MP-20) would be a convex hull
+    in 55+ dimensions, which qhull cannot build in any useful time or memory. A composition's energy above the hull
+    depends only on the entries whose elements are a subset of its own, so each query builds the small diagram of
+    its chemical system (a few elements, a few dozen entries) and keeps it for the next query of that system."""
 
-    entries = [PDEntry(Composition({Element.from_Z(z): 1}), e) for z, (e, _) in references.items()]
-    for crystal, e in zip(crystals, energies):
-        if np.isfinite(e):
-            composition = Composition(Counter(int(z) for z in crystal[0]))
-            entries.append(PDEntry(composition, e * composition.num_atoms))
-    return PhaseDiagram(entries)
+    def __init__(self, crystals: list, energies: np.ndarray, references: dict[int, tuple[float, str]]):
+        from collections import Counter
 
+        from pymatgen.analysis.phase_diagram import PDEntry
+        from pymatgen.core import Composition, Element
 
-def energy_above_hull(hull, crystal, energy_per_atom: float) -> float:
-    """E_hull in eV/atom of a crystal with this energy per atom; NaN when its elements are outside the hull."""
-    from collections import Counter
+        self.entries = [PDEntry(Composition({Element.from_Z(z): 1}), e) for z, (e, _) in references.items()]
+        for crystal, e in zip(crystals, energies):
+            if np.isfinite(e):
+                composition = Composition(Counter(int(z) for z in crystal[0]))
+                self.entries.append(PDEntry(composition, e * composition.num_atoms))
+        self.entry_elements = [frozenset(el.Z for el in e.composition.elements) for e in self.entries]
+        self.elements = {int(z) for z in references}
+        self.diagrams = {}  # frozenset of atomic numbers -> PhaseDiagram
 
-    from pymatgen.analysis.phase_diagram import PDEntry
-    from pymatgen.core import Composition
+    def above(self, crystal, energy_per_atom: float) -> float:
+        """E_hull in eV/atom of a crystal with this energy per atom; NaN when one of its elements has no reference."""
+        from collections import Counter
 
-    composition = Composition(Counter(int(z) for z in crystal[0]))
-    if not set(composition.elements) <= set(hull.elements):
-        return float("nan")
-    return float(hull.get_e_above_hull(PDEntry(composition, energy_per_atom * composition.num_atoms), allow_negative=True))
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+        from pymatgen.core import Composition
+
+        counts = Counter(int(z) for z in crystal[0])
+        system = frozenset(counts)
+        if not system <= self.elements:
+            return float("nan")
+        if system not in self.diagrams:
+            self.diagrams[system] = PhaseDiagram([e for e, els in zip(self.entries, self.entry_elements) if els <= system])
+        composition = Composition(counts)
+        entry = PDEntry(composition, energy_per_atom * composition.num_atoms)
+        return float(self.diagrams[system].get_e_above_hull(entry, allow_negative=True))

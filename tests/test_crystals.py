@@ -495,8 +495,8 @@ def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
     assert np.isfinite(energies).all() and (energies < -7).all()  # eV/atom of real carbon allotropes
     references = crystal_stability.elemental_references([6], steps=60, workers=2, progress=False)
     assert -10 < references[6][0] < -6
-    hull = crystal_stability.convex_hull(arrays, energies, references)
-    e_hull = [crystal_stability.energy_above_hull(hull, c, e) for c, e in zip(arrays, energies)]
+    hull = crystal_stability.Hull(arrays, energies, references)
+    e_hull = [hull.above(c, e) for c, e in zip(arrays, energies)]
     lowest = min(energies.min(), references[6][0])  # one element: the hull is its lowest energy per atom
     assert np.allclose(e_hull, energies - lowest, atol=1e-6)
     squeezed = (arrays[0][0], arrays[0][1], arrays[0][2] * 0.85, arrays[0][3])  # compressed by 15 %: higher in energy
@@ -513,3 +513,34 @@ def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
     metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert metrics["stable_rate"] > 0 and 0 <= metrics["sun_rate"] <= metrics["stable_rate"]
     assert (d / "chgnet_elements.npz").exists() and (d / "cdvae_carbon24_val_chgnet.npz").exists()
+
+
+def test_hull_per_chemical_system_equals_the_global_diagram_and_scales_to_many_elements():
+    """Hull builds one small PhaseDiagram per queried chemical system; on a few elements it must agree with the
+    global diagram, and it must answer on the perov-5 fixture's 14 elements (a global diagram over the full set's 56
+    never finishes)."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
+
+    from models import crystal_stability
+
+    rng = np.random.default_rng(0)
+    pool = [3, 8, 11, 16, 17]  # Li O Na S Cl
+    crystals = [(np.array(rng.choice(pool, size=rng.integers(1, 7))), None, None, None) for _ in range(60)]
+    energies = rng.normal(-4.0, 1.0, len(crystals))
+    references = {z: (float(rng.normal(-2.0, 0.5)), "fcc") for z in pool}
+    hull = crystal_stability.Hull(crystals, energies, references)
+    full = PhaseDiagram(hull.entries)
+    for crystal, e in zip(crystals, energies):
+        composition = Composition({int(z): int((crystal[0] == z).sum()) for z in set(crystal[0].tolist())})
+        expected = full.get_e_above_hull(PDEntry(composition, e * composition.num_atoms), allow_negative=True)
+        assert hull.above(crystal, e) == pytest.approx(expected, abs=1e-9)
+    assert np.isnan(hull.above((np.array([3, 26]), None, None, None), -3.0))  # Fe has no reference
+
+    perov = read_cdvae_csv(PEROV_TEST, progress=False).arrays()
+    elements = sorted({int(z) for c in perov for z in c[0]})
+    assert len(elements) >= 14
+    # every compound at -5 eV/atom over elements at -3: each lies on the hull of its own system
+    hull = crystal_stability.Hull(perov, np.full(len(perov), -5.0), {z: (-3.0, "fcc") for z in elements})
+    assert np.allclose([hull.above(c, -5.0) for c in perov], 0.0, atol=1e-9)
+    assert hull.above(perov[0], -4.9) == pytest.approx(0.1)
