@@ -4,8 +4,9 @@ DFT is out of reach here, so CHGNet (its weights ship in its wheel; it runs offl
 as in DiffCSP++'s and MatterGen-style S.U.N. rates computed with a universal potential:
   - every sample is relaxed (positions and cell, FIRE, until the largest force is below `fmax` or `steps`
     are spent) and keeps CHGNet's energy per atom;
-  - the hull is built from CHGNet energies of the data set's own crystals (single points at their DFT-relaxed
-    geometries: they are near CHGNet's minima, and relaxing thousands of them would take hours) and of
+  - the hull is built from CHGNet energies of the data set's own crystals (single points at their DFT geometries,
+    because relaxing thousands of them takes hours: sound where those are ground states, as in MP-20, but
+    perov-5's cubic perovskites lose a median 0.17 eV/atom on relaxation, so there the hull is too high) and of
     relaxed elemental phases. Elemental phases are not in the CDVAE files, and offline there is no Materials
     Project, so each element's reference is the lowest energy per atom among relaxed prototypes built from
     its covalent radius: fcc, bcc, hcp, simple cubic, diamond, and a dimer in a 10 A box (the ground state of
