@@ -4,10 +4,10 @@ DFT is out of reach here, so CHGNet (its weights ship in its wheel; it runs offl
 as in DiffCSP++'s and MatterGen-style S.U.N. rates computed with a universal potential:
   - every sample is relaxed (positions and cell, FIRE, until the largest force is below `fmax` or `steps`
     are spent) and keeps CHGNet's energy per atom;
-  - the hull is built from CHGNet energies of the data set's own crystals (single points at their DFT geometries,
-    because relaxing thousands of them takes hours: sound where those are ground states, as in MP-20, but
-    perov-5's cubic perovskites lose a median 0.17 eV/atom on relaxation, so there the hull is too high) and of
-    relaxed elemental phases. Elemental phases are not in the CDVAE files, and offline there is no Materials
+  - the hull is built from CHGNet energies of the data set's own crystals and of relaxed elemental phases. The
+    data's crystals enter as single points at their DFT geometries (sound where those are ground states, as in
+    MP-20) or, with evaluate.py --hull relaxed, relaxed as the samples are: perov-5's cubic perovskites lose a
+    median 0.17 eV/atom on relaxation, so a single-point hull is too high there. Elemental phases are not in the CDVAE files, and offline there is no Materials
     Project, so each element's reference is the lowest energy per atom among relaxed prototypes built from
     its covalent radius: fcc, bcc, hcp, simple cubic, diamond, and a dimer in a 10 A box (the ground state of
     the gaseous and molecular elements). These are upper bounds on the true elemental energies, so a hull
@@ -25,6 +25,7 @@ import numpy as np
 
 _MODEL = None
 DIMER_BOX = 10.0  # A: a dimer's distance to its images
+FMAX = 0.1  # eV/A: a relaxation ends when no force is larger
 
 
 def _chgnet():
@@ -79,24 +80,37 @@ def relax_one(job):
     return relaxed, energy, len(trajectory.energies), bool(forces <= fmax)
 
 
-def _map(fn, jobs: list, workers: int | None, progress: bool, desc: str, unit: str) -> list:
-    """fn over jobs on `workers` forked processes (in this process when 1). Forked before this process runs any
-    torch computation, so no OpenMP pool is inherited half-initialised; CHGNet loads in each worker."""
+def _imap(fn, jobs: list, workers: int | None, progress: bool, desc: str, unit: str):
+    """Yields fn(job) in order, computed on `workers` forked processes (in this process when 1). Forked before this
+    process runs any torch computation, so no OpenMP pool is inherited half-initialised; CHGNet loads in each
+    worker."""
     from tqdm import tqdm
 
     workers = workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc=desc, unit=unit, disable=not progress, mininterval=1)
     if workers == 1 or len(jobs) < 2:
-        return [fn(j) for j in tqdm(jobs, **bar)]
+        yield from (fn(j) for j in tqdm(jobs, **bar))
+        return
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        return list(tqdm(pool.imap(fn, jobs), **bar))
+        yield from tqdm(pool.imap(fn, jobs), **bar)
 
 
-def relax(crystals: list, steps: int = 500, fmax: float = 0.1, workers: int | None = None, progress: bool = True) -> list:
+def _map(fn, jobs: list, workers: int | None, progress: bool, desc: str, unit: str) -> list:
+    return list(_imap(fn, jobs, workers, progress, desc, unit))
+
+
+def relax_iter(crystals: list, steps: int = 500, fmax: float = FMAX, workers: int | None = None, progress: bool = True,
+               desc: str = "CHGNet relaxation"):
+    """relax_one of each crystal in turn, over `workers` processes: a caller that saves as results arrive loses at
+    most the relaxations in flight when it is stopped."""
+    yield from _imap(relax_one, [(c, steps, fmax) for c in crystals], workers, progress, desc, " crystals")
+
+
+def relax(crystals: list, steps: int = 500, fmax: float = FMAX, workers: int | None = None, progress: bool = True) -> list:
     """relax_one for every crystal, over `workers` processes."""
-    return _map(relax_one, [(c, steps, fmax) for c in crystals], workers, progress, "CHGNet relaxation", " crystals")
+    return list(relax_iter(crystals, steps, fmax, workers, progress))
 
 
 def _static_chunk(crystals: list) -> list[float]:
@@ -139,7 +153,7 @@ def element_prototypes(z: int) -> list[tuple[str, tuple]]:
     return out
 
 
-def elemental_references(elements: list[int], steps: int = 300, fmax: float = 0.1, workers: int | None = None,
+def elemental_references(elements: list[int], steps: int = 300, fmax: float = FMAX, workers: int | None = None,
                          progress: bool = True) -> dict[int, tuple[float, str]]:
     """{z: (lowest relaxed CHGNet energy per atom over the prototypes, its prototype's name)}."""
     jobs = [(z, name, crystal) for z in elements for name, crystal in element_prototypes(z)]

@@ -513,6 +513,24 @@ def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
     metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert metrics["stable_rate"] > 0 and 0 <= metrics["sun_rate"] <= metrics["stable_rate"]
     assert (d / "chgnet_elements.npz").exists() and (d / "cdvae_carbon24_val_chgnet.npz").exists()
+    # --hull relaxed: the training crystals are relaxed too (here all six: their one system, C, is the samples'),
+    # each cached as it finishes; a run stopped part-way relaxes only what is missing
+    relaxed_run = ("evaluate.py", "--reference", "carbon24", "--data-dir", d, "--stability", "--hull", "relaxed",
+                   "--relax-steps", "5", "--no-coverage", "--n-unique", "2", "--workers", "1")
+    first = run(*relaxed_run, "--json", tmp_path / "relaxed" / "metrics.json")
+    assert "relaxing 6 of the 6 carbon24 val crystals" in first.stdout + first.stderr
+    cache = d / "cdvae_carbon24_val_chgnet_relaxed.npz"
+    with np.load(cache) as z:
+        assert z["done"].all() and np.isfinite(z["energy"]).all()
+        partial = {k: z[k].copy() for k in z.files}
+    relaxed = json.loads((tmp_path / "relaxed" / "metrics.json").read_text())
+    assert "(relaxed)" in relaxed["hull"] and relaxed["stability_of"] == 2 and relaxed["relax_converged"] is not None
+    partial["done"][[1, 4]], partial["energy"][[1, 4]] = False, np.nan  # as if stopped before these two
+    np.savez(cache, **partial)
+    again = run(*relaxed_run, "--json", tmp_path / "again" / "metrics.json")
+    assert "relaxing 2 of the 6 carbon24 val crystals in 1 chemical system(s) scored (4 cached" in again.stdout
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["e_above_hull_median"] == pytest.approx(
+        relaxed["e_above_hull_median"], abs=1e-4)
 
 
 def test_hull_per_chemical_system_equals_the_global_diagram_and_scales_to_many_elements():
