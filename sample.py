@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--time-power", type=positive_float, default=None, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
                         "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
                         "ablation's winner), 1 for crystals (not ablated there)")
+    parser.add_argument("--anneal-slope", type=float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
+                        "anti-annealing, the fractional coordinates' velocity times 1 + SLOPE t (0: off)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
     parser.add_argument("--batching", choices=["size", "random"], default="size", help="size (default): sample the drawn "
                         "sizes (crystals, structure prediction: the compositions) in increasing order, so each batch is "
@@ -89,6 +91,8 @@ def main() -> None:
     args.time_power = args.time_power or DEFAULT_TIME_POWER[domain]
     if domain == "crystals":
         return sample_crystal_checkpoint(args, ckpt, device, out_dir)
+    if args.anneal_slope:
+        parser.error("--anneal-slope: an option of crystal flow and interpolant checkpoints")
     args.n = args.n or 1000
     if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
         raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
@@ -138,6 +142,10 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     args.method = args.method or samplers[0]
     if args.method not in samplers:
         raise SystemExit(f"sample.py: --method {args.method} is not a sampler of crystal --gen {ckpt['gen']}; choose one of {samplers}")
+    if args.anneal_slope and ckpt["gen"] == "diffusion":
+        raise SystemExit("sample.py: --anneal-slope scales an ODE's velocity: an option of crystal flow and interpolant, not diffusion")
+    if args.anneal_slope < 0:
+        raise SystemExit(f"sample.py: --anneal-slope {args.anneal_slope}: must be 0 (off) or positive")
     compositions, truth_rows, what = None, None, f"{args.n or 1000} crystals"
     if ckpt["csp"]:
         try:
@@ -157,7 +165,7 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     try:
         structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
                                             args.weights, compositions, args.n_per_composition, truth_rows, args.time_power,
-                                            by_size=args.batching == "size")
+                                            by_size=args.batching == "size", anneal_slope=args.anneal_slope)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
@@ -166,7 +174,7 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     for atoms in structures:
         atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], data=ckpt["data"], csp=bool(ckpt["csp"]),
                           train_split=ckpt["args"].get("train_split", "train"), steps=args.steps, method=args.method,
-                          time_power=args.time_power)
+                          time_power=args.time_power, anneal_slope=args.anneal_slope)
     names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if ckpt["csp"] else f"sample_{a.info['sample_index']}" for a in structures]
     try:
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -182,8 +190,8 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
     report(out_dir, summary, {"structures": n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "time_power": args.time_power, "batching": args.batching,
-                              "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
+                              "method": args.method, "time_power": args.time_power, "anneal_slope": args.anneal_slope,
+                              "batching": args.batching, "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
 
 
 def report(out_dir: Path, summary: str, stats: dict) -> None:

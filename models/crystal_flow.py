@@ -59,9 +59,12 @@ class CrystalFlowMatching(CrystalProcess):
     @torch.no_grad()
     def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, n_steps: int = 50, method: str = "heun",
-               generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None, time_power: float = 1.0,
+               anneal_slope: float = 0.0) -> dict[str, torch.Tensor]:
         """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions). The
-        velocity of an x1 prediction is the remaining displacement over the remaining time."""
+        velocity of an x1 prediction is the remaining displacement over the remaining time; anneal_slope: see
+        CrystalProcess.integrate."""
         self.check_method(method)
         return self.integrate(model, n_atoms, types, mask, n_steps, method == "heun", generator,
-                              rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)), time_power=time_power)
+                              rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)), time_power=time_power,
+                              anneal_slope=anneal_slope)

@@ -105,11 +105,16 @@ class CrystalProcess(NamedSamplers):
         h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
         return types, mask, node, noise, h
 
-    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0):
+    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0,
+                  anneal_slope: float = 0.0):
         """Integrate an ODE from the prior at t = 0 to t = 1 on the torus over the time grid of time_power
         (models/time.py), by Euler, or Heun with an Euler last step (where the types' velocity is undefined).
         rates(frac_out, lattice_out, t) -> the coordinates' and the lattice's velocities from the backbone's centred
-        outputs; types move towards their prediction."""
+        outputs; types move towards their prediction.
+
+        anneal_slope c > 0 is FlowMM's inference anti-annealing: the coordinates' velocity is multiplied by 1 + c t,
+        so atoms settle onto their predicted sites earlier and the late steps refine rather than move them. The
+        factor is capped at (1 - t) / dt, where a step would carry the coordinates past the end of the path."""
         types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
         f, y = noise["f0"] * node, noise["y0"]
 
@@ -126,6 +131,7 @@ class CrystalProcess(NamedSamplers):
             if heun and t_next < 1:
                 vf2, vy2, vh2, _ = velocity(wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh, t_next)
                 vf, vy, vh = (vf + vf2) / 2, (vy + vy2) / 2, (vh + vh2) / 2
+            vf = vf * min(1 + anneal_slope * t, max(1.0, (1 - t) / dt))
             f, y, h = wrap(f + dt * vf) * node, y + dt * vy, h + dt * vh
         return self.result(types, logits, f, y, mask)
 

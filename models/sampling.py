@@ -51,7 +51,7 @@ def sample_molecules(ckpt: dict, n: int, n_steps: int, method: str, batch_size: 
 def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                     weights: str = "ema", compositions=None, n_per_composition: int = 1,
                     truth_rows: list[int] | None = None, time_power: float = 1.0,
-                    by_size: bool = False) -> tuple[list[ase.Atoms], int]:
+                    by_size: bool = False, anneal_slope: float = 0.0) -> tuple[list[ase.Atoms], int]:
     """Crystals from a loaded crystal checkpoint, on the sampler time grid of time_power (models/time.py): (the crystals with finite coordinates and cell, how many were
     dropped for NaN / Inf). De novo: n crystals, sizes from the training histogram; info['sample_index'].
     Structure prediction: n_per_composition samples for each crystal of `compositions` (a models.crystals.
@@ -59,12 +59,14 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
     material_id), info['truth_index'] (its row in the split: truth_rows[i] when the compositions are a part of it)
     and info['sample_index'] (0..n_per_composition-1). Either way the crystals come in that order (drawn sizes; compositions
     x samples). by_size: batches of the jobs in increasing size, each padded only to its largest crystal, as for
-    molecules (other noise, the same distribution)."""
+    molecules (other noise, the same distribution). anneal_slope: the ODE samplers' inference anti-annealing of the
+    coordinates (models/crystal_process.py; flow and interpolant only)."""
     from models.crystals import PaddedCrystals, crystal_atoms, unpad
 
     model, process = build_model(ckpt, weights=weights)
     model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
+    options = dict(time_power=time_power, **({"anneal_slope": anneal_slope} if anneal_slope else {}))
     if process.config.csp:
         padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
         jobs = [(i, k) for i in range(len(padded)) for k in range(n_per_composition)]
@@ -84,10 +86,10 @@ def sample_crystals(ckpt: dict, n: int, n_steps: int, method: str, batch_size: i
                 if process.config.csp:
                     b = padded.batch(rows, width=int(sizes[rows].max()) if by_size else None)  # random: padded as before, the same noise
                     out = process.sample(model, types=b["types"], mask=b["mask"], n_steps=n_steps, method=method, generator=generator,
-                                         time_power=time_power)
+                                         **options)
                 else:
                     out = process.sample(model, n_atoms=n_atoms[rows], n_steps=n_steps, method=method, generator=generator,
-                                         time_power=time_power)
+                                         **options)
             for j, (numbers, frac, lengths, angles) in zip(batch_jobs, unpad(out, ckpt["elements"])):
                 i, k = jobs[j]
                 if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()):
