@@ -12,8 +12,9 @@ backbone's outputs mean; the backbone contract is in models/periodic.py.
 Interface of every crystal process (train.py, sample.py and models/sampling.py use nothing else):
     loss(model, batch, noise=None) -> scalar
     draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms=None, types=None, mask=None, n_steps, method, generator)
+    sample(model, n_atoms=None, types=None, mask=None, n_steps, method, generator, time_power)
         -> {"types", "frac", "lengths", "angles", "mask"}
+        (the ODE processes, flow and interpolant, also take anneal_slope: see CrystalProcess.integrate)
     SAMPLERS: the sampler names, sample.py's default first
 """
 from __future__ import annotations
