@@ -184,8 +184,9 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
     except DiskFull as e:
         raise SystemExit(f"sample.py: {e}")
     n = len(structures) + n_bad
+    annealed = f" (anti-annealing slope {args.anneal_slope:g})" if args.anneal_slope else ""
     summary = (f"sampled {what} ({n} crystals) from {args.ckpt} (step {ckpt['step']}, {args.weights} weights) with {args.steps} "
-               f"{args.method} steps on {device} in {elapsed:.1f} s: {n / elapsed:,.1f} crystals/s; wrote {len(structures)} to "
+               f"{args.method} steps{annealed} on {device} in {elapsed:.1f} s: {n / elapsed:,.1f} crystals/s; wrote {len(structures)} to "
                f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.cif'}")
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"

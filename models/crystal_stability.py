@@ -7,11 +7,12 @@ as in DiffCSP++'s and MatterGen-style S.U.N. rates computed with a universal pot
   - the hull is built from CHGNet energies of the data set's own crystals and of relaxed elemental phases. The
     data's crystals enter as single points at their DFT geometries (sound where those are ground states, as in
     MP-20) or, with evaluate.py --hull relaxed, relaxed as the samples are: perov-5's cubic perovskites lose a
-    median 0.17 eV/atom on relaxation, so a single-point hull is too high there. Elemental phases are not in the CDVAE files, and offline there is no Materials
-    Project, so each element's reference is the lowest energy per atom among relaxed prototypes built from
-    its covalent radius: fcc, bcc, hcp, simple cubic, diamond, and a dimer in a 10 A box (the ground state of
-    the gaseous and molecular elements). These are upper bounds on the true elemental energies, so a hull
-    built on them can only be too high where a missed allotrope lies lower;
+    median 0.17 eV/atom on relaxation, so a single-point hull is too high there. Elemental phases are not in
+    the CDVAE files, and offline there is no Materials Project, so each element's reference is the lowest
+    energy per atom among relaxed prototypes built from its covalent radius: fcc, bcc, hcp, simple cubic,
+    diamond, and a dimer in a 10 A box (the ground state of the gaseous and molecular elements). These are
+    upper bounds on the true elemental energies, so a hull built on them can only be too high where a missed
+    allotrope lies lower;
   - a crystal is stable when its energy above that hull is at most `threshold` (0.1 eV/atom by default, the
     metastability cut MatterGen uses; 0 is the strict hull).
 S.U.N.: stable, unique and novel (models/crystal_metrics.py), over the same samples.

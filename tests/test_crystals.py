@@ -487,6 +487,8 @@ def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):
 
     atoms = ase.io.read(out / "samples.cif", ":")
     assert len(atoms) == 5 and all(a.pbc.all() and len(a) == 5 for a in atoms)
+    annealed = run("sample.py", "--ckpt", out / "ckpt.pt", "--n", "5", "--steps", "3", "--anneal-slope", "5", "--out", out / "a5")
+    assert "(anti-annealing slope 5)" in annealed.stdout and len(ase.io.read(out / "a5" / "samples.extxyz", ":")) == 5
     run("evaluate.py", out / "samples.extxyz", "--data", "perov5", "--data-dir", crystal_dir, "--workers", "1")
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("structural_validity", "compositional_validity", "wdist_density", "wdist_num_elements", "cov_recall",
