@@ -23,7 +23,7 @@ from rdkit import Chem
 
 from models import CRYSTAL_PROCESSES, PROCESSES
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.cli import checked_device, nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
 from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
 from models.metrics import build_mol
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--time-power", type=positive_float, default=None, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
                         "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
                         "ablation's winner), 1 for crystals (on perov-5, P = 2 and 50-200 steps moved validity by under a point: README, Crystals)")
-    parser.add_argument("--anneal-slope", type=float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
+    parser.add_argument("--anneal-slope", type=nonnegative_float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
                         "anti-annealing, the fractional coordinates' velocity times 1 + SLOPE t (0: off)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
     parser.add_argument("--batching", choices=["size", "random"], default="size", help="size (default): sample the drawn "
@@ -144,8 +144,6 @@ def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
         raise SystemExit(f"sample.py: --method {args.method} is not a sampler of crystal --gen {ckpt['gen']}; choose one of {samplers}")
     if args.anneal_slope and ckpt["gen"] == "diffusion":
         raise SystemExit("sample.py: --anneal-slope scales an ODE's velocity: an option of crystal flow and interpolant, not diffusion")
-    if args.anneal_slope < 0:
-        raise SystemExit(f"sample.py: --anneal-slope {args.anneal_slope}: must be 0 (off) or positive")
     compositions, truth_rows, what = None, None, f"{args.n or 1000} crystals"
     if ckpt["csp"]:
         try:
