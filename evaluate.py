@@ -9,7 +9,7 @@ a CDVAE set (CDVAE protocol), or the real test set; or a student force field aga
 
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
 log.jsonl sits next to the samples; for a student: parity plots and MD energy traces) and evaluate.log; prints
-the metric table and the throughput. Metric definitions: models/metrics.py, models/forcefield_eval.py and
+the metric table and the throughput. Metric definitions: models/molecule_metrics.py, models/forcefield_eval.py and
 README.md, "Design", "Metrics".
 """
 import argparse
@@ -536,7 +536,7 @@ if (args.reference or args.data) in CRYSTAL_DATA:
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models import metrics  # noqa: E402
+from models import molecule_metrics as metrics  # noqa: E402
 from models.molecules import DataError, default_data_dir, load_qm9, split_indices  # noqa: E402
 from models.fileio import atomic_write  # noqa: E402
 

@@ -26,7 +26,7 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
 from models.molecules import ATOM_SYMBOLS
 from models.fileio import DiskFull, atomic_write
-from models.metrics import build_mol
+from models.molecule_metrics import build_mol
 from models.sampling import sample_crystals, sample_molecules
 from models.time import DEFAULT_TIME_POWER
 

@@ -180,7 +180,7 @@ from models.fileio import Busy, ExclusiveLock, is_disk_full, remove_stale_tempor
 from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies  # noqa: E402
 from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures  # noqa: E402
 from models.labels import LabelsError  # noqa: E402
-from models.metrics import stability  # noqa: E402
+from models.molecule_metrics import stability  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: the same file runs alone or under torchrun.

@@ -206,7 +206,7 @@ def bench_radius(args) -> list[dict]:
 # Shared memory a block may use (opt-in maximum), in bytes, per compute capability.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-RADIUS_N_RBF = 16  # models/gnn.py's default; a loop bound, so other values give the same code
+RADIUS_N_RBF = 16  # models/egnn.py's default; a loop bound, so other values give the same code
 
 
 def entry_points(module) -> list:

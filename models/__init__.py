@@ -10,11 +10,11 @@ from importlib import import_module
 
 DOMAINS = ("molecules", "crystals")
 CRYSTAL_DATA = ("perov5", "carbon24", "mp20")  # the CDVAE sets models/crystals.py loads
-_ARCHS = {"gnn": "models.gnn:EGNN", "transformer": "models.transformer:Transformer", "pairformer": "models.pairformer:Pairformer"}
-_PROCESSES = {"flow": "models.flow:FlowMatching", "diffusion": "models.diffusion:Diffusion",
-              "interpolant": "models.interpolant:StochasticInterpolant"}
-_CRYSTAL_ARCHS = {"gnn": "models.periodic:PeriodicGNN", "transformer": "models.periodic:PeriodicTransformer",
-                  "pairformer": "models.periodic:PeriodicPairformer"}
+_ARCHS = {"gnn": "models.egnn:EGNN", "transformer": "models.transformer:Transformer", "pairformer": "models.pairformer:Pairformer"}
+_PROCESSES = {"flow": "models.molecule_flow:FlowMatching", "diffusion": "models.molecule_diffusion:Diffusion",
+              "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
+_CRYSTAL_ARCHS = {"gnn": "models.crystal_backbones:PeriodicGNN", "transformer": "models.crystal_backbones:PeriodicTransformer",
+                  "pairformer": "models.crystal_backbones:PeriodicPairformer"}
 _CRYSTAL_PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching", "diffusion": "models.crystal_diffusion:CrystalDiffusion",
                       "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
 ARCH_NAMES, PROCESS_NAMES = tuple(_ARCHS), tuple(_PROCESSES)

@@ -8,7 +8,7 @@ coordinates, variance-preserving diffusion for the lattice and the types; de nov
     wrapped normal, sum over images k of -(d + k) / sigma^2 exp(-(d + k)^2 / 2 sigma^2), normalised, at
     d = torus_difference(f_t, f1): for small sigma that is minus the noise z, as in DDPM's epsilon
     prediction; the target is centred over the atoms like the output;
-  - lattice y and types h: x_t = alpha_t x1 + sigma_t x0 with EDM's polynomial schedule (models/diffusion.py),
+  - lattice y and types h: x_t = alpha_t x1 + sigma_t x0 with EDM's polynomial schedule (models/molecule_diffusion.py),
     the network predicting the lattice noise y0 and the clean types (cross-entropy), as for molecules.
 
 Samplers, from t = 0 to 1 in n_steps equal steps, ending on the denoised prediction:
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from models.crystal_process import CrystalProcess, CrystalProcessConfig
-from models.diffusion import ddpm_posterior, polynomial_schedule
+from models.molecule_diffusion import ddpm_posterior, polynomial_schedule
 from models.geometry import remove_mean, torus_difference, wrap
 from models.time import time_grid
 

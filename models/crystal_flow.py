@@ -10,7 +10,7 @@ Paths, t = 0 prior and t = 1 data (the molecule processes' convention):
   - lattice: y0 ~ N(0, I), y_t = (1 - t) y0 + t y1; the network predicts y1 - y_t;
   - types (de novo): as for molecules, h_t = (1 - t) h0 + t h1, with a cross-entropy on the logits.
 The loss is the velocity regression: the displacement errors weighted by 1 / (1 - t)^2 (capped as in
-models/flow.py), fractional errors in units of the uniform distribution's spread (a variance of 1/12 per
+models/molecule_flow.py), fractional errors in units of the uniform distribution's spread (a variance of 1/12 per
 component), so the coordinates and the standardised lattice weigh alike.
 
 Samplers integrate the ODE from t = 0 to 1: Euler, or Heun (2nd order; its last step is an Euler step, which

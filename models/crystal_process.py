@@ -7,7 +7,7 @@ A crystal state has three parts, each on its own space (models/geometry.py):
   - h [B, N, T]: types as the one-hot vector times `type_scale`, Euclidean (prior N(0, I)), generated de novo,
     or given (structure prediction, `csp`): then the clean one-hot is the input at every time.
 The processes differ in how they move frac and y from t = 0 (prior) to t = 1 (data) and in what the
-backbone's outputs mean; the backbone contract is in models/periodic.py.
+backbone's outputs mean; the backbone contract is in models/crystal_backbones.py.
 
 Interface of every crystal process (train.py, sample.py and models/sampling.py use nothing else):
     loss(model, batch, noise=None) -> scalar

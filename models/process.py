@@ -1,4 +1,4 @@
-"""What the generative processes (models/flow.py, diffusion.py, interpolant.py) share.
+"""What the generative processes (models/molecule_flow.py, molecule_diffusion.py, molecule_interpolant.py) share.
 
 All three corrupt data the same way, x_t = alpha_t x1 + sigma_t x0 (x0 Gaussian, coordinates with
 zero centre of mass; types as continuous one-hot vectors times `type_scale`), with t = 0 pure noise

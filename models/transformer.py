@@ -13,7 +13,7 @@ The Pairformer (models/pairformer.py) is this model plus a pair track that is up
 multiplications and triangle attention in every block; it shares this file's layers, embedding and
 head, so the two differ only in what the ablation is about.
 
-Backbone contract (shared by every arch, see models/gnn.py):
+Backbone contract (shared by every arch, see models/egnn.py):
     forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs

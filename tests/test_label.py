@@ -464,8 +464,8 @@ def test_generate_from_a_checkpoint_and_resume(tmp_path):
     import torch
 
     from models.checkpoint import save_checkpoint
-    from models.flow import FlowConfig
-    from models.gnn import EGNN, EGNNConfig
+    from models.molecule_flow import FlowConfig
+    from models.egnn import EGNN, EGNNConfig
 
     torch.manual_seed(0)
     cfg = EGNNConfig(hidden=16, n_layers=1)

@@ -1,4 +1,4 @@
-"""Molecule metrics (models/metrics.py) and evaluate.py, on 300 real QM9 molecules (tests/data/qm9_sample.csv).
+"""Molecule metrics (models/molecule_metrics.py) and evaluate.py, on 300 real QM9 molecules (tests/data/qm9_sample.csv).
 
 evaluate.py runs on `qm9_dir` (conftest.py): a QM9 cache of the fixture molecules, so no test needs the full
 data set; its EDM-style split gives 229 train, 41 valid and 30 test molecules.
@@ -14,7 +14,7 @@ import ase.io
 import numpy as np
 import pytest
 
-from models import metrics
+from models import molecule_metrics as metrics
 from models.molecules import read_qm9pack_csv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from models.checkpoint import load_checkpoint
-from models.metrics import stability
+from models.molecule_metrics import stability
 from models.sampling import sample_molecules
 from models.time import DEFAULT_TIME_POWER
 

@@ -10,8 +10,8 @@ from torch import nn
 from models import ARCHS, PROCESSES
 from models.geometry import remove_mean
 from models.molecules import PaddedMolecules, load_qm9
-from models.flow import align_prior, kabsch_rotation
-from models.gnn import EGNN, EGNNConfig
+from models.molecule_flow import align_prior, kabsch_rotation
+from models.egnn import EGNN, EGNNConfig
 
 
 def make_process(name):
