@@ -52,6 +52,7 @@ def wrapped_normal_score(d: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 class CrystalDiffusion(CrystalProcess):
     Config = CrystalDiffusionConfig
     SAMPLERS = ("ancestral", "ode")
+    CHECK_SAMPLER = "ancestral"
 
     def frac_sigma(self, t: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -72,13 +73,12 @@ class CrystalDiffusion(CrystalProcess):
         return (frac_err + self.config.lattice_loss_weight * lattice_err + self.type_loss(logits, types, mask)).mean()
 
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, n_steps: int = 100, method: str = "ancestral",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
-        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions); the time grid
-        of time_power (models/time.py)."""
-        self.check_method(method)
-        types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
+        """De novo: request {"n_atoms": [B]}; structure prediction: {"types": [B, N], "mask": [B, N]} (the
+        compositions); the time grid of time_power (models/time.py)."""
+        self.check_sampling(method)
+        types, mask, node, noise, h = self.sampling_start(model, request, generator)
         f, y, given = noise["f0"] * node, noise["y0"], h
         B, device = len(mask), mask.device
         ts = time_grid(n_steps, time_power)

@@ -34,6 +34,8 @@ class CrystalFlowConfig(CrystalProcessConfig):
 class CrystalFlowMatching(CrystalProcess):
     Config = CrystalFlowConfig
     SAMPLERS = ("heun", "euler")
+    CHECK_SAMPLER = "heun"
+    OPTIONS = ("time_power", "anneal_slope")
 
     def time_weight(self, t: torch.Tensor) -> torch.Tensor:
         """The velocity-matching weight 1 / (1 - t)^2 of the displacement errors, capped at t = 1 - min_one_minus_t."""
@@ -57,14 +59,13 @@ class CrystalFlowMatching(CrystalProcess):
         return (weight * (frac_err + self.config.lattice_loss_weight * lattice_err) + self.type_loss(logits, types, mask)).mean()
 
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, n_steps: int = 50, method: str = "heun",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0,
                anneal_slope: float = 0.0) -> dict[str, torch.Tensor]:
-        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions). The
-        velocity of an x1 prediction is the remaining displacement over the remaining time; anneal_slope: see
-        CrystalProcess.integrate."""
-        self.check_method(method)
-        return self.integrate(model, n_atoms, types, mask, n_steps, method == "heun", generator,
+        """De novo: request {"n_atoms": [B]}; structure prediction: {"types": [B, N], "mask": [B, N]} (the
+        compositions). The velocity of an x1 prediction is the remaining displacement over the remaining time;
+        anneal_slope: see CrystalProcess.integrate."""
+        self.check_sampling(method)
+        return self.integrate(model, request, n_steps, method == "heun", generator,
                               rates=lambda frac, lattice, t: (frac / (1 - t), lattice / (1 - t)), time_power=time_power,
                               anneal_slope=anneal_slope)

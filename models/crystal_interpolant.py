@@ -36,6 +36,8 @@ class CrystalInterpolantConfig(CrystalProcessConfig):
 class CrystalInterpolant(CrystalProcess):
     Config = CrystalInterpolantConfig
     SAMPLERS = ("ode",)
+    CHECK_SAMPLER = "ode"
+    OPTIONS = ("time_power", "anneal_slope")
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         types, f1, y1, h1, mask, node, noise = self.data(batch, noise)
@@ -52,12 +54,12 @@ class CrystalInterpolant(CrystalProcess):
         return (frac_err + self.config.lattice_loss_weight * lattice_err + self.type_loss(logits, types, mask)).mean()
 
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor | None = None, types: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, n_steps: int = 50, method: str = "ode",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0,
                anneal_slope: float = 0.0) -> dict[str, torch.Tensor]:
-        """De novo: n_atoms [B]; structure prediction: types [B, N] and mask [B, N] (the compositions). The backbone
-        predicts the velocities themselves; Heun's method; anneal_slope: see CrystalProcess.integrate."""
-        self.check_method(method)
-        return self.integrate(model, n_atoms, types, mask, n_steps, True, generator, rates=lambda frac, lattice, t: (frac, lattice),
+        """De novo: request {"n_atoms": [B]}; structure prediction: {"types": [B, N], "mask": [B, N]} (the
+        compositions). The backbone predicts the velocities themselves; Heun's method; anneal_slope: see
+        CrystalProcess.integrate."""
+        self.check_sampling(method)
+        return self.integrate(model, request, n_steps, True, generator, rates=lambda frac, lattice, t: (frac, lattice),
                               time_power=time_power, anneal_slope=anneal_slope)

@@ -9,13 +9,9 @@ A crystal state has three parts, each on its own space (models/geometry.py):
 The processes differ in how they move frac and y from t = 0 (prior) to t = 1 (data) and in what the
 backbone's outputs mean; the backbone contract is in models/crystal_backbones.py.
 
-Interface of every crystal process (train.py, sample.py and models/sampling.py use nothing else):
-    loss(model, batch, noise=None) -> scalar
-    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms=None, types=None, mask=None, n_steps, method, generator, time_power)
-        -> {"types", "frac", "lengths", "angles", "mask"}
-        (the ODE processes, flow and interpolant, also take anneal_slope: see CrystalProcess.integrate)
-    SAMPLERS: the sampler names, sample.py's default first
+The contract every process keeps is in models/process.py; a crystal process's samples are
+{"types", "frac", "lengths", "angles", "mask"}, and the ODE processes (flow, interpolant) also take the sampler
+option anneal_slope (CrystalProcess.integrate).
 """
 from __future__ import annotations
 
@@ -25,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from models.geometry import LatticeScaler, remove_mean, wrap
-from models.process import NamedSamplers
-from models.time import TimeDistribution, time_grid
+from models.process import Process
+from models.time import time_grid
 
 UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
 
@@ -43,18 +39,13 @@ class CrystalProcessConfig:
     time_tilt: float = 0.0  # training times drawn with density proportional to time_weight^tilt (models/time.py)
 
 
-class CrystalProcess(NamedSamplers):
+class CrystalProcess(Process):
     """Base class; a subclass sets Config, SAMPLERS, loss and sample, and time_weight(t) when its loss is weighted
     over t."""
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
         self.scaler = LatticeScaler(config.lattice_mean, config.lattice_std)
-        self.times = TimeDistribution(self.time_weight, config.time_tilt)
-
-    def time_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The loss's weight over t [B] under a uniform draw of t: 1 here (unweighted losses)."""
-        return torch.ones_like(t)
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
                    device="cpu") -> dict[str, torch.Tensor]:
@@ -90,23 +81,26 @@ class CrystalProcess(NamedSamplers):
         ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")
         return self.config.type_loss_weight * (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def sampling_start(self, model, n_atoms, types, mask, generator):
-        """The prior state: (types or None, mask, node, noise dict, h), on the model's device. De novo takes
-        n_atoms [B]; structure prediction types [B, N] and mask [B, N]."""
+    def sampling_start(self, model, request, generator):
+        """The prior state: (types or None, mask, node, noise dict, h), on the model's device. De novo takes the
+        request {"n_atoms": [B]}; structure prediction {"types": [B, N], "mask": [B, N]}."""
         device = next(model.parameters()).device
+        want = {"types", "mask"} if self.config.csp else {"n_atoms"}
+        if set(request) != want:
+            raise ValueError(f"a {'structure-prediction' if self.config.csp else 'de novo'} crystal model samples for a "
+                             f"request of {sorted(want)}, not {sorted(request)}")
+        types = None
         if self.config.csp:
-            if types is None or mask is None:
-                raise ValueError("a structure-prediction model samples for given compositions: pass types and mask")
-            types, mask = types.to(device), mask.to(device)
+            types, mask = request["types"].to(device), request["mask"].to(device)
         else:
-            n_atoms = n_atoms.to(device)
+            n_atoms = request["n_atoms"].to(device)
             mask = torch.arange(int(n_atoms.max()), device=device)[None, :] < n_atoms[:, None]
         node = mask.unsqueeze(-1).float()
         noise = {k: v.to(device) for k, v in self.draw_noise(*mask.shape, generator, device=device).items()}
         h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
         return types, mask, node, noise, h
 
-    def integrate(self, model, n_atoms, types, mask, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0,
+    def integrate(self, model, request, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0,
                   anneal_slope: float = 0.0):
         """Integrate an ODE from the prior at t = 0 to t = 1 on the torus over the time grid of time_power
         (models/time.py), by Euler, or Heun with an Euler last step (where the types' velocity is undefined).
@@ -116,7 +110,7 @@ class CrystalProcess(NamedSamplers):
         anneal_slope c > 0 is FlowMM's inference anti-annealing: the coordinates' velocity is multiplied by 1 + c t,
         so atoms settle onto their predicted sites earlier and the late steps refine rather than move them. The
         factor is capped at (1 - t) / dt, where a step would carry the coordinates past the end of the path."""
-        types, mask, node, noise, h = self.sampling_start(model, n_atoms, types, mask, generator)
+        types, mask, node, noise, h = self.sampling_start(model, request, generator)
         f, y = noise["f0"] * node, noise["y0"]
 
         def velocity(f, y, h, t: float):

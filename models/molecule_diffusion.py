@@ -18,7 +18,8 @@ Samplers, from t = 0 to 1 in n_steps steps (equal ones by default; models/time.p
   - "ode": DDIM with eta = 0, the deterministic probability-flow path through the same predictions.
 The last step returns the prediction of the clean sample itself (EDM's p(x | z_0) without noise).
 
-The interface shared by every generative process, and the parts they share, are in models/process.py.
+The contract every process keeps is in models/process.py; what the molecule processes share in
+models/molecule_process.py.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from models.geometry import remove_mean
-from models.process import GaussianProcess, per_molecule_loss
+from models.molecule_process import MoleculeProcess, per_molecule_loss
 
 
 def polynomial_schedule(t: torch.Tensor, precision: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +57,10 @@ class DiffusionConfig:
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
 
 
-class Diffusion(GaussianProcess):
+class Diffusion(MoleculeProcess):
     Config = DiffusionConfig
     SAMPLERS = ("ancestral", "ode")  # the first is sample.py's default
+    CHECK_SAMPLER = "ancestral"
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return polynomial_schedule(t, self.config.schedule_precision)
@@ -76,12 +78,12 @@ class Diffusion(GaussianProcess):
                                  self.config.type_loss_weight)
 
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "ancestral",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
-        """Denoise from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py). n_atoms
-        [B] long."""
-        self.check_method(method)
-        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
+        """Denoise from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py) for
+        molecules of request["n_atoms"] [B] atoms."""
+        self.check_sampling(method)
+        mask, node, x, h = self.sampling_start(model, request, generator)
         B, device = len(mask), mask.device
         ts, alphas, sigmas = self.time_grid(n_steps, time_power)
         estimate = None

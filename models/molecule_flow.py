@@ -16,7 +16,8 @@ t = 1 - min_one_minus_t). Unweighted x1 errors are dominated by the irreducible 
 leave the fine geometry at late t, which bond-based stability depends on, nearly untrained (measured:
 atom stability 35 % unweighted vs 48 % weighted after 600 steps of the same model).
 
-The interface shared by every generative process, and the parts they share, are in models/process.py.
+The contract every process keeps is in models/process.py; what the molecule processes share (this loss among
+it) in models/molecule_process.py.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ import numpy as np
 import torch
 
 from models.geometry import remove_mean
-from models.precision import full
-from models.process import GaussianProcess, per_molecule_loss
+from models.molecule_process import MoleculeProcess
 from models.time import time_grid
 
 
@@ -74,9 +74,10 @@ def align_prior(x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: t
     return torch.from_numpy(out).to(x0)
 
 
-class FlowMatching(GaussianProcess):
+class FlowMatching(MoleculeProcess):
     Config = FlowConfig
     SAMPLERS = ("heun", "euler")  # the first is sample.py's default
+    CHECK_SAMPLER = "euler"  # one evaluation a step
 
     @staticmethod
     def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,25 +91,17 @@ class FlowMatching(GaussianProcess):
     def couple(self, x0, x1, types, mask):
         return align_prior(x0, x1, types, mask) if self.config.ot_align else x0
 
-    def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        z = self.noised(batch, noise)
-        pos_out, logits = self.training_outputs(model, z)
-        x1_hat = z["x_t"] + full(pos_out)
-        weight = self.times.loss_weight(z["t"])[:, None]  # the velocity-matching weight over the times' density
-        return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
-                                 self.config.type_loss_weight)
-
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 50, method: str = "euler",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
-        """Integrate the learned ODE from t=0 to 1 on the time grid of `time_power` (models/time.py). n_atoms [B]
-        long; Euler or Heun (2nd order).
+        """Integrate the learned ODE from t=0 to 1 on the time grid of `time_power` (models/time.py) for molecules of
+        request["n_atoms"] [B] atoms; Euler or Heun (2nd order).
 
         Heun's corrector needs u at t + dt, which is undefined at t = 1 (division by 1 - t), so the last
         step is an Euler step; with x1 prediction that step lands exactly on the predicted endpoint.
         """
-        self.check_method(method)
-        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
+        self.check_sampling(method)
+        mask, node, x, h = self.sampling_start(model, request, generator)
 
         def velocity(x, h, t: float, estimate):
             """The velocities at (x, h, t) and the logits and estimate they come from."""

@@ -28,7 +28,8 @@ Samplers, from t = 0 to 1 in n_steps steps (equal ones by default), both ending 
   - "ode": eps_t = 0, the probability-flow ODE, the same update with noise = 0 (DDIM's update on this
     schedule): x_{t+dt} = alpha_{t+dt} x1_hat + sigma_{t+dt} eps_hat.
 
-The interface shared by every generative process, and the parts they share, are in models/process.py.
+The contract every process keeps is in models/process.py; what the molecule processes share (the endpoint
+regression loss among it) in models/molecule_process.py.
 """
 from __future__ import annotations
 
@@ -38,8 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from models.geometry import remove_mean
-from models.precision import full
-from models.process import GaussianProcess, per_molecule_loss
+from models.molecule_process import MoleculeProcess
 
 
 @dataclass
@@ -54,9 +54,10 @@ class InterpolantConfig:
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
 
 
-class StochasticInterpolant(GaussianProcess):
+class StochasticInterpolant(MoleculeProcess):
     Config = InterpolantConfig
     SAMPLERS = ("sde", "ode")  # the first is sample.py's default
+    CHECK_SAMPLER = "sde"
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t = t, sigma_t = sqrt((1 - t)^2 + a t (1 - t)) at times t (any shape)."""
@@ -70,21 +71,13 @@ class StochasticInterpolant(GaussianProcess):
         sigma_dot = (-2 * (1 - t) + self.config.gamma_scale * (1 - 2 * t)) / (2 * sigma)
         return (1 - sigma_dot * alpha / sigma) ** 2
 
-    def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        z = self.noised(batch, noise)
-        pos_out, logits = self.training_outputs(model, z)
-        x1_hat = z["x_t"] + full(pos_out)
-        weight = self.times.loss_weight(z["t"])[:, None]
-        return per_molecule_loss(((x1_hat - z["x1"]) ** 2).sum(-1) * weight, logits, z["types"], z["mask"],
-                                 self.config.type_loss_weight)
-
     @torch.no_grad()
-    def sample(self, model, n_atoms: torch.Tensor, n_steps: int = 100, method: str = "sde",
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
-        """Integrate from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py). n_atoms
-        [B] long."""
-        self.check_method(method)
-        mask, node, x, h = self.sampling_start(model, n_atoms, generator)
+        """Integrate from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py) for
+        molecules of request["n_atoms"] [B] atoms."""
+        self.check_sampling(method)
+        mask, node, x, h = self.sampling_start(model, request, generator)
         B, device = len(mask), mask.device
         ts, alphas, sigmas = self.time_grid(n_steps, time_power)
         noise, estimate = (self.config.noise if method == "sde" else 0.0), None

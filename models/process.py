@@ -1,147 +1,87 @@
-"""What the generative processes (models/molecule_flow.py, molecule_diffusion.py, molecule_interpolant.py) share.
+"""The contracts every generative model here is built from, written once: the backbone (one per geometry) and the
+process (one base for molecules and crystals).
 
-All three corrupt data the same way, x_t = alpha_t x1 + sigma_t x0 (x0 Gaussian, coordinates with
-zero centre of mass; types as continuous one-hot vectors times `type_scale`), with t = 0 pure noise
-and t = 1 data, so a backbone's time input means the same under every process. They differ in the
-schedule `alpha_sigma(t)`, in what the backbone predicts, in the loss weight over t and in their
-samplers; this base class holds the rest: the noise draw, the noised batch, the loss reduction and
-the sampler's starting state.
+A backbone maps a noisy structure at time t to its outputs; a process corrupts data into noise, trains a backbone
+to undo it and integrates the learned path back. Time runs from t = 0 (noise) to t = 1 (data) under every process,
+so a backbone's time input means the same whichever process trains it.
 
-Interface of every generative process (train.py and sample.py use nothing else):
+Processes (models/molecule_process.py and models/crystal_process.py subclass `Process`):
     loss(model, batch, noise=None) -> scalar
-    draw_noise(batch_size, n_max, generator) -> dict of prior samples and times
-    sample(model, n_atoms, n_steps, method, generator) -> {"types", "pos", "mask"}
-    SAMPLERS: the sampler names, sample.py's default first
-
-Precision: train.py and sample.py call loss and sample under bf16 autocast on CUDA. Autocast only
-changes matmul-like ops, and the processes do elementwise arithmetic, so the sampler state (x, h across
-steps) and the loss arithmetic on coordinates stay float32. A backbone's outputs are float32 already
-(models/precision.py); the processes still cast them (full(), .float()) before combining them with the
-state, so a 16-bit output could never pull the state down to bf16.
+    draw_noise(batch_size, n_max, generator, device) -> dict of prior samples and times for a global batch
+    sample(model, request, n_steps, method, generator=None, **options) -> the padded samples
+        request: {"n_atoms": [B]} (de novo), or {"types": [B, N], "mask": [B, N]} (the composition given:
+        crystal structure prediction)
+        options: only those the class lists in OPTIONS (time_power everywhere, anneal_slope for the crystal ODEs)
+    SAMPLERS: the sampler names, sample.py's default first; CHECK_SAMPLER: the one train.py's periodic quality
+        check uses
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
-import torch.nn.functional as F
 
-from models.geometry import remove_mean
-from models.time import TimeDistribution, time_grid
+from models.time import TimeDistribution
 
 
-def per_molecule_loss(coord_sq_err: torch.Tensor, logits: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                      type_loss_weight: float) -> torch.Tensor:
-    """coord_sq_err [B, N] (already weighted), type logits [B, N, T], types [B, N] -> scalar.
+class MoleculeBackbone(Protocol):
+    """Euclidean geometry (models/egnn.py, transformer.py, pairformer.py).
 
-    Means over each molecule's real atoms, then the mean over molecules: equal-sized DDP shards then
-    average to exactly the loss of the whole global batch."""
-    n_real = mask.sum(1).clamp(min=1)
-    coord_loss = (coord_sq_err * mask).sum(1) / n_real
-    ce = F.cross_entropy(logits.float().transpose(1, 2), types, reduction="none")  # [B, N]
-    type_loss = (ce * mask).sum(1) / n_real
-    return (coord_loss + type_loss_weight * type_loss).mean()
+    forward(h [B, N, T] noisy scaled one-hot types, pos [B, N, 3] A, t [B], mask [B, N] bool[, estimate])
+        -> (pos_out [B, N, 3] an equivariant vector per atom, 0 at padding; logits [B, N, T])
+    estimate: with config.self_condition, the last estimate of the clean molecule {"pos", "h"} or None."""
+
+    config: object
+
+    def __call__(self, h: torch.Tensor, pos: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                 estimate: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class NamedSamplers:
-    """What every process, molecular or periodic, shares: samplers chosen by name (SAMPLERS, the default first)."""
+class CrystalBackbone(Protocol):
+    """A lattice and fractional coordinates on the torus (models/crystal_backbones.py).
 
+    forward(h [B, N, T], frac [B, N, 3], lengths [B, 3] A, angles [B, 3] degrees, t [B], mask [B, N] bool)
+        -> (frac_out [B, N, 3] a centred tangent vector on the torus; lattice_out [B, 6]; logits [B, N, T])"""
+
+    config: object
+
+    def __call__(self, h: torch.Tensor, frac: torch.Tensor, lengths: torch.Tensor, angles: torch.Tensor,
+                 t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class Process:
+    """What every process shares: its config (at least n_types and time_tilt), the training-time distribution
+    (models/time.py), and samplers and sampler options chosen by name. A subclass sets Config, SAMPLERS, OPTIONS,
+    loss, draw_noise and sample, and time_weight(t) when its loss is weighted over t."""
+
+    Config: type
     SAMPLERS: tuple[str, ...] = ()
+    OPTIONS: tuple[str, ...] = ("time_power",)
 
-    def check_method(self, method: str) -> None:
-        if method not in self.SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
-
-
-class GaussianProcess(NamedSamplers):
-    """Base class; a subclass sets Config, SAMPLERS, alpha_sigma(t), loss and sample, time_weight(t) when its
-    coordinate loss is weighted over t, and estimate() when its backbone predicts something other than the clean
-    molecule. Its config has at least n_types, type_scale, time_tilt (models/time.py: training times drawn with
-    density proportional to time_weight^tilt) and self_condition (models/self_conditioning.py)."""
+    CHECK_SAMPLER: str = ""  # each class's own, as its check has always used (a run's curve stays comparable)
 
     def __init__(self, config):
         self.config = config
         self.times = TimeDistribution(self.time_weight, config.time_tilt)
 
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
     def time_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The coordinate loss's weight over t [B] (what a uniform draw of t multiplies the error by): 1 here."""
+        """The loss's weight over t [B] (what a uniform draw of t multiplies the error by): 1 here."""
         return torch.ones_like(t)
+
+    def check_sampling(self, method: str, options=()) -> None:
+        """Refuse a sampler or a sampler option this class does not have, naming the ones it has."""
+        if method not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {method!r} for {type(self).__name__}; choose one of {self.SAMPLERS}")
+        if unknown := sorted(set(options) - set(self.OPTIONS)):
+            raise ValueError(f"{type(self).__name__} has no sampler option {', '.join(unknown)}; its options are {self.OPTIONS}")
+
+    def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        raise NotImplementedError
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None,
                    device="cpu") -> dict[str, torch.Tensor]:
-        """Prior samples and times for a batch; drawn for the global batch so DDP ranks can slice rows."""
-        kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        noise = {
-            "t": self.times.draw(torch.rand(batch_size, **kw)),
-            "x0": torch.randn(batch_size, n_max, 3, **kw),
-            "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
-        }
-        if self.config.self_condition:  # one coin for the global batch, a copy per row so that ranks can slice it
-            noise["self_condition"] = torch.rand(1, **kw).expand(batch_size)
-        return noise
+        raise NotImplementedError
 
-    def couple(self, x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prior coordinates paired with x1; independent by default (flow matching's OT overrides it)."""
-        return x0
-
-    def noised(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """The batch at its noise's times: t [B], x0 [B, N, 3] (centred, coupled), x_t, h_t, and the
-        batch's types, x1 (= pos) and mask, all on the batch's device."""
-        types, x1, mask = batch["types"], batch["pos"], batch["mask"]
-        if noise is None:
-            noise = self.draw_noise(*types.shape, device=x1.device)
-        noise = {k: v.to(x1.device) for k, v in noise.items()}
-        node = mask.unsqueeze(-1).to(x1.dtype)
-        t = noise["t"]
-        alpha, sigma = (a.to(x1.dtype)[:, None, None] for a in self.alpha_sigma(t))
-        x0 = self.couple(remove_mean(noise["x0"], mask), x1, types, mask)
-        h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
-        h0 = noise["h0"] * node
-        return {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
-                "types": types, "x1": x1, "mask": mask, **({"coin": noise["self_condition"]} if "self_condition" in noise else {})}
-
-    def estimate(self, x, t, pos_out, logits, mask) -> dict[str, torch.Tensor]:
-        """The clean molecule the backbone's outputs at state x [B, N, 3], times t [B] imply: {"pos" [B, N, 3], "h"
-        [B, N, T] expected scaled one-hot}. Here the outputs predict it (pos_out: its displacement from x)."""
-        return {"pos": x + remove_mean(pos_out.float(), mask),
-                "h": logits.float().softmax(-1) * self.config.type_scale * mask.unsqueeze(-1)}
-
-    def backbone(self, model, h, x, t, mask, estimate=None):
-        """The backbone at a state; a self-conditioned one also sees the estimate (None: zeros)."""
-        return model(h, x, t, mask, estimate) if self.config.self_condition else model(h, x, t, mask)
-
-    def training_outputs(self, model, z: dict[str, torch.Tensor]):
-        """The backbone on a noised batch. Self-conditioned, on the batches whose coin is below 1/2, it first
-        estimates the clean molecule without gradient and sees that estimate (models/self_conditioning.py)."""
-        estimate = None
-        if self.config.self_condition and float(z["coin"][0]) < 0.5:
-            with torch.no_grad():
-                estimate = self.estimate(z["x_t"], z["t"], *self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"]), z["mask"])
-        return self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"], estimate)
-
-    def sampling_start(self, model, n_atoms: torch.Tensor, generator: torch.Generator | None):
-        """The state at t = 0 for molecules of n_atoms [B] atoms: (mask [B, N], node [B, N, 1] float,
-        x [B, N, 3] centred prior coordinates, h [B, N, T] prior types), on the model's device."""
-        device = next(model.parameters()).device
-        n_atoms = n_atoms.to(device)
-        B, N = len(n_atoms), int(n_atoms.max())
-        mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
-        node = mask.unsqueeze(-1).float()
-        noise = self.draw_noise(B, N, generator, device=device)
-        return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node
-
-    def fresh_noise(self, mask: torch.Tensor, generator: torch.Generator | None):
-        """New Gaussian noise for a stochastic sampler step: coordinates [B, N, 3] with zero centre of
-        mass and types [B, N, T], both 0 at padding, on the mask's device."""
-        B, N = mask.shape
-        kw = dict(generator=generator, device=generator.device if generator is not None else mask.device)
-        coords = remove_mean(torch.randn(B, N, 3, **kw).to(mask.device), mask)
-        return coords, torch.randn(B, N, self.config.n_types, **kw).to(mask.device) * mask.unsqueeze(-1)
-
-    def time_grid(self, n_steps: int, power: float = 1.0):
-        """The sampler's n_steps + 1 times from 0 to 1 (models/time.py: equal steps at power 1, finer near the data
-        at power > 1) with their alpha_t and sigma_t, in float64."""
-        ts = time_grid(n_steps, power)
-        return (ts, *self.alpha_sigma(ts))
-
+    def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
+               generator: torch.Generator | None = None, **options) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from conftest import QM9_FIXTURE
-from models import ARCHS, PROCESSES
+from models.domains import Molecules
+
+ARCHS, PROCESSES = Molecules("qm9").archs(), Molecules("qm9").processes()
 from models.geometry import remove_mean
 from models.molecules import PaddedMolecules, read_qm9pack_csv
 
@@ -117,7 +119,7 @@ def test_sampler_under_bf16_autocast_matches_float64(gen, method):
     process = PROCESSES[gen](PROCESSES[gen].Config())
     model = exercised("transformer", 0.3)
     n_atoms = torch.tensor([19, 15, 12, 23])
-    sample = lambda m: process.sample(m, n_atoms, n_steps=4, method=method, generator=torch.Generator().manual_seed(1))
+    sample = lambda m: process.sample(m, {"n_atoms": n_atoms}, 4, method, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         with bf16_autocast():
             out = sample(model.float())

@@ -1,4 +1,4 @@
-"""The generative processes (models.PROCESSES): training signal, every sampler's shapes, masks and
+"""The molecule processes (models/molecule_*.py): training signal, every sampler's shapes, masks and
 seeding, and, with the exact denoiser of a one-molecule data set, that every sampler's states follow
 the process's own marginals x_t = alpha_t x1 + sigma_t x0 and end on the molecule. Flow matching's
 equivariant OT alignment is checked on its own."""
@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import ARCHS, PROCESSES
+from models.domains import Molecules
+
+ARCHS, PROCESSES = Molecules("qm9").archs(), Molecules("qm9").processes()
 from models.geometry import remove_mean
 from models.molecules import PaddedMolecules, load_qm9
 from models.molecule_flow import align_prior, kabsch_rotation
@@ -110,7 +112,7 @@ def test_sample_shapes_masks_and_centring(name):
     model = EGNN(EGNNConfig(hidden=16, n_layers=2))
     n_atoms = torch.tensor([3, 11, 7])
     for method in process.SAMPLERS:
-        out = process.sample(model, n_atoms, n_steps=4, method=method, generator=torch.Generator().manual_seed(0))
+        out = process.sample(model, {"n_atoms": n_atoms}, 4, method, generator=torch.Generator().manual_seed(0))
         assert out["pos"].shape == (3, 11, 3) and out["types"].shape == (3, 11)
         assert torch.equal(out["mask"].sum(1), n_atoms)
         assert torch.isfinite(out["pos"]).all()
@@ -119,7 +121,7 @@ def test_sample_shapes_masks_and_centring(name):
         # divides by alpha_0 ~ 0.003, so its positions can be 100s of A: judge relative to their size.)
         assert out["pos"].sum(1).abs().max() < 1e-4 * max(1.0, out["pos"].abs().max().item())
     with pytest.raises(ValueError, match="unknown sampler"):
-        process.sample(model, n_atoms, n_steps=2, method="leapfrog")
+        process.sample(model, {"n_atoms": n_atoms}, 2, "leapfrog")
 
 
 @pytest.mark.parametrize("name", sorted(PROCESSES))
@@ -131,7 +133,7 @@ def test_self_conditioned_process_samples_and_trains_on_both_kinds_of_batch(name
     process = cls(cls.Config(self_condition=True))
     model = EGNN(EGNNConfig(hidden=16, n_layers=2, self_condition=True))
     for method in process.SAMPLERS:
-        out = process.sample(model, torch.tensor([4, 9]), n_steps=3, method=method, generator=torch.Generator().manual_seed(0))
+        out = process.sample(model, {"n_atoms": torch.tensor([4, 9])}, 3, method, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(out["pos"]).all() and out["pos"].shape == (2, 9, 3)
     batch = {"types": torch.randint(0, 5, (2, 6)), "pos": remove_mean(torch.randn(2, 6, 3), torch.ones(2, 6, dtype=torch.bool)),
              "mask": torch.ones(2, 6, dtype=torch.bool)}
@@ -147,8 +149,8 @@ def test_sampling_is_seeded(name):
     process = make_process(name)
     model = EGNN(EGNNConfig(hidden=16, n_layers=2))
     for method in process.SAMPLERS:
-        a = process.sample(model, torch.tensor([5, 6]), n_steps=3, method=method, generator=torch.Generator().manual_seed(7))
-        b = process.sample(model, torch.tensor([5, 6]), n_steps=3, method=method, generator=torch.Generator().manual_seed(7))
+        a = process.sample(model, {"n_atoms": torch.tensor([5, 6])}, 3, method, generator=torch.Generator().manual_seed(7))
+        b = process.sample(model, {"n_atoms": torch.tensor([5, 6])}, 3, method, generator=torch.Generator().manual_seed(7))
         assert torch.equal(a["pos"], b["pos"]) and torch.equal(a["types"], b["types"])
 
 
@@ -187,7 +189,7 @@ def test_exact_denoiser_reproduces_the_marginals_and_the_molecule(name, method, 
     x1 = remove_mean(torch.randn(1, n, 3, generator=g) * 1.5, torch.ones(1, n, dtype=torch.bool))
     types1 = torch.tensor([[1, 0, 2, 0]])
     model = ExactDenoiser(process, x1, types1)
-    out = process.sample(model, torch.full((B,), n), n_steps=8, method=method, generator=torch.Generator().manual_seed(1),
+    out = process.sample(model, {"n_atoms": torch.full((B,), n)}, 8, method, generator=torch.Generator().manual_seed(1),
                          time_power=time_power)
     torch.testing.assert_close(out["pos"], x1.expand(B, -1, -1), atol=2e-3, rtol=0)
     assert torch.equal(out["types"], types1.expand(B, -1))

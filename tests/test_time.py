@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from models import PROCESSES
+from models.domains import Molecules
+
+PROCESSES = Molecules("qm9").processes()
 from models.time import TimeDistribution, time_features, time_grid
 
 
