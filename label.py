@@ -57,8 +57,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:train|valid|test]")
-    p.add_argument("--generate", default=None, metavar="CKPT", help="also sample --n-generate molecules from this train.py checkpoint and label them")
-    p.add_argument("--n-generate", type=positive_int, default=1000, help="molecules to sample with --generate")
+    p.add_argument("--generate", default=None, metavar="CKPT", help="also sample --n-generate molecules or crystals from this train.py checkpoint (de novo; not a structure-prediction model) and label them")
+    p.add_argument("--n-generate", type=positive_int, default=1000, help="structures to sample with --generate")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps of --generate")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --generate sampling")
     p.add_argument("--teacher", required=True, type=teacher_name, help=f"teacher force field: {', '.join(sorted(TEACHERS))}, or student:PATH (a train.py --task ff checkpoint)")
@@ -99,30 +99,35 @@ def parse_args(argv=None):
 
 
 def generate(args, out: Path, device: str) -> str:
-    """Sample molecules once into OUT's directory (atomic write) and return that file, which is then labelled
-    like any input: a resumed run finds the file and does not sample again, so keys stay the same."""
+    """Sample molecules or crystals once into OUT's directory (atomic write) and return that file, which is then
+    labelled like any input: a resumed run finds the file and does not sample again, so keys stay the same."""
     ckpt_path = Path(args.generate)
     path = out.parent / f"generated_{ckpt_path.parent.name}_n{args.n_generate}_steps{args.steps}_seed{args.seed}.extxyz"
     if not path.exists():
         import ase.io
         import torch
 
-        from models import PROCESSES
         from models.checkpoint import CheckpointError, load_checkpoint
-        from models.sampling import sample_molecules
-        from models.time import DEFAULT_TIME_POWER
+        from models.domains import domain_of
+        from models.sampling import sample_structures
 
         try:
             ckpt = load_checkpoint(ckpt_path)
-            method = PROCESSES[ckpt["gen"]].SAMPLERS[0]  # the process's default sampler, as in sample.py
-            dev = torch.device(device)
-            # sample.py's defaults: the grid finer near the data, batches of similar sizes
-            structures, n_bad = sample_molecules(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100,
-                                                 args.seed, dev, time_power=DEFAULT_TIME_POWER["molecules"], by_size=True)
         except CheckpointError as e:
             raise LabelsError(f"--generate: {e}") from None
+        if ckpt.get("csp"):
+            raise LabelsError(f"--generate {ckpt_path}: a structure-prediction model needs compositions to predict; sample it "
+                              f"with sample.py --compositions and label the samples.extxyz it writes")
+        domain, dev = domain_of(ckpt), torch.device(device)
+        method = domain.process_class(ckpt["gen"]).SAMPLERS[0]  # the process's default sampler, as in sample.py
+        # sample.py's defaults: the domain's time grid, batches of similar sizes
+        try:
+            structures, n_bad = sample_structures(ckpt, args.n_generate, args.steps, method, 1000 if dev.type == "cuda" else 100,
+                                                  args.seed, dev, by_size=True, time_power=domain.TIME_POWER)
+        except CheckpointError as e:
+            raise LabelsError(f"--generate {ckpt_path}: {e}") from None
         if not structures:
-            raise LabelsError(f"--generate {ckpt_path}: all {n_bad} sampled molecules have non-finite coordinates")
+            raise LabelsError(f"--generate {ckpt_path}: all {n_bad} sampled {domain.kind} have non-finite coordinates")
         atomic_write(path, lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
     return str(path)
 
@@ -394,7 +399,7 @@ def _label(args, out: Path, shard: str | None, writer: LabelWriter, teacher: Tea
     if args.generate:
         t_gen = time.time()
         inputs.append(generate(args, out, device))
-        log(f"--generate: {args.n_generate} molecules in {inputs[-1]} (sampled in {time.time() - t_gen:.1f} s, or earlier)")
+        log(f"--generate: {args.n_generate} structures in {inputs[-1]} (sampled in {time.time() - t_gen:.1f} s, or earlier)")
     t_read = time.time()
     records, seen = [], set()
     for key, source, load in iter_records(inputs, anchor=out.parent):  # keys only: records are parsed when labelled

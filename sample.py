@@ -16,181 +16,121 @@ import json
 import time
 from pathlib import Path
 
-import ase
-import ase.io
 import numpy as np
-from rdkit import Chem
 
-from models import CRYSTAL_PROCESSES, PROCESSES
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
-from models.molecules import ATOM_SYMBOLS
-from models.fileio import DiskFull, atomic_write
-from models.molecule_metrics import build_mol
-from models.sampling import sample_crystals, sample_molecules
-from models.time import DEFAULT_TIME_POWER
+from models.domains import DATA_SETS, domain_of, get_domain
+from models.fileio import DataError, DiskFull, atomic_write
+from models.sampling import sample_structures
+
+SAMPLERS = sorted({m for name in DATA_SETS[:2] for p in get_domain(name).processes().values() for m in p.SAMPLERS})
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, or weights.pt: a finished run's EMA weights alone)")
+parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
+parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
+parser.add_argument("--method", choices=SAMPLERS, default=None,
+                    help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
+                         "ancestral (default; DDPM / reverse SDE) or ode (DDIM / probability flow, deterministic); interpolant: sde (default; "
+                         "molecules only) or ode")
+parser.add_argument("--time-power", type=positive_float, default=None, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
+                    "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
+                    "ablation's winner), 1 for crystals (on perov-5, P = 2 and 50-200 steps moved validity by under a point: README, Crystals)")
+parser.add_argument("--anneal-slope", type=nonnegative_float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
+                    "anti-annealing, the fractional coordinates' velocity times 1 + SLOPE t (0: off)")
+parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
+parser.add_argument("--batching", choices=["size", "random"], default="size", help="size (default): sample the drawn "
+                    "sizes (crystals, structure prediction: the compositions) in increasing order, so each batch is "
+                    "padded only to its largest, not to about the largest of all; random: in the order drawn (the "
+                    "sampler before this option; the same seed gives other structures under each). The output is "
+                    "in the order drawn either way")
+parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
+parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
+parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+parser.add_argument("--compositions", choices=["test", "val", "train"], default="test", help="structure prediction: the split of the checkpoint's data set whose compositions are sampled")
+parser.add_argument("--n-per-composition", type=positive_int, default=1, help="structure prediction: samples for each composition")
+parser.add_argument("--data-dir", default=None, help="structure prediction: where the crystal data lives (default: ./data or $MOLGEN_DATA)")
+parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
 
 
-def write_sdf(path: Path, structures: list[ase.Atoms]) -> int:
-    """SDF with bonds inferred from geometry; returns how many molecules RDKit could not write."""
-    failed = 0
+def compositions_to_predict(args, ckpt: dict):
+    """Structure prediction: (the compositions of args.compositions, first --n, whose elements the model knows;
+    their rows in the split)."""
+    from models.crystals import load_crystals
 
-    def write(tmp):
-        nonlocal failed
-        writer = Chem.SDWriter(tmp)
-        writer.SetKekulize(False)  # bond orders come from distances, not an aromaticity model
-        for atoms in structures:
-            try:
-                mol = build_mol(atoms.numbers, atoms.positions)
-                mol.SetProp("_Name", f"sample_{atoms.info['sample_index']}")
-                writer.write(mol)
-            except Exception:  # a geometry RDKit refuses (e.g. impossible valence) is skipped, not fatal
-                failed += 1
-        writer.close()
-
-    atomic_write(path, write)
-    return failed
+    compositions = load_crystals(ckpt["data"], args.compositions, args.data_dir)
+    unknown = [i for i in range(len(compositions)) if set(compositions.numbers[compositions.atoms_of(i)]) - set(ckpt["elements"])]
+    if unknown:  # the model has no embedding for an element it never saw: those compositions cannot be sampled
+        print(f"sample.py: {len(unknown)} {args.compositions} compositions hold elements outside the model's vocabulary; "
+              f"skipped (evaluate.py counts them as not matched), e.g. {compositions.ids[unknown[0]]}")
+    skipped = set(unknown)
+    keep = [i for i in range(len(compositions)) if i not in skipped][: args.n or None]
+    return compositions.subset(keep), keep
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, or weights.pt: a finished run's EMA weights alone)")
-    parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
-    parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
-    parser.add_argument("--method", choices=sorted({m for reg in (PROCESSES, CRYSTAL_PROCESSES) for p in reg.values() for m in p.SAMPLERS}), default=None,
-                        help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
-                             "ancestral (default; DDPM / reverse SDE) or ode (DDIM / probability flow, deterministic); interpolant: sde (default; "
-                             "molecules only) or ode")
-    parser.add_argument("--time-power", type=positive_float, default=None, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
-                        "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
-                        "ablation's winner), 1 for crystals (on perov-5, P = 2 and 50-200 steps moved validity by under a point: README, Crystals)")
-    parser.add_argument("--anneal-slope", type=nonnegative_float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
-                        "anti-annealing, the fractional coordinates' velocity times 1 + SLOPE t (0: off)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")
-    parser.add_argument("--batching", choices=["size", "random"], default="size", help="size (default): sample the drawn "
-                        "sizes (crystals, structure prediction: the compositions) in increasing order, so each batch is "
-                        "padded only to its largest, not to about the largest of all; random: in the order drawn (the "
-                        "sampler before this option; the same seed gives other structures under each). The output is "
-                        "in the order drawn either way")
-    parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    parser.add_argument("--compositions", choices=["test", "val", "train"], default="test", help="structure prediction: the split of the checkpoint's data set whose compositions are sampled")
-    parser.add_argument("--n-per-composition", type=positive_int, default=1, help="structure prediction: samples for each composition")
-    parser.add_argument("--data-dir", default=None, help="structure prediction: where the crystal data lives (default: ./data or $MOLGEN_DATA)")
-    parser.add_argument("--out", default=None, help="output directory (default: the checkpoint's directory)")
     args = parser.parse_args()
-
     device = checked_device(parser, args.device)
     try:
         ckpt = load_checkpoint(Path(args.ckpt))
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {e}")
     out_dir = writable_dir(parser, Path(args.out) if args.out else Path(args.ckpt).parent, "--out")
-    domain = ckpt.get("domain", "molecules")  # checkpoints from before crystals have no "domain"
-    args.time_power = args.time_power or DEFAULT_TIME_POWER[domain]
-    if domain == "crystals":
-        return sample_crystal_checkpoint(args, ckpt, device, out_dir)
+    domain = domain_of(ckpt)
+    process_cls = domain.process_class(ckpt["gen"])
+    args.method = args.method or process_cls.SAMPLERS[0]
+    if args.method not in process_cls.SAMPLERS:
+        raise SystemExit(f"sample.py: --method {args.method} is not a sampler of --gen {ckpt['gen']} for {domain.kind}; "
+                         f"choose one of {process_cls.SAMPLERS}")
+    options = {"time_power": args.time_power or domain.TIME_POWER}
     if args.anneal_slope:
-        parser.error("--anneal-slope: an option of crystal flow and interpolant checkpoints")
-    args.n = args.n or 1000
-    if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
-        raise SystemExit(f"{args.ckpt}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
-
-    samplers = PROCESSES[ckpt["gen"]].SAMPLERS
-    args.method = args.method or samplers[0]
-    if args.method not in samplers:
-        raise SystemExit(f"sample.py: --method {args.method} is not a sampler of --gen {ckpt['gen']}; choose one of {samplers}")
-    batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
-    t0 = time.time()
+        if "anneal_slope" not in process_cls.OPTIONS:
+            raise SystemExit(f"sample.py: --anneal-slope scales an ODE's velocity: an option of crystal flow and interpolant, "
+                             f"not {domain.kind} {ckpt['gen']}")
+        options["anneal_slope"] = args.anneal_slope
     try:
-        structures, n_bad = sample_molecules(ckpt, args.n, args.steps, args.method, batch_size, args.seed, device, args.weights,
-                                             args.time_power, by_size=args.batching == "size")
-    except CheckpointError as e:
-        raise SystemExit(f"sample.py: {args.ckpt}: {e}")
-    elapsed = time.time() - t0
-    if not structures:
-        raise SystemExit(f"sample.py: all {n_bad} sampled molecules have non-finite (NaN / Inf) coordinates; nothing written. "
-                         f"The checkpoint {args.ckpt} (step {ckpt['step']}) is not usable; try more --steps or another checkpoint")
-    for atoms in structures:
-        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], steps=args.steps, method=args.method,
-                          time_power=args.time_power)
-    try:
-        atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
-        sdf_failed = write_sdf(out_dir / "samples.sdf", structures)
-    except DiskFull as e:
-        raise SystemExit(f"sample.py: {e}")
-    sizes = np.array([len(a) for a in structures])
-    summary = (f"sampled {args.n} molecules ({sizes.mean():.1f} atoms on average) from {args.ckpt} "
-               f"(step {ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps (time-grid power "
-               f"{args.time_power:g}) on {device} "
-               f"in {elapsed:.1f} s: {args.n / elapsed:,.1f} molecules/s; wrote {len(structures)} to {out_dir / 'samples.extxyz'} "
-               f"and {out_dir / 'samples.sdf'} ({sdf_failed} not writable as SDF)")
-    if n_bad:
-        summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
-    report(out_dir, summary, {"structures": args.n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "time_power": args.time_power, "batching": args.batching, "device": str(device),
-                              "seconds": elapsed, "per_s": args.n / elapsed})
-
-
-def sample_crystal_checkpoint(args, ckpt: dict, device, out_dir: Path) -> None:
-    """Crystals: de novo (args.n of them) or structure prediction (for the compositions of a split)."""
-    from models.crystals import load_crystals, write_cif
-    from models.fileio import DataError
-
-    samplers = CRYSTAL_PROCESSES[ckpt["gen"]].SAMPLERS
-    args.method = args.method or samplers[0]
-    if args.method not in samplers:
-        raise SystemExit(f"sample.py: --method {args.method} is not a sampler of crystal --gen {ckpt['gen']}; choose one of {samplers}")
-    if args.anneal_slope and ckpt["gen"] == "diffusion":
-        raise SystemExit("sample.py: --anneal-slope scales an ODE's velocity: an option of crystal flow and interpolant, not diffusion")
-    compositions, truth_rows, what = None, None, f"{args.n or 1000} crystals"
-    if ckpt["csp"]:
+        domain.check_checkpoint(ckpt, args.ckpt)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    n = args.n or 1000
+    compositions, truth_rows, what = None, None, ""
+    if ckpt.get("csp"):  # structure prediction: the crystals of a split's compositions
         try:
-            compositions = load_crystals(ckpt["data"], args.compositions, args.data_dir)
+            compositions, truth_rows = compositions_to_predict(args, ckpt)
         except DataError as e:
             raise SystemExit(f"sample.py: {e}")
-        unknown = [i for i in range(len(compositions)) if set(compositions.numbers[compositions.atoms_of(i)]) - set(ckpt["elements"])]
-        if unknown:  # the model has no embedding for an element it never saw: those compositions cannot be sampled
-            print(f"sample.py: {len(unknown)} {args.compositions} compositions hold elements outside the model's vocabulary; "
-                  f"skipped (evaluate.py counts them as not matched), e.g. {compositions.ids[unknown[0]]}")
-        skipped = set(unknown)
-        keep = [i for i in range(len(compositions)) if i not in skipped][: args.n or None]
-        compositions, truth_rows = compositions.subset(keep), keep
-        what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}"
+        what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}: "
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
     t0 = time.time()
     try:
-        structures, n_bad = sample_crystals(ckpt, args.n or 1000, args.steps, args.method, batch_size, args.seed, device,
-                                            args.weights, compositions, args.n_per_composition, truth_rows, args.time_power,
-                                            by_size=args.batching == "size", anneal_slope=args.anneal_slope)
+        structures, n_bad = sample_structures(ckpt, n, args.steps, args.method, batch_size, args.seed, device, args.weights,
+                                              args.batching == "size", compositions, args.n_per_composition, truth_rows,
+                                              **options)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
+    n_drawn = len(structures) + n_bad
     if not structures:
-        raise SystemExit(f"sample.py: all {n_bad} sampled crystals have non-finite (NaN / Inf) coordinates or cells; nothing written")
+        raise SystemExit(f"sample.py: all {n_bad} sampled {domain.kind} have non-finite (NaN / Inf) coordinates; nothing written. "
+                         f"The checkpoint {args.ckpt} (step {ckpt['step']}) is not usable; try more --steps or another checkpoint")
     for atoms in structures:
-        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], data=ckpt["data"], csp=bool(ckpt["csp"]),
-                          train_split=ckpt["args"].get("train_split", "train"), steps=args.steps, method=args.method,
-                          time_power=args.time_power, anneal_slope=args.anneal_slope)
-    names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if ckpt["csp"] else f"sample_{a.info['sample_index']}" for a in structures]
+        atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], **domain.sample_info(ckpt),
+                          steps=args.steps, method=args.method, **options)
     try:
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        atomic_write(out_dir / "samples.extxyz", lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
-        write_cif(out_dir / "samples.cif", [AseAtomsAdaptor.get_structure(a) for a in structures], names)
+        written = domain.write_samples(out_dir, structures)
     except DiskFull as e:
         raise SystemExit(f"sample.py: {e}")
-    n = len(structures) + n_bad
-    annealed = f" (anti-annealing slope {args.anneal_slope:g})" if args.anneal_slope else ""
-    summary = (f"sampled {what} ({n} crystals) from {args.ckpt} (step {ckpt['step']}, {args.weights} weights) with {args.steps} "
-               f"{args.method} steps{annealed} on {device} in {elapsed:.1f} s: {n / elapsed:,.1f} crystals/s; wrote {len(structures)} to "
-               f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.cif'}")
+    sizes = np.array([len(a) for a in structures])
+    grid = f"time-grid power {options['time_power']:g}" + (f"; anti-annealing slope {args.anneal_slope:g}" if args.anneal_slope else "")
+    summary = (f"sampled {what}{n_drawn} {domain.kind} ({sizes.mean():.1f} atoms on average) from {args.ckpt} (step "
+               f"{ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps ({grid}) on {device} in "
+               f"{elapsed:.1f} s: {n_drawn / elapsed:,.1f} {domain.kind}/s; wrote {len(structures)} to {written}")
     if n_bad:
-        summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates or cells and were not written"
-    report(out_dir, summary, {"structures": n, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, "time_power": args.time_power, "anneal_slope": args.anneal_slope,
-                              "batching": args.batching, "device": str(device), "seconds": elapsed, "per_s": n / elapsed})
+        summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
+    report(out_dir, summary, {"structures": n_drawn, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
+                              "method": args.method, **options, "batching": args.batching, "device": str(device),
+                              "seconds": elapsed, "per_s": n_drawn / elapsed})
 
 
 def report(out_dir: Path, summary: str, stats: dict) -> None:

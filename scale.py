@@ -39,29 +39,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models import CRYSTAL_DATA
 from models.cli import nonnegative_int, positive_float, positive_int, writable_dir
+from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
 from models.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent
-ARCH_NAMES, GEN_NAMES = ("gnn", "transformer", "pairformer"), ("flow", "diffusion", "interpolant")
 LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
     "model": ("params", "N", "parameters"),
     "data": ("train_size", "D", "training structures"),
     "compute": ("train_flops", "C", "training FLOPs"),
 }
-QUALITY = {  # metrics.json keys shown in the tables, by domain and task, the headline first
-    "molecules": ("mol_stability", "atom_stability", "validity", "uniqueness", "novelty", "fcd"),
-    "crystals": ("validity", "structural_validity", "compositional_validity", "cov_recall", "cov_precision",
-                 "wdist_density", "uniqueness", "novelty"),
-    "csp": ("match_rate@1", "rmse@1", "structural_validity"),
-}
-
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
 runs_flags = argparse.ArgumentParser(add_help=False)  # what every sweep shares
-runs_flags.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set of every run")
+runs_flags.add_argument("--data", default="qm9", choices=DATA_SETS, help="data set of every run")
 runs_flags.add_argument("--csp", action="store_true", help="crystals: structure prediction instead of de novo generation")
 runs_flags.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on (val offline; see train.py)")
 runs_flags.add_argument("--data-dir", default=None, help="data and cache directory of every run (default ./data or $MOLGEN_DATA)")
@@ -129,32 +121,17 @@ def setup_log(out: Path, name: str) -> logging.Logger:
     return logging.getLogger("scale")
 
 
-def domain_of(args) -> str:
-    return "molecules" if args.data == "qm9" else "crystals"
-
-
-def n_types_of(args) -> int:
-    """The backbone's type vocabulary, as train.py builds it, for matching parameter counts."""
-    if domain_of(args) == "molecules":
-        from models.molecules import ATOM_SYMBOLS
-        return len(ATOM_SYMBOLS)
-    from models.crystals import load_crystals
-    return len(load_crystals(args.data, args.train_split, args.data_dir, progress=False).elements())
-
-
-def matched_width(domain: str, arch: str, n_types: int, n_layers: int, target: int) -> tuple[int, int]:
+def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int) -> tuple[int, int]:
     """(hidden, parameters) of the width (a multiple of 4) whose parameter count is nearest to target, for the
     backbone train.py builds by default (its recipe defaults; --train-args that change the model's size are not
     seen here, but each run's own count is what the tables report)."""
     import torch
 
-    from models import RECIPE_DEFAULTS, arch_class
-
-    cls, best = arch_class(domain, arch), None
+    cls, best = domain.arch_class(arch), None
     for hidden in range(4, 4097, 4):
         try:
             with torch.device("meta"):  # shapes only: no memory, no initialisation
-                config = cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers, **RECIPE_DEFAULTS[domain])
+                config = cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers, **domain.RECIPE)
                 n = sum(p.numel() for p in cls(config).parameters())
         except (ValueError, AssertionError):  # a width the architecture does not allow (heads must divide it)
             continue
@@ -181,9 +158,8 @@ def run_command(cmd: list, log_path: Path, what: str) -> float:
 
 def train_flags(args, arch: str, gen: str, hidden: int, n_layers: int, iters: int, n_train: int | None = None) -> list:
     flags = ["--data", args.data, "--arch", arch, "--gen", gen, "--hidden", hidden, "--n-layers", n_layers,
-             "--iters", iters, "--batch-size", args.batch_size, "--seed", args.seed, "--eval-samples", 0]
-    if domain_of(args) == "crystals":
-        flags += ["--train-split", args.train_split] + (["--csp"] if args.csp else [])
+             "--iters", iters, "--batch-size", args.batch_size, "--seed", args.seed, "--eval-samples", 0, "--count-flops"]
+    flags += get_domain(args.data).train_flags(args)
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
     if n_train:
@@ -255,7 +231,7 @@ def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple
         run_command(eval_cmd, out / "scale_stdout.log", f"evaluating {run_dir.name}")
         (out / "scale_sample_flags.json").write_text(json.dumps(list(sample_flags)))
     metrics = json.loads((out / "metrics.json").read_text())
-    keys = QUALITY["csp" if args.csp else domain_of(args)]
+    keys = get_domain(args.data).quality_keys(args.csp)
     return {"sample_per_s": json.loads((out / "sample.json").read_text())["per_s"], "samples": args.samples,
             "sample_steps": args.sample_steps, "metrics": {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}}
 
@@ -264,8 +240,9 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
     """results.json (what fit reads) and results.md (the table), rewritten after every run."""
     content = {"sweep": sweep, "data": args.data, "csp": args.csp, "runs": [{**r, "sweep": sweep} for r in runs]}
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
-    keys = [k for k in QUALITY["csp" if args.csp else domain_of(args)] if any(k in r.get("metrics", {}) for r in runs)]
-    unit = "mol/s" if domain_of(args) == "molecules" else "crystals/s"
+    domain = get_domain(args.data)
+    keys = [k for k in domain.quality_keys(args.csp) if any(k in r.get("metrics", {}) for r in runs)]
+    unit = f"{domain.unit}/s"
     lines = [f"| run | params | train size | steps | train {unit} | val loss |" + (f" sample {unit} | " if keys else "")
              + " | ".join(keys) + (" |" if keys else ""),
              "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
@@ -311,9 +288,10 @@ def sweep_points(args) -> list[Point]:
 def grid_points(args, out: Path, log) -> list[Point]:
     """Every cell at the width that brings it nearest to --params (refused beyond 10 %), with --iters steps or the
     steps --seconds buys at its backbone's measured speed."""
-    n_types, points = n_types_of(args), []
+    domain = get_domain(args.data)
+    n_types, points = domain.n_types(args), []
     for arch in args.archs:
-        hidden, n = matched_width(domain_of(args), arch, n_types, args.n_layers, args.params)
+        hidden, n = matched_width(domain, arch, n_types, args.n_layers, args.params)
         if abs(n - args.params) > 0.1 * args.params:
             sys.exit(f"scale.py: {arch} cannot be matched to {args.params:,} parameters within 10 % at depth {args.n_layers} "
                      f"(nearest: {n:,} at width {hidden}); choose another --params or --n-layers")
@@ -382,7 +360,7 @@ def plot_grid(args, runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    headline = QUALITY["csp" if args.csp else domain_of(args)][0]
+    headline = get_domain(args.data).quality_keys(args.csp)[0]
     panels = [("val_loss", "validation loss")] + ([(headline, headline)] if any(headline in r.get("metrics", {}) for r in runs) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):

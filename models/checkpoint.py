@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from models import DOMAINS, arch_class, process_class
+from models.domains import Crystals, Molecules, domain_of
 from models.fileio import atomic_write
 
 FORMAT = "molgen-bench-ckpt-v1"
@@ -86,29 +86,43 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
     missing = [k for k in REQUIRED[task] + (RESUME if resume else ()) if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint, entries {missing} are missing")
+    fill_older_defaults(ckpt)
     if task == "ff":
         _student_configs(ckpt, path)
         return ckpt
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:
             raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
-    domain = ckpt.get("domain", "molecules")  # checkpoints from before crystals have no "domain"
-    if domain not in DOMAINS:
-        raise CheckpointError(f"{path}: unknown domain {domain!r}; known: {list(DOMAINS)}")
+    if ckpt["domain"] not in (Molecules.kind, Crystals.kind):
+        raise CheckpointError(f"{path}: unknown domain {ckpt['domain']!r}; known: {[Molecules.kind, Crystals.kind]}")
+    domain = domain_of(ckpt)
     try:
-        arch_cls = arch_class(domain, ckpt["arch"])
+        arch_cls = domain.arch_class(ckpt["arch"])
     except KeyError:
-        raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r} for {domain}") from None
+        raise CheckpointError(f"{path}: unknown architecture {ckpt['arch']!r} for {domain.kind}") from None
     try:
-        proc_cls = process_class(domain, ckpt["gen"])
+        proc_cls = domain.process_class(ckpt["gen"])
     except KeyError:
-        raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r} for {domain}") from None
+        raise CheckpointError(f"{path}: unknown generative process {ckpt['gen']!r} for {domain.kind}") from None
     try:  # configs that no longer (or never) fit their classes fail here, with the file's name
         config_from_dict(arch_cls.Config, ckpt["model_config"])
         config_from_dict(proc_cls.Config, ckpt["process_config"])
     except (CheckpointError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {ckpt['arch']} x {ckpt['gen']} checkpoint with an unusable config: {e}") from None
     return ckpt
+
+
+def fill_older_defaults(ckpt: dict) -> None:
+    """Give a checkpoint from before a key was kept what it did then, once, here at load: a generative one is of
+    molecules (before crystals) on QM9, and its flags are those from before batching by size, Fourier time features,
+    self-conditioning and --train-split."""
+    if ckpt.get("task", "gen") == "gen":
+        ckpt.setdefault("domain", Molecules.kind)
+        ckpt.setdefault("data", "qm9")
+    if "args" in ckpt:
+        for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False),
+                                     ("train_split", "train")):
+            ckpt["args"].setdefault(key, before_the_flag)
 
 
 def config_from_dict(cls, values: dict):
@@ -135,8 +149,8 @@ def _load_weights(model, ckpt: dict, weights: str, name: str):
 
 def build_model(ckpt: dict, weights: str = "ema"):
     """(model, process) from a checkpoint alone; weights 'ema' (for sampling) or 'model'."""
-    domain = ckpt.get("domain", "molecules")
-    arch_cls, proc_cls = arch_class(domain, ckpt["arch"]), process_class(domain, ckpt["gen"])
+    domain = domain_of(ckpt)
+    arch_cls, proc_cls = domain.arch_class(ckpt["arch"]), domain.process_class(ckpt["gen"])
     model = _load_weights(arch_cls(config_from_dict(arch_cls.Config, ckpt["model_config"])), ckpt, weights, ckpt["arch"])
     process = proc_cls(config_from_dict(proc_cls.Config, ckpt["process_config"]))
     return model, process

@@ -352,3 +352,30 @@ class PaddedMolecules:
         return {"types": self.types[idx, atoms].to(device), "pos": self.pos[idx, atoms].to(device),
                 "mask": self.mask[idx, atoms].to(device)}
 
+
+
+def write_sdf(path: Path, structures: list) -> int:
+    """ase.Atoms molecules as SDF with bonds inferred from geometry (models/molecule_metrics.py's bond orders), each
+    named by its info['sample_index'], written atomically; returns how many RDKit could not write."""
+    from rdkit import Chem
+
+    from models.fileio import atomic_write
+    from models.molecule_metrics import build_mol
+
+    failed = 0
+
+    def write(tmp):
+        nonlocal failed
+        writer = Chem.SDWriter(tmp)
+        writer.SetKekulize(False)  # bond orders come from distances, not an aromaticity model
+        for atoms in structures:
+            try:
+                mol = build_mol(atoms.numbers, atoms.positions)
+                mol.SetProp("_Name", f"sample_{atoms.info['sample_index']}")
+                writer.write(mol)
+            except Exception:  # a geometry RDKit refuses (e.g. impossible valence) is skipped, not fatal
+                failed += 1
+        writer.close()
+
+    atomic_write(path, write)
+    return failed

@@ -64,12 +64,6 @@ def time_features(t: torch.Tensor, n_frequencies: int) -> torch.Tensor:
     return torch.cat([t, angles.sin(), angles.cos()], dim=-1)
 
 
-# The samplers' default grid power per domain: the recipe ablation found P = 2 better for molecules (README); crystals
-# were not ablated and keep equal steps. (train.py's periodic check keeps each process's own sampler on equal steps,
-# so a long run's curve is measured the same way from its first check to its last.)
-DEFAULT_TIME_POWER = {"molecules": 2.0, "crystals": 1.0}
-
-
 def time_grid(n_steps: int, power: float = 1.0, dtype=torch.float64) -> torch.Tensor:
     """n_steps + 1 times from 0 to 1, t_i = 1 - (1 - i / n)^power (power 1: equal steps; > 1: finer near t = 1)."""
     if power <= 0:

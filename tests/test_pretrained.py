@@ -11,8 +11,8 @@ import torch
 from conftest import ROOT
 from models.checkpoint import load_checkpoint
 from models.molecule_metrics import stability
-from models.sampling import sample_molecules
-from models.time import DEFAULT_TIME_POWER
+from models.domains import Molecules
+from models.sampling import sample_structures
 
 PRETRAINED = ROOT / "models" / "pretrained" / "qm9_gnn_flow.pt"
 
@@ -28,9 +28,8 @@ def test_shipped_model_samples_stable_atoms():
     this seed the shipped model gets 92 % of these 16 molecules' atoms right, the same backbone at initialisation
     11 %; 70 % leaves room for another machine's arithmetic (another seed gave 88 %)."""
     ckpt = load_checkpoint(PRETRAINED)
-    molecules, n_bad = sample_molecules(ckpt, n=16, n_steps=20, method="heun", batch_size=16, seed=0,
-                                        device=torch.device("cpu"), time_power=DEFAULT_TIME_POWER["molecules"],
-                                        by_size=True)
+    molecules, n_bad = sample_structures(ckpt, n=16, n_steps=20, method="heun", batch_size=16, seed=0,
+                                         device=torch.device("cpu"), by_size=True, time_power=Molecules.TIME_POWER)
     assert n_bad == 0 and len(molecules) == 16
     stable_atoms = sum(stability(m.numbers, m.positions)[1] for m in molecules)
     n_atoms = sum(len(m) for m in molecules)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import RECIPE_DEFAULTS, arch_class
+from models.domains import get_domain
 from models.scaling import JointLaw, PowerLaw, bootstrap, fit_joint_law, fit_power_law
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,13 +146,13 @@ def scale_module():
     return script
 
 
-@pytest.mark.parametrize("domain, n_types", [("molecules", 5), ("crystals", 55)])
-def test_every_backbone_is_matched_to_the_parameter_target(domain, n_types):
-    script = scale_module()
+@pytest.mark.parametrize("data, n_types", [("qm9", 5), ("perov5", 55)])
+def test_every_backbone_is_matched_to_the_parameter_target(data, n_types):
+    script, domain = scale_module(), get_domain(data)
     for arch in script.ARCH_NAMES:
         hidden, n = script.matched_width(domain, arch, n_types, 4, 200_000)
-        cls = arch_class(domain, arch)
-        config = cls.Config(n_types=n_types, hidden=hidden, n_layers=4, **RECIPE_DEFAULTS[domain])
+        cls = domain.arch_class(arch)
+        config = cls.Config(n_types=n_types, hidden=hidden, n_layers=4, **domain.RECIPE)
         assert n == sum(p.numel() for p in cls(config).parameters())
         assert abs(n - 200_000) <= 20_000, (arch, hidden, n)
 
@@ -163,8 +163,9 @@ def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
           "--eval-args=--no-fcd", "--out", tmp_path / "grid")
     (run,) = json.loads((tmp_path / "grid" / "results.json").read_text())["runs"]
     assert run["run"] == "transformer-flow" and abs(run["params"] - 9000) <= 900
-    assert run["params"] == scale_module().matched_width("molecules", "transformer", 5, 2, 9000)[1]  # train.py's model
-    assert run["samples"] == 6 and run["sample_per_s"] > 0 and 0 <= run["metrics"]["atom_stability"] <= 1
+    assert run["params"] == scale_module().matched_width(get_domain("qm9"), "transformer", 5, 2, 9000)[1]  # train.py's model
+    scored = json.loads((tmp_path / "grid" / "transformer-flow" / "samples" / "metrics.json").read_text())
+    assert run["samples"] == 6 and run["sample_per_s"] > 0 and run["metrics"]["atom_stability"] == scored["atom_stability"]
     assert (tmp_path / "grid" / "grid.png").stat().st_size > 0 and "atom_stability" in (tmp_path / "grid" / "results.md").read_text()
 
 

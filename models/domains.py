@@ -1,0 +1,411 @@
+"""The domains a generative model learns, as objects the scripts ask instead of branching on a name.
+
+A domain is QM9's molecules (`Molecules`) or one CDVAE crystal set (`Crystals("perov5")`, carbon24, mp20). It
+knows its backbones and processes by name (train.py's --arch and --gen), its recipe and sampler defaults, which
+train.py flags belong to it, how its training data load and pad, what the checkpoint keeps of them (the element
+vocabulary, the size histogram), the quick quality check train.py logs, how a batch of samples becomes
+structures, and how samples are written. `get_domain(--data)` builds one from a name, `domain_of(ckpt)` from a
+checkpoint.
+
+This module imports no torch at the top, so the scripts check their flags before the heavy imports.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import import_module
+from pathlib import Path
+
+ARCH_NAMES = ("gnn", "transformer", "pairformer")
+PROCESS_NAMES = ("flow", "diffusion", "interpolant")
+CRYSTAL_DATA = ("perov5", "carbon24", "mp20")  # the CDVAE sets models/crystals.py loads
+DATA_SETS = ("qm9",) + CRYSTAL_DATA
+
+
+def _load(path: str):
+    module, name = path.split(":")
+    return getattr(import_module(module), name)
+
+
+@dataclass
+class TrainingData:
+    """A domain's training and validation sets as train.py uses them. train / valid: padded sets whose batch(idx,
+    device, width) gives the process's batch; n_types: the backbone's type vocabulary; n_max: the padded width;
+    meta: what the checkpoint keeps of the data (vocabulary, size histogram); summary: the log line."""
+
+    train: object
+    valid: object
+    n_types: int
+    n_max: int
+    meta: dict
+    summary: str
+
+
+class Domain:
+    """What molecules and crystals have in common; the subclasses fill in the rest."""
+
+    kind: str  # the checkpoint's "domain"
+    unit: str  # what train.py's throughput counts
+    ARCHS: dict[str, str]  # --arch -> "module:Class"
+    PROCESSES: dict[str, str]  # --gen -> "module:Class"
+    RECIPE: dict  # backbone defaults where the classes' own differ (train.py; scale.py matches sizes with them)
+    TIME_POWER: float  # the samplers' default time grid (models/time.py)
+    FLAGS: tuple[str, ...]  # train.py flags that only this kind of domain takes
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    def arch_class(self, arch: str):
+        if arch not in self.ARCHS:
+            raise KeyError(f"unknown backbone {arch!r} for {self.kind}; known: {sorted(self.ARCHS)}")
+        return _load(self.ARCHS[arch])
+
+    def process_class(self, gen: str):
+        if gen not in self.PROCESSES:
+            raise KeyError(f"unknown generative process {gen!r} for {self.kind}; known: {sorted(self.PROCESSES)}")
+        return _load(self.PROCESSES[gen])
+
+    def archs(self) -> dict:
+        return {arch: self.arch_class(arch) for arch in self.ARCHS}
+
+    def processes(self) -> dict:
+        return {gen: self.process_class(gen) for gen in self.PROCESSES}
+
+    def run_name(self, args) -> str:
+        """The default run directory's data part."""
+        return self.name
+
+    def foreign_flags(self) -> tuple[str, ...]:
+        """train.py flags of the other kind of domain, refused here."""
+        return tuple(f for f in DOMAIN_FLAGS if f not in self.FLAGS)
+
+    def train_flags(self, args) -> list:
+        """What scale.py passes to train.py for this domain besides the cell's own flags."""
+        return []
+
+    def new_model(self, args, data: TrainingData):
+        """(backbone, process) of a new run from train.py's flags and the training data."""
+        arch_cls, proc_cls = self.arch_class(args.arch), self.process_class(args.gen)
+        extra = {"self_condition": True} if args.self_condition else {}
+        model = arch_cls(arch_cls.Config(n_types=data.n_types, hidden=args.hidden, n_layers=args.n_layers,
+                                         time_frequencies=args.time_frequencies, **extra, **self.backbone_options(args)))
+        options = {"n_types": data.n_types, "time_tilt": args.time_tilt, **self.process_options(args, data)}
+        from models.checkpoint import config_from_dict
+        return model, proc_cls(config_from_dict(proc_cls.Config, options))
+
+    def backbone_options(self, args) -> dict:
+        return {}
+
+    def process_options(self, args, data: TrainingData) -> dict:
+        return {}
+
+    def sample_info(self, ckpt: dict) -> dict:
+        """What sample.py records in each sample's extxyz info beside the sampler's settings."""
+        return {}
+
+    def size_histogram(self, ckpt: dict):
+        import torch
+        return torch.tensor(ckpt["n_atoms_hist"])
+
+
+class Molecules(Domain):
+    """QM9 (models/molecules.py): five elements, Euclidean coordinates, the EDM split."""
+
+    kind, unit = "molecules", "mol"
+    ARCHS = {"gnn": "models.egnn:EGNN", "transformer": "models.transformer:Transformer",
+             "pairformer": "models.pairformer:Pairformer"}
+    PROCESSES = {"flow": "models.molecule_flow:FlowMatching", "diffusion": "models.molecule_diffusion:Diffusion",
+                 "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
+    RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (README)
+    TIME_POWER = 2.0  # the recipe ablation found P = 2 better (README)
+    FLAGS = ("cfconv_cutoff", "ot_align", "gamma_scale", "self_condition")
+    FIGURES = True  # evaluate.py draws property histograms, molecules and training curves
+
+    def quality_keys(self, csp: bool = False) -> tuple[str, ...]:
+        """metrics.json keys scale.py's tables show, the headline first."""
+        return ("mol_stability", "atom_stability", "validity", "uniqueness", "novelty", "fcd")
+
+    def n_types(self, args) -> int:
+        from models.molecules import ATOM_SYMBOLS
+        return len(ATOM_SYMBOLS)
+
+    def load_training(self, args, meta: dict | None = None, progress: bool = True) -> TrainingData:
+        """The EDM train and validation splits, cut to --n-train and --val-size; meta (a checkpoint's) is unused:
+        the vocabulary is fixed."""
+        from models.molecules import ATOM_SYMBOLS, PaddedMolecules, load_qm9
+
+        t0 = time.time()
+        train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+        if args.n_train:
+            train = train.subset(range(min(args.n_train, len(train))))
+        valid = valid.subset(range(min(args.val_size, len(valid))))
+        n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
+        return TrainingData(PaddedMolecules(train, n_max), PaddedMolecules(valid, n_max), len(ATOM_SYMBOLS), n_max,
+                            {"atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": train.n_atoms_histogram().tolist()},
+                            f"data: {len(train)} train / {len(valid)} validation molecules, n_max {n_max}, "
+                            f"loaded in {time.time() - t0:.1f} s")
+
+    def backbone_options(self, args) -> dict:
+        return {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
+
+    def process_options(self, args, data: TrainingData) -> dict:
+        options = {"ot_align": True} if args.ot_align else {}
+        if args.self_condition:
+            options["self_condition"] = True
+        if args.gamma_scale is not None:
+            options["gamma_scale"] = args.gamma_scale
+        return options
+
+    def check_checkpoint(self, ckpt: dict, path) -> None:
+        from models.molecules import ATOM_SYMBOLS
+        if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
+            raise ValueError(f"{path}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
+
+    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
+        import torch
+        n_atoms = torch.multinomial(self.size_histogram(ckpt), n, replacement=True, generator=generator)
+        return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+
+    def structures(self, out: dict, ckpt: dict) -> list:
+        """A process's padded samples as ase.Atoms, None where a coordinate is not finite."""
+        import ase
+        import numpy as np
+        import torch
+        from ase.data import atomic_numbers
+
+        numbers_of_type = torch.tensor([atomic_numbers[s] for s in ckpt["atom_symbols"]])
+        types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
+        result = []
+        for i in range(len(types)):
+            positions = pos[i][mask[i]].double().numpy()
+            result.append(ase.Atoms(numbers=numbers_of_type[types[i][mask[i]]].numpy(), positions=positions)
+                          if np.isfinite(positions).all() else None)
+        return result
+
+    def label(self, atoms, job: tuple[int, int], compositions=None, truth_rows=None) -> None:
+        atoms.info["sample_index"] = job[0]
+
+    def quality(self, model, process, data: TrainingData, n: int, n_steps: int, seed: int, autocast) -> dict:
+        """train.py's periodic check: atom and molecule stability of n fresh molecules."""
+        import torch
+        from models.molecule_metrics import stability
+        from models.molecules import ATOMIC_NUMBERS
+
+        gen = torch.Generator().manual_seed(seed)
+        n_atoms = torch.multinomial(torch.tensor(data.meta["n_atoms_hist"]), n, replacement=True, generator=gen)
+        with autocast:
+            out = process.sample(model, {"n_atoms": n_atoms}, n_steps, process.CHECK_SAMPLER, generator=gen)
+        types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
+        z = torch.tensor(ATOMIC_NUMBERS)[types]
+        results = [stability(z[i][mask[i]].numpy(), pos[i][mask[i]].double().numpy()) for i in range(len(n_atoms))]
+        return {"mol_stability": sum(r[0] for r in results) / len(results),
+                "atom_stability": sum(r[1] for r in results) / sum(r[2] for r in results)}
+
+    def score(self, args, out_json: Path, fig_dir: Path, started: float) -> None:
+        """evaluate.py's molecule metrics (EDM protocol and distributions) of args.samples, or of the test set
+        (--reference), under evaluate.py's flags."""
+        from models.molecule_evaluation import score_molecules
+        score_molecules(args.samples, out_json, fig_dir, data=args.data, n_test=args.n_test, data_dir=args.data_dir,
+                        n_ref=args.n_ref, fcd=not args.no_fcd, coverage_threshold=args.coverage_threshold,
+                        training_log=args.log or (args.samples.parent / "log.jsonl" if args.samples else None),
+                        progress=not args.no_progress, started=started)
+
+    def write_samples(self, out_dir: Path, structures: list) -> str:
+        """samples.extxyz and samples.sdf (bonds inferred from geometry); returns what was written."""
+        from models.molecules import write_sdf
+        _write_extxyz(out_dir / "samples.extxyz", structures)
+        failed = write_sdf(out_dir / "samples.sdf", structures)
+        return f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.sdf'} ({failed} not writable as SDF)"
+
+
+class Crystals(Domain):
+    """One CDVAE set (models/crystals.py): a lattice and fractional coordinates, an element vocabulary of the
+    training data's own, de novo generation or structure prediction (--csp)."""
+
+    kind, unit = "crystals", "crystals"
+    ARCHS = {"gnn": "models.crystal_backbones:PeriodicGNN", "transformer": "models.crystal_backbones:PeriodicTransformer",
+             "pairformer": "models.crystal_backbones:PeriodicPairformer"}
+    PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching", "diffusion": "models.crystal_diffusion:CrystalDiffusion",
+                 "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
+    RECIPE = {"time_frequencies": 0}  # not ablated for crystals
+    TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (README, Crystals)
+    FLAGS = ("csp", "train_split")
+    FIGURES = False
+
+    def run_name(self, args) -> str:
+        return f"{self.name}{'_csp' if args.csp else ''}"
+
+    def quality_keys(self, csp: bool = False) -> tuple[str, ...]:
+        if csp:
+            return ("match_rate@1", "rmse@1", "structural_validity")
+        return ("validity", "structural_validity", "compositional_validity", "cov_recall", "cov_precision", "wdist_density",
+                "uniqueness", "novelty")
+
+    def splits(self, args, progress: bool = True):
+        """(training, validation) crystals, whole: the training split and the validation split, or with --train-split
+        val the validation split less a fixed 5 % of it (by a hash of material_id), and that 5 %."""
+        import numpy as np
+
+        from models.crystals import holdout_mask, load_crystals
+
+        train = load_crystals(self.name, args.train_split, args.data_dir, progress=progress)
+        if args.train_split == "val":  # the validation split is the training set: hold a fixed part of it out
+            held = holdout_mask(train.ids, 0.05)
+            return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
+        return train, load_crystals(self.name, "val", args.data_dir, progress=progress)
+
+    def n_types(self, args) -> int:
+        """The element vocabulary of a new model: every element of the whole training and validation sets, whatever
+        --n-train and --val-size keep (so scale.py counts the parameters the run builds)."""
+        train, valid = self.splits(args, progress=False)
+        return len(set(train.elements()) | set(valid.elements()))
+
+    def load_training(self, args, meta: dict | None = None, progress: bool = True) -> TrainingData:
+        """The training and validation crystals (splits()), cut to --n-train and --val-size. The element vocabulary
+        belongs to the model: a resumed or initialised run keeps its checkpoint's (meta), a new one takes every
+        element of both sets before they are cut (n_types())."""
+        from models.crystals import PaddedCrystals
+
+        t0 = time.time()
+        train, valid = self.splits(args, progress)
+        elements = meta["elements"] if meta is not None else sorted(set(train.elements()) | set(valid.elements()))
+        if args.n_train:
+            train = train.subset(range(min(args.n_train, len(train))))
+        valid = valid.subset(range(min(args.val_size, len(valid))))
+        n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
+        from ase.data import chemical_symbols
+        return TrainingData(
+            PaddedCrystals(train, elements, n_max, f"{self.name} {args.train_split}"),
+            PaddedCrystals(valid, elements, n_max, f"{self.name} validation"), len(elements), n_max,
+            {"elements": elements, "atom_symbols": [chemical_symbols[z] for z in elements], "csp": args.csp,
+             "n_atoms_hist": train.n_atoms_histogram().tolist()},
+            f"data: {self.name} ({args.train_split} split): {len(train)} train / {len(valid)} validation crystals, "
+            f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t0:.1f} s")
+
+    def process_options(self, args, data: TrainingData) -> dict:
+        from models.geometry import LatticeScaler
+        scaler = LatticeScaler.fit(data.train.lengths, data.train.angles).state()
+        return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"]}
+
+    def check_checkpoint(self, ckpt: dict, path) -> None:
+        pass
+
+    def train_flags(self, args) -> list:
+        return ["--train-split", args.train_split] + (["--csp"] if args.csp else [])
+
+    def sample_info(self, ckpt: dict) -> dict:
+        return {"data": ckpt["data"], "csp": bool(ckpt["csp"]), "train_split": ckpt["args"]["train_split"]}
+
+    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
+        """De novo: n crystals, sizes from the training histogram. Structure prediction: n_per_composition samples
+        for each crystal of `compositions` (a models.crystals.CrystalSet), whose elements the model must know."""
+        import torch
+        from models.crystals import PaddedCrystals
+
+        if not ckpt["csp"]:
+            n_atoms = torch.multinomial(self.size_histogram(ckpt), n, replacement=True, generator=generator)
+            return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+        padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
+        sizes = padded.mask.sum(1)
+
+        def request(rows, by_size):
+            b = padded.batch(rows, width=int(sizes[rows].max()) if by_size else None)  # random: padded to all, as before
+            return {"types": b["types"], "mask": b["mask"]}
+        jobs = [(i, k) for i in range(len(padded)) for k in range(n_per_composition)]
+        return SamplingPlan(jobs, sizes[[i for i, _ in jobs]], request)
+
+    def structures(self, out: dict, ckpt: dict) -> list:
+        import numpy as np
+        from models.crystals import crystal_atoms, unpad
+
+        return [crystal_atoms(numbers, frac, lengths, angles)
+                if np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all() else None
+                for numbers, frac, lengths, angles in unpad(out, ckpt["elements"])]
+
+    def label(self, atoms, job: tuple[int, int], compositions=None, truth_rows=None) -> None:
+        i, k = job
+        if compositions is None:
+            atoms.info["sample_index"] = i
+        else:
+            atoms.info["sample_index"] = k
+            atoms.info.update(truth_id=str(compositions.ids[i]), truth_index=truth_rows[i] if truth_rows else i)
+
+    def quality(self, model, process, data: TrainingData, n: int, n_steps: int, seed: int, autocast) -> dict:
+        """train.py's periodic check. Structure prediction: match rate and RMSE of one sample for each of the first
+        n validation crystals; de novo: structural and compositional validity of n fresh crystals."""
+        import numpy as np
+        import torch
+        from models.crystal_metrics import composition_valid, csp_metrics, structure_valid
+        from models.crystals import unpad
+
+        gen, elements = torch.Generator().manual_seed(seed), data.meta["elements"]
+        if data.meta["csp"]:
+            truth = data.valid.batch(torch.arange(min(n, len(data.valid))))
+            request = {"types": truth["types"], "mask": truth["mask"]}
+        else:
+            request = {"n_atoms": torch.multinomial(torch.tensor(data.meta["n_atoms_hist"]), n, replacement=True, generator=gen)}
+        with autocast:
+            out = process.sample(model, request, n_steps, process.CHECK_SAMPLER, generator=gen)
+        samples = unpad(out, elements)
+        if data.meta["csp"]:
+            m = csp_metrics([[s] for s in samples], unpad(truth, elements), workers=1, progress=False)
+            return {"match_rate": m["match_rate@1"], "rmse": m["rmse@1"]}
+        return {"structural_validity": float(np.mean([structure_valid(*c) for c in samples])),
+                "compositional_validity": float(np.mean([composition_valid(c[0]) for c in samples]))}
+
+    def score(self, args, out_json: Path, fig_dir, started: float) -> None:
+        """evaluate.py's crystal metrics (CDVAE protocol, structure prediction, stability) of args.samples, or of the
+        test set (--reference), under evaluate.py's flags."""
+        from models.crystal_evaluation import score_crystals
+        score_crystals(self.name, args.samples, out_json, n_test=args.n_test, data_dir=args.data_dir, workers=args.workers,
+                       n_unique=args.n_unique, coverage=not args.no_coverage, stability=args.stability,
+                       relaxed_hull=args.hull == "relaxed", relax_steps=args.relax_steps,
+                       stable_threshold=args.stable_threshold, progress=not args.no_progress, started=started)
+
+    def write_samples(self, out_dir: Path, structures: list) -> str:
+        """samples.extxyz and samples.cif (one data block per crystal); returns what was written."""
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        from models.crystals import write_cif
+        names = [f"{a.info['truth_id']}_{a.info['sample_index']}" if "truth_id" in a.info else f"sample_{a.info['sample_index']}"
+                 for a in structures]
+        _write_extxyz(out_dir / "samples.extxyz", structures)
+        write_cif(out_dir / "samples.cif", [AseAtomsAdaptor.get_structure(a) for a in structures], names)
+        return f"{out_dir / 'samples.extxyz'} and {out_dir / 'samples.cif'}"
+
+
+@dataclass
+class SamplingPlan:
+    """What a sampler run draws: jobs [(row, k)] (a size or composition row, and the k-th sample of it), the size of
+    each job (for size-ordered batches), and request(rows, by_size) -> the process's request for those rows."""
+
+    jobs: list
+    sizes: object
+    request: object
+
+
+def _write_extxyz(path: Path, structures: list) -> None:
+    import ase.io
+
+    from models.fileio import atomic_write
+    atomic_write(path, lambda tmp: ase.io.write(tmp, structures, format="extxyz"))
+
+
+DOMAIN_FLAGS = Molecules.FLAGS + Crystals.FLAGS
+
+
+def get_domain(name: str) -> Domain:
+    """The domain of a --data name: qm9, or a CDVAE crystal set."""
+    if name == "qm9":
+        return Molecules(name)
+    if name in CRYSTAL_DATA:
+        return Crystals(name)
+    raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATA_SETS)}")
+
+
+def domain_of(ckpt: dict) -> Domain:
+    """The domain a generative checkpoint was trained on (models.checkpoint fills in older checkpoints' defaults)."""
+    return Molecules("qm9") if ckpt["domain"] == "molecules" else Crystals(ckpt["data"])
