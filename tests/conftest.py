@@ -1,9 +1,11 @@
 """Shared fixtures: a QM9 cache built from the small real fixture (300 real QM9 molecules), so no test
 needs the full data set or a download."""
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -24,24 +26,68 @@ def qm9_dir(tmp_path_factory) -> Path:
     return d
 
 
-# Kernel tests: on a GPU they run in the test process; without one, in a child process started with
+# Kernel tests (`kernels`): on a GPU they run in the test process; without one, in a child process started with
 # TRITON_INTERPRET=1 (run_kernel_tests_in_interpreter), where they run on the CPU in Triton's interpreter.
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
-kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
-                             reason="no GPU: runs in test_kernels_in_the_interpreter's child process")
 
 
-def run_kernel_tests_in_interpreter(test_file: str) -> None:
-    """Run a kernel test file again in a child pytest whose triton is imported under TRITON_INTERPRET=1.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels: runs the Triton kernels (on a GPU, or in Triton's interpreter)")
 
-    Triton reads the variable when @triton.jit decorates a function (its own tl.* helpers included, at
-    import), so it cannot be switched on inside a process that has already imported triton."""
+
+def kernels(test):
+    """Marks a test of the Triton kernels: the interpreter's child process runs these and only these (the plain
+    PyTorch tests of a file already ran in its parent); a process with neither a GPU nor the interpreter skips them."""
+    skip = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETER,
+                              reason="no GPU: runs in run_kernel_tests_in_interpreter's child process")
+    return skip(pytest.mark.kernels(test))
+
+
+@pytest.fixture(scope="session")
+def run_kernel_tests_in_interpreter(request, tmp_path_factory):
+    """check(test_file): asserts that the file's `kernels` tests all passed in a child pytest whose triton was
+    imported under TRITON_INTERPRET=1.
+
+    Triton reads the variable when @triton.jit decorates a function (its own tl.* helpers included, at import), so
+    it cannot be switched on inside a process that has already imported triton. One child serves every test file
+    whose launcher (a test taking this fixture) this session selected, so torch and triton are imported once, not
+    once per file: the first launcher pays for all of them, and each launcher reports its own file's results."""
     if INTERPRETER:
         pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    summary = run.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "1 skipped" in summary, summary  # only the launcher test skips there
+    files = sorted({item.path for item in request.session.items
+                    if "run_kernel_tests_in_interpreter" in getattr(item, "fixturenames", ())})
+    report = tmp_path_factory.mktemp("interpreter") / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "kernels", "--rootdir", str(ROOT),
+           f"--junitxml={report}", *map(str, files)]
+    run = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                         timeout=1800)
+    output = run.stdout[-6000:] + run.stderr[-3000:]
+    # Per module (junit's classname: its path from --rootdir, dotted, e.g. tests.test_radius_graph), per test: why
+    # it did not pass, or "". A skip counts: there every kernel test must run.
+    results: dict[str, list[str]] = {}
+    if run.returncode in (0, 1):  # the tests ran (1: some failed); any other code stopped the whole run: see output
+        for case in ElementTree.parse(report).iter("testcase"):
+            why = [f"{case.get('name')}: {e.tag} {e.get('message', '')}\n{(e.text or '')[-3000:]}"
+                   for e in case if e.tag in ("failure", "error", "skipped")]
+            results.setdefault(case.get("classname"), []).append("\n".join(why))
+
+    def check(test_file: str) -> None:
+        mine = results.get(".".join(Path(test_file).resolve().relative_to(ROOT).with_suffix("").parts))
+        assert mine, f"no kernel test of {test_file} ran in the interpreter (exit code {run.returncode}):\n{output}"
+        bad = [line for line in mine if line]
+        assert not bad, f"{len(bad)} of {len(mine)} kernel tests in the interpreter:\n\n" + "\n\n".join(bad)
+
+    return check
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, as the scripts run under the tests' OMP_NUM_THREADS=1, and the caller's count
+    again after: a result computed in the test process then matches the script's, whatever the machine's cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -98,7 +98,7 @@ def test_student_trains_on_molecules_alone(tmp_path):
     teacher, rows = emt_rows(n_molecules=24, n_crystals=0)
     with LabelWriter(path, teacher.name, teacher.version) as w:
         w.append(rows, 1.0)
-    run("train.py", *TINY, "--iters", "10", "--eval-every", "10", "--data", path, "--out", tmp_path / "run")
+    run("train.py", *TINY, "--iters", "10", "--eval-every", "10", "--data", path, "--count-flops", "--out", tmp_path / "run")
     log = records(tmp_path / "run")
     assert log[-1]["step"] == 10 and np.isfinite(log[-1]["val_force_mae_mev_per_a"]), log[-1]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_flops_per_step"] > 0

@@ -1,0 +1,180 @@
+"""What train.py trains: a generative model of a domain (`Generation`) or a student force field (`Student`). Both
+answer the loop's few questions, so the loop itself has no branch on the task:
+
+    load(args, meta)           the training and validation sets (meta: a resumed or initialised checkpoint's)
+    new_model(args)            (model, objective) of a new run; from_checkpoint(ckpt, weights) rebuilds them
+    batch(data, idx, device, width, global_idx, world)   one rank's part of a batch
+    evaluate(ema, objective, step, ...)   the validation record train.py logs
+    checkpoint_meta(args, objective)      what a checkpoint keeps besides the weights and the loop's state
+
+objective: the generative process, or the force field's loss; the loop calls its draw_noise and loss.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from models.checkpoint import build_model, build_student
+from models.domains import get_domain
+
+
+class TaskError(ValueError):
+    """Training data or a checkpoint that do not fit the task: train.py exits with the message."""
+
+
+class Generation:
+    """A backbone x process on one domain (QM9 or a CDVAE crystal set)."""
+
+    name = "gen"
+    # flags that define a run (changing them on --resume makes another run) and flags that define the model (the
+    # model is rebuilt from the checkpoint, so they cannot change at all)
+    RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
+                 "n_train", "preset", "batching")
+    MODEL_FLAGS = ("hidden", "n_layers", "cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split", "time_tilt",
+                   "time_frequencies", "self_condition", "init_from")
+    autocast_on_cuda = True  # bf16 autocast of the backbone on CUDA
+
+    def __init__(self, args):
+        self.domain = get_domain(args.data)
+        self.unit = self.domain.unit
+        self.what = f"{args.arch} x {args.gen} on {args.data}{' (structure prediction)' if args.csp else ''}"
+
+    def load(self, args, meta: dict | None, progress: bool) -> str:
+        from models.fileio import DataError
+        try:
+            self.data = self.domain.load_training(args, meta, progress)
+        except DataError as e:
+            raise TaskError(str(e)) from None
+        self.train, self.valid, self.n_max = self.data.train, self.data.valid, self.data.n_max
+        self.atom_counts = self.train.mask.sum(1)  # structure sizes, for --batching size
+        return self.data.summary
+
+    def new_model(self, args):
+        return self.domain.new_model(args, self.data)
+
+    @staticmethod
+    def from_checkpoint(ckpt: dict, weights: str):
+        return build_model(ckpt, weights=weights)
+
+    def describe(self, args, model, objective, n_params: int) -> str:
+        return f"model: {args.arch} {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; process: {args.gen} {asdict(objective.config)}"
+
+    def batch(self, data, idx, device, width=None, global_idx=None, world: int = 1) -> dict:
+        return data.batch(idx, device, width=width)
+
+    @torch.no_grad()
+    def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
+        """Validation loss of the EMA weights with fixed noise, and the domain's quick quality check of
+        --eval-samples fresh samples."""
+        losses = []
+        for lo in range(0, len(self.valid), local_batch):
+            idx = torch.arange(lo, min(lo + local_batch, len(self.valid)))
+            noise = objective.draw_noise(len(idx), self.n_max, noise_generator(lo))
+            with autocast:
+                losses.append(objective.loss(ema, self.valid.batch(idx, device), noise).item() * len(idx))
+        record = {"step": step, "val_loss": sum(losses) / len(self.valid)}
+        if args.eval_samples:
+            record.update(self.domain.quality(ema, objective, self.data, args.eval_samples, args.sample_steps, args.seed + 17,
+                                              autocast))
+        return record
+
+    def checkpoint_meta(self, args, objective) -> dict:
+        return {"domain": self.domain.kind, "arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
+                **self.data.meta}
+
+
+class Student:
+    """A student force field (models/forcefield.py) on label.py's labels of one teacher."""
+
+    name = "ff"
+    RUN_FLAGS = Generation.RUN_FLAGS + ("data", "energy_weight", "force_weight", "stress_weight", "val_fraction")
+    MODEL_FLAGS = ("hidden", "n_layers", "cutoff")
+    autocast_on_cuda = False  # forces are derivatives: trained in float32
+    unit = "structures"
+
+    def __init__(self, args):
+        self.what = "a student of its labels' teacher on " + ", ".join(args.data)
+        self.atom_counts = None  # flat batches: no padding to group by
+        self.n_max = 0
+
+    def load(self, args, meta: dict | None, progress: bool) -> str:
+        import time
+
+        from models.labelled_data import LabelledStructures
+        from models.labels import LabelsError
+
+        t0 = time.time()
+        try:
+            labelled = LabelledStructures.load(args.data)
+        except LabelsError as e:
+            raise TaskError(str(e)) from None
+        self.teacher = (labelled.teacher, labelled.teacher_version)
+        self.what = f"a student of {labelled.teacher} on {', '.join(args.data)}"
+        if meta is not None and self.teacher != (meta["teacher"], meta["teacher_version"]):
+            raise TaskError(f"the checkpoint learned {meta['teacher']} ({meta['teacher_version']}), and {', '.join(args.data)} hold labels "
+                            f"of {labelled.teacher} ({labelled.teacher_version}). A student learns one teacher")
+        self.elements = labelled.elements
+        train, valid = labelled.split(args.val_fraction)
+        if not len(train) or not len(valid):
+            raise TaskError(f"the {len(labelled)} structures of {', '.join(args.data)} leave {len(train)} for training and "
+                            f"{len(valid)} for validation (--val-fraction {args.val_fraction}); label more, or change --val-fraction")
+        if args.n_train:
+            train = train.subset(range(min(args.n_train, len(train))))
+        self.train, self.valid = train, valid.subset(range(min(args.val_size, len(valid))))
+        self.cutoff = args.cutoff
+        return (f"data: {len(self.train)} train / {len(self.valid)} validation structures ({int(self.train.c['n_atoms'].sum()):,} / "
+                f"{int(self.valid.c['n_atoms'].sum()):,} atoms, {int(self.train.periodic.sum())} / {int(self.valid.periodic.sum())} "
+                f"periodic) labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t0:.1f} s")
+
+    def new_model(self, args):
+        from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies
+
+        model = ForceField(ForceFieldConfig(elements=self.elements, hidden=args.hidden, n_layers=args.n_layers, cutoff=args.cutoff))
+        with torch.no_grad():  # per-element energies by least squares and the force scale: the network learns the rest
+            e0 = fit_reference_energies(self.train.structure_numbers(), self.train.c["energy"], model.config.elements)
+            model.reference_energy.copy_(torch.from_numpy(e0))
+            model.energy_scale.fill_(self.train.force_rms())
+        objective = ForceFieldObjective(ForceFieldObjective.Config(
+            energy_weight=args.energy_weight, force_weight=args.force_weight, stress_weight=args.stress_weight,
+            force_scale=self.train.force_rms(), stress_scale=self.train.stress_rms()))
+        return model, objective
+
+    @staticmethod
+    def from_checkpoint(ckpt: dict, weights: str):
+        return build_student(ckpt, weights=weights)
+
+    def describe(self, args, model, objective, n_params: int) -> str:
+        return f"model: student force field {asdict(model.config)}, {n_params / 1e6:.3f} M parameters; loss {asdict(objective.config)}"
+
+    def batch(self, data, idx, device, width=None, global_idx=None, world: int = 1) -> dict:
+        """The structures idx with their neighbour lists; normalised over the global batch global_idx that this rank
+        holds a part of."""
+        return data.batch(idx, device, self.cutoff, global_index=global_idx, world=world if global_idx is not None else 1)
+
+    def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
+        """Validation loss and mean absolute errors of the EMA student against the teacher: energy per atom (meV),
+        force components (meV/A) and, when crystals are held out, stress components (GPa). Forces are gradients, so
+        this runs with autograd on (the weights need none)."""
+        from models.labelled_data import EV_PER_A3_IN_GPA
+
+        loss_sum, errors = 0.0, {}
+        for lo in range(0, len(self.valid), local_batch):
+            batch = self.batch(self.valid, range(lo, min(lo + local_batch, len(self.valid))), device)
+            loss_sum += objective.loss(ema, batch, create_graph=False).item() * len(batch["energy"])
+            for k, v in objective.absolute_errors(ema, batch).items():
+                errors[k] = errors.get(k, 0) + v
+        record = {"step": step, "val_loss": loss_sum / len(self.valid),
+                  "val_energy_mae_mev_per_atom": 1000 * errors["energy"] / errors["energy_n"],
+                  "val_force_mae_mev_per_a": 1000 * errors["forces"] / errors["forces_n"]}
+        if errors["stress_n"]:
+            record["val_stress_mae_gpa"] = EV_PER_A3_IN_GPA * errors["stress"] / errors["stress_n"]
+        return record
+
+    def checkpoint_meta(self, args, objective) -> dict:
+        """The student knows whose labels it learned: label.py and evaluate.py name them."""
+        return {"objective_config": asdict(objective.config), "teacher": self.teacher[0], "teacher_version": self.teacher[1],
+                "n_valid": len(self.valid)}
+
+
+TASKS = {"gen": Generation, "ff": Student}
