@@ -17,9 +17,11 @@ core, in chunks, and the callers report the time it took.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +29,8 @@ MIN_DISTANCE = 0.5  # A
 MIN_VOLUME = 0.1  # A^3
 MATCHER = dict(stol=0.5, ltol=0.3, angle_tol=10)  # CDVAE's settings
 MAX_OXIDATION_COMBINATIONS = 10 ** 7  # CDVAE gives up (invalid) on compositions with more combinations
+
+log = logging.getLogger(__name__)
 
 
 def structure_valid(numbers, frac, lengths, angles) -> bool:
@@ -221,13 +225,37 @@ def fingerprints(crystals: list, workers: int | None = None, progress: bool = Tr
     return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
 
 
+def reference_fingerprints(name: str, split: str, crystals: list, data_dir: Path, workers: int | None = None,
+                           progress: bool = True):
+    """fingerprints() of the crystals of a CDVAE data split, cached in data_dir next to its crystal cache and keyed by
+    its CSV's blob id: minutes of CrystalNN for a test set, once. A damaged cache, or one that cannot be written, is
+    a warning, not an error: the fingerprints are recomputed."""
+    from models.crystals import split_file
+    from models.fileio import git_blob_sha1, save_npz
+
+    sha1 = git_blob_sha1(split_file(name, split, data_dir, download_missing=False))
+    cache = data_dir / f"cdvae_{name}_{split}_fingerprints.npz"
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["source_sha1"]) == sha1 and len(z["struct"]) == len(crystals):
+                    return z["struct"], z["comp"]
+        except Exception as e:  # a truncated zip, garbage: all mean "recompute"
+            log.warning(f"warning: {cache} is unreadable ({type(e).__name__}: {e}); recomputing it")
+    fps = fingerprints(crystals, workers, progress, desc=f"{name} {split} fingerprints")
+    try:
+        save_npz(cache, dict(source_sha1=sha1, struct=fps[0], comp=fps[1]))
+    except OSError as e:
+        log.warning(f"warning: cannot cache fingerprints in {cache} ({e})")
+    return fps
+
+
 def coverage(sample_fps, reference_fps, struct_cutoff: float, comp_cutoff: float) -> dict:
     """CDVAE's coverage: a reference crystal is recalled when some sample is within struct_cutoff (Euclidean
     distance of CrystalNN fingerprints) and comp_cutoff (of Magpie fingerprints standardised by CDVAE's scaler,
     models/cdvae_magpie_scaler.json; missing features count 0); precision is the share of samples within both of
     some reference crystal, over all samples. Samples without a structure fingerprint count as uncovered."""
     import json
-    from pathlib import Path
 
     from scipy.spatial.distance import cdist
 

@@ -1,4 +1,5 @@
-"""Molecule metrics (models/molecule_metrics.py) and evaluate.py, on 300 real QM9 molecules (tests/data/qm9_sample.csv).
+"""Molecule metrics (models/molecule_metrics.py) and evaluate.py (models/molecule_evaluation.py), on 300 real QM9
+molecules (tests/data/qm9_sample.csv).
 
 evaluate.py runs on `qm9_dir` (conftest.py): a QM9 cache of the fixture molecules, so no test needs the full
 data set; its EDM-style split gives 229 train, 41 valid and 30 test molecules.
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 from models import molecule_metrics as metrics
+from models.fileio import DataError
+from models.molecule_evaluation import read_samples, score_molecules
 from models.molecules import read_qm9pack_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,22 +194,22 @@ def test_evaluate_end_to_end(mols, qm9_dir, tmp_path):
     assert "molecules/s" in r.stdout and "mol stab (%)" in r.stdout
 
 
-def test_evaluate_reference(qm9_dir, tmp_path):
-    r = run_evaluate("--reference", "qm9", "--data-dir", qm9_dir, "--no-fcd", "--json", tmp_path / "ref.json")
-    assert r.returncode == 0, r.stderr
-    m = json.loads((tmp_path / "ref.json").read_text())
+def test_reference_row_scores_the_test_set_against_the_validation_split(qm9_dir, tmp_path):
+    """evaluate.py --reference qm9, in process: the test molecules themselves, all or a fixed random --n-test."""
+    m = score_molecules(None, tmp_path / "ref.json", tmp_path, data_dir=qm9_dir, fcd=False, progress=False)
     assert m["mol_stability"] >= 0.85 and m["validity"] >= 0.9 and m["reference"] == "QM9 validation split"
-    r = run_evaluate("--reference", "qm9", "--data-dir", qm9_dir, "--no-fcd", "--n-test", 7, "--json", tmp_path / "ref7.json")
-    assert r.returncode == 0, r.stderr
-    m7 = json.loads((tmp_path / "ref7.json").read_text())
+    assert json.loads((tmp_path / "ref.json").read_text())["n_samples"] == m["n_samples"]
+    m7 = score_molecules(None, tmp_path / "ref7.json", tmp_path, data_dir=qm9_dir, fcd=False, n_test=7, progress=False)
     assert m7["n_samples"] == 7 and m7["samples"].startswith("QM9 test set (7 of ") and m["n_samples"] > 7
 
 
-def test_evaluate_rejects_corrupt_file(qm9_dir, tmp_path):
+def test_unreadable_samples_name_the_file_and_the_structure(tmp_path):
+    """evaluate.py prints these DataErrors as its error (the hostile table runs it on garbage and empty files)."""
     bad = tmp_path / "bad.extxyz"
     bad.write_text("3\nProperties=species:S:1:pos:R:3\nC 0 0 0\nH 1.0 0\n")
-    r = run_evaluate(bad, "--data-dir", qm9_dir, "--no-fcd")
-    assert r.returncode != 0 and str(bad) in r.stderr and "structure 1" in r.stderr
-    missing = tmp_path / "missing.extxyz"
-    r = run_evaluate(missing, "--data-dir", qm9_dir)
-    assert r.returncode != 0 and str(missing) in r.stderr
+    with pytest.raises(DataError, match="structure 1 .line 1. is not valid extended XYZ") as e:
+        read_samples(bad)
+    assert str(bad) in str(e.value)
+    (tmp_path / "empty.extxyz").write_text("\n")
+    with pytest.raises(DataError, match="no structures"):
+        read_samples(tmp_path / "empty.extxyz")
