@@ -2,6 +2,7 @@
 backbones' invariances, every backbone overfitting a few crystals in both tasks, the CDVAE metrics on real and
 broken crystals, and train -> sample -> CIF -> evaluate end to end."""
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -525,7 +526,7 @@ def test_missing_training_file_offline_says_what_to_do(crystal_dir, tmp_path):
     assert proc.returncode != 0 and "train.csv" in proc.stderr and "--train-split val" in proc.stderr
 
 
-def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
+def test_chgnet_hull_relaxation_and_reference_stability(tmp_path, caplog):
     from models import crystal_stability
 
     crystals = read_cdvae_csv(CARBON, progress=False)  # carbon only: one element's prototypes to relax
@@ -542,32 +543,37 @@ def test_chgnet_hull_relaxation_and_reference_stability(tmp_path):
     relaxed, e_relaxed, steps, _ = crystal_stability.relax([squeezed], steps=40, workers=1, progress=False)[0]
     e_squeezed = crystal_stability.static_energies([squeezed], workers=1, progress=False)[0]
     assert e_relaxed < e_squeezed and steps > 1 and relaxed[2].prod() > squeezed[2].prod()  # it expanded again
-    # evaluate.py --stability on the reference set: the hull is cached and the rates written
+    # evaluate.py --stability on the reference set (its scoring function, in this process: CHGNet loads once; the
+    # command line's end-to-end run is test_train_sample_cif_evaluate_structure_prediction): the hull is cached and
+    # the rates written
+    from models.crystal_evaluation import score_crystals
+
     d = tmp_path / "data"
     (d / "cdvae" / "carbon_24").mkdir(parents=True)
     for split in ("val", "test"):
         shutil.copy(CARBON, d / "cdvae" / "carbon_24" / f"{split}.csv")
-    run("evaluate.py", "--reference", "carbon24", "--data-dir", d, "--stability", "--no-coverage", "--workers", "1",
-        "--json", tmp_path / "ref" / "metrics.json")
-    metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    assert metrics["stable_rate"] > 0 and 0 <= metrics["sun_rate"] <= metrics["stable_rate"]
+    score = dict(data_dir=d, stability=True, coverage=False, workers=1, progress=False)
+    metrics = score_crystals("carbon24", None, tmp_path / "ref" / "metrics.json", relax_steps=20, **score)
+    assert metrics == json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert metrics["stable_rate"] > 0 and metrics["sun_rate"] <= metrics["stable_rate"]
     assert (d / "chgnet_elements.npz").exists() and (d / "cdvae_carbon24_val_chgnet.npz").exists()
     # --hull relaxed: the training crystals are relaxed too (here all six: their one system, C, is the samples'),
     # each cached as it finishes; a run stopped part-way relaxes only what is missing
-    relaxed_run = ("evaluate.py", "--reference", "carbon24", "--data-dir", d, "--stability", "--hull", "relaxed",
-                   "--relax-steps", "5", "--no-coverage", "--n-unique", "2", "--workers", "1")
-    first = run(*relaxed_run, "--json", tmp_path / "relaxed" / "metrics.json")
-    assert "relaxing 6 of the 6 carbon24 val crystals" in first.stdout + first.stderr
+    relaxed_run = dict(relaxed_hull=True, relax_steps=5, n_unique=2, **score)
+    with caplog.at_level(logging.INFO, logger="models.crystal_stability"):
+        relaxed = score_crystals("carbon24", None, tmp_path / "relaxed" / "metrics.json", **relaxed_run)
+    assert "relaxing 6 of the 6 carbon24 val crystals" in caplog.text
     cache = d / "cdvae_carbon24_val_chgnet_relaxed.npz"
     with np.load(cache) as z:
         assert z["done"].all() and np.isfinite(z["energy"]).all()
         partial = {k: z[k].copy() for k in z.files}
-    relaxed = json.loads((tmp_path / "relaxed" / "metrics.json").read_text())
     assert "(relaxed)" in relaxed["hull"] and relaxed["stability_of"] == 2 and relaxed["relax_converged"] is not None
     partial["done"][[1, 4]], partial["energy"][[1, 4]] = False, np.nan  # as if stopped before these two
     np.savez(cache, **partial)
-    again = run(*relaxed_run, "--json", tmp_path / "again" / "metrics.json")
-    assert "relaxing 2 of the 6 carbon24 val crystals in 1 chemical system(s) scored (4 cached" in again.stdout
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="models.crystal_stability"):
+        score_crystals("carbon24", None, tmp_path / "again" / "metrics.json", **relaxed_run)
+    assert "relaxing 2 of the 6 carbon24 val crystals in 1 chemical system(s) scored (4 cached" in caplog.text
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["e_above_hull_median"] == pytest.approx(
         relaxed["e_above_hull_median"], abs=1e-4)
 

@@ -11,7 +11,6 @@ import ase.io
 import pytest
 import torch
 
-from conftest import one_thread
 from models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from models.domains import Molecules
 
@@ -51,10 +50,9 @@ def test_tiny_run_writes_checkpoint_logs_and_evaluates(trained):
     ckpt = load_checkpoint(trained / "ckpt.pt")
     model, process = build_model(ckpt)
     flags = ckpt["args"]
-    with one_thread():
-        check = Molecules("qm9").quality(model.eval(), process, SimpleNamespace(meta={"n_atoms_hist": ckpt["n_atoms_hist"]}),
-                                         flags["eval_samples"], flags["sample_steps"], flags["seed"] + 17,
-                                         torch.autocast("cpu", enabled=False))
+    check = Molecules("qm9").quality(model.eval(), process, SimpleNamespace(meta={"n_atoms_hist": ckpt["n_atoms_hist"]}),
+                                     flags["eval_samples"], flags["sample_steps"], flags["seed"] + 17,
+                                     torch.autocast("cpu", enabled=False))
     assert check == {k: final[k] for k in ("mol_stability", "atom_stability")}
     assert "mol/s" in (trained / "train.log").read_text()
 
