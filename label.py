@@ -29,15 +29,15 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from models.cli import checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_int
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
+from models.label_report import dataset_report, failures_path, format_number, format_report, read_failed, write_failed
 from models.labels import LabelsError, LabelWriter, read_labels
-from models.structures import Failure, InputError, check_structure, fingerprint, iter_records, source_name
+from models.structures import Failure, InputError, check_structure, iter_records, source_name
 from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher, teacher_name
 
 
@@ -145,115 +145,6 @@ class Log:
         if not (quiet or self.quiet):
             from tqdm import tqdm
             tqdm.write(msg, file=sys.stderr)
-
-
-def failures_path(out: Path) -> Path:
-    """Where the structures that could not be labelled into OUT are recorded: OUT_STEM.failed.jsonl."""
-    return Path(out).with_name(Path(out).stem + ".failed.jsonl")
-
-
-def read_failed(out: Path) -> dict[str, dict]:
-    """Failure records of a labels file, by key (the last record of a key wins)."""
-    failed, path = {}, failures_path(out)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: ignore it
-                continue
-            failed[rec["key"]] = rec
-    return failed
-
-
-def write_failed(out: Path, records) -> None:
-    """Rewrite OUT's failure records atomically (a kill leaves the old list or the new one)."""
-    atomic_write(failures_path(out), lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
-
-
-def dataset_report(files: list[Path], args) -> dict:
-    """Statistics of the union of labels files (one teacher each, any teachers), the failures recorded for each
-    in the failed.jsonl next to it, throughput from each file's `label_seconds`, and the verdict."""
-    rows, numbers, sizes, fps, failures = [], [], [], [], Counter()
-    for path in map(Path, files):
-        lab = read_labels(path)
-        keys = set(lab["key"].tolist())
-        failed = [rec for k, rec in read_failed(path).items() if k not in keys]  # labelled by a later run: no failure
-        failures.update(rec.get("kind", "?") for rec in failed)
-        S, F, secs = len(lab["key"]), len(failed), float(lab["attrs"].get("label_seconds", math.nan))
-        rows.append({"file": str(path), "teacher": lab["attrs"]["teacher"], "teacher_version": lab["attrs"]["teacher_version"],
-                     "labelled": S, "failed": F, "label_seconds": secs, "atoms": int(lab["n_atoms"].sum()),
-                     "duplicate_keys": S - len(keys)})
-        numbers.append(lab["numbers"].astype(np.int64))
-        sizes.append(lab["n_atoms"].astype(np.float64))
-        fps += [fingerprint(lab["numbers"][o:o + n], lab["positions"][o:o + n], c, pb)
-                for o, n, c, pb in zip(lab["offset"], lab["n_atoms"], lab["cell"], lab["pbc"])]
-    for row in rows:
-        row.update(_rates(row["labelled"], row["failed"], row["atoms"], row["label_seconds"]))
-    S, F = sum(r["labelled"] for r in rows), sum(r["failed"] for r in rows)
-    numbers, sizes = np.concatenate(numbers), np.concatenate(sizes)
-    counts = np.bincount(numbers) if S else np.zeros(1)
-    p = counts[counts > 0] / max(counts.sum(), 1)
-    r = {
-        "files": rows, "teachers": sorted({row["teacher"] for row in rows}),
-        "labelled": S, "failed": F,
-        **_rates(S, F, int(sizes.sum()), sum(row["label_seconds"] for row in rows)),
-        "element_entropy_bits": float(-(p * np.log2(p)).sum()) if S else 0.0,
-        "elements": int((counts > 0).sum()) if S else 0,
-        "size_cv": float(sizes.std() / sizes.mean()) if S else math.nan,
-        "duplicates": S - len(set(fps)),  # same composition + geometry rounded to 0.01 A (models.structures.fingerprint)
-        "duplicate_keys": sum(row["duplicate_keys"] for row in rows),
-        "failures_by_kind": dict(failures),
-    }
-    checks = {
-        "success_rate": r["success_rate"] >= args.min_success,
-        "element_entropy_bits": r["element_entropy_bits"] >= args.min_entropy,
-        "elements": r["elements"] >= args.min_elements,
-        "size_cv": r["size_cv"] > args.min_size_cv,
-        "structures_per_hour": r["structures_per_hour"] >= args.min_rate,
-    }  # a value that cannot be computed (NaN: nothing labelled, no labelling time) fails its check
-    r["checks"] = checks
-    r["verdict"] = "GO" if all(checks.values()) else "NO-GO"
-    return r
-
-
-def _rates(labelled: int, failed: int, atoms: int, seconds: float) -> dict:
-    ok = labelled > 0 and seconds > 0
-    return {"success_rate": labelled / (labelled + failed) if labelled + failed else math.nan,
-            "label_seconds": seconds,
-            "structures_per_hour": 3600 * labelled / seconds if ok else math.nan,
-            "atoms_per_second": atoms / seconds if ok else math.nan}
-
-
-def _fmt(key: str, v) -> str:
-    if isinstance(v, float) and math.isnan(v):
-        return "n/a"
-    if key == "success_rate":
-        return f"{v:.1%}"
-    if key in ("structures_per_hour", "atoms_per_second", "structures_per_hour_this_run"):
-        return f"{v:,.0f}"
-    return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
-
-
-def format_report(r: dict, args) -> str:
-    lines = []
-    if len(r["files"]) > 1:
-        lines.append(f"{'file':<40}{'teacher':<10}{'labelled':>10}{'failed':>8}{'success':>9}{'structures/h':>14}{'atoms/s':>10}")
-        for row in r["files"]:
-            lines.append(f"{row['file'][-39:]:<40}{row['teacher']:<10}{row['labelled']:>10,}{row['failed']:>8,}"
-                         f"{_fmt('success_rate', row['success_rate']):>9}{_fmt('structures_per_hour', row['structures_per_hour']):>14}"
-                         f"{_fmt('atoms_per_second', row['atoms_per_second']):>10}")
-        lines.append("")
-    thr = {"success_rate": f">= {args.min_success:.0%}", "element_entropy_bits": f">= {args.min_entropy}",
-           "elements": f">= {args.min_elements}", "size_cv": f"> {args.min_size_cv}", "structures_per_hour": f">= {args.min_rate:g}"}
-    lines.append(f"{'metric':<30}{'value':>14}  {'threshold':<10} ok")
-    for k in ["labelled", "failed", "success_rate", "structures_per_hour", "atoms_per_second", "labelled_this_run",
-              "structures_per_hour_this_run", "element_entropy_bits", "elements", "size_cv", "duplicates", "duplicate_keys"]:
-        if k in r:
-            ok = {True: "yes", False: "NO"}[r["checks"][k]] if k in r["checks"] else ""
-            lines.append(f"{k:<30}{_fmt(k, r[k]):>14}  {thr.get(k, ''):<10} {ok}")
-    teachers = ", ".join(sorted({f"{row['teacher']}: {row['teacher_version']}" for row in r["files"]}))
-    lines.append(f"verdict: {r['verdict']}  (teachers {teachers})")
-    return "\n".join(lines)
 
 
 def merge_main(argv) -> dict:
@@ -494,8 +385,8 @@ def _label(args, out: Path, shard: str | None, writer: LabelWriter, teacher: Tea
              overhead_fraction=(seconds - t_teacher) / seconds if seconds > 0 else math.nan)
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2)))
     log(format_report(r, args))
-    log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {_fmt('structures_per_hour', r['structures_per_hour_this_run'])} "
-        f"structures/hour, {_fmt('atoms_per_second', r['atoms_per_second_this_run'])} atoms/s, {r['overhead_fraction']:.1%} of the time "
+    log(f"labelled {n_new} structures ({atoms_new} atoms) in {seconds:.1f} s: {format_number('structures_per_hour', r['structures_per_hour_this_run'])} "
+        f"structures/hour, {format_number('atoms_per_second', r['atoms_per_second_this_run'])} atoms/s, {r['overhead_fraction']:.1%} of the time "
         f"outside the teacher; {n_fail} failed (see {failures_path(out)}); report {report_path}")
     return r
 
