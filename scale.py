@@ -41,7 +41,7 @@ import numpy as np
 
 from models.cli import nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
-from models.fileio import atomic_write
+from models.fileio import ExclusiveLock, atomic_write
 
 ROOT = Path(__file__).resolve().parent
 LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
@@ -178,18 +178,23 @@ def run_point(args, run_dir: Path, flags: list, iters: int, log, sample_flags: t
     """Train one run (skip it when finished, resume it when interrupted), sample and evaluate it when asked (into
     run_dir/samples_name, with sample_flags added to sample.py's), and return its record."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    step = finished_step(run_dir)
-    if step >= iters:
-        log.info(f"{run_dir.name}: trained ({step} steps), skipped")
-    else:
-        resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else ["--overwrite"]  # no checkpoint: nothing to keep
-        log.info(f"{run_dir.name}: training{' (resuming from step %d)' % step if step else ''}: train.py {shlex.join(map(str, flags))}")
-        seconds = run_command([sys.executable, "train.py", *flags, "--out", run_dir, *resume], run_dir / "scale_stdout.log",
-                              f"training {run_dir.name}")
-        log.info(f"{run_dir.name}: trained in {seconds:.0f} s")
-    record = run_record(run_dir)
-    if args.samples:
-        record.update(sample_and_evaluate(args, run_dir, record["steps"], log, sample_flags, samples_name))
+    # Whether to skip, resume or start over is decided, and the run trained and sampled, under one lock of the run:
+    # another sweep on this --out that reaches the run meanwhile waits for it, then finds it done. (train.py's own lock comes
+    # too late for this: it is taken seconds after the decision to start over, once train.py has started.)
+    with ExclusiveLock(run_dir / "scale", wait=True,
+                       on_wait=lambda holder: log.info(f"{run_dir.name}: another scale.py is on this run ({holder}); waiting")):
+        step = finished_step(run_dir)
+        if step >= iters:
+            log.info(f"{run_dir.name}: trained ({step} steps), skipped")
+        else:
+            resume = ["--resume"] if (run_dir / "ckpt.pt").exists() else ["--overwrite"]  # no checkpoint: nothing to keep
+            log.info(f"{run_dir.name}: training{' (resuming from step %d)' % step if step else ''}: train.py {shlex.join(map(str, flags))}")
+            seconds = run_command([sys.executable, "train.py", *flags, "--out", run_dir, *resume], run_dir / "scale_stdout.log",
+                                  f"training {run_dir.name}")
+            log.info(f"{run_dir.name}: trained in {seconds:.0f} s")
+        record = run_record(run_dir)
+        if args.samples:
+            record.update(sample_and_evaluate(args, run_dir, record["steps"], log, sample_flags, samples_name))
     return record
 
 

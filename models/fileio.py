@@ -140,12 +140,13 @@ class Busy(RuntimeError):
 
 
 class ExclusiveLock:
-    """An exclusive, non-blocking lock on `<target>.lock`, held until release() or process exit.
+    """An exclusive lock on `<target>.lock`, held until release() or process exit: refused at once (Busy) when
+    another process holds it, or with wait, waited for (on_wait(holder) is called first).
 
     The kernel drops a flock when its process dies, so a writer killed with -9 leaves no stale lock. The
     lock file records who holds it (pid, host, command, start time), so a refused second writer is told."""
 
-    def __init__(self, target: Path, what: str | None = None):
+    def __init__(self, target: Path, what: str | None = None, wait: bool = False, on_wait=None):
         """what: how the refusal names the target (default: its path)."""
         self.target, self.what = Path(target), what
         self.path = self.target.with_name(self.target.name + ".lock")
@@ -155,9 +156,13 @@ class ExclusiveLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._holder()
-            os.close(self.fd)
-            raise Busy(f"{self.what or self.target} is being written by another process ({holder}); wait for it to "
-                       f"finish, or write elsewhere") from None
+            if not wait:
+                os.close(self.fd)
+                raise Busy(f"{self.what or self.target} is being written by another process ({holder}); wait for it to "
+                           f"finish, or write elsewhere") from None
+            if on_wait is not None:
+                on_wait(holder)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,28 @@ def test_ablation_shares_runs_between_sampler_variants_and_skips_when_done(qm9_d
     assert again.stdout.count("skipped") == 3 and "sampling" not in again.stdout
     bad = subprocess.run([sys.executable, "scale.py", "ablate", "--variants", "no_equals_sign"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "NAME=TRAIN_FLAGS" in bad.stderr
+
+
+def test_two_sweeps_on_one_out_never_delete_a_finished_run(qm9_dir, tmp_path):
+    """Two sweeps on one --out while train.py starts late, as on a loaded machine (a sitecustomize on PYTHONPATH
+    sleeps 4 s before any train.py runs). The second sweep used to decide --overwrite because ckpt.pt was missing,
+    before the first sweep's train.py had taken its lock; the first run finished, then the second deleted it and
+    trained it again. Now the second waits for the run's lock and finds the run trained."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(
+        "import sys, time\nif sys.argv and sys.argv[0].endswith('train.py'):\n    time.sleep(4)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "slow")}
+    sweep = [sys.executable, "scale.py", "compute", "--iters-list", "4", "--batch-size", "8", "--n-layers", "2", "--hidden",
+             "16", "--data-dir", str(qm9_dir), "--train-args", TINY_RUN, "--out", str(tmp_path / "sweep")]
+    first = subprocess.Popen(sweep, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "sweep" / "scale.log"
+    deadline = time.time() + 120
+    while not (log.exists() and "s4: training" in log.read_text()):  # the first sweep has decided and started train.py
+        assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.05)
+    second = subprocess.run(sweep, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.wait(timeout=300) == 0 and second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "waiting" in second.stdout and "s4: trained (4 steps), skipped" in second.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "sweep" / "s4" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) == 2  # one training (its loss line and its evaluation), not two
+    assert (tmp_path / "sweep" / "s4" / "train.log").read_text().count("training gnn x flow") == 1
