@@ -44,6 +44,7 @@ from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, ge
 from models.fileio import ExclusiveLock, atomic_write
 
 ROOT = Path(__file__).resolve().parent
+RUN_FILE = "scale_run.json"  # the train.py flags of the run in a run directory: its identity
 LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
     "model": ("params", "N", "parameters"),
     "data": ("train_size", "D", "training structures"),
@@ -183,6 +184,7 @@ def run_point(args, run_dir: Path, flags: list, iters: int, log, sample_flags: t
     # too late for this: it is taken seconds after the decision to start over, once train.py has started.)
     with ExclusiveLock(run_dir / "scale", wait=True,
                        on_wait=lambda holder: log.info(f"{run_dir.name}: another scale.py is on this run ({holder}); waiting")):
+        check_identity(run_dir, flags, log)
         step = finished_step(run_dir)
         if step >= iters:
             log.info(f"{run_dir.name}: trained ({step} steps), skipped")
@@ -196,6 +198,24 @@ def run_point(args, run_dir: Path, flags: list, iters: int, log, sample_flags: t
         if args.samples:
             record.update(sample_and_evaluate(args, run_dir, record["steps"], log, sample_flags, samples_name))
     return record
+
+
+def check_identity(run_dir: Path, flags: list, log) -> None:
+    """A run is its train.py flags (RUN_FILE): a sweep asking for the run with other flags (another --lr, --batch-size,
+    --iters, --train-args) is refused rather than handed the old run as if it were the new one."""
+    path, wanted = run_dir / RUN_FILE, [str(f) for f in flags]
+    try:
+        trained_with = json.loads(path.read_text())
+    except FileNotFoundError:
+        if finished_step(run_dir):
+            log.info(f"{run_dir.name}: trained before scale.py kept its flags; taken to be this run: {shlex.join(wanted)}")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(wanted)))
+        return
+    except ValueError as e:
+        sys.exit(f"scale.py: {path} is damaged ({e}); delete it if {run_dir} is the run {shlex.join(wanted)}")
+    if trained_with != wanted:
+        sys.exit(f"scale.py: {run_dir} holds the run of other train.py flags:\n  it has: {shlex.join(trained_with)}\n  "
+                 f"this sweep asks for: {shlex.join(wanted)}\ngive another --out, or delete {run_dir}")
 
 
 def run_record(run_dir: Path) -> dict:
@@ -378,6 +398,22 @@ def plot_grid(args, runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def earlier_runs(args, out: Path, names: set[str]) -> list[dict]:
+    """The runs results.json already holds that this sweep does not run again (another --widths list, say): kept, so
+    that results are merged, never replaced. A results.json of another sweep or data set is refused."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    try:
+        results = json.loads(path.read_text())
+        if (results["sweep"], results["data"], results["csp"]) != (args.command, args.data, args.csp):
+            sys.exit(f"scale.py: {path} holds a {results['sweep']} sweep on {results['data']}{' (csp)' if results['csp'] else ''}, "
+                     f"not this {args.command} sweep on {args.data}; give another --out")
+        return [r for r in results["runs"] if r["run"] not in names]
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"scale.py: {path} is not a results file scale.py can extend ({type(e).__name__}: {e}); move it away or give another --out")
+
+
 def run_sweep(args) -> None:
     if args.samples is None:
         args.samples = 1000 if args.command == "grid" else 0
@@ -387,12 +423,12 @@ def run_sweep(args) -> None:
     log.info(f"$ python scale.py {shlex.join(sys.argv[1:])}")
     points = ablation_points(args) if args.command == "ablate" else grid_points(args, out, log) if args.command == "grid" \
         else sweep_points(args)
-    t0, runs = time.time(), []
+    t0, runs, earlier = time.time(), [], earlier_runs(args, out, {p.name for p in points})
     for i, point in enumerate(points):
         log.info(f"[{i + 1}/{len(points)}] {point.name}")
         record = run_point(args, out / (point.run_dir or point.name), point.flags, point.iters, log, point.sample_flags, point.samples_dir)
         runs.append({**record, "run": point.name, **({"variant": point.variant} if point.variant is not None else {})})
-        write_results(args, out, args.command, runs)
+        write_results(args, out, args.command, earlier + runs)
         if i + 1 < len(points):
             eta = (time.time() - t0) / (i + 1) * (len(points) - i - 1)
             log.info(f"{i + 1} of {len(points)} runs done in {time.time() - t0:.0f} s; ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")

@@ -225,3 +225,21 @@ def test_two_sweeps_on_one_out_never_delete_a_finished_run(qm9_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "sweep" / "s4" / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(4) == 2  # one training (its loss line and its evaluation), not two
     assert (tmp_path / "sweep" / "s4" / "train.log").read_text().count("training gnn x flow") == 1
+
+
+def test_sweeps_merge_their_records_and_refuse_a_run_of_other_flags(qm9_dir, tmp_path):
+    """Another --iters-list on one --out adds its runs to results.json (it used to replace them); a sweep asking
+    for a trained run with another --batch-size is refused, naming both commands (it used to skip the run as
+    trained and report it under the new flags)."""
+    base = ["compute", "--batch-size", 8, "--n-layers", 2, "--hidden", 16, "--data-dir", qm9_dir, "--train-args", TINY_RUN,
+            "--out", tmp_path / "sweep"]
+    scale(*base, "--iters-list", 4)
+    scale(*base, "--iters-list", 6)
+    assert [r["run"] for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]] == ["s4", "s6"]
+    other = [str(a) for a in base]
+    other[other.index("--batch-size") + 1] = "4"
+    refused = subprocess.run([sys.executable, "scale.py", *other, "--iters-list", "4"], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 1 and "s4 holds the run of other train.py flags" in refused.stderr
+    assert "--batch-size 8" in refused.stderr and "--batch-size 4" in refused.stderr
+    assert [r["run"] for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]] == ["s4", "s6"]
