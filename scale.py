@@ -467,8 +467,8 @@ def read_runs(paths: list[Path], loss_key: str) -> list[dict]:
 
 def column(runs: list[dict], key: str) -> np.ndarray:
     for r in runs:
-        if not isinstance(r.get(key), (int, float)) or not r[key] > 0:
-            sys.exit(f"scale.py: {r['source']}: {key} = {r.get(key)!r}; the fit needs a number > 0")
+        if not isinstance(r.get(key), (int, float)) or not (np.isfinite(r[key]) and r[key] > 0):
+            sys.exit(f"scale.py: {r['source']}: {key} = {r.get(key)!r}; the fit needs a finite number > 0")
     return np.array([float(r[key]) for r in runs])
 
 
@@ -495,6 +495,10 @@ def run_fit(args) -> None:
             log.info(f"L({symbol}): {len(chosen)} {sweep}-sweep run(s), fewer than 3: not fitted")
             continue
         x, loss = column(chosen, key), column(chosen, "loss")
+        if len(np.unique(x)) < 3:  # a data sweep past the data set's size trains the same run again, say
+            log.info(f"L({symbol}): the {len(chosen)} {sweep}-sweep runs have {len(np.unique(x))} distinct {what} "
+                     f"({', '.join(f'{v:g}' for v in sorted(set(x)))}), fewer than 3: not fitted")
+            continue
         boot = bootstrap(fit_power_law, [x, loss], args.n_boot, args.seed)
         law = boot["fit"]
         form = f"a {symbol}^-alpha + L_inf" if law.floor else f"a {symbol}^-alpha (fewer than 4 runs: no floor fitted)"
@@ -537,7 +541,7 @@ def run_fit(args) -> None:
     else:
         log.info("L(N, D): needs at least 5 model- and compute-sweep runs with 2 distinct N and 2 distinct D: not fitted")
     if not report["laws"]:
-        sys.exit("scale.py: nothing to fit (each law needs at least 3 runs of its sweep)")
+        sys.exit("scale.py: nothing to fit (each law needs runs of its sweep at 3 distinct values of its resource; fit.log says why each was not fitted)")
 
     if plots:
         plot(plots, out / "fit.png")
@@ -559,7 +563,8 @@ def plot(plots: list, path: Path) -> None:
         grid = np.logspace(np.log10(x.min()) - 0.3, np.log10(x.max()) + 0.3, 100)
         curves = np.array([PowerLaw(a, al, samples["l_inf"][i] if law.floor else 0.0)(grid)
                            for i, (a, al) in enumerate(zip(samples["a"], samples["alpha"]))])
-        ax.fill_between(grid, *np.percentile(curves, [2.5, 97.5], axis=0), alpha=0.25, label="95 % band")
+        if len(curves):  # none where no bootstrap resample could be fitted (the interval is then NaN too)
+            ax.fill_between(grid, *np.percentile(curves, [2.5, 97.5], axis=0), alpha=0.25, label="95 % band")
         ax.plot(grid, law(grid), label=f"alpha = {law.alpha:.3f}")
         ax.scatter(x, loss, color="k", zorder=3, label="runs")
         ax.set(xscale="log", yscale="log", xlabel=what, ylabel="loss", title=name)

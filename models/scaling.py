@@ -89,12 +89,18 @@ def fit_power_law(x, loss, floor: bool | None = None, start: PowerLaw | None = N
     x, loss = _check(x, loss)
     if len(np.unique(x)) < 2:
         raise ValueError(f"scaling fit: need at least 2 distinct x, got {x.tolist()}")
+    # fitted in units of the losses' geometric mean, so that losses of any size (1e300 from a diverged run) stay
+    # within floating point; a and l_inf scale back with it
+    unit = float(np.exp(np.log(loss).mean()))
+    loss = loss / unit
+    if start is not None:
+        start = PowerLaw(start.a / unit, start.alpha, start.l_inf / unit, start.floor)
     floor = len(x) >= 4 if floor is None else floor
     lx, ly, top = np.log(x), np.log(loss), loss.min() * (1 - 1e-6)
 
-    def residuals(theta):
+    def residuals(theta):  # log(a x^-alpha + l_inf) - log L, without leaving floating point at any theta
         log_a, alpha, l_inf = theta if floor else (*theta, 0.0)
-        return np.log(np.exp(log_a - alpha * lx) + l_inf) - ly
+        return np.logaddexp(log_a - alpha * lx, np.log(l_inf) if l_inf > 0 else -np.inf) - ly
 
     # Without a start: the best straight lines of log(L - L_inf) against log x over a grid of floors.
     starts = []
@@ -108,7 +114,7 @@ def fit_power_law(x, loss, floor: bool | None = None, start: PowerLaw | None = N
     best = min((least_squares(residuals, np.clip(s, np.add(lower, 1e-9), np.subtract(upper, 1e-9)),
                               bounds=(lower, upper), loss=LOSS, f_scale=F_SCALE) for s in starts), key=lambda r: r.cost)
     log_a, alpha, l_inf = best.x if floor else (*best.x, 0.0)
-    return PowerLaw(float(np.exp(log_a)), float(alpha), float(l_inf), floor)
+    return PowerLaw(float(np.exp(log_a)) * unit, float(alpha), float(l_inf) * unit, floor)
 
 
 def fit_joint_law(n, d, loss, start: JointLaw | None = None) -> JointLaw:
@@ -117,11 +123,16 @@ def fit_joint_law(n, d, loss, start: JointLaw | None = None) -> JointLaw:
     n, d, loss = _check(n, d, loss)
     if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(loss) < 5:
         raise ValueError("scaling fit: the joint law needs at least 5 runs with at least 2 distinct N and 2 distinct D")
+    unit = float(np.exp(np.log(loss).mean()))  # as in fit_power_law
+    loss = loss / unit
+    if start is not None:
+        start = JointLaw(start.e / unit, start.a / unit, start.alpha, start.b / unit, start.beta)
     ln, ld, ly, top = np.log(n), np.log(d), np.log(loss), loss.min() * (1 - 1e-6)
 
-    def residuals(theta):
+    def residuals(theta):  # log(e + a N^-alpha + b D^-beta) - log L, as in fit_power_law
         e, log_a, alpha, log_b, beta = theta
-        return np.log(e + np.exp(log_a - alpha * ln) + np.exp(log_b - beta * ld)) - ly
+        terms = np.logaddexp(log_a - alpha * ln, log_b - beta * ld)
+        return (np.logaddexp(terms, np.log(e)) if e > 0 else terms) - ly
 
     starts = []
     for alpha in (0.2, 0.5, 1.0):
@@ -136,7 +147,7 @@ def fit_joint_law(n, d, loss, start: JointLaw | None = None) -> JointLaw:
     best = min((least_squares(residuals, np.clip(s, np.add(lower, 1e-12), np.subtract(upper, 1e-12)),
                               bounds=(lower, upper), loss=LOSS, f_scale=F_SCALE) for s in starts), key=lambda r: r.cost)
     e, log_a, alpha, log_b, beta = best.x
-    return JointLaw(float(e), float(np.exp(log_a)), float(alpha), float(np.exp(log_b)), float(beta))
+    return JointLaw(float(e) * unit, float(np.exp(log_a)) * unit, float(alpha), float(np.exp(log_b)) * unit, float(beta))
 
 
 def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
@@ -162,5 +173,7 @@ def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: floa
             samples[k].append(v)
     tail = 100 * (1 - level) / 2
     samples = {k: np.array(v) for k, v in samples.items()}
-    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in samples.items()}
+    # (nan, nan) where no resample could be fitted: no interval, rather than a made-up one
+    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
+                for k, v in samples.items()}
     return {"fit": law, "interval": interval, "samples": samples}

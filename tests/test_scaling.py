@@ -243,3 +243,20 @@ def test_sweeps_merge_their_records_and_refuse_a_run_of_other_flags(qm9_dir, tmp
     assert refused.returncode == 1 and "s4 holds the run of other train.py flags" in refused.stderr
     assert "--batch-size 8" in refused.stderr and "--batch-size 4" in refused.stderr
     assert [r["run"] for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]] == ["s4", "s6"]
+
+
+@pytest.mark.parametrize("x, loss, status, words", [
+    ([1000, 1000, 1000], [1.0, 0.9, 0.95], 1, ["3 distinct values", "1 distinct parameters (1000)"]),
+    ([1000, float("inf"), 4000], [1.0, 0.9, 0.8], 1, ["run 1: params = inf", "finite number > 0"]),
+    ([1000, 2000, 4000, 8000], [1e300, 1e299, 1e298, 1e297], 0, ["L(N) = a N^-alpha + L_inf: alpha = "]),
+], ids=["one distinct x", "infinite parameters", "losses of 1e300"])
+def test_fit_ends_in_a_fit_or_a_clear_error_on_degenerate_runs(tmp_path, x, loss, status, words):
+    """Runs that all have one size (a data sweep past the data set's size), an infinite parameter count or losses
+    of a diverged scale each ended fit in a traceback."""
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"sweep": "model", "runs": [{"run": f"r{i}", "params": n, "val_loss": v}
+                                                              for i, (n, v) in enumerate(zip(x, loss))]}))
+    proc = subprocess.run([sys.executable, "scale.py", "fit", str(results), "--n-boot", "10"], cwd=ROOT, capture_output=True,
+                          text=True)
+    text = proc.stdout + proc.stderr + ((tmp_path / "fit.log").read_text() if (tmp_path / "fit.log").exists() else "")
+    assert proc.returncode == status and "Traceback" not in text and all(w in text for w in words), text[-2000:]
