@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from models.domains import CRYSTAL_DATA, get_domain
-from models.cli import checked_device, fraction, nonnegative_int, output_file, positive_float, positive_int, writable_dir
+from models.cli import checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_float, positive_int, writable_dir
 from models.fileio import DataError
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,7 @@ parser.add_argument("--n-unique", type=positive_int, default=1000, help="crystal
 parser.add_argument("--stability", action="store_true", help="crystals: relax the first --n-unique samples with CHGNet and score energy above a CHGNet hull and S.U.N. (minutes to hours on a CPU; the hull is cached in --data-dir)")
 parser.add_argument("--relax-steps", type=positive_int, default=500, help="crystals, --stability: FIRE steps at most per relaxation (forces below 0.1 eV/A end it)")
 parser.add_argument("--hull", choices=("single-point", "relaxed"), default="single-point", help="crystals, --stability: the training crystals' CHGNet energies on the hull: single points at their DFT geometries (sound for DFT ground states, as MP-20's are), or relaxed like the samples (perov-5's cubic cells lie far above their CHGNet minima). relaxed relaxes only the training crystals inside the scored crystals' chemical systems, and --reference then relaxes the test crystals too; each relaxation is cached in --data-dir as it finishes, so a stopped run resumes")
-parser.add_argument("--stable-threshold", type=float, default=0.1, help="crystals, --stability: energy above the hull (eV/atom) at or below which a crystal counts as stable")
+parser.add_argument("--stable-threshold", type=nonnegative_float, default=0.1, help="crystals, --stability: energy above the hull (eV/atom) at or below which a crystal counts as stable")
 parser.add_argument("--no-coverage", action="store_true", help="crystals: skip coverage (CrystalNN fingerprints take minutes per thousand crystals)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
                     "metrics.json, or out/reference-<data>/metrics.json); evaluate.log goes next to it")

@@ -72,6 +72,7 @@ CASES = [
     ("label bench: --n 0", "label.py bench {w}/m.xyz --teachers emt --n 0", 2, ["--n", "integer > 0"], None),
     ("evaluate: --n-ref -1", "evaluate.py {w}/nan/samples.extxyz --n-ref -1", 2, ["--n-ref", "integer >= 0"], None),
     ("evaluate: --coverage-threshold 1.5", "evaluate.py {w}/nan/samples.extxyz --coverage-threshold 1.5", 2, ["--coverage-threshold", "[0, 1]"], None),
+    ("evaluate: --stable-threshold nan", "evaluate.py {w}/nan/samples.extxyz --data perov5 --stability --stable-threshold nan", 2, ["--stable-threshold", "finite number >= 0"], None),
     # -- devices and output paths
     ("train: --device cuda without a GPU", "train.py {tiny} --device cuda --out {w}/x", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
     ("train: --device tpu", "train.py {tiny} --device tpu --out {w}/x", 2, ["--device tpu"], None),
