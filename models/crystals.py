@@ -164,6 +164,17 @@ def canonical_crystal(structure, where: str):
             np.array(canonical.lattice.angles))
 
 
+def _utf8_lines(f, path: Path):
+    """The lines of a file opened in binary, decoded one at a time as UTF-8: a byte that is not UTF-8 raises
+    DataError naming the file and its line, where the csv reader would end in a UnicodeDecodeError."""
+    for number, line in enumerate(f, 1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {number}: not UTF-8 text ({e.reason} at column {e.start + 1}); a CDVAE CSV "
+                            f"file is UTF-8") from None
+
+
 def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
     """One CDVAE CSV file (columns material_id and cif, at least) -> CrystalSet, in file order. A bad row
     raises DataError naming the file, the line and the material_id."""
@@ -174,11 +185,11 @@ def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
     path = Path(path)
     records = []
     try:
-        f = open(path, newline="")
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(_utf8_lines(f, path))
         missing = {"material_id", "cif"} - set(reader.fieldnames or [])
         if missing:
             raise DataError(f"{path}: not a CDVAE CSV file, missing column(s) {sorted(missing)}")
@@ -262,6 +273,8 @@ def load_crystals(name: str, split: str, data_dir: str | Path | None = None, pro
         raise DataError(f"unknown split {split!r} of {name}; the CDVAE splits are {SPLITS}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     source = split_file(name, split, data_dir)
+    if not source.is_file():
+        raise DataError(f"{source}: the {name} {split} split is not a file (a directory?); it must be the CDVAE CSV file")
     source_sha1 = git_blob_sha1(source)
     cache = data_dir / f"cdvae_{name}_{split}.npz"
     if cache.exists():

@@ -72,6 +72,8 @@ CASES = [
     ("label bench: --n 0", "label.py bench {w}/m.xyz --teachers emt --n 0", 2, ["--n", "integer > 0"], None),
     ("evaluate: --n-ref -1", "evaluate.py {w}/nan/samples.extxyz --n-ref -1", 2, ["--n-ref", "integer >= 0"], None),
     ("evaluate: --coverage-threshold 1.5", "evaluate.py {w}/nan/samples.extxyz --coverage-threshold 1.5", 2, ["--coverage-threshold", "[0, 1]"], None),
+    ("train: a CDVAE CSV that is not UTF-8", "train.py {tiny} --data perov5 --train-split val --data-dir {w}/latin1 --out {w}/latin1_run", 1, ["val.csv, line 3", "not UTF-8"], None),
+    ("train: a CDVAE split that is a directory", "train.py {tiny} --data perov5 --train-split val --data-dir {w}/dirsplit --out {w}/dirsplit_run", 1, ["val.csv", "not a file"], None),
     ("evaluate: --stable-threshold nan", "evaluate.py {w}/nan/samples.extxyz --data perov5 --stability --stable-threshold nan", 2, ["--stable-threshold", "finite number >= 0"], None),
     # -- devices and output paths
     ("train: --device cuda without a GPU", "train.py {tiny} --device cuda --out {w}/x", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
@@ -147,6 +149,10 @@ def world(qm9_dir, tmp_path_factory):
     (w / "empty").mkdir()
     (w / "mnt").mkdir()
     (w / "m.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.74\n")
+    perov = (ROOT / "tests" / "data" / "perov5_val_sample.csv").read_bytes().split(b"\n")
+    (w / "latin1" / "cdvae" / "perov_5").mkdir(parents=True)  # a material_id with a Latin-1 byte on line 3
+    (w / "latin1" / "cdvae" / "perov_5" / "val.csv").write_bytes(b"\n".join(perov[:2] + [perov[2] + b" caf\xe9"] + perov[3:]))
+    (w / "dirsplit" / "cdvae" / "perov_5" / "val.csv").mkdir(parents=True)
     (w / "nan").mkdir()
     (w / "nan" / "samples.extxyz").write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n"
                                                "2\nProperties=species:S:1:pos:R:3\nH nan 0 0\nH 0 0 0.74\n"
