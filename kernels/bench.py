@@ -31,9 +31,7 @@ import contextlib
 import io
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -249,10 +247,10 @@ def radius_compile_configs(quick: bool):
 
 def compile_kernel(kernel, types: dict, meta: dict, arch: int) -> dict:
     """Compile one kernel for sm_<arch> without a GPU: shared memory from Triton, registers and spills
-    from ptxas -v on the PTX. Pointers are marked 16-byte aligned, as torch allocates them and as the
-    launcher would specialise them."""
+    from the `ptxas -v` log of Triton's own ptxas run (backends/nvidia/compiler.py make_cubin), so they
+    are its cubin's, and ptxas runs once. Pointers are marked 16-byte aligned, as torch allocates them
+    and as the launcher would specialise them."""
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
 
     constexprs = {name: meta[name] for name in kernel.arg_names if name in meta}
@@ -260,17 +258,16 @@ def compile_kernel(kernel, types: dict, meta: dict, arch: int) -> dict:
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if signature[name].startswith("*")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    with contextlib.redirect_stdout(io.StringIO()):  # a ptxas failure prints the whole PTX
+    # Triton prints the log to stdout, and on a ptxas failure the whole PTX: captured. A binary from its
+    # cache would come without a log, hence always_compile.
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), \
+            contextlib.redirect_stdout(io.StringIO()) as stdout:
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.compilation.always_compile = True
         options = {name: meta[name] for name in ("num_warps", "num_stages") if name in meta}
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     row = {"smem": compiled.metadata.shared}
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        # Triton's own ptxas flags (backends/nvidia/compiler.py make_cubin), so the counts match its cubin.
-        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={sm_arch_from_capability(arch)}", str(ptx), "-o", str(ptx) + ".o"],
-                             capture_output=True, text=True, check=True).stderr
+    log = stdout.getvalue()
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     row["regs"] = int(regs.group(1)) if regs else None

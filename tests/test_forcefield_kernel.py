@@ -1,16 +1,16 @@
 """The student force field through the fused radius-graph kernel (the path it takes on CUDA) against its edge-list
 path: energies and forces of QM9 molecules and of a copper supercell, and which batches may take the kernel.
-Without a GPU the kernel runs in Triton's interpreter, in a child process (tests/conftest.py)."""
+Without a GPU the kernel runs in Triton's interpreter, in the child process of all kernel test files (tests/conftest.py)."""
 import numpy as np
 import torch
 from ase.build import bulk
 
-from conftest import DEVICE, QM9_FIXTURE, kernels, run_kernel_tests_in_interpreter
+from conftest import DEVICE, QM9_FIXTURE, kernels
 from models.molecules import read_qm9pack_csv
 from models.forcefield import ForceField, ForceFieldConfig, flat_batch, neighbour_edges
 
 
-def test_kernels_in_the_interpreter():
+def test_kernels_in_the_interpreter(run_kernel_tests_in_interpreter):
     run_kernel_tests_in_interpreter(__file__)
 
 

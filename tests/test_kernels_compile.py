@@ -3,8 +3,9 @@
 ptxas that ships with triton. The interpreter tests cannot catch code that only the interpreter accepts,
 nor a configuration that needs more shared memory than the GPU has; this does.
 
-It runs in a child process: the compiler needs triton imported without TRITON_INTERPRET=1, and its
-own cache directory keeps the check from passing on a stale cached binary or writing to ~/.triton.
+It runs the script in a child process, as a user would (the only test that does: tests/test_bench.py
+calls its main()): the compiler needs triton imported without TRITON_INTERPRET=1, and its own cache
+directory keeps it from writing to ~/.triton (bench.py compile never takes a cached binary).
 """
 import os
 import subprocess

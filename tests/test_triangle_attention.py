@@ -8,20 +8,20 @@ tl.sum, ... are jit functions too) and kernels/triangle_attention.py are importe
 top of this file is not enough in a full `pytest tests` run, where another test file may have
 imported triton already, and it would leak: every later test's CPU calls would go through the slow
 interpreter, and on a GPU host triton's own helpers would be interpreted and the compiled kernels
-break. So this file runs itself again in a child process started with TRITON_INTERPRET=1
-(`test_kernels_in_the_interpreter`); the tests marked `kernels` run there, or in this process when it
-has a CUDA device or was itself started with the variable set (then they use it directly).
+break. So the tests marked `kernels` run in a child process started with TRITON_INTERPRET=1, one for
+all kernel test files (`test_kernels_in_the_interpreter`, tests/conftest.py), or in this process when
+it has a CUDA device or was itself started with the variable set (then they use it directly).
 """
 import pytest
 import torch
 
-from conftest import DEVICE, INTERPRETER, kernels, run_kernel_tests_in_interpreter
+from conftest import DEVICE, INTERPRETER, kernels
 
 import kernels.triangle_attention as ta
 
 
-def test_kernels_in_the_interpreter():
-    """Runs this file's kernel tests in a child process whose triton is imported in interpreter mode."""
+def test_kernels_in_the_interpreter(run_kernel_tests_in_interpreter):
+    """This file's kernel tests, run in a child process whose triton is imported in interpreter mode."""
     run_kernel_tests_in_interpreter(__file__)
 
 
@@ -59,15 +59,22 @@ def test_kernels_run_where_expected():
     assert ta._interpreted() == INTERPRETER  # kernels and triton's own helpers run by numpy (or not)
 
 
-@kernels
-@pytest.mark.parametrize("B,H,N,D,block", [
+# B, H, N, D, block. Each size is here for what it adds to the others, at the smallest N that has it: in
+# Triton's interpreter a case costs about B H N (N / block)^2 program steps of milliseconds each.
+SHAPES = [
     (2, 1, 1, 16, 16),
-    (2, 2, 7, 16, 16),
-    (2, 1, 33, 16, 16),   # three query and key blocks, the last one a single row
-    (1, 2, 33, 32, 16),
+    (2, 2, 7, 16, 16),    # less than a block; B and H > 1 together (the kernels index b = bh // H)
+    (2, 1, 17, 16, 16),   # two blocks, the last one a single row, whose key is masked for every row of b = 1
+    (1, 1, 33, 32, 16),   # three query and key blocks: a middle one, the online softmax rescaled twice
     (1, 1, 17, 64, 16),
-    (1, 1, 70, 32, 32),   # three blocks of 32, a partial last one
-])
+    (1, 1, 40, 32, 32),   # blocks of 32 (the interpreter's default), a partial last one
+]
+if DEVICE == "cuda":  # where larger problems cost nothing: more heads and rows, and more blocks of each size
+    SHAPES += [(2, 1, 33, 16, 16), (1, 2, 33, 32, 16), (1, 1, 70, 32, 32)]
+
+
+@kernels
+@pytest.mark.parametrize("B,H,N,D,block", SHAPES)
 def test_matches_reference(B, H, N, D, block):
     q, k, v, bias, mask, do = _inputs(B, H, N, D)
     got = _run(ta.triangle_attention, q, k, v, bias, mask, do, block_j=block, block_k=block)
@@ -135,7 +142,7 @@ def test_ending_node_kernels():
 
 
 @kernels
-def test_dispatch_takes_the_kernels():
+def test_dispatch_takes_the_kernels(monkeypatch):
     q, k, v, bias, mask, _ = _inputs(1, 1, 5, 16)
     o = ta.triangle_attention(*(t.requires_grad_() for t in (q, k, v, bias)), mask)
     assert type(o.grad_fn).__name__ == "TriangleAttentionBackward"
@@ -143,6 +150,10 @@ def test_dispatch_takes_the_kernels():
     with pytest.raises(ValueError, match="head dim"):
         ta.triangle_attention(*(torch.zeros(1, 1, 3, 3, 24, device=DEVICE) for _ in range(3)),
                               torch.zeros(1, 1, 3, 3, device=DEVICE), torch.ones(1, 3, 3, dtype=torch.bool, device=DEVICE))
+    # The variable is read at each call: unset, CPU tensors take the reference even where the kernels were
+    # decorated for the interpreter (the test below checks it where they were not).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ta.backend(q.cpu()) == "reference"
 
 
 def test_dispatch_cpu_without_interpreter_is_the_reference(monkeypatch):
