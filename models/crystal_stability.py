@@ -24,10 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from models.threads import one_torch_thread
 
 _MODEL = None
 DIMER_BOX = 10.0  # A: a dimer's distance to its images
@@ -46,24 +47,6 @@ def _chgnet():
             warnings.simplefilter("ignore")
             _MODEL = CHGNet.load(verbose=False)
     return _MODEL
-
-
-@contextmanager
-def _one_thread():
-    """Run torch on one CPU thread inside the block, and give the process its thread count back after it.
-
-    CHGNet runs on `workers` processes, each on one thread, so that they share the cores without oversubscribing
-    them, and on one thread in this process too when workers is 1, so that the energies, and the caches built from
-    them, are the same whatever the number of workers.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def chgnet_version() -> str:
@@ -89,7 +72,7 @@ def relax_one(job):
 
     crystal, steps, fmax = job
     try:
-        with _one_thread(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with one_torch_thread(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             result = StructOptimizer(model=_chgnet(), use_device="cpu").relax(_structure(crystal), fmax=fmax, steps=steps,
                                                                            verbose=False)
@@ -139,7 +122,7 @@ def relax(crystals: list, steps: int = 500, fmax: float = FMAX, workers: int | N
 
 def _static_chunk(crystals: list) -> list[float]:
     model = _chgnet()
-    with _one_thread(), warnings.catch_warnings():
+    with one_torch_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             predictions = model.predict_structure([_structure(c) for c in crystals], task="e", batch_size=len(crystals))

@@ -29,12 +29,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from models.fileio import save_npz
+from models.threads import one_torch_thread
 
 # ----------------------------------------------------------------------------------------------
 # Bond orders from distances (EDM tables)
@@ -306,29 +306,11 @@ def _read_cache(path: Path, keys: tuple[str, ...]) -> dict | None:
     return None
 
 
-@contextmanager
-def _one_torch_thread():
-    """Run torch on one CPU thread inside the block (restored after).
-
-    ChemNet's LSTM (350 tiny sequential steps) and symmetric eigendecompositions synchronise threads at
-    every step. When another process holds a core, each barrier waits for a scheduler time slice: on a
-    busy 2-core machine one thread measured 15x (ChemNet) and 140x (512 x 512 eigh) faster than two.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def chemnet_activations(smiles) -> np.ndarray:
     """[n, 512] ChemNet penultimate-layer activations (the `fcd` package; its weights ship in the wheel)."""
     import fcd
 
-    with _one_torch_thread():
+    with one_torch_thread():
         return fcd.get_predictions(fcd.load_ref_model(), list(smiles))
 
 
@@ -340,7 +322,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """
     import torch
 
-    with _one_torch_thread():
+    with one_torch_thread():
         s1, s2 = torch.as_tensor(sigma1, dtype=torch.float64), torch.as_tensor(sigma2, dtype=torch.float64)
         w, v = torch.linalg.eigh(s1)
         root1 = (v * w.clamp(min=0).sqrt()) @ v.T

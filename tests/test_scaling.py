@@ -172,7 +172,7 @@ def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
 
 def test_seconds_budget_gives_every_process_of_a_backbone_the_same_steps(qm9_dir, tmp_path):
     grid = ["grid", "--archs", "gnn", "--gens", "flow", "diffusion", "--params", 9000, "--n-layers", 2, "--seconds", 1,
-            "--batch-size", 8, "--data-dir", qm9_dir, "--train-args", TINY_RUN, "--out", tmp_path / "grid"]
+            "--batch-size", 8, "--samples", 0, "--data-dir", qm9_dir, "--train-args", TINY_RUN, "--out", tmp_path / "grid"]
     scale(*grid)
     runs = json.loads((tmp_path / "grid" / "results.json").read_text())["runs"]
     assert [r["run"] for r in runs] == ["gnn-flow", "gnn-diffusion"] and runs[0]["steps"] == runs[1]["steps"] >= 1
