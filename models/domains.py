@@ -102,6 +102,9 @@ class Domain:
     def process_options(self, args, data: TrainingData) -> dict:
         return {}
 
+    def check_checkpoint(self, ckpt: dict, path) -> None:
+        """Raise ValueError naming path when the checkpoint's vocabulary is not one this domain samples."""
+
     def sample_info(self, ckpt: dict) -> dict:
         """What sample.py records in each sample's extxyz info beside the sampler's settings."""
         return {}
@@ -289,9 +292,6 @@ class Crystals(Domain):
         from models.geometry import LatticeScaler
         scaler = LatticeScaler.fit(data.train.lengths, data.train.angles).state()
         return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"]}
-
-    def check_checkpoint(self, ckpt: dict, path) -> None:
-        pass
 
     def train_flags(self, args) -> list:
         return ["--train-split", args.train_split] + (["--csp"] if args.csp else [])
