@@ -54,6 +54,9 @@ def read_samples(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
         except Exception as e:  # ASE raises many exception types for malformed input; all mean "unreadable"
             raise DataError(f"{path}: structure {len(samples) + 1} (line {start + 1}) is not valid extended XYZ "
                             f"({type(e).__name__}: {e})") from None
+        if atoms.pbc.any():  # a crystal scored as a molecule would get numbers that mean nothing
+            raise DataError(f"{path}: structure {len(samples) + 1} (line {start + 1}) is periodic (a cell with pbc "
+                            f"{atoms.pbc.tolist()}): crystal samples are scored with --data perov5, carbon24 or mp20")
         samples.append((atoms.numbers.copy(), atoms.positions.copy()))
         start += n + 2
     if not samples:

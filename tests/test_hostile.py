@@ -74,6 +74,7 @@ CASES = [
     ("evaluate: --coverage-threshold 1.5", "evaluate.py {w}/nan/samples.extxyz --coverage-threshold 1.5", 2, ["--coverage-threshold", "[0, 1]"], None),
     ("train: a CDVAE CSV that is not UTF-8", "train.py {tiny} --data perov5 --train-split val --data-dir {w}/latin1 --out {w}/latin1_run", 1, ["val.csv, line 3", "not UTF-8"], None),
     ("train: a CDVAE split that is a directory", "train.py {tiny} --data perov5 --train-split val --data-dir {w}/dirsplit --out {w}/dirsplit_run", 1, ["val.csv", "not a file"], None),
+    ("evaluate: crystal samples with --data qm9", "evaluate.py {w}/crystal.extxyz --data qm9", 1, ["crystal.extxyz: structure 1 (line 1) is periodic", "--data perov5"], None),
     ("evaluate: --stable-threshold nan", "evaluate.py {w}/nan/samples.extxyz --data perov5 --stability --stable-threshold nan", 2, ["--stable-threshold", "finite number >= 0"], None),
     # -- devices and output paths
     ("train: --device cuda without a GPU", "train.py {tiny} --device cuda --out {w}/x", 2, ["--device cuda", "no CUDA GPU"], "no-gpu"),
@@ -153,6 +154,8 @@ def world(qm9_dir, tmp_path_factory):
     (w / "latin1" / "cdvae" / "perov_5").mkdir(parents=True)  # a material_id with a Latin-1 byte on line 3
     (w / "latin1" / "cdvae" / "perov_5" / "val.csv").write_bytes(b"\n".join(perov[:2] + [perov[2] + b" caf\xe9"] + perov[3:]))
     (w / "dirsplit" / "cdvae" / "perov_5" / "val.csv").mkdir(parents=True)
+    (w / "crystal.extxyz").write_text('2\nLattice="3 0 0 0 3 0 0 0 3" Properties=species:S:1:pos:R:3 pbc="T T T"\n'
+                                      'Na 0 0 0\nCl 1.5 1.5 1.5\n')
     (w / "nan").mkdir()
     (w / "nan" / "samples.extxyz").write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n"
                                                "2\nProperties=species:S:1:pos:R:3\nH nan 0 0\nH 0 0 0.74\n"
