@@ -20,17 +20,15 @@ import numpy as np
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
-from models.domains import DATA_SETS, domain_of, get_domain
+from models.domains import all_samplers, domain_of
 from models.fileio import DataError, DiskFull, atomic_write
 from models.sampling import sample_structures
-
-SAMPLERS = sorted({m for name in DATA_SETS[:2] for p in get_domain(name).processes().values() for m in p.SAMPLERS})
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, or weights.pt: a finished run's EMA weights alone)")
 parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
 parser.add_argument("--steps", type=positive_int, default=50, help="integration / denoising steps")
-parser.add_argument("--method", choices=SAMPLERS, default=None,
+parser.add_argument("--method", choices=all_samplers(), default=None,
                     help="sampler; flow: heun (default; 2nd order, 2 evaluations a step) or euler; diffusion: "
                          "ancestral (default; DDPM / reverse SDE) or ode (DDIM / probability flow, deterministic); interpolant: sde (default; "
                          "molecules only) or ode")

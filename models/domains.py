@@ -109,9 +109,11 @@ class Domain:
         """What sample.py records in each sample's extxyz info beside the sampler's settings."""
         return {}
 
-    def size_histogram(self, ckpt: dict):
+    def draw_sizes(self, meta: dict, n: int, generator):
+        """n structure sizes [n] drawn from the training histogram that meta (a checkpoint, or TrainingData.meta)
+        keeps."""
         import torch
-        return torch.tensor(ckpt["n_atoms_hist"])
+        return torch.multinomial(torch.tensor(meta["n_atoms_hist"]), n, replacement=True, generator=generator)
 
 
 class Molecules(Domain):
@@ -168,8 +170,7 @@ class Molecules(Domain):
             raise ValueError(f"{path}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
 
     def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
-        import torch
-        n_atoms = torch.multinomial(self.size_histogram(ckpt), n, replacement=True, generator=generator)
+        n_atoms = self.draw_sizes(ckpt, n, generator)
         return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
 
     def structures(self, out: dict, ckpt: dict) -> list:
@@ -198,7 +199,7 @@ class Molecules(Domain):
         from models.molecules import ATOMIC_NUMBERS
 
         gen = torch.Generator().manual_seed(seed)
-        n_atoms = torch.multinomial(torch.tensor(data.meta["n_atoms_hist"]), n, replacement=True, generator=gen)
+        n_atoms = self.draw_sizes(data.meta, n, gen)
         with autocast:
             out = process.sample(model, {"n_atoms": n_atoms}, n_steps, process.CHECK_SAMPLER, generator=gen)
         types, pos, mask = (out[k].cpu() for k in ("types", "pos", "mask"))
@@ -302,11 +303,10 @@ class Crystals(Domain):
     def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
         """De novo: n crystals, sizes from the training histogram. Structure prediction: n_per_composition samples
         for each crystal of `compositions` (a models.crystals.CrystalSet), whose elements the model must know."""
-        import torch
         from models.crystals import PaddedCrystals
 
         if not ckpt["csp"]:
-            n_atoms = torch.multinomial(self.size_histogram(ckpt), n, replacement=True, generator=generator)
+            n_atoms = self.draw_sizes(ckpt, n, generator)
             return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
         padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
         sizes = padded.mask.sum(1)
@@ -346,7 +346,7 @@ class Crystals(Domain):
             truth = data.valid.batch(torch.arange(min(n, len(data.valid))))
             request = {"types": truth["types"], "mask": truth["mask"]}
         else:
-            request = {"n_atoms": torch.multinomial(torch.tensor(data.meta["n_atoms_hist"]), n, replacement=True, generator=gen)}
+            request = {"n_atoms": self.draw_sizes(data.meta, n, gen)}
         with autocast:
             out = process.sample(model, request, n_steps, process.CHECK_SAMPLER, generator=gen)
         samples = unpad(out, elements)
@@ -395,6 +395,11 @@ def _write_extxyz(path: Path, structures: list) -> None:
 
 
 DOMAIN_FLAGS = Molecules.FLAGS + Crystals.FLAGS
+
+
+def all_samplers() -> list[str]:
+    """Every sampler name of every process of both kinds of domain (sample.py's --method choices)."""
+    return sorted({m for kind in (Molecules, Crystals) for path in kind.PROCESSES.values() for m in _load(path).SAMPLERS})
 
 
 def get_domain(name: str) -> Domain:
