@@ -335,7 +335,7 @@ def step_inputs(step: int, width: int | None = None):
     the largest structure of the global batch, so that every rank draws the same noise; `width` overrides that
     padding (the FLOP count measures each width)."""
     idx = schedule.indices(step)
-    width = width or schedule.width(step) or task.n_max
+    width = width or schedule.width(idx) or task.n_max
     noise = {k: v[rows] for k, v in objective.draw_noise(args.batch_size, width, step_generator(args.seed, step)).items()}
     return task.batch(task.train, idx[rows], device, width=width, global_idx=idx, world=world), noise
 

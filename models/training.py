@@ -59,9 +59,9 @@ class BatchSchedule:
         epochs, within = positions // self.n, positions % self.n
         return torch.stack([self.permutation(int(e))[i] for e, i in zip(epochs, within)])
 
-    def width(self, step: int) -> int | None:
-        """The padded width of a step's batch under size batching (its largest structure); None otherwise."""
-        return int(self.atom_counts[self.indices(step)].max()) if self.atom_counts is not None else None
+    def width(self, idx: torch.Tensor) -> int | None:
+        """The padded width of the batch idx under size batching (its largest structure); None otherwise."""
+        return int(self.atom_counts[idx].max()) if self.atom_counts is not None else None
 
     def epoch_widths(self) -> torch.Tensor:
         """The padded width of each of the first epoch's size-grouped batches."""
