@@ -1,31 +1,17 @@
-"""Hostile but realistic use of train.py, sample.py, evaluate.py and label.py, one row per case: the command, the
-exit status it must end with and the words its message must contain. A clear error names the file, record or flag
-and the problem, and never shows a traceback. Kills are in test_crash_safety.py.
-
-Read-only and full disks are real: the command runs in a private mount namespace (`unshare -rm`) over a tmpfs
-mounted read-only, or 64 KiB small, on its output directory."""
+"""Hostile but realistic use of train.py, sample.py, evaluate.py and label.py: the generic table (flags, outputs, disks,
+damaged checkpoints and samples). The runner and its conventions are in tests/hostile.py; kills are in
+test_crash_safety.py."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from hostile import ROOT, TINY, check_case, run_selected
 from models.checkpoint import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--iters", "4", "--ckpt-every", "2", "--eval-samples", "2"]
-HAS_UNSHARE = shutil.which("unshare") is not None and subprocess.run(
-    ["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True).returncode == 0
-MOUNTS = {  # shell run inside the namespace before the command; {d} is the directory
-    "read-only": "mount -t tmpfs -o ro tmpfs {d}",
-    "full": "mount -t tmpfs -o size=64k tmpfs {d}",
-    "read-only, garbage qm9.npz": "mount -t tmpfs tmpfs {d} && echo garbage > {d}/qm9.npz && mount -o remount,ro {d}",
-}
 
 # (id, command (placeholders: {w} the prepared world, {data} the QM9 fixture cache dir), exit status, words that the
 #  message must contain, mount over {w}/mnt or None)
@@ -173,48 +159,14 @@ def world(qm9_dir, tmp_path_factory):
     return w
 
 
-def run_case(case, world, qm9_dir):
-    """(exit status, stdout + stderr) of a case, or a reason to skip it."""
-    name, command, status, words, needs = case
-    if needs == "no-gpu" and torch.cuda.is_available():
-        return "a GPU is visible"
-    argv = [sys.executable, *command.format(w=world, data=qm9_dir, tiny=" ".join(TINY)).split()]
-    if needs in MOUNTS:
-        if not HAS_UNSHARE:
-            return "needs `unshare -rm` (a private mount namespace) for a read-only or full disk"
-        argv = ["unshare", "-rm", "sh", "-c", MOUNTS[needs].format(d=world / "mnt") + ' && exec "$@"', "sh", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": str(world / "mnt" if needs and "qm9" in needs else qm9_dir)}
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
-def outcomes(world, qm9_dir):
-    """Every case run once, two at a time (most of a case is start-up). Cases on the same --out run one after
-    the other, in table order: train.py and label.py refuse a second process on an output in use."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    groups = {}
-    for case in CASES:
-        words = case[1].split()
-        groups.setdefault(words[words.index("--out") + 1] if "--out" in words else case[0], []).append(case)
-    with ThreadPoolExecutor(2) as pool:
-        done = pool.map(lambda group: [(c[0], run_case(c, world, qm9_dir)) for c in group], groups.values())
-        return {name: outcome for group in done for name, outcome in group}
+def outcomes(world, qm9_dir, request):
+    return run_selected(CASES, world, qm9_dir, request)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_hostile_case(case, outcomes, world):
-    name, command, status, words, needs = case
-    if isinstance(outcomes[name], str):
-        pytest.skip(outcomes[name])
-    returncode, message = outcomes[name]
-    assert returncode == status, f"{name}: exit {returncode}, expected {status}\n{message[-3000:]}"
-    for word in words:
-        assert word in message, f"{name}: {word!r} not in\n{message[-3000:]}"
-    assert "Traceback" not in message, message[-3000:]
-    if name in THEN:
-        THEN[name](world)
+    check_case(case, outcomes[case[0]], world, THEN)
 
 
 def _run_intact(w):
