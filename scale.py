@@ -41,7 +41,7 @@ import numpy as np
 
 from models.cli import nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
-from models.fileio import ExclusiveLock, atomic_write
+from models.fileio import DataError, ExclusiveLock, atomic_write
 
 ROOT = Path(__file__).resolve().parent
 RUN_FILE = "scale_run.json"  # the train.py flags of the run in a run directory: its identity
@@ -50,6 +50,16 @@ LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
     "data": ("train_size", "D", "training structures"),
     "compute": ("train_flops", "C", "training FLOPs"),
 }
+
+
+def shell_words(text: str) -> list[str]:
+    """A flags string split as the shell would (--train-args='--lr 5e-4'); an unbalanced quote is a flag error."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of flags a shell could split ({e})")
+
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -65,9 +75,9 @@ runs_flags.add_argument("--seed", type=nonnegative_int, default=0, help="seed of
 runs_flags.add_argument("--samples", type=nonnegative_int, default=None, help="structures sampled and evaluated per run (0: validation "
                         "loss only; default 1000 for grid, 0 for the sweeps)")
 runs_flags.add_argument("--sample-steps", type=positive_int, default=50, help="sampling steps (sample.py --steps)")
-runs_flags.add_argument("--train-args", default="", help="more train.py flags for every run, as one string: --train-args='--lr 5e-4 --val-size 500'")
-runs_flags.add_argument("--sample-args", default="", help="more sample.py flags for every run, as one string: --sample-args='--time-power 1'")
-runs_flags.add_argument("--eval-args", default="", help="more evaluate.py flags, as one string: --eval-args=--no-fcd")
+runs_flags.add_argument("--train-args", type=shell_words, default=[], help="more train.py flags for every run, as one string: --train-args='--lr 5e-4 --val-size 500'")
+runs_flags.add_argument("--sample-args", type=shell_words, default=[], help="more sample.py flags for every run, as one string: --sample-args='--time-power 1'")
+runs_flags.add_argument("--eval-args", type=shell_words, default=[], help="more evaluate.py flags, as one string: --eval-args=--no-fcd")
 runs_flags.add_argument("--out", type=Path, default=None, help="sweep directory (default out/scale/<sweep>-<data>[-<arch>-<gen>])")
 one_cell = argparse.ArgumentParser(add_help=False)
 one_cell.add_argument("--arch", choices=ARCH_NAMES, default="gnn", help="backbone of every run")
@@ -143,6 +153,20 @@ def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int) -
     return best
 
 
+def check_sizes(domain, arch: str, sizes: set[tuple[int, int]]) -> None:
+    """Exit naming the first (hidden, n_layers) the backbone cannot be built at (attention heads must divide the
+    width, say), before any run of the sweep starts rather than when the sweep reaches it."""
+    import torch
+
+    cls = domain.arch_class(arch)
+    for hidden, n_layers in sorted(sizes):
+        try:
+            with torch.device("meta"):
+                cls(cls.Config(n_types=1, hidden=hidden, n_layers=n_layers, **domain.RECIPE))
+        except (ValueError, AssertionError) as e:
+            sys.exit(f"scale.py: --arch {arch} cannot be built at width {hidden} and depth {n_layers}: {e}")
+
+
 def run_command(cmd: list, log_path: Path, what: str) -> float:
     """Run one script with its output appended to log_path; exit naming the run and showing the log's end if it
     fails. Returns the wall-clock seconds."""
@@ -165,7 +189,7 @@ def train_flags(args, arch: str, gen: str, hidden: int, n_layers: int, iters: in
         flags += ["--data-dir", args.data_dir]
     if n_train:
         flags += ["--n-train", n_train]
-    return flags + shlex.split(args.train_args)
+    return flags + args.train_args
 
 
 def finished_step(run_dir: Path) -> int:
@@ -237,7 +261,7 @@ def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple
     exist already; returns the sampling throughput and the metrics."""
     out = run_dir / samples_name
     out.mkdir(exist_ok=True)
-    sample_flags = (*shlex.split(args.sample_args), *sample_flags)  # a variant's own flags come last, so they win
+    sample_flags = (*args.sample_args, *sample_flags)  # a variant's own flags come last, so they win
     try:
         done = json.loads((out / "sample.json").read_text())
         fresh = done["ckpt_step"] == step and done["structures"] == args.samples and (out / "metrics.json").exists() \
@@ -252,7 +276,7 @@ def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple
         run_command(sample_cmd, out / "scale_stdout.log", f"sampling {run_dir.name}")
         (out / "metrics.json").unlink(missing_ok=True)
         eval_cmd = [sys.executable, "evaluate.py", out / "samples.extxyz", "--data", args.data, "--no-progress"] + \
-            (["--data-dir", args.data_dir] if args.data_dir else []) + shlex.split(args.eval_args)
+            (["--data-dir", args.data_dir] if args.data_dir else []) + args.eval_args
         run_command(eval_cmd, out / "scale_stdout.log", f"evaluating {run_dir.name}")
         (out / "scale_sample_flags.json").write_text(json.dumps(list(sample_flags)))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -262,28 +286,32 @@ def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple
 
 
 def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
-    """results.json (what fit reads) and results.md (the table), rewritten after every run."""
-    content = {"sweep": sweep, "data": args.data, "csp": args.csp, "runs": [{**r, "sweep": sweep} for r in runs]}
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
-    domain = get_domain(args.data)
-    keys = [k for k in domain.quality_keys(args.csp) if any(k in r.get("metrics", {}) for r in runs)]
-    unit = f"{domain.unit}/s"
-    lines = [f"| run | params | train size | steps | train {unit} | val loss |" + (f" sample {unit} | " if keys else "")
-             + " | ".join(keys) + (" |" if keys else ""),
-             "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
-    if sweep == "ablate":  # the variant's own flags after its name
-        lines = [lines[0].replace("| run |", "| run | variant flags |"), lines[1] + "---|"]
-    for r in runs:
-        cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
-                 f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
-        if keys:
-            cells.append(f"{r['sample_per_s']:,.1f}")
-            cells += [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    title = f"# scale.py {sweep} on {args.data}{' (structure prediction)' if args.csp else ''}"
-    note = (f"{args.batch_size} structures per step" + (f"; {args.samples} samples per run, {args.sample_steps} sampling steps"
-                                                          if args.samples else "") + f"; command: `python scale.py {shlex.join(sys.argv[1:])}`")
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join([title, "", note, "", *lines, ""])))
+    """results.json (what fit reads) and results.md (the table), rewritten after every run: this sweep's runs after
+    the runs the file holds that this sweep has not run. The file is read and written under its lock, so that two
+    sweeps on one --out (other --widths, say) merge their records rather than the last writer's replacing them."""
+    with ExclusiveLock(out / "results.json", wait=True):
+        runs = earlier_runs(args, out, {r["run"] for r in runs}) + runs
+        content = {"sweep": sweep, "data": args.data, "csp": args.csp, "runs": [{**r, "sweep": sweep} for r in runs]}
+        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(content, indent=1)))
+        domain = get_domain(args.data)
+        keys = [k for k in domain.quality_keys(args.csp) if any(k in r.get("metrics", {}) for r in runs)]
+        unit = f"{domain.unit}/s"
+        lines = [f"| run | params | train size | steps | train {unit} | val loss |" + (f" sample {unit} | " if keys else "")
+                 + " | ".join(keys) + (" |" if keys else ""),
+                 "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
+        if sweep == "ablate":  # the variant's own flags after its name
+            lines = [lines[0].replace("| run |", "| run | variant flags |"), lines[1] + "---|"]
+        for r in runs:
+            cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
+                     f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
+            if keys:
+                cells.append(f"{r['sample_per_s']:,.1f}")
+                cells += [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        title = f"# scale.py {sweep} on {args.data}{' (structure prediction)' if args.csp else ''}"
+        note = (f"{args.batch_size} structures per step" + (f"; {args.samples} samples per run, {args.sample_steps} sampling steps"
+                                                              if args.samples else "") + f"; command: `python scale.py {shlex.join(sys.argv[1:])}`")
+        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join([title, "", note, "", *lines, ""])))
 
 
 class Point(NamedTuple):
@@ -296,15 +324,21 @@ class Point(NamedTuple):
     sample_flags: tuple = ()
     samples_dir: str = "samples"
     variant: str | None = None
+    n_train: int | None = None  # a data sweep's training structures asked for
 
 
 def sweep_points(args) -> list[Point]:
+    domain = get_domain(args.data)
+    if args.command == "model":
+        check_sizes(domain, args.arch, {(w, d) for d in (args.depths or [args.n_layers]) for w in args.widths})
+    else:
+        check_sizes(domain, args.arch, {(args.hidden, args.n_layers)})
     if args.command == "model":
         return [Point(f"h{w}-l{d}", train_flags(args, args.arch, args.gen, w, d, args.iters), args.iters)
                 for d in (args.depths or [args.n_layers]) for w in args.widths]
     if args.command == "data":
-        return [Point(f"n{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, args.iters, n), args.iters)
-                for n in args.sizes]
+        return [Point(f"n{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, args.iters, n), args.iters, n_train=n)
+                for n in sorted(set(args.sizes))]
     if args.command == "compute":
         return [Point(f"s{n}", train_flags(args, args.arch, args.gen, args.hidden, args.n_layers, n), n) for n in args.iters_list]
     raise ValueError(args.command)
@@ -360,7 +394,10 @@ def parse_variants(variants: list[str]) -> list[tuple[str, list, tuple, str]]:
         if name in (p[0] for p in parsed):
             sys.exit(f"scale.py ablate: variant name {name!r} is given twice")
         train, _, sample = flags.partition("|")
-        parsed.append((name, shlex.split(train), tuple(shlex.split(sample)), flags))
+        try:
+            parsed.append((name, shlex.split(train), tuple(shlex.split(sample)), flags))
+        except ValueError as e:  # an unbalanced quote
+            sys.exit(f"scale.py ablate: variant {spec!r}: its flags are not a list a shell could split ({e})")
     return parsed
 
 
@@ -369,6 +406,7 @@ def ablation_points(args) -> list[Point]:
     variant with sample flags samples into its own directory."""
     points = []
     for arch in args.archs:
+        check_sizes(get_domain(args.data), arch, {(args.hidden, args.n_layers)})
         for gen in args.gens:
             trained = {}
             for name, train, sample, given in parse_variants(args.variants):
@@ -423,12 +461,21 @@ def run_sweep(args) -> None:
     log.info(f"$ python scale.py {shlex.join(sys.argv[1:])}")
     points = ablation_points(args) if args.command == "ablate" else grid_points(args, out, log) if args.command == "grid" \
         else sweep_points(args)
-    t0, runs, earlier = time.time(), [], earlier_runs(args, out, {p.name for p in points})
+    earlier_runs(args, out, set())  # a results.json of another sweep is refused before any run starts
+    t0, runs = time.time(), []
+    data_size = None  # a data sweep's training set, once a run has asked for more structures than it holds
     for i, point in enumerate(points):
+        if data_size is not None:  # the points come in increasing size: this one and the rest would be the same run again
+            log.warning(f"[{i + 1}/{len(points)}] {point.name}: skipped: the training set holds only {data_size:,} structures, "
+                        f"so --n-train {point.n_train:,} would train the run {runs[-1]['run']} again")
+            continue
         log.info(f"[{i + 1}/{len(points)}] {point.name}")
         record = run_point(args, out / (point.run_dir or point.name), point.flags, point.iters, log, point.sample_flags, point.samples_dir)
+        if point.n_train and record["train_size"] < point.n_train:
+            data_size = record["train_size"]
+            log.warning(f"{point.name}: trained on all {data_size:,} training structures, fewer than the {point.n_train:,} asked for")
         runs.append({**record, "run": point.name, **({"variant": point.variant} if point.variant is not None else {})})
-        write_results(args, out, args.command, earlier + runs)
+        write_results(args, out, args.command, runs)
         if i + 1 < len(points):
             eta = (time.time() - t0) / (i + 1) * (len(points) - i - 1)
             log.info(f"{i + 1} of {len(points)} runs done in {time.time() - t0:.0f} s; ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
@@ -578,5 +625,7 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     try:
         run_fit(arguments) if arguments.command == "fit" else run_sweep(arguments)
+    except DataError as e:  # the data of the runs is missing or unreadable: found before any run starts (grid sizes its cells by it)
+        sys.exit(f"scale.py: {e}")
     except KeyboardInterrupt:  # every finished run is in results.json; the same command continues
         sys.exit("scale.py: interrupted; the runs finished so far are in results.json, and the same command resumes the rest")

@@ -291,7 +291,10 @@ elif init_ckpt is not None:  # the model (and so the EMA) starts from the checkp
     log(f"initialised from {args.init_from}: the EMA weights of its step {init_ckpt['step']}")
 else:
     torch.manual_seed(args.seed)
-    model, objective = task.new_model(args)
+    try:
+        model, objective = task.new_model(args)
+    except ValueError as e:  # a size the backbone cannot take (attention heads must divide --hidden, say)
+        raise SystemExit(f"train.py: no model of --hidden {args.hidden} --n-layers {args.n_layers} here: {e}")
 model.to(device)
 ema = copy.deepcopy(model).requires_grad_(False)
 n_params = sum(p.numel() for p in model.parameters())

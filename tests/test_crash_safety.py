@@ -235,3 +235,57 @@ def test_ctrl_c_in_training_keeps_the_last_checkpoint(qm9_dir, tmp_path):
     assert proc.returncode == 1 and "interrupted at step" in err and "--resume" in err and "Traceback" not in err
     from models.checkpoint import load_checkpoint
     assert load_checkpoint(out / "ckpt.pt")["step"] % 3 == 0
+
+
+def test_concurrent_sweeps_one_killed_lose_no_run_and_merge_their_records(qm9_dir, tmp_path):
+    """Two scale.py sweeps on one --out with a run in common. The first is killed (with its train.py, as a session's
+    end kills them) while it trains that run and the second waits for it. The second takes the run over from its last
+    checkpoint; the first sweep's command, run again, skips what is done and trains the rest. Every run is trained
+    once, none is deleted, and results.json holds the runs of both sweeps.
+
+    Deterministic: a sitecustomize holds the first sweep's train.py of the shared run at its 8th step (its checkpoint
+    of step 5 written), and the kill comes once the second sweep says it is waiting for that run."""
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+        if sys.argv and sys.argv[0].endswith("train.py") and "40" in sys.argv:
+            import time, torch
+            step, calls = torch.optim.AdamW.step, [0]
+            def held(self, *args, **kwargs):
+                calls[0] += 1
+                while calls[0] > 7:
+                    time.sleep(1)
+                return step(self, *args, **kwargs)
+            torch.optim.AdamW.step = held
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "scale.py", "compute", "--batch-size", "8", "--n-layers", "2", "--hidden", "16", "--data-dir",
+            str(qm9_dir), "--train-args", "--preset tiny --val-size 16 --n-train 64 --log-every 1 --ckpt-every 5",
+            "--out", str(tmp_path / "sweep")]
+    first_command = base + ["--iters-list", "4", "40", "12"]
+    first = subprocess.Popen(first_command, cwd=ROOT, env={**env, "PYTHONPATH": str(tmp_path / "held")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shared, deadline = tmp_path / "sweep" / "s40", time.time() + 120
+    while not ((shared / "log.jsonl").exists() and '"step": 7,' in (shared / "log.jsonl").read_text()):  # held at step 8
+        assert first.poll() is None and time.time() < deadline, "the first sweep ended before it was held"
+        time.sleep(0.05)
+    second = subprocess.Popen(base + ["--iters-list", "6", "40"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "sweep" / "scale.log"
+    while "s40: another scale.py is on this run" not in log.read_text():
+        assert second.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-3000:]
+    again = subprocess.run(first_command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "s4: trained (4 steps), skipped" in again.stdout and "s40: trained (40 steps), skipped" in again.stdout
+
+    runs = json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]
+    assert sorted((r["run"], r["steps"]) for r in runs) == [("s12", 12), ("s4", 4), ("s40", 40), ("s6", 6)]
+    for name, steps in (("s4", 4), ("s6", 6), ("s12", 12), ("s40", 40)):
+        logged = [r["step"] for r in map(json.loads, (tmp_path / "sweep" / name / "log.jsonl").read_text().splitlines()) if "loss" in r]
+        assert logged == list(range(1, steps + 1)), (name, logged)  # every step once: resumed, never started over
+    assert (shared / "train.log").read_text().count("resumed from") == 1  # taken over from the killed sweep's step 5
