@@ -125,7 +125,10 @@ def nve(atoms, calc, steps: int, timestep_fs: float, temperature_k: float, seed:
     """Velocity-Verlet (NVE) from Maxwell-Boltzmann velocities: the energy drift (slope of a linear fit to the total
     energy, meV/atom/ps), its fluctuation, and whether the run stays physical: no two atoms closer than 0.5 A
     (collapse), no atom without a neighbour within 4 A (flying apart: for molecules), the temperature below 5,000 K,
-    every energy finite. Records every `every` steps."""
+    every energy finite. Records every `every` steps and after the last, so every one of the `steps` (>= 1) is
+    checked."""
+    if steps < 1:  # a run of no step would check only the start, and be called physical
+        raise ValueError(f"an NVE run needs at least one step, not {steps}")
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
@@ -139,10 +142,10 @@ def nve(atoms, calc, steps: int, timestep_fs: float, temperature_k: float, seed:
     periodic = bool(a.pbc.any())
     times, energies, temperatures, problems = [], [], [], []
 
-    def record():
+    def record(step: int):
         e = a.get_potential_energy() + a.get_kinetic_energy()
         d = a.get_all_distances(mic=periodic) + np.eye(len(a)) * 1e9
-        times.append(len(times) * every * timestep_fs / 1000)
+        times.append(step * timestep_fs / 1000)
         energies.append(e)
         temperatures.append(a.get_temperature())
         if not np.isfinite(e):
@@ -157,16 +160,19 @@ def nve(atoms, calc, steps: int, timestep_fs: float, temperature_k: float, seed:
 
     dyn = VelocityVerlet(a, timestep_fs * units.fs)
     t0 = time.perf_counter()
-    record()
-    for _ in range(steps // every):
-        dyn.run(every)
-        if not record():
+    done = 0
+    record(done)
+    while done < steps:
+        n = min(every, steps - done)
+        dyn.run(n)
+        done += n
+        if not record(done):
             break
     seconds = time.perf_counter() - t0
     t, e = np.array(times), np.array(energies)
     ok = np.isfinite(e)
-    slope = np.polyfit(t[ok], e[ok], 1)[0] if ok.sum() > 2 else float("nan")
-    return {"formula": a.get_chemical_formula(), "atoms": len(a), "periodic": periodic, "steps": (len(times) - 1) * every,
+    slope = np.polyfit(t[ok], e[ok], 1)[0] if ok.sum() >= 2 else float("nan")
+    return {"formula": a.get_chemical_formula(), "atoms": len(a), "periodic": periodic, "steps": done,
             "timestep_fs": timestep_fs, "temperature_k": temperature_k, "ps": float(t[-1]),
             "drift_mev_per_atom_per_ps": 1000 * float(slope) / len(a),
             "energy_std_mev_per_atom": 1000 * float(np.std(e[ok])) / len(a),
