@@ -165,10 +165,30 @@ def _read_h5(path: Path) -> dict:
         attrs["journal_seq"] = 0
     for name in ("source", "key", "teacher_version"):
         out[name] = np.asarray(out[name], dtype=str)
-    if len(out["numbers"]) != a or any(len(out[k]) != s for k in PER_STRUCT):
+    if any(len(out[k]) != a for k in PER_ATOM) or any(len(out[k]) != s for k in PER_STRUCT):
         raise LabelsError(f"{path}: damaged labels file ({s} structures, {a} atoms expected, {len(out['numbers'])} stored)")
+    _check_layout(path, out["n_atoms"], out["key"], len(out["numbers"]), out["offset"])
     out["attrs"] = attrs
     return out
+
+
+def _check_layout(path: Path, n_atoms: np.ndarray, keys: np.ndarray, rows: int, offset: np.ndarray | None = None) -> None:
+    """The atom counts must tile the per-atom rows: every reader slices atoms by them, and one count that disagrees
+    shifts every later structure onto its neighbour's atoms."""
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    expected = offsets_of(n_atoms)
+    if (n_atoms < 0).any():
+        s = int(np.flatnonzero(n_atoms < 0)[0])
+        raise LabelsError(f"{path}: damaged labels file: structure {s} (key {str(keys[s])!r}) has n_atoms {n_atoms[s]}")
+    if offset is not None and (np.asarray(offset) != expected).any():
+        s = int(np.flatnonzero(np.asarray(offset) != expected)[0])
+        if s == 0:
+            raise LabelsError(f"{path}: damaged labels file: structure 0 (key {str(keys[0])!r}) starts at atom row {offset[0]}, not 0")
+        raise LabelsError(f"{path}: damaged labels file: structure {s - 1} (key {str(keys[s - 1])!r}) has n_atoms {n_atoms[s - 1]}, "
+                          f"but the next structure starts {offset[s] - offset[s - 1]} atom rows after it")
+    if int(n_atoms.sum()) != rows:
+        raise LabelsError(f"{path}: damaged labels file: the atom counts (n_atoms) of its {len(n_atoms)} structures add up "
+                          f"to {int(n_atoms.sum())} atoms, and it holds {rows}")
 
 
 def read_labels(path: Path) -> dict:
@@ -186,6 +206,7 @@ def read_labels(path: Path) -> dict:
         if not blocks:
             return main
         out = {k: np.concatenate([main[k]] + [b[k] for b in blocks]) for k in {**PER_ATOM, **PER_STRUCT} if k != "offset"}
+        _check_layout(journal_dir(path), out["n_atoms"], out["key"], len(out["numbers"]))
         out["offset"] = offsets_of(out["n_atoms"])
         out["attrs"] = {**main["attrs"], "n_structures": len(out["key"]),
                         "label_seconds": float(main["attrs"].get("label_seconds", 0.0)) + sum(float(b["seconds"]) for b in blocks)}
