@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models.cli import (checked_device, clip_value, decay, fraction, nonnegative_float, nonnegative_int, positive_float,
-                        positive_int, writable_dir)
+from models.cli import (checked_device, clip_value, decay, float_in, fraction, nonnegative_float, nonnegative_int,
+                        positive_float, positive_int, writable_dir)
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES, get_domain
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +80,13 @@ parser.add_argument("--self-condition", action=argparse.BooleanOptionalAction, d
                     "--no-self-condition: off); with --resume, the checkpoint's")
 parser.add_argument("--ot-align", action="store_true", help="molecules, flow: equivariant OT alignment of prior and data")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
-parser.add_argument("--cutoff", type=positive_float, default=5.0, help="ff: radius of the student's neighbour graph (A)")
+parser.add_argument("--cutoff", type=float_in(2, 12, "a radius in [2, 12] A"), default=5.0, help="ff: radius of the student's "
+                    "neighbour graph (A), 2 to 12: below 2 an atom misses its neighbours (metals' nearest lie 2.5-3 A away), above "
+                    "12 a crystal's atoms have thousands each, a number that grows as the cube of the radius")
+parser.add_argument("--max-force", type=positive_float, default=100.0, help="ff: leave out, with a warning naming them, structures "
+                    "with an atom's force above this (eV/A): a teacher's forces on generated molecules have an RMS near 1.5 and "
+                    "strongly overlapping atoms give tens to hundreds, so past 100 a label is broken or a collision, whose "
+                    "squared error would outweigh thousands of ordinary atoms. evaluate.py --task ff applies the student's bound")
 parser.add_argument("--energy-weight", type=nonnegative_float, default=1.0, help="ff: weight of the energy-per-atom loss")
 parser.add_argument("--force-weight", type=nonnegative_float, default=10.0, help="ff: weight of the force loss")
 parser.add_argument("--stress-weight", type=nonnegative_float, default=1.0, help="ff: weight of the stress loss (crystals)")
@@ -112,7 +118,7 @@ explicit = {k for k, v in vars(args).items() if v is not None and v != parser.ge
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
-FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction")
+FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
 GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "batching", "time_tilt",
             "time_frequencies", "self_condition")
 

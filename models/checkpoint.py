@@ -26,7 +26,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) -> None:
-    """state: the checkpoint dict; its metadata (everything but tensors' dicts) also goes to config.json.
+    """state: the checkpoint dict; its metadata (everything but tensors and tensors' dicts) also goes to config.json.
 
     With keep_previous, the checkpoint being replaced stays there (a hard link, or a copy where links are not
     supported), so a checkpoint that later turns out bad never takes the last good one with it. Both steps are
@@ -42,7 +42,9 @@ def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) 
                 shutil.copyfile(path, tmp)
         atomic_write(keep_previous, keep)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
+    # config.json is for reading: tensors (the states, a student's training-key hashes) stay in the checkpoint alone
+    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")
+            and not isinstance(v, torch.Tensor)}
 
     def write_json(tmp):
         with open(tmp, "w") as f:

@@ -34,6 +34,11 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def float_in(low: float, high: float, what: str):
+    """A finite number in [low, high]; `what` is how the message names it ("expected a radius in [2, 12] A")."""
+    return _number(float, lambda v: low <= v <= high, what)
+
+
 def clip_value(text: str):
     """--grad-clip: a finite number >= 0, or "adaptive"."""
     return "adaptive" if text == "adaptive" else _number(float, lambda v: v >= 0, 'a finite number >= 0 or "adaptive"')(text)

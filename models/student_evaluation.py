@@ -12,26 +12,54 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ase.data import chemical_symbols
 
 from models import forcefield_eval
-from models.checkpoint import build_student, load_checkpoint
+from models.checkpoint import CheckpointError, build_student, load_checkpoint
 from models.evaluation import write_metrics
 from models.forcefield import student_calculator
-from models.labelled_data import EV_PER_A3_IN_GPA, LabelledStructures, is_validation
+from models.labelled_data import EV_PER_A3_IN_GPA, MAX_FORCE, LabelledStructures, is_validation, key_hashes
 from models.labels import LabelsError
 from models.teachers import TeacherError, get_teacher
 
 log = logging.getLogger(__name__)
 
 
-def held_out(data: LabelledStructures, ckpt: dict) -> LabelledStructures:
-    """The structures of `data` that the student of checkpoint `ckpt` did not train on. A structure of one of its
-    training files is held out only if it fell on the validation side of the training split (by the hash of its
-    key); structures of other files were never seen."""
-    trained_on = {Path(p).resolve() for p in ckpt["data"]}
-    in_training_file = np.array([Path(data.files[i]).resolve() in trained_on for i in data.c["file"]], dtype=bool)
-    train_side = ~is_validation(data.c["key"], ckpt["args"]["val_fraction"])
-    return data.subset(np.flatnonzero(~(in_training_file & train_side)))
+def held_out(data: LabelledStructures, ckpt: dict, ckpt_path: Path) -> tuple[LabelledStructures, str | None]:
+    """(the structures of `data` that the student of checkpoint `ckpt` did not train on, a warning or None). Decided by
+    key, the identity of a structure, so a copy, a move or a merge of a training file holds out what the original
+    did. A checkpoint from before train.py kept its training keys is taken to have trained on every structure on the
+    training side of its split (by the hash of its key), in any file: that never scores a structure it trained on,
+    and may leave out some it never saw, which the warning counts."""
+    if "trained_key_hashes" in ckpt:
+        trained = np.isin(key_hashes(data.c["key"]), ckpt["trained_key_hashes"].numpy())
+        return data.subset(np.flatnonzero(~trained)), None
+    fraction = ckpt.get("args", {}).get("val_fraction")
+    if fraction is None:
+        raise CheckpointError(f"{ckpt_path} records neither the keys it trained on nor its --val-fraction: its held-out "
+                              f"structures cannot be told")
+    trained = ~is_validation(data.c["key"], fraction)
+    return data.subset(np.flatnonzero(~trained)), (
+        f"warning: {ckpt_path} records no training keys (written before train.py kept them): assumed it trained on every "
+        f"structure whose key falls on the training side of its split (--val-fraction {fraction}), in any file, so "
+        f"{int(trained.sum())} such structures are not scored, whether or not it saw them. Retrain it to score all it never saw")
+
+
+def known_elements(held: LabelledStructures, elements: list[int]) -> tuple[LabelledStructures, str | None]:
+    """(the structures of `held` made of `elements` alone, a warning naming the others or None): a student has no
+    embedding for an element it never saw, so it cannot score a structure that holds one."""
+    c = held.c
+    foreign = ~np.isin(c["numbers"], elements)
+    if not foreign.any():
+        return held, None
+    atom_struct = np.repeat(np.arange(len(held)), c["n_atoms"])
+    skipped = np.unique(atom_struct[foreign])
+    said = f"{len(skipped)} of {len(held)} held-out structures hold elements the student never saw " \
+           f"({', '.join(f'{chemical_symbols[z]} ({z})' for z in np.unique(c['numbers'][foreign]))}; it knows " \
+           f"{', '.join(chemical_symbols[z] for z in elements)}), first {held.where(int(skipped[0]))}"
+    if len(skipped) == len(held):
+        raise LabelsError(f"{said}: nothing to score. Give labels of the elements it learned, or train a student on these")
+    return held.subset(np.setdiff1d(np.arange(len(held)), skipped)), f"warning: {said}: those are not scored"
 
 
 def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: Path, *, teacher: str | None = None,
@@ -46,29 +74,40 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
     is a warning). MD: md_structures held-out structures of each kind, md_steps velocity-Verlet steps of md_timestep
     fs from md_temperature K. device: of the student and of a torch teacher; started: time.time() when the run
     began, for the total in the last line (default: now). Raises CheckpointError for a checkpoint that is not a
-    student, LabelsError for labels of another teacher or with nothing held out, OSError when the metrics cannot be
-    written.
+    student, LabelsError for labels that cannot be used (see LabelledStructures.load), of another teacher, with nothing
+    held out or only elements the student never saw, OSError when the metrics cannot be written.
     """
     started = time.time() if started is None else started
     ckpt = load_checkpoint(ckpt_path, task="ff")
     model, _ = build_student(ckpt)
-    data = LabelledStructures.load(labels)
+    # the bound the student trained under (older checkpoints: the default), so that it is scored on labels like its own
+    data = LabelledStructures.load(labels, max_force=ckpt.get("args", {}).get("max_force", MAX_FORCE))
+    for warning in data.warnings:
+        log.warning(warning)
     model = model.to(device).eval()
     files = ", ".join(map(str, labels))
     if (data.teacher, data.teacher_version) != (ckpt["teacher"], ckpt["teacher_version"]):
         raise LabelsError(f"{files} hold labels of {data.teacher} ({data.teacher_version}); the student {ckpt_path} "
                           f"learned {ckpt['teacher']} ({ckpt['teacher_version']}): score a student against its own teacher")
-    held = held_out(data, ckpt)
+    held, assumed = held_out(data, ckpt, ckpt_path)
+    if assumed:
+        log.warning(assumed)
     if not len(held):
-        raise LabelsError(f"every structure of {files} was in the student's training split: give held-out labels")
+        raise LabelsError(f"every structure of {files} is one the student {ckpt_path} trained on (by key): give held-out labels")
+    n_held = len(held)
+    held, foreign = known_elements(held, model.config.elements)
+    if foreign:
+        log.warning(foreign)
     log.info(f"student {ckpt_path} (step {ckpt['step']}, {sum(p.numel() for p in model.parameters()):,} parameters) of "
-             f"{data.teacher} ({data.teacher_version}); {len(held)} held-out structures of {len(data)} in {files}; "
-             f"device {device}")
+             f"{data.teacher} ({data.teacher_version}); {n_held} held-out structures of {len(data)} in {files}"
+             f"{f', {len(held)} of them of its elements' if len(held) < n_held else ''}; device {device}")
 
     t0 = time.time()
     pred = forcefield_eval.predict(model, held, device=device)
     result = {"checkpoint": str(ckpt_path), "step": ckpt["step"], "teacher": data.teacher,
               "teacher_version": data.teacher_version, "labels": [str(p) for p in labels], "held_out": len(held),
+              "held_out_by": "assumed: the training side of its split" if assumed else "the keys it trained on",
+              "held_out_unknown_elements": n_held - len(held),
               "accuracy": forcefield_eval.accuracy(pred, held), "accuracy_seconds": time.time() - t0}
     for group, row in result["accuracy"].items():
         log.info(f"{group:<10} {row['structures']:>7} structures  energy MAE {row.get('energy_mae_mev_per_atom', float('nan')):8.2f} "
@@ -101,8 +140,8 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
             run = forcefield_eval.nve(atoms, calc, md_steps, md_timestep, md_temperature, seed=k)
             run["key"] = str(held.c["key"][s])
             result["md"].append(run)
-            log.info(f"NVE {run['formula']:<14} {run['atoms']:>4} atoms {run['ps']:.2f} ps: drift {run['drift_mev_per_atom_per_ps']:+.3f} "
-                     f"meV/atom/ps, fluctuation {run['energy_std_mev_per_atom']:.3f} meV/atom, <T> {run['mean_temperature_k']:.0f} K, "
+            log.info(f"NVE {run['formula']:<14} {run['atoms']:>4} atoms {run['steps']} step{'s' if run['steps'] != 1 else ''}, "
+                     f"{run['ps']:.3g} ps: drift {run['drift_mev_per_atom_per_ps']:+.3f} meV/atom/ps, fluctuation {run['energy_std_mev_per_atom']:.3f} meV/atom, <T> {run['mean_temperature_k']:.0f} K, "
                      f"{'physical' if run['physical'] else 'NOT physical: ' + run['problem']} ({run['seconds']:.1f} s)")
     write_metrics(out_json, result)
     log.info(f"wrote {out_json}")

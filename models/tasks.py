@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from models.checkpoint import build_model, build_student
@@ -88,7 +89,7 @@ class Student:
     """A student force field (models/forcefield.py) on label.py's labels of one teacher."""
 
     name = "ff"
-    RUN_FLAGS = Generation.RUN_FLAGS + ("data", "energy_weight", "force_weight", "stress_weight", "val_fraction")
+    RUN_FLAGS = Generation.RUN_FLAGS + ("data", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
     MODEL_FLAGS = ("hidden", "n_layers", "cutoff")
     autocast_on_cuda = False  # forces are derivatives: trained in float32
     unit = "structures"
@@ -101,12 +102,12 @@ class Student:
     def load(self, args, meta: dict | None, progress: bool) -> str:
         import time
 
-        from models.labelled_data import LabelledStructures
+        from models.labelled_data import LabelledStructures, key_hashes
         from models.labels import LabelsError
 
         t0 = time.time()
         try:
-            labelled = LabelledStructures.load(args.data)
+            labelled = LabelledStructures.load(args.data, max_force=args.max_force)
         except LabelsError as e:
             raise TaskError(str(e)) from None
         self.teacher = (labelled.teacher, labelled.teacher_version)
@@ -122,10 +123,16 @@ class Student:
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         self.train, self.valid = train, valid.subset(range(min(args.val_size, len(valid))))
+        # What the student trains on, by key: evaluate.py scores only other structures, whatever file holds them. A
+        # resumed run keeps what its earlier steps trained on (--override may have changed --n-train or --data).
+        self.trained_keys = np.union1d(key_hashes(self.train.c["key"]),
+                                       meta["trained_key_hashes"].numpy() if meta and "trained_key_hashes" in meta
+                                       else np.zeros(0, np.int64))
         self.cutoff = args.cutoff
-        return (f"data: {len(self.train)} train / {len(self.valid)} validation structures ({int(self.train.c['n_atoms'].sum()):,} / "
-                f"{int(self.valid.c['n_atoms'].sum()):,} atoms, {int(self.train.periodic.sum())} / {int(self.valid.periodic.sum())} "
-                f"periodic) labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t0:.1f} s")
+        return "\n".join(labelled.warnings + [
+            f"data: {len(self.train)} train / {len(self.valid)} validation structures ({int(self.train.c['n_atoms'].sum()):,} / "
+            f"{int(self.valid.c['n_atoms'].sum()):,} atoms, {int(self.train.periodic.sum())} / {int(self.valid.periodic.sum())} "
+            f"periodic) labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t0:.1f} s"])
 
     def new_model(self, args):
         from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies
@@ -174,7 +181,7 @@ class Student:
     def checkpoint_meta(self, args, objective) -> dict:
         """The student knows whose labels it learned: label.py and evaluate.py name them."""
         return {"objective_config": asdict(objective.config), "teacher": self.teacher[0], "teacher_version": self.teacher[1],
-                "n_valid": len(self.valid)}
+                "n_valid": len(self.valid), "trained_key_hashes": torch.from_numpy(self.trained_keys)}
 
 
 TASKS = {"gen": Generation, "ff": Student}
