@@ -1,0 +1,25 @@
+"""kernels/step_bench.py end to end on the QM9 fixture: every variant runs, counts the same FLOPs for the same batches
+whatever its precision, and the profile's split covers the step's time. Its times mean nothing here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_step_bench_times_every_variant_on_the_same_batches(qm9_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "kernels/step_bench.py", "--archs", "gnn", "transformer", "--sizes", "2x16", "--threads", "1",
+                           "--steps", "1", "--warmup", "1", "--sample-steps", "1", "--batch", "16", "--profile", "--data-dir", str(qm9_dir),
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "step_bench.json").read_text())
+    rows = {(r["arch"], r["precision"]): r for r in report["rows"]}
+    assert sorted(rows) == [("gnn", "bf16"), ("gnn", "fp32"), ("transformer", "bf16"), ("transformer", "fp32")]
+    for arch in ("gnn", "transformer"):
+        assert rows[arch, "fp32"]["flops_per_step"] == rows[arch, "bf16"]["flops_per_step"] > 0
+        assert all(rows[arch, p]["train_mol_s"] > 0 and rows[arch, p]["sample_mol_s"] > 0 for p in ("fp32", "bf16"))
+        split = report["profiles"][f"{arch} 2x16"]["split"]
+        assert abs(sum(split.values()) - 1) < 1e-9 and split["matrix products"] > 0
+    assert set(report["peaks"]) == {"1 fp32", "1 bf16"} and "| transformer | 2x16 |" in (tmp_path / "step_bench.md").read_text()
