@@ -49,6 +49,9 @@ parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="
 parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task ff: label.py's labels files (.h5) of one teacher")
 parser.add_argument("--csp", action="store_true", help="crystals: structure prediction (the composition is given; lattice and coordinates are generated) instead of de novo generation")
 parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on; val where the train file cannot be had (offline), with 5 %% of it (by a hash of material_id) held out for validation")
+parser.add_argument("--max-atoms", type=positive_int, default=32, help="crystals: refuse training or validation data that "
+                    "hold a crystal of more atoms than this, naming the largest (a batch is padded to its largest crystal, and "
+                    "memory grows with the square of that; the CDVAE sets' largest cells: perov-5 5, MP-20 20, carbon-24 24)")
 parser.add_argument("--data-dir", default=None, help="where the data cache lives (default: ./data or $MOLGEN_DATA)")
 parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model/data/schedule size")
 parser.add_argument("--hidden", type=positive_int, help="hidden width of the backbone (preset)")
@@ -119,8 +122,8 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "batching", "time_tilt",
-            "time_frequencies", "self_condition")
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
+            "time_tilt", "time_frequencies", "self_condition")
 
 
 def given(keys) -> list[str]:

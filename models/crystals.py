@@ -32,6 +32,7 @@ import torch
 from models.fileio import DataError, check_writable_dir, download, git_blob_sha1, save_npz
 from models.labels import atom_rows, offsets_of
 from models.molecules import default_data_dir
+from models.structures import partial_site, utf8_lines
 
 CDVAE_COMMIT = "f857f598d6f6cca5dc1ea0582d228f12dcc2c2ea"
 # $MOLGEN_CDVAE_URL points at a mirror of the release (same layout; {folder} and {split} are filled in, and
@@ -132,17 +133,29 @@ def crystal_atoms(numbers, frac, lengths, angles):
 # Parsing
 
 
+def full_sites(structure, where: str):
+    """The structure with every site one whole atom: a site of one element at occupancy 1 (within
+    models.structures.OCCUPANCY_TOLERANCE) becomes that element; any other site raises DataError naming it."""
+    for site in structure:
+        if held := partial_site(site.species):
+            x, y, z = site.frac_coords
+            raise DataError(f"{where}: the site {site.label} at fractional ({x:.4f}, {y:.4f}, {z:.4f}) holds {held}; "
+                            f"only sites of one element at occupancy 1 can be learned")
+    if structure.is_ordered:
+        return structure
+    from pymatgen.core import Structure
+    return Structure(structure.lattice, [site.species.elements[0] for site in structure], structure.frac_coords)
+
+
 def canonical_crystal(structure, where: str):
     """Niggli-reduce and rebuild from the six lattice parameters (CDVAE's canonical cell), after checking the
-    record: at least one atom, ordered sites, finite coordinates, no two atoms (or images) closer than
-    MIN_DISTANCE. Returns (atomic numbers [n], frac [n, 3] in [0, 1), lengths [3], angles [3])."""
+    record (whole atoms, as full_sites leaves them): at least one atom, finite coordinates, no two atoms (or
+    images) closer than MIN_DISTANCE. Returns (atomic numbers [n], frac [n, 3] in [0, 1), lengths [3], angles [3])."""
     from pymatgen.core import Lattice, Structure
     from pymatgen.core.periodic_table import DummySpecies
 
     if len(structure) == 0:
         raise DataError(f"{where}: the crystal has no atoms")
-    if not structure.is_ordered:
-        raise DataError(f"{where}: partially occupied sites; only ordered crystals can be generated")
     if unknown := sorted({str(sp) for sp in structure.species if isinstance(sp, DummySpecies)}):
         raise DataError(f"{where}: unknown element(s) {unknown}")
     if not (np.isfinite(structure.frac_coords).all() and np.isfinite(structure.lattice.matrix).all()):
@@ -164,47 +177,54 @@ def canonical_crystal(structure, where: str):
             np.array(canonical.lattice.angles))
 
 
-def _utf8_lines(f, path: Path):
-    """The lines of a file opened in binary, decoded one at a time as UTF-8: a byte that is not UTF-8 raises
-    DataError naming the file and its line, where the csv reader would end in a UnicodeDecodeError."""
-    for number, line in enumerate(f, 1):
-        try:
-            yield line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}, line {number}: not UTF-8 text ({e.reason} at column {e.start + 1}); a CDVAE CSV "
-                            f"file is UTF-8") from None
-
-
-def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
-    """One CDVAE CSV file (columns material_id and cif, at least) -> CrystalSet, in file order. A bad row
-    raises DataError naming the file, the line and the material_id."""
-    from pymatgen.core import Structure
+def cdvae_rows(path: Path, progress: bool = False):
+    """(where, row) for each record of a CDVAE CSV file (columns material_id and cif, at least), in file order;
+    where is "<path>, lines <first>-<last> (material_id <id>)": a record spans several lines (the CIF text)."""
     from tqdm import tqdm
 
     csv.field_size_limit(1 << 26)
-    path = Path(path)
-    records = []
     try:
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        reader = csv.DictReader(_utf8_lines(f, path))
+        reader = csv.DictReader(utf8_lines(f, path, "a CDVAE CSV file"))
         missing = {"material_id", "cif"} - set(reader.fieldnames or [])
         if missing:
             raise DataError(f"{path}: not a CDVAE CSV file, missing column(s) {sorted(missing)}")
-        first_line = reader.line_num + 1  # a record spans several lines (the CIF text)
+        first_line = reader.line_num + 1
         for row in tqdm(reader, desc=f"reading {path.name}", unit=" crystals", disable=not progress,
                         mininterval=0.5 if sys.stderr.isatty() else 30):
-            where = f"{path}, lines {first_line}-{reader.line_num} (material_id {row.get('material_id')})"
+            yield f"{path}, lines {first_line}-{reader.line_num} (material_id {row.get('material_id')})", row
             first_line = reader.line_num + 1
-            try:
-                with warnings.catch_warnings():  # pymatgen warns about rounded occupancies and the like
-                    warnings.simplefilter("ignore")
-                    structure = Structure.from_str(row["cif"] or "", fmt="cif")
-            except Exception as e:  # pymatgen raises many kinds (ValueError, KeyError, IndexError, ...) for bad CIF
-                raise DataError(f"{where}: unreadable CIF ({type(e).__name__}: {e})") from None
-            records.append((str(row["material_id"]), *canonical_crystal(structure, where)))
+
+
+def record_where(path: Path, material_id: str) -> str:
+    """Where the first record of `material_id` is in a CDVAE CSV file, as cdvae_rows names it (the file alone if
+    it no longer holds one): for messages about a record the cache gave."""
+    return next((where for where, row in cdvae_rows(Path(path)) if row["material_id"] == material_id),
+                f"{path} (material_id {material_id})")
+
+
+def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
+    """One CDVAE CSV file -> CrystalSet, in file order. A bad row raises DataError naming the file, the lines and
+    the material_id."""
+    from pymatgen.io.cif import CifParser
+
+    path = Path(path)
+    records = []
+    for where, row in cdvae_rows(path, progress):
+        try:
+            with warnings.catch_warnings():  # pymatgen warns about rounded occupancies and the like
+                warnings.simplefilter("ignore")
+                # check_occu=False: every site as the CIF gives it, for full_sites to judge (pymatgen's own check
+                # drops a site of occupancy 0 or below without a word, and a whole block with an over-full site)
+                parsed = CifParser.from_str(row["cif"] or "").parse_structures(primitive=False, check_occu=False)[0]
+        except Exception as e:  # pymatgen raises many kinds (ValueError, KeyError, IndexError, ...) for bad CIF
+            raise DataError(f"{where}: unreadable CIF ({type(e).__name__}: {e})") from None
+        # in the order pymatgen's default parse gives (by electronegativity), which the caches hold
+        structure = full_sites(parsed, where).get_sorted_structure()
+        records.append((str(row["material_id"]), *canonical_crystal(structure, where)))
     if not records:
         raise DataError(f"{path}: no crystals")
     n_atoms = np.array([len(r[1]) for r in records], dtype=np.int32)

@@ -236,7 +236,7 @@ class Crystals(Domain):
                  "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
     RECIPE = {"time_frequencies": 0}  # not ablated for crystals
     TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (README, Crystals)
-    FLAGS = ("csp", "train_split")
+    FLAGS = ("csp", "train_split", "max_atoms")
     FIGURES = False
 
     def run_name(self, args) -> str:
@@ -248,6 +248,13 @@ class Crystals(Domain):
         return ("validity", "structural_validity", "compositional_validity", "cov_recall", "cov_precision", "wdist_density",
                 "uniqueness", "novelty")
 
+    def split_path(self, split: str, args) -> Path:
+        """The CDVAE CSV file of a split under --data-dir, for messages about its records."""
+        from models.crystals import split_file
+        from models.molecules import default_data_dir
+        return split_file(self.name, split, Path(args.data_dir) if args.data_dir is not None else default_data_dir(),
+                          download_missing=False)
+
     def splits(self, args, progress: bool = True):
         """(training, validation) crystals, whole: the training split and the validation split, or with --train-split
         val the validation split less a fixed 5 % of it (by a hash of material_id), and that 5 %."""
@@ -258,6 +265,12 @@ class Crystals(Domain):
         train = load_crystals(self.name, args.train_split, args.data_dir, progress=progress)
         if args.train_split == "val":  # the validation split is the training set: hold a fixed part of it out
             held = holdout_mask(train.ids, 0.05)
+            if held.all() or not held.any():
+                from models.fileio import DataError
+                raise DataError(f"{self.split_path('val', args)}: {'all' if held.any() else 'none'} of its {len(train)} "
+                                f"crystals fall in the 5 % held out for validation (by a CRC-32 of material_id), which leaves "
+                                f"no {'training' if held.any() else 'validation'} crystals: --train-split val needs a file of "
+                                f"more crystals (the CDVAE val splits hold thousands)")
             return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
         return train, load_crystals(self.name, "val", args.data_dir, progress=progress)
 
@@ -279,6 +292,8 @@ class Crystals(Domain):
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         valid = valid.subset(range(min(args.val_size, len(valid))))
+        self.check_max_atoms(train, args.train_split, args)
+        self.check_max_atoms(valid, "val", args)
         n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
         from ase.data import chemical_symbols
         return TrainingData(
@@ -288,6 +303,28 @@ class Crystals(Domain):
              "n_atoms_hist": train.n_atoms_histogram().tolist()},
             f"data: {self.name} ({args.train_split} split): {len(train)} train / {len(valid)} validation crystals, "
             f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t0:.1f} s")
+
+    def check_max_atoms(self, crystals, split: str, args) -> None:
+        """DataError naming the largest crystal of `crystals` (read from `split`) above --max-atoms. A batch is padded
+        to its largest crystal (validation batches, and every batch of --batching random, to the largest of the set),
+        and a backbone's memory grows with the square of that width: one large cell would otherwise end the run in an
+        out-of-memory kill, without a message."""
+        import numpy as np
+
+        from models.crystals import record_where
+        from models.fileio import DataError
+
+        over = np.flatnonzero(crystals.n_atoms > args.max_atoms)
+        if not len(over):
+            return
+        largest = int(over[np.argmax(crystals.n_atoms[over])])
+        n = int(crystals.n_atoms[largest])
+        path = self.split_path(split, args)
+        others = f" (and {len(over) - 1} more of the {len(crystals)} crystals used from it)" if len(over) > 1 else ""
+        raise DataError(f"{record_where(path, str(crystals.ids[largest]))}: {n} atoms, more than --max-atoms "
+                        f"{args.max_atoms}{others}. A batch is padded to its largest crystal and the backbone's memory "
+                        f"grows with the square of that; remove the crystal from the file, or give --max-atoms {n} if "
+                        f"the memory allows")
 
     def process_options(self, args, data: TrainingData) -> dict:
         from models.geometry import LatticeScaler

@@ -8,8 +8,9 @@ Every record gets a stable key "<path>:<record>" used for resume and dedup:
     or the 0-based frame / data-block / molecule index (extxyz, xyz, CIF, SDF).
 `source` says where a structure came from: "<parent dir>/<file name>" (e.g. "perov_5/test.csv",
 "qm9_gnn_flow_small/samples.extxyz": the run directory names the generator) or "qm9".
-A record that cannot be read is yielded as (key, source, Failure(reason)) so the caller records it and
-goes on; only an input that cannot be used at all (QM9 that does not load) raises InputError.
+A record that cannot be read, or a CIF site that is not one whole atom, is yielded as (key, source,
+Failure(reason)) so the caller records it and goes on; only an input that cannot be used at all (QM9 that
+does not load, a CSV that is not UTF-8 or gives two records one id) raises InputError.
 
 iter_records yields (key, source, load) with the parsing deferred to load() where a record can be found
 without parsing it (CSV rows, QM9 molecules): a resumed run or one shard of many then parses only the
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from models.fileio import DataError
 
 EXTENSIONS = {".extxyz": "extxyz", ".xyz": "extxyz", ".sdf": "sdf", ".cif": "cif", ".csv": "csv"}
 
@@ -102,7 +105,7 @@ def _read_ase(path: str, kind: str):
     i = 0
     try:
         for atoms in ase.io.iread(path, index=":", format=kind):
-            yield i, _loaded(atoms)
+            yield i, _loaded(whole_atoms(atoms, f"{path}, data block {i}") if kind == "cif" else atoms)
             i += 1
     except Exception as e:  # ASE raises many types for malformed text; a KeyError is an unknown element symbol
         what = f"unknown element {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
@@ -127,19 +130,45 @@ def _read_sdf(path: str, kind: str):
         yield 0, _loaded(Failure(f"{path}: no molecules in SDF file"))
 
 
+def utf8_lines(f, path, what: str):
+    """The lines of a file opened in binary, decoded one at a time as UTF-8: a byte that is not UTF-8 raises
+    DataError naming the file and its line, where the csv reader would end in a UnicodeDecodeError. what: the kind
+    of file, for the message."""
+    for number, line in enumerate(f, 1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {number}: not UTF-8 text ({e.reason} at column {e.start + 1}); {what} "
+                            f"is UTF-8") from None
+
+
 def _read_csv(path: str, kind: str):
     """CDVAE CSV (a `cif` column, `material_id` as record id) or a qm9pack CSV (`XYZ_Ang`, `Index`); a row's
-    CIF / XYZ text is parsed only when it is loaded."""
+    CIF / XYZ text is parsed only when it is loaded. A file that is not UTF-8, or that gives two records the same
+    id, raises InputError: the id is the record's key, so one of the two would never be labelled."""
     csv.field_size_limit(1 << 24)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        if "cif" not in cols and "XYZ_Ang" not in cols:
-            yield "", _loaded(Failure(f"{path}: CSV has neither a `cif` (CDVAE) nor an `XYZ_Ang` (qm9pack) column"))
-            return
-        for row in reader:
-            rec = row.get("material_id") or row.get("Index") or f"row{reader.line_num}"
-            yield rec, functools.partial(_parse_csv_row, row, f"{path}, line {reader.line_num} (record {rec})")
+    with open(path, "rb") as f:
+        reader = csv.DictReader(utf8_lines(f, path, "a CSV file"))
+        try:
+            cols = set(reader.fieldnames or [])
+            if "cif" not in cols and "XYZ_Ang" not in cols:
+                yield "", _loaded(Failure(f"{path}: CSV has neither a `cif` (CDVAE) nor an `XYZ_Ang` (qm9pack) column"))
+                return
+            first_line, seen = reader.line_num + 1, {}  # record id -> (its lines, its row)
+            for row in reader:
+                id_column = next((c for c in ("material_id", "Index") if row.get(c)), None)
+                rec = row[id_column] if id_column else f"row{reader.line_num}"
+                lines, first_line = f"lines {first_line}-{reader.line_num}", reader.line_num + 1
+                if rec in seen:
+                    earlier, earlier_row = seen[rec]
+                    what = "the same row twice" if earlier_row == row else "two different structures"
+                    raise InputError(f"{path}: {earlier} and {lines} have the same {id_column} {rec} ({what}); label.py keys "
+                                     f"a record by its file and {id_column}, so only one of them would be labelled. Give "
+                                     f"each record its own {id_column}, or delete the repeated one")
+                seen[rec] = lines, row
+                yield rec, functools.partial(_parse_csv_row, row, f"{path}, {lines} ({id_column or 'record'} {rec})")
+        except DataError as e:  # not UTF-8
+            raise InputError(str(e)) from None
 
 
 def _parse_csv_row(row: dict, where: str):
@@ -150,12 +179,43 @@ def _parse_csv_row(row: dict, where: str):
 
     try:
         if "cif" in row:
-            return read_p1_cif(row["cif"]) or ase.io.read(io.StringIO(row["cif"]), format="cif")
+            return read_p1_cif(row["cif"]) or whole_atoms(ase.io.read(io.StringIO(row["cif"]), format="cif"), where)
         symbols, xyz = parse_qm9pack_row(row)
         return ase.Atoms(symbols=symbols, positions=xyz.reshape(-1, 3))
     except Exception as e:  # corrupt CIF text, unknown element (KeyError), malformed numbers
         what = f"unknown element {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         return Failure(f"{where}: cannot parse ({what})")
+
+
+OCCUPANCY_TOLERANCE = 1e-3  # an occupancy printed as 0.9999 or 1.0001 is a full site, rounded when it was written
+
+
+def partial_site(occupancies: dict) -> str | None:
+    """None for a site of one element at occupancy 1 (within OCCUPANCY_TOLERANCE), else what it holds, e.g.
+    "Cu at occupancy 0.5 and Au at occupancy 0.5". occupancies: element -> occupancy, as pymatgen's site.species
+    or ASE's info["occupancy"] give them. A generator and a teacher see whole atoms only: a partial, mixed, empty or
+    over-full site would become a whole atom of one of its elements, or no atom at all."""
+    if len(occupancies) == 1 and abs(float(next(iter(occupancies.values()))) - 1) <= OCCUPANCY_TOLERANCE:
+        return None
+    # pymatgen (check_occu=False) keeps an occupancy of 0 or below as 1e-8
+    return " and ".join(f"{el} at occupancy {'<= 0' if 0 < occ <= 1e-6 else f'{occ:g}'}"
+                        for el, occ in ((str(el), float(occ)) for el, occ in occupancies.items()))
+
+
+def whole_atoms(atoms, where: str):
+    """A crystal ASE read from CIF, or a Failure naming its first site that is not one whole atom. ASE makes every
+    site a whole atom whatever its occupancy (0.5, -1, a Cu/Au mix: it keeps the occupancies in info), and keeps one
+    atom where two rows of the CIF's _atom_site loop give the same position (spacegroup_kinds then lacks a row)."""
+    occupancy = atoms.info.get("occupancy") or {}
+    for row, occupancies in occupancy.items():
+        if held := partial_site(occupancies):
+            return Failure(f"{where}: the site of row {int(row) + 1} of the _atom_site loop holds {held}; only sites of "
+                           f"one element at occupancy 1 can be labelled")
+    if "spacegroup_kinds" in atoms.arrays:
+        if merged := sorted(set(map(int, occupancy)) - set(atoms.arrays["spacegroup_kinds"].tolist())):
+            return Failure(f"{where}: row {merged[0] + 1} of the _atom_site loop is at the position of another row; the "
+                           f"site would be one atom, not two")
+    return atoms
 
 
 P1_CELL_TAGS = ["_cell_length_a", "_cell_length_b", "_cell_length_c", "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma"]

@@ -162,6 +162,57 @@ def test_bad_records_name_file_line_and_id(tmp_path, sites, problem):
     assert str(path) in str(e.value) and "bad-2" in str(e.value) and "lines" in str(e.value)
 
 
+NACL = "  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 1"
+
+
+@pytest.mark.parametrize("sites, held", [
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 0.5", "Cl at occupancy 0.5"),
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 -1", "Cl at occupancy <= 0"),  # pymatgen's default parse drops the site
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 0", "Cl at occupancy <= 0"),
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 2", "Cl at occupancy 2"),  # ... and the whole block here
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 0.5\n  Br Br1 0.5 0.5 0.5 0.5", "Cl at occupancy 0.5 and Br at occupancy 0.5"),
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 1\n  Br Br1 0.5 0.5 0.5 1", "Cl at occupancy 1 and Br at occupancy 1"),
+    ("  Na Na0 0 0 0 1\n  Cl Cl1 0.5 0.5 0.5 1\n  Cl Cl2 0.5 0.5 0.5 1", "Cl at occupancy 2"),  # two atoms on one site
+])
+def test_sites_that_are_not_one_whole_atom_are_refused_by_name(tmp_path, sites, held):
+    path = tmp_path / "sites.csv"
+    path.write_text(HEADER + f'0,good-1,"{CIF.format(sites=NACL)}"\n1,bad-2,"{CIF.format(sites=sites)}"\n')
+    with pytest.raises(DataError) as e:
+        read_cdvae_csv(path, progress=False)
+    message = str(e.value)
+    assert f"{path}, lines 20-" in message and "(material_id bad-2)" in message and "(0.5000, 0.5000, 0.5000)" in message
+    assert held in message, message
+
+
+def test_occupancies_rounded_when_written_are_whole_atoms(tmp_path):
+    path = tmp_path / "rounded.csv"
+    rows = [CIF.format(sites=NACL.replace(" 1", f" {occupancy}", 2)) for occupancy in ("1", "0.9999", "1.0004", "1.000(2)")]
+    path.write_text(HEADER + "".join(f'{i},c-{i},"{cif}"\n' for i, cif in enumerate(rows)))
+    crystals = read_cdvae_csv(path, progress=False)
+    for i in range(1, len(rows)):
+        for a, b in zip(crystals.arrays()[0], crystals.arrays()[i]):
+            assert np.array_equal(a, b)
+
+
+def test_max_atoms_refuses_a_crystal_that_would_dominate_the_padding(tmp_path):
+    """One 54-atom crystal among 64 of 5: refused under --max-atoms 32 naming its file, lines, id and size; taken
+    when the cap is raised to it."""
+    import argparse
+
+    # CsCl-type NaCl, 3 x 3 x 3 cells of 4 A
+    big = CIF.format(sites="\n".join(f"  {el} {el}{i} {(s + i // 9) / 3} {(s + i // 3 % 3) / 3} {(s + i % 3) / 3} 1"
+                                      for i in range(27) for el, s in (("Na", 0), ("Cl", 0.5))))
+    (tmp_path / "cdvae" / "perov_5").mkdir(parents=True)
+    (tmp_path / "cdvae" / "perov_5" / "val.csv").write_text(PEROV_VAL.read_text() + f'64,big-1,"{big.replace("4.0", "12.0")}"\n')
+    args = argparse.Namespace(train_split="val", data_dir=tmp_path, n_train=None, val_size=64, csp=False, max_atoms=32)
+    with pytest.raises(DataError) as e:
+        Crystals("perov5").load_training(args, progress=False)
+    assert "val.csv, lines 2050-" in str(e.value) and "(material_id big-1): 54 atoms, more than --max-atoms 32" in str(e.value)
+    assert "--max-atoms 54" in str(e.value)
+    args.max_atoms = 54
+    assert Crystals("perov5").load_training(args, progress=False).n_max == 54
+
+
 def test_empty_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "empty.csv").write_text(HEADER)
     with pytest.raises(DataError, match="no crystals"):

@@ -95,7 +95,7 @@ def perov_dir(tmp_path) -> Path:
 
 
 def training_args(data_dir, **flags) -> argparse.Namespace:
-    defaults = dict(data="perov5", train_split="train", data_dir=data_dir, n_train=None, val_size=64, csp=False,
+    defaults = dict(data="perov5", train_split="train", data_dir=data_dir, n_train=None, val_size=64, csp=False, max_atoms=32,
                     arch="gnn", gen="flow", hidden=16, n_layers=2, time_frequencies=0, self_condition=False, time_tilt=0.0)
     return argparse.Namespace(**{**defaults, **flags})
 

@@ -222,6 +222,59 @@ def test_fast_p1_cif_reader_equals_ase():
         assert read_p1_cif(bad) is None, why
 
 
+def cu3au_cif(name: str, cu1: str = "1", extra: str = "") -> str:
+    """L1_2 Cu3Au as pymatgen writes a CDVAE row, with the occupancy of the site Cu1 and more site rows."""
+    sites = [("Au0", "0 0 0", "1"), ("Cu1", "0 0.5 0.5", cu1), ("Cu2", "0.5 0 0.5", "1"), ("Cu3", "0.5 0.5 0", "1")]
+    return (f"data_{name}\n_symmetry_space_group_name_H-M 'P 1'\n" + "".join(f"_cell_length_{x} 3.75\n" for x in "abc")
+            + "".join(f"_cell_angle_{x} 90\n" for x in ("alpha", "beta", "gamma"))
+            + "loop_\n _symmetry_equiv_pos_site_id\n _symmetry_equiv_pos_as_xyz\n  1  'x, y, z'\nloop_\n"
+            + "".join(f" _atom_site_{c}\n" for c in ("type_symbol", "label", "fract_x", "fract_y", "fract_z", "occupancy"))
+            + "".join(f"  {label[:2]} {label} {xyz} {occupancy}\n" for label, xyz, occupancy in sites) + extra)
+
+
+def test_sites_that_are_not_one_whole_atom_fail_naming_the_site(tmp_path):
+    """ASE reads a partial, negative, over-full or mixed site as one whole atom, and two rows on one position as one
+    atom: each is a failure naming the file, the record and the site; an occupancy rounded when written is whole."""
+    cases = {"half": (cu3au_cif("half", "0.5"), "holds Cu at occupancy 0.5"),
+             "negative": (cu3au_cif("negative", "-1"), "holds Cu at occupancy -1"),
+             "over": (cu3au_cif("over", "2"), "holds Cu at occupancy 2"),
+             "mixed": (cu3au_cif("mixed", "0.5", "  Au Au9 0 0.5 0.5 0.5\n"), "Cu at occupancy 0.5 and Au at occupancy 0.5"),
+             "twice": (cu3au_cif("twice", "1", "  Cu Cu9 0 0.5 0.5 1\n"), "row 5 of the _atom_site loop is at the position")}
+    good, rounded = cu3au_cif("good"), cu3au_cif("rounded", "0.9999")
+    (tmp_path / "sites.csv").write_text(",material_id,cif\n" + "".join(
+        f'{i},{name},"{cif}"\n' for i, (name, cif) in enumerate([("good", good), ("rounded", rounded)]
+                                                                + [(n, c[0]) for n, c in cases.items()])))
+    (tmp_path / "sites.cif").write_text(good + rounded + "".join(cif for cif, _ in cases.values()))
+    by_key = {k: a for k, _, a in iter_structures([str(tmp_path / "sites.csv"), str(tmp_path / "sites.cif")], anchor=tmp_path)}
+    for key in ("sites.csv:rounded", "sites.cif:1"):
+        assert np.array_equal(by_key[key].numbers, by_key["sites.csv:good"].numbers), key
+        assert np.allclose(by_key[key].positions, by_key["sites.csv:good"].positions), key
+    for block, (name, (_, held)) in enumerate(cases.items(), 2):
+        csv_failure, cif_failure = by_key[f"sites.csv:{name}"], by_key[f"sites.cif:{block}"]
+        assert "sites.csv, lines " in csv_failure.reason and f"(material_id {name})" in csv_failure.reason
+        assert f"sites.cif, data block {block}: " in cif_failure.reason
+        assert held in csv_failure.reason and held in cif_failure.reason, (csv_failure.reason, cif_failure.reason)
+
+
+def test_one_record_id_twice_in_a_file_is_refused(tmp_path):
+    """label.py keys a row by its file and material_id: a second row of the same id, different or not, would never
+    be labelled, so the file is refused naming both rows. A byte that is not UTF-8 is refused naming its line."""
+    from models.structures import InputError, iter_records
+
+    header, a, b = ",material_id,cif\n", cu3au_cif("a"), cu3au_cif("b", extra="  Au Au9 0.25 0.25 0.25 1\n")
+    (tmp_path / "other.csv").write_text(header + f'0,x-1,"{a}"\n1,x-2,"{a}"\n2,x-1,"{b}"\n')
+    (tmp_path / "same.csv").write_text(header + f'0,x-1,"{a}"\n0,x-1,"{a}"\n')
+    lines = 1 + a.count("\n")  # of one record
+    for name, what in (("other.csv", "two different structures"), ("same.csv", "the same row twice")):
+        with pytest.raises(InputError) as e:
+            list(iter_records([str(tmp_path / name)]))
+        first, second = f"lines 2-{1 + lines}", f"lines {2 + (2 if name == 'other.csv' else 1) * lines}-"
+        assert f"{name}: {first} and {second}" in str(e.value) and f"same material_id x-1 ({what})" in str(e.value)
+    (tmp_path / "latin1.csv").write_bytes((header + f'0,caf\xe9,"{a}"\n').encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.csv, line 2: not UTF-8"):
+        list(iter_records([str(tmp_path / "latin1.csv")]))
+
+
 def test_refuses_file_of_another_teacher(tmp_path):
     out = tmp_path / "labels.h5"
     ase.io.write(tmp_path / "m.extxyz", metals(1), format="extxyz")
