@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.cli import checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import PRECISIONS, checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import all_samplers, domain_of
 from models.fileio import DataError, DiskFull, atomic_write
+from models.precision import backbone_precision
 from models.sampling import sample_structures
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +47,8 @@ parser.add_argument("--batching", choices=["size", "random"], default="size", he
 parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or the raw ones")
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of the backbone; auto (default): bf16 on CUDA, and "
+                    "on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py)")
 parser.add_argument("--compositions", choices=["test", "val", "train"], default="test", help="structure prediction: the split of the checkpoint's data set whose compositions are sampled")
 parser.add_argument("--n-per-composition", type=positive_int, default=1, help="structure prediction: samples for each composition")
 parser.add_argument("--data-dir", default=None, help="structure prediction: where the crystal data lives (default: ./data or $MOLGEN_DATA)")
@@ -100,11 +103,12 @@ def main() -> None:
             raise SystemExit(f"sample.py: {e}")
         what = f"{len(compositions)} {ckpt['data']} {args.compositions} compositions x {args.n_per_composition}: "
     batch_size = args.batch_size or (1000 if device.type == "cuda" else 100)
+    precision = backbone_precision(device, args.precision, domain.arch_class(ckpt["arch"]))
     t0 = time.time()
     try:
         structures, n_bad = sample_structures(ckpt, n, args.steps, args.method, batch_size, args.seed, device, args.weights,
                                               args.batching == "size", compositions, args.n_per_composition, truth_rows,
-                                              **options)
+                                              precision, **options)
     except (CheckpointError, DataError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
@@ -122,12 +126,12 @@ def main() -> None:
     sizes = np.array([len(a) for a in structures])
     grid = f"time-grid power {options['time_power']:g}" + (f"; anti-annealing slope {args.anneal_slope:g}" if args.anneal_slope else "")
     summary = (f"sampled {what}{n_drawn} {domain.kind} ({sizes.mean():.1f} atoms on average) from {args.ckpt} (step "
-               f"{ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps ({grid}) on {device} in "
+               f"{ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps ({grid}) on {device} ({precision}) in "
                f"{elapsed:.1f} s: {n_drawn / elapsed:,.1f} {domain.kind}/s; wrote {len(structures)} to {written}")
     if n_bad:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
     report(out_dir, summary, {"structures": n_drawn, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
-                              "method": args.method, **options, "batching": args.batching, "device": str(device),
+                              "method": args.method, **options, "batching": args.batching, "device": str(device), "precision": precision,
                               "seconds": elapsed, "per_s": n_drawn / elapsed})
 
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models.cli import (checked_device, clip_value, decay, float_in, fraction, nonnegative_float, nonnegative_int,
+from models.cli import (PRECISIONS, checked_device, clip_value, decay, float_in, fraction, nonnegative_float, nonnegative_int,
                         positive_float, positive_int, writable_dir)
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES, get_domain
 
@@ -97,6 +97,9 @@ parser.add_argument("--val-fraction", type=fraction, default=0.05, help="ff: fra
 parser.add_argument("--count-flops", action="store_true", help="count the FLOPs of a training step before the first one "
                     "(torch's FlopCounterMode, once per padded width: a few extra passes); scale.py's compute axis reads them")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--task gen: autocast of the backbone; auto (default): bf16 on "
+                    "CUDA, and on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py); "
+                    "--task ff trains in fp32 (forces are derivatives)")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order, noise and initialisation")
 parser.add_argument("--out", default=None, help="output directory (default: out/<data>[_csp]_<arch>_<gen>_<preset>)")
@@ -123,7 +126,7 @@ for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
 GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
-            "time_tilt", "time_frequencies", "self_condition")
+            "time_tilt", "time_frequencies", "self_condition", "precision")
 
 
 def given(keys) -> list[str]:
@@ -208,8 +211,8 @@ master = rank == 0
 if args.batch_size % world:
     raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
 local_batch = args.batch_size // world
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and task.autocast_on_cuda else \
-    torch.autocast(device.type, enabled=False)
+precision = task.precision(args, device)  # the backbone's autocast: "bf16" or "fp32"
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 # ----------------------------------------------------------------------------------------------
 # Run directory: a new run never overwrites an old one by accident, and a resumed run continues exactly
@@ -380,7 +383,7 @@ def save(step: int, flops_per_step: float | None, seconds: float) -> None:
 # Loop
 
 log(f"training {task.what}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
-    f"on {world} process(es), device {device}, out {out_dir}")
+    f"on {world} process(es), device {device} ({precision}), out {out_dir}")
 flops_per_step = None
 if args.count_flops:
     flops_per_step = train_step_flops(model, objective, lambda width: step_inputs(start_step, width), schedule.width_counts(),

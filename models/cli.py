@@ -12,6 +12,8 @@ from pathlib import Path
 
 from models.fileio import check_writable_dir
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.py and sample.py --precision: the backbone's autocast (models/precision.py)
+
 
 def _number(kind, test, what):
     def parse(text: str):

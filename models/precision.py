@@ -32,3 +32,17 @@ def no_autocast(x: torch.Tensor):
 def full(x: torch.Tensor) -> torch.Tensor:
     """x as float32 if it is a 16-bit float (an autocast output); float32 and float64 pass unchanged."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def backbone_precision(device: torch.device, precision: str, backbone_cls) -> str:
+    """What --precision means for a backbone: "bf16" or "fp32". With "auto", bf16 on CUDA and, on a CPU, bf16 only
+    for the backbones whose class sets CPU_BF16, those kernels/step_bench.py measured faster in bf16 on this CPU
+    class (AMX); the others' steps are no faster, and bf16's error would grow for nothing."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or getattr(backbone_cls, "CPU_BF16", False) else "fp32"
+
+
+def backbone_autocast(device: torch.device, precision: str, backbone_cls) -> torch.autocast:
+    """The autocast a backbone's training or sampling runs under (backbone_precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone_precision(device, precision, backbone_cls) == "bf16")

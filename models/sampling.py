@@ -9,11 +9,12 @@ from tqdm import tqdm
 
 from models.checkpoint import build_model
 from models.domains import domain_of
+from models.precision import backbone_autocast
 
 
 def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                       weights: str = "ema", by_size: bool = False, compositions=None, n_per_composition: int = 1,
-                      truth_rows: list[int] | None = None, **options) -> tuple[list[ase.Atoms], int]:
+                      truth_rows: list[int] | None = None, precision: str = "auto", **options) -> tuple[list[ase.Atoms], int]:
     """Molecules or crystals from a loaded checkpoint, in batches, with a progress bar: (the structures with finite
     coordinates (and cell), how many were dropped for NaN / Inf).
 
@@ -24,7 +25,8 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
     compositions are a part of it) and info['sample_index'] (0..n_per_composition-1). Either way the structures come
     in that order. by_size: batches of the jobs in increasing size, each padded only to its largest structure rather
     than to about the largest of all (1.4 x the molecules/s on QM9 in the README; other noise, the same
-    distribution). options: the process's sampler options (process.OPTIONS: time_power, anneal_slope)."""
+    distribution). precision: the backbone's autocast (models/precision.py). options: the process's sampler options
+    (process.OPTIONS: time_power, anneal_slope)."""
     domain = domain_of(ckpt)
     model, process = build_model(ckpt, weights=weights)
     model.to(device).eval()
@@ -33,7 +35,7 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
     plan = domain.sampling_plan(ckpt, n, generator, compositions, n_per_composition)
     jobs = plan.jobs
     order = torch.argsort(plan.sizes, stable=True).tolist() if by_size else list(range(len(jobs)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = backbone_autocast(device, precision, domain.arch_class(ckpt["arch"]))
     structures, n_bad = [], 0  # structures: (job index, structure), put back in job order at the end
     unit = "mol" if domain.kind == "molecules" else " crystals"
     with tqdm(total=len(jobs), unit=unit, desc="sampling", mininterval=0.1 if sys.stderr.isatty() else 10) as bar:

@@ -34,7 +34,6 @@ class Generation:
                  "n_train", "preset", "batching")
     MODEL_FLAGS = ("hidden", "n_layers", "cfconv_cutoff", "ot_align", "gamma_scale", "data", "csp", "train_split", "time_tilt",
                    "time_frequencies", "self_condition", "init_from")
-    autocast_on_cuda = True  # bf16 autocast of the backbone on CUDA
 
     def __init__(self, args):
         self.domain = get_domain(args.data)
@@ -53,6 +52,10 @@ class Generation:
 
     def new_model(self, args):
         return self.domain.new_model(args, self.data)
+
+    def precision(self, args, device) -> str:
+        from models.precision import backbone_precision
+        return backbone_precision(device, args.precision, self.domain.arch_class(args.arch))
 
     @staticmethod
     def from_checkpoint(ckpt: dict, weights: str):
@@ -91,7 +94,6 @@ class Student:
     name = "ff"
     RUN_FLAGS = Generation.RUN_FLAGS + ("data", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
     MODEL_FLAGS = ("hidden", "n_layers", "cutoff")
-    autocast_on_cuda = False  # forces are derivatives: trained in float32
     unit = "structures"
 
     def __init__(self, args):
@@ -133,6 +135,10 @@ class Student:
             f"data: {len(self.train)} train / {len(self.valid)} validation structures ({int(self.train.c['n_atoms'].sum()):,} / "
             f"{int(self.valid.c['n_atoms'].sum()):,} atoms, {int(self.train.periodic.sum())} / {int(self.valid.periodic.sum())} "
             f"periodic) labelled by {labelled.teacher} ({labelled.teacher_version}), loaded in {time.time() - t0:.1f} s"])
+
+    @staticmethod
+    def precision(args, device) -> str:
+        return "fp32"  # forces are derivatives of the energy: trained in float32
 
     def new_model(self, args):
         from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies
