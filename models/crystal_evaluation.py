@@ -18,39 +18,45 @@ import numpy as np
 
 from models import crystal_metrics, crystal_stability
 from models.crystals import CRYSTAL_SETS, CrystalSet, crystal_atoms, load_crystals
-from models.evaluation import reference_subset, write_metrics
+from models.bounded import OVER_TIME, Stopped, count_stopped, describe
+from models.evaluation import ordinals, read_frames, reference_subset, write_metrics
 from models.fileio import DataError, atomic_write
 from models.molecules import default_data_dir
 
 log = logging.getLogger(__name__)
 
 
-def read_crystal_samples(path: Path) -> tuple[list, list]:
+def read_crystal_samples(path: Path) -> tuple[list, list, list]:
     """The structures of an extended XYZ file of crystals as ASE Atoms (their info holds sample.py's truth_id,
-    truth_index and train_split) and as crystal arrays (atomic numbers [n], fractional coordinates [n, 3] in [0, 1),
-    lengths [3] in A, angles [3] in degrees); DataError naming the file when it is unreadable, empty, or holds a
-    structure without a periodic cell."""
-    import ase.io
+    truth_index and train_split), as crystal arrays (atomic numbers [n], fractional coordinates [n, 3] in [0, 1),
+    lengths [3] in A, angles [3] in degrees), and the line each starts on, for messages; DataError naming the file
+    and the structure when one is unreadable (evaluation.read_frames) or has no periodic cell.
 
-    try:
-        structures = ase.io.read(path, ":", format="extxyz")
-    except Exception as e:  # ASE raises many kinds for malformed files
-        raise DataError(f"{path}: not readable as extended XYZ ({type(e).__name__}: {e})") from None
-    if not structures:
-        raise DataError(f"{path}: no structures (empty file)")
-    for k, atoms in enumerate(structures):
-        if not atoms.pbc.all():
-            raise DataError(f"{path}: structure {k + 1} is not a crystal (no periodic cell); molecules are scored with "
-                            f"--data qm9")
-    crystals = [(a.numbers, a.cell.scaled_positions(a.positions) % 1.0, a.cell.cellpar()[:3], a.cell.cellpar()[3:])
-                for a in structures]
-    return structures, crystals
+    A frame of no atoms is read as a crystal of no atoms (with NaN lengths when it has no cell either): a sample
+    the generator failed to make stays in every denominator, and counts as invalid, uncovered and not stable.
+    Refusing the file would leave the user to drop it, which would raise the model's rates. A cell too flat to
+    give fractional coordinates gives NaN ones: the crystal is not well formed (crystal_metrics), and invalid."""
+    frames = read_frames(path)
+    structures, crystals = [], []
+    for k, (line, atoms) in enumerate(frames):
+        if len(atoms) and not atoms.pbc.all():
+            raise DataError(f"{path}: structure {k + 1} (line {line}) is not a crystal (no periodic cell); molecules are "
+                            f"scored with --data qm9")
+        cellpar = atoms.cell.cellpar() if atoms.pbc.all() else np.full(6, np.nan)
+        try:
+            frac = atoms.cell.scaled_positions(atoms.positions) % 1.0
+        except np.linalg.LinAlgError:
+            frac = np.full((len(atoms), 3), np.nan)
+        structures.append(atoms)
+        crystals.append((atoms.numbers, frac, cellpar[:3], cellpar[3:]))
+    return structures, crystals, [line for line, _ in frames]
 
 
 def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: int | None = None,
                    data_dir: Path | None = None, workers: int | None = None, n_unique: int = 1000, coverage: bool = True,
                    stability: bool = False, relaxed_hull: bool = False, relax_steps: int = 500,
-                   stable_threshold: float = 0.1, progress: bool = True, started: float | None = None) -> dict:
+                   stable_threshold: float = 0.1, structure_timeout: float | None = None, progress: bool = True,
+                   started: float | None = None) -> dict:
     """Score the crystals of the extended XYZ file `samples`, imitating the CDVAE data set `name`, or, with samples
     None, the test crystals themselves (the first n_test of a fixed random order with n_test) against the validation
     split; write the metrics to out_json (and the relaxed samples to relaxed.extxyz next to it with stability) and
@@ -60,10 +66,14 @@ def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: i
     De novo: uniqueness, novelty and stability score the first n_unique crystals; coverage can be skipped (CrystalNN
     fingerprints take minutes per thousand crystals). Stability relaxes them for up to relax_steps FIRE steps and
     counts a crystal stable within stable_threshold eV/atom of the hull; relaxed_hull relaxes the training crystals
-    on the hull too (models/crystal_stability.py). workers: processes for StructureMatcher, fingerprints and CHGNet
-    (default: every core); data_dir: the data and its caches (default $MOLGEN_DATA or ./data); started: time.time()
-    when the run began, for the total in the last line (default: now). Raises DataError for unreadable samples or
-    data, OSError when an output cannot be written.
+    on the hull too (models/crystal_stability.py), and the hull is built first, so that a cache it cannot write is
+    an error before the rest of the work. A crystal that is not well formed (crystal_metrics.well_formed) gets no
+    fingerprint, primitive cell, matcher comparison or relaxation, and one structure's fingerprint, primitive cell,
+    matcher pair or relaxation is stopped after structure_timeout seconds (None: no limit); both are scored as if
+    that work had failed, and counted in not_computed and the log. workers: processes for StructureMatcher,
+    fingerprints and CHGNet (default: every core); data_dir: the data and its caches (default $MOLGEN_DATA or
+    ./data); started: time.time() when the run began, for the total in the last line (default: now). Raises
+    DataError for unreadable samples or data, OSError when an output or a cache cannot be written.
     """
     started = time.time() if started is None else started
     data_dir = Path(data_dir) if data_dir else default_data_dir()
@@ -73,7 +83,7 @@ def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: i
         crystals, structures = [truths[i] for i in reference_subset(len(truths), n_test)], None
         label = f"{name} test set" + (f" ({len(crystals)} of {len(truths)}, seed 0)" if n_test else "")
     else:
-        structures, crystals = read_crystal_samples(samples)
+        structures, crystals, lines = read_crystal_samples(samples)
         label = str(samples)
     t0 = time.time()
     result = {"samples": label, "data": name, "crystals": len(crystals),
@@ -82,25 +92,54 @@ def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: i
     result["validity"] = float(np.mean([crystal_metrics.is_valid(c) for c in crystals]))
     log.info(f"{label}: {len(crystals)} crystals; structural validity {100 * result['structural_validity']:.2f} %, "
              f"compositional validity {100 * result['compositional_validity']:.2f} %, both {100 * result['validity']:.2f} %")
-    if structures is not None and "truth_id" in structures[0].info:
-        result.update(structure_prediction(name, test, samples, structures, crystals, workers, progress))
+    ill_formed = [i for i, c in enumerate(crystals) if not crystal_metrics.well_formed(c)]
+    result.update(not_well_formed=len(ill_formed), empty=sum(len(c[0]) == 0 for c in crystals),
+                  structure_timeout_seconds=structure_timeout, not_computed={})
+    if ill_formed:
+        which = ordinals(ill_formed, lines) if structures is not None else f"{len(ill_formed)} test crystals"
+        log.warning(f"warning: {len(ill_formed)} of {len(crystals)} crystals are not well formed ({which}: no atoms, "
+                    f"an atom of no element, non-finite coordinates or a degenerate cell); they count as invalid and "
+                    f"uncovered, are not relaxed, and match nothing")
+    if structures is not None and any("truth_id" in a.info for a in structures):
+        result.update(structure_prediction(name, test, samples, structures, crystals, workers, progress, structure_timeout))
     else:  # de novo samples, or the test set itself as the reference row
-        scored, unique_novel, training, train_split = distribution_metrics(
-            name, crystals, structures, truths, result, data_dir, n_unique=n_unique, coverage=coverage, workers=workers,
-            progress=progress)
+        train_split, training = training_split(name, structures, data_dir, progress)
+        scored = crystals[:n_unique]
+        t_hull = time.time()
+        hull = crystal_stability.chgnet_hull(name, train_split, training, scored, data_dir, relaxed_hull, relax_steps,
+                                             workers, progress, structure_timeout) if stability else None
+        t_hull = time.time() - t_hull
+        unique_novel = distribution_metrics(name, crystals, structures, truths, result, data_dir, training, train_split,
+                                            n_unique=n_unique, coverage=coverage, workers=workers, progress=progress,
+                                            seconds=structure_timeout)
         if stability:
-            result.update(stability_metrics(name, scored, unique_novel, training, train_split, data_dir,
+            result.update(stability_metrics(name, hull, scored, unique_novel, train_split, result,
                                             relaxed_out=None if samples is None else out_json.parent / "relaxed.extxyz",
+                                            structures=structures,
                                             relaxed_hull=relaxed_hull, relax_steps=relax_steps,
-                                            stable_threshold=stable_threshold, workers=workers, progress=progress))
+                                            stable_threshold=stable_threshold, workers=workers, progress=progress,
+                                            seconds=structure_timeout), hull_seconds=t_hull)
     result["eval_seconds"] = time.time() - t0
     write_metrics(out_json, result)
     log.info(f"wrote {out_json}; {time.time() - started:.1f} s in all")
     return result
 
 
+def not_computed(result: dict, what: str, reasons: dict[str, int], of: int, consequence: str,
+                 seconds: float | None) -> None:
+    """Record in result["not_computed"][what] the {reason: count} of the crystals (of `of`) whose `what` was not
+    computed, and warn of those stopped, saying how they were scored (consequence)."""
+    if not reasons:
+        return
+    result["not_computed"][what] = reasons
+    stopped = {why: n for why, n in reasons.items() if why != crystal_metrics.NOT_WELL_FORMED}  # those were named above
+    if stopped:
+        log.warning(f"warning: {what}: {sum(stopped.values())} of {of} not computed ({describe(stopped, seconds)}); "
+                    f"{consequence}")
+
+
 def structure_prediction(name: str, test: CrystalSet, samples: Path, structures: list, crystals: list,
-                         workers: int | None = None, progress: bool = True) -> dict:
+                         workers: int | None = None, progress: bool = True, seconds: float | None = None) -> dict:
     """Match rate and RMSE (crystal_metrics.csp_metrics) of samples drawn for the compositions of the test split:
     each structure names its true crystal by truth_index and truth_id, and every composition up to the last one
     sampled counts, so that those sample.py skipped (unknown elements) count as not matched. DataError when a
@@ -108,17 +147,28 @@ def structure_prediction(name: str, test: CrystalSet, samples: Path, structures:
     t0 = time.time()
     groups: dict[int, list] = {}
     for k, (atoms, crystal) in enumerate(zip(structures, crystals)):
-        i = int(atoms.info.get("truth_index", -1))
+        if "truth_id" not in atoms.info or "truth_index" not in atoms.info:
+            raise DataError(f"{samples}: structure {k + 1} names no true crystal (truth_id and truth_index), as other "
+                            f"structures of this structure-prediction file do")
+        try:
+            i = int(atoms.info["truth_index"])
+        except (TypeError, ValueError):  # not a row number: the message below names it
+            i = -1
         if not 0 <= i < len(test) or str(atoms.info.get("truth_id")) != str(test.ids[i]):
-            raise DataError(f"{samples}: structure {k + 1} names truth {atoms.info.get('truth_id')} at row {i}, which is "
+            raise DataError(f"{samples}: structure {k + 1} names truth {atoms.info['truth_id']} at row "
+                            f"{atoms.info['truth_index']}, which is "
                             f"not a {name} test crystal: these samples were drawn for another split (sample.py "
                             f"--compositions test)")
         groups.setdefault(i, []).append(crystal)
     n = max(groups) + 1
     k = max(len(g) for g in groups.values())
     result = crystal_metrics.csp_metrics([groups.get(i, []) for i in range(n)], test.arrays()[:n], workers,
-                                         progress=progress)
+                                         progress=progress, seconds=seconds)
     result["matcher_seconds"] = time.time() - t0
+    if stopped := result.pop("not_matched"):
+        log.warning(f"warning: StructureMatcher: {sum(stopped.values())} of the valid samples not compared with their "
+                    f"true crystal ({describe(stopped, seconds)}); they count as not matched")
+        result["not_computed"] = {"StructureMatcher": stopped}
     log.info(f"structure prediction on the first {n} of {len(test)} {name} test compositions, {k} sample(s) each: "
              + ", ".join(f"match rate@{j} {100 * result[f'match_rate@{j}']:.2f} %, RMSE@{j} "
                          f"{result[f'rmse@{j}'] if result[f'rmse@{j}'] is None else round(result[f'rmse@{j}'], 4)}"
@@ -128,36 +178,51 @@ def structure_prediction(name: str, test: CrystalSet, samples: Path, structures:
     return result
 
 
-def distribution_metrics(name: str, crystals: list, structures: list | None, truths: list, result: dict, data_dir: Path,
-                         n_unique: int = 1000, coverage: bool = True, workers: int | None = None,
-                         progress: bool = True) -> tuple[list, dict, list, str]:
-    """De novo metrics into result: Wasserstein distances and coverage against the reference split, uniqueness and
-    novelty of the first n_unique crystals. Samples (structures, as read) are compared with the test set `truths`
-    and judged novel against their model's training split (their train_split); the test set itself (structures
-    None) is compared with the validation split and judged novel against the training split (the validation split
-    offline). Returns what S.U.N. needs: the scored crystals, their uniqueness_novelty, the training split's
-    crystals and its name."""
-    t0 = time.time()
-    if structures is None:
-        reference_split, reference = "val", load_crystals(name, "val", data_dir, progress=False).arrays()
-    else:
-        reference_split, reference = "test", truths
-    train_split = structures[0].info.get("train_split", "train") if structures is not None else "train"
+def training_split(name: str, structures: list | None, data_dir: Path, progress: bool = True) -> tuple[str, list]:
+    """The split that novelty and the hull are taken against, and its crystals: samples name their model's training
+    split (train_split, as sample.py writes it; "train" when none does), the test set itself is judged against the
+    training split; either falls back to the validation split when the train file is not on this machine."""
+    train_split = next((a.info["train_split"] for a in structures or [] if "train_split" in a.info), "train")
     try:
         training = load_crystals(name, train_split, data_dir, progress=progress)
     except DataError:
         if train_split != "train":
             raise
         train_split, training = "val", load_crystals(name, "val", data_dir, progress=progress)
+    return train_split, training.arrays()
+
+
+def distribution_metrics(name: str, crystals: list, structures: list | None, truths: list, result: dict, data_dir: Path,
+                         training: list, train_split: str, n_unique: int = 1000, coverage: bool = True,
+                         workers: int | None = None, progress: bool = True, seconds: float | None = None) -> dict:
+    """De novo metrics into result: Wasserstein distances and coverage against the reference split, uniqueness and
+    novelty of the first n_unique crystals against the `training` crystals (of the split `train_split`). Samples
+    (structures, as read) are compared with the test set `truths`; the test set itself (structures None) with the
+    validation split. A crystal's fingerprint, primitive cell and matcher pairs each stop after `seconds`. Returns
+    what S.U.N. needs: the uniqueness_novelty of the scored crystals."""
+    t0 = time.time()
+    if structures is None:
+        reference_split, reference = "val", load_crystals(name, "val", data_dir, progress=False).arrays()
+    else:
+        reference_split, reference = "test", truths
     result.update(crystal_metrics.wasserstein_distances(crystals, reference), distribution_reference=f"{name} {reference_split}")
     if coverage:
         struct_cutoff, comp_cutoff = CRYSTAL_SETS[name].coverage_cutoffs
-        sample_fps = crystal_metrics.fingerprints(crystals, workers, progress, desc="sample fingerprints")
-        reference_fps = crystal_metrics.reference_fingerprints(name, reference_split, reference, data_dir, workers, progress)
+        sample_fps = crystal_metrics.fingerprints(crystals, workers, progress, desc="sample fingerprints", seconds=seconds)
+        not_computed(result, "fingerprints", sample_fps.not_fingerprinted, len(crystals), "they count as uncovered", seconds)
+        reference_fps = crystal_metrics.reference_fingerprints(name, reference_split, reference, data_dir, workers,
+                                                               progress, seconds)
+        not_computed(result, f"{name} {reference_split} fingerprints", reference_fps.not_fingerprinted, len(reference),
+                     "they are left out of coverage, as crystals CrystalNN fails on are", seconds)
         result.update(crystal_metrics.coverage(sample_fps, reference_fps, struct_cutoff, comp_cutoff),
                       coverage_cutoffs={"structure": struct_cutoff, "composition": comp_cutoff})
     scored = crystals[:n_unique]
-    un = crystal_metrics.uniqueness_novelty(scored, training.arrays(), workers, progress)
+    un = crystal_metrics.uniqueness_novelty(scored, training, workers, progress, seconds)
+    not_computed(result, "primitive cells", un["not_compared"], len(scored), "they match nothing (unique and novel)", seconds)
+    if un["pairs_over_time"]:
+        log.warning(f"warning: StructureMatcher: {un['pairs_over_time']} pairs of crystals not compared ("
+                    f"{describe({OVER_TIME: un['pairs_over_time']}, seconds)}); they count as not matching")
+        result["not_computed"]["StructureMatcher pairs"] = {OVER_TIME: un["pairs_over_time"]}
     result.update(uniqueness=un["uniqueness"], novelty=un["novelty"], unique_and_novel=un["unique_and_novel"],
                   uniqueness_novelty_of=len(scored), novelty_against=f"{name} {train_split}", distribution_seconds=time.time() - t0)
     log.info(f"Wasserstein distances to the {name} {reference_split} split: density {result['wdist_density']}, number of "
@@ -166,51 +231,57 @@ def distribution_metrics(name: str, crystals: list, structures: list | None, tru
     log.info(f"uniqueness {100 * un['uniqueness']:.2f} %, novelty {100 * un['novelty']:.2f} % (against {name} {train_split}), "
              f"unique and novel {100 * un['unique_and_novel']:.2f} % of the first {len(scored)} crystals; "
              f"{time.time() - t0:.1f} s")
-    return scored, un, training.arrays(), train_split
+    return un
 
 
-def stability_metrics(name: str, scored: list, unique_novel: dict, training: list, train_split: str, data_dir: Path,
-                      relaxed_out: Path | None, relaxed_hull: bool = False, relax_steps: int = 500,
-                      stable_threshold: float = 0.1, workers: int | None = None, progress: bool = True) -> dict:
-    """Relax the scored samples with CHGNet, take their energy above the CHGNet hull of the training split
-    (crystal_stability.chgnet_hull) and the S.U.N. rate (with their uniqueness_novelty); the relaxed samples go to
-    relaxed_out. relaxed_out None scores the test crystals of the reference row as the hull's crystals are: at their
-    DFT geometry on a single-point hull, relaxed on a relaxed one, and writes none."""
+def stability_metrics(name: str, hull, scored: list, unique_novel: dict, train_split: str, result: dict,
+                      relaxed_out: Path | None, structures: list | None = None, relaxed_hull: bool = False, relax_steps: int = 500,
+                      stable_threshold: float = 0.1, workers: int | None = None, progress: bool = True,
+                      seconds: float | None = None) -> dict:
+    """Relax the scored samples with CHGNet (each for at most `seconds`), take their energy above `hull`, the CHGNet
+    hull of the training split (crystal_stability.chgnet_hull), and the S.U.N. rate (with their
+    uniqueness_novelty); the relaxed samples go to relaxed_out, and those not relaxed as they were read (structures,
+    the samples' Atoms: a cell that is not well formed need not even make a cell matrix). relaxed_out None scores
+    the test crystals of the reference row as the hull's crystals are: at their DFT geometry on a single-point
+    hull, relaxed on a relaxed one, and writes none. What was not relaxed goes to result["not_computed"]."""
     import ase.io
 
     t0 = time.time()
-    hull = crystal_stability.chgnet_hull(name, train_split, training, scored, data_dir, relaxed_hull, relax_steps,
-                                         workers, progress)
+    if hull.not_relaxed:  # chgnet_hull warned of them
+        result["not_computed"][f"{name} {train_split} relaxations for the hull"] = hull.not_relaxed
     relaxing = relaxed_out is not None or relaxed_hull
     hull_kind = "relaxed" if relaxed_hull else "single points at their DFT geometries"
     if not relaxing:
         energies, relaxed = crystal_stability.static_energies(scored, workers=workers, progress=progress), scored
-        outcomes = [None] * len(scored)
+        outcomes, failed = [None] * len(scored), 0
     else:
-        outcomes = crystal_stability.relax(scored, relax_steps, workers=workers, progress=progress)
+        outcomes = crystal_stability.relax(scored, relax_steps, workers=workers, progress=progress, seconds=seconds)
+        not_computed(result, "relaxations", count_stopped(outcomes), len(scored), "they count as not stable", seconds)
+        failed = sum(o is None for o in outcomes)  # CHGNet failed on them
+        outcomes = [None if isinstance(o, Stopped) else o for o in outcomes]
         relaxed = [o[0] if o else c for o, c in zip(outcomes, scored)]
         energies = np.array([o[1] if o else np.nan for o in outcomes])
     e_hull = np.array([hull.above(c, e) if np.isfinite(e) else np.nan
                        for c, e in zip(relaxed, energies)])
     stable = np.nan_to_num(e_hull, nan=np.inf) <= stable_threshold
     sun = stable & np.array(unique_novel["unique"]) & np.array(unique_novel["novel"])
-    result = dict(stability_of=len(scored), stable_threshold_ev_per_atom=stable_threshold,
-                  stable_rate=float(stable.mean()), on_hull_rate=float((np.nan_to_num(e_hull, nan=np.inf) <= 0).mean()),
-                  sun_rate=float(sun.mean()), e_above_hull_median=float(np.nanmedian(e_hull)) if np.isfinite(e_hull).any() else None,
-                  relax_failed=int(sum(o is None for o in outcomes)) if relaxing else 0,
-                  relax_converged=float(np.mean([bool(o and o[3]) for o in outcomes])) if relaxing else None,
-                  hull=f"CHGNet energies of {name} {train_split} ({hull_kind}) and relaxed elemental prototypes",
-                  stability_seconds=time.time() - t0)
+    out = dict(stability_of=len(scored), stable_threshold_ev_per_atom=stable_threshold,
+               stable_rate=float(stable.mean()), on_hull_rate=float((np.nan_to_num(e_hull, nan=np.inf) <= 0).mean()),
+               sun_rate=float(sun.mean()), e_above_hull_median=float(np.nanmedian(e_hull)) if np.isfinite(e_hull).any() else None,
+               relax_failed=failed if relaxing else 0,
+               relax_converged=float(np.mean([bool(o and o[3]) for o in outcomes])) if relaxing else None,
+               hull=f"CHGNet energies of {name} {train_split} ({hull_kind}) and relaxed elemental prototypes",
+               stability_seconds=time.time() - t0)
     log.info(f"stability (CHGNet, hull of {name} {train_split}, {hull_kind}): {100 * stable.mean():.2f} % within {stable_threshold} eV/atom "
-             f"of the hull, {100 * result['on_hull_rate']:.2f} % on or below it, median {result['e_above_hull_median']} eV/atom; "
+             f"of the hull, {100 * out['on_hull_rate']:.2f} % on or below it, median {out['e_above_hull_median']} eV/atom; "
              f"S.U.N. {100 * sun.mean():.2f} % of {len(scored)}; {time.time() - t0:.1f} s")
     if relaxed_out is not None:
         frames = []
         for k, (c, e, eh) in enumerate(zip(relaxed, energies, e_hull)):
-            atoms = crystal_atoms(*c)
+            atoms = crystal_atoms(*c) if outcomes[k] else structures[k].copy()
             atoms.info.update(sample_index=k, energy_per_atom=float(e), e_above_hull=float(eh), stable=bool(stable[k]),
                               sun=bool(sun[k]), relax_steps=int(outcomes[k][2]) if outcomes[k] else -1)
             frames.append(atoms)
         atomic_write(relaxed_out, lambda tmp: ase.io.write(tmp, frames, format="extxyz"))
         log.info(f"wrote the relaxed samples to {relaxed_out}")
-    return result
+    return out

@@ -12,18 +12,27 @@
   composition matches when any of its samples does, with the smallest RMSE.
 
 StructureMatcher is slow (tens of ms a pair, seconds for an awkward one): `match_crystals` runs it on every
-core, in chunks, and the callers report the time it took.
+core, and the callers report the time it took.
+
+A crystal that is not `well_formed` (no atoms, an atom of no element, non-finite coordinates, a degenerate cell)
+gets none of the expensive per-structure work: on such a cell CrystalNN, the primitive-cell search and CHGNet have
+no bounded cost (a cell 1e-4 A thin puts millions of periodic images within their cutoffs), and on a dummy atom
+they fail. It is scored as that work fails on it: uncovered (no structure fingerprint), matching nothing, not
+relaxed. Every other structure's work runs on worker processes with a time limit per structure
+(models/bounded.py); one past it is scored the same way, and the callers count and report it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from models.bounded import OVER_TIME, Stopped, TimeLimit, bounded_map, count_stopped, time_limit
 
 MIN_DISTANCE = 0.5  # A
 MIN_VOLUME = 0.1  # A^3
@@ -33,19 +42,54 @@ MAX_OXIDATION_COMBINATIONS = 10 ** 7  # CDVAE gives up (invalid) on compositions
 log = logging.getLogger(__name__)
 
 
+def cell_valid(lengths, angles) -> bool:
+    """The cell's part of structural validity: finite, positive lengths (A) and angles (degrees), a volume of at least
+    MIN_VOLUME, and no lattice vector shorter than MIN_DISTANCE: every atom is that far from its own images, which
+    the distances between atoms do not see. The shortest lattice vector can be far shorter than the shortest cell
+    edge (a cell of 5 A edges at angles of 119.999 degrees has one of 0.05 A)."""
+    from pymatgen.core import Lattice
+
+    if not (np.isfinite(lengths).all() and np.isfinite(angles).all()) or min(lengths) <= 0:
+        return False
+    matrix = Lattice.from_parameters(*lengths, *angles).matrix
+    volume = abs(np.linalg.det(matrix))
+    if not volume >= MIN_VOLUME:  # also False for NaN (a degenerate angle set)
+        return False
+    # A lattice vector steps across at least one layer of cells, so none is shorter than the thinnest layer: enough
+    # for every real cell. A thinner, skewed cell may still be fine; the Minkowski-reduced basis holds its shortest.
+    if (volume / np.linalg.norm(np.cross(matrix[[1, 2, 0]], matrix[[2, 0, 1]]), axis=1)).min() >= MIN_DISTANCE:
+        return True
+    from ase.geometry import minkowski_reduce
+
+    try:
+        reduced, _ = minkowski_reduce(matrix)
+    except RuntimeError:  # no reduced basis within ASE's iterations: a cell too degenerate to use
+        return False
+    return bool(np.linalg.norm(reduced, axis=1).min() >= MIN_DISTANCE)
+
+
+def well_formed(crystal) -> bool:
+    """At least one atom, every one an element (not ASE's dummy X), finite fractional coordinates and a valid cell
+    (cell_valid): what CrystalNN, Magpie, the primitive-cell search and CHGNet need to finish, in bounded time.
+    Structural validity asks this and more."""
+    from ase.data import chemical_symbols
+
+    numbers, frac, lengths, angles = crystal
+    z = np.asarray(numbers)
+    return (len(z) > 0 and bool(((z >= 1) & (z < len(chemical_symbols))).all()) and bool(np.isfinite(frac).all())
+            and cell_valid(lengths, angles))
+
+
 def structure_valid(numbers, frac, lengths, angles) -> bool:
     """Structural validity of one crystal given as arrays (fractional coordinates, lengths A, angles degrees)."""
     from pymatgen.core import Lattice
 
-    if not (np.isfinite(frac).all() and np.isfinite(lengths).all() and np.isfinite(angles).all()) or min(lengths) <= 0:
-        return False
-    lattice = Lattice.from_parameters(*lengths, *angles)
-    if not lattice.volume >= MIN_VOLUME:  # also False for NaN (a degenerate angle set)
+    if not well_formed((numbers, frac, lengths, angles)):
         return False
     if len(numbers) == 1:
-        return min(lattice.abc) >= MIN_DISTANCE
-    d = lattice.get_all_distances(frac, frac) + np.eye(len(numbers)) * 1e9
-    return bool(d.min() >= MIN_DISTANCE) and min(lattice.abc) >= MIN_DISTANCE
+        return True
+    d = Lattice.from_parameters(*lengths, *angles).get_all_distances(frac, frac) + np.eye(len(numbers)) * 1e9
+    return bool(d.min() >= MIN_DISTANCE)
 
 
 @lru_cache(maxsize=None)
@@ -78,9 +122,9 @@ def composition_valid(numbers) -> bool:
     from ase.data import chemical_symbols
 
     elements, counts = np.unique(np.asarray(numbers, dtype=int), return_counts=True)
-    counts = counts // np.gcd.reduce(counts)
-    if (elements < 1).any() or (elements >= len(chemical_symbols)).any():
+    if not len(elements) or (elements < 1).any() or (elements >= len(chemical_symbols)).any():
         return False
+    counts = counts // np.gcd.reduce(counts)
     return _smact_valid(tuple(chemical_symbols[z] for z in elements), tuple(int(c) for c in counts))
 
 
@@ -105,19 +149,11 @@ def _rms(pair) -> float | None:
     return None if rms is None else float(rms[0])
 
 
-def match_crystals(pairs: list, workers: int | None = None, progress: bool = True) -> list[float | None]:
-    """RMS distance or None for each (sample, truth) pair; each crystal is (numbers, frac, lengths, angles).
-    Runs over `workers` processes (default: every core)."""
-    from tqdm import tqdm
-
-    workers = workers or os.cpu_count() or 1
-    bar = dict(total=len(pairs), desc="StructureMatcher", unit=" pairs", disable=not progress, mininterval=1)
-    if workers == 1 or len(pairs) < 8:
-        return [_rms(p) for p in tqdm(pairs, **bar)]
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_rms, pairs, chunksize=max(1, min(64, len(pairs) // (8 * workers)))), **bar))
+def match_crystals(pairs: list, workers: int | None = None, progress: bool = True, seconds: float | None = None) -> list:
+    """RMS distance or None (no match) for each (sample, truth) pair; each crystal is (numbers, frac, lengths,
+    angles). Runs over `workers` processes (default: every core), at most `seconds` a pair: a pair past it, or whose
+    process died, is a bounded.Stopped (counted by the caller as no match)."""
+    return bounded_map(_rms, pairs, workers, seconds, progress, desc="StructureMatcher", unit=" pairs")
 
 
 def is_valid(crystal) -> bool:
@@ -125,10 +161,12 @@ def is_valid(crystal) -> bool:
     return structure_valid(numbers, frac, lengths, angles) and composition_valid(numbers)
 
 
-def csp_metrics(samples: list[list], truths: list, workers: int | None = None, progress: bool = True) -> dict:
+def csp_metrics(samples: list[list], truths: list, workers: int | None = None, progress: bool = True,
+                seconds: float | None = None) -> dict:
     """Structure-prediction metrics: samples[i] holds the k samples (crystal tuples) of truths[i]'s composition.
     Returns match_rate and rmse (mean over matched compositions, each at its best sample) for k = 1 (the first
-    sample) and, when k > 1, for all k; plus the validity of the samples and of the truths."""
+    sample) and, when k > 1, for all k; the validity of the samples and of the truths; and not_matched, {reason:
+    count} of the pairs StructureMatcher did not finish within `seconds` each (they count as no match)."""
     truth_valid = [is_valid(t) for t in truths]
     sample_valid = [[is_valid(s) for s in group] for group in samples]
     pairs, where = [], []
@@ -137,17 +175,18 @@ def csp_metrics(samples: list[list], truths: list, workers: int | None = None, p
             if truth_valid[i] and sample_valid[i][j]:
                 pairs.append((s, truths[i]))
                 where.append((i, j))
-    rms = match_crystals(pairs, workers, progress)
+    rms = match_crystals(pairs, workers, progress, seconds)
     best = np.full((len(truths), max(len(g) for g in samples)), np.nan)
     for (i, j), r in zip(where, rms):
-        if r is not None:
+        if r is not None and not isinstance(r, Stopped):
             best[i, j] = r
     k = best.shape[1]
     out = {"n_compositions": len(truths), "samples_per_composition": k,
            "valid_truths": float(np.mean(truth_valid)),
            "structural_validity": float(np.mean([structure_valid(*s) for g in samples for s in g])),
            "compositional_validity": float(np.mean([composition_valid(s[0]) for g in samples for s in g])),
-           "validity": float(np.mean([v for g in sample_valid for v in g]))}
+           "validity": float(np.mean([v for g in sample_valid for v in g])),
+           "not_matched": count_stopped(rms)}
     for name, cols in (("1", best[:, :1]), (str(k), best)) if k > 1 else (("1", best),):
         matched = ~np.isnan(cols).all(1)
         out[f"match_rate@{name}"] = float(matched.mean())
@@ -187,14 +226,9 @@ def _fingerprint(crystal):
     composition fingerprint [132])."""
     from collections import Counter
 
-    from matminer.featurizers.composition.composite import ElementProperty
-    from matminer.featurizers.site.fingerprint import CrystalNNFingerprint
     from pymatgen.core import Composition
 
-    global _FEATURISERS
-    if _FEATURISERS is None:  # built once per process: the presets load tables
-        _FEATURISERS = CrystalNNFingerprint.from_preset("ops"), ElementProperty.from_preset("magpie")
-    site_fp, comp_fp = _FEATURISERS
+    site_fp, comp_fp = _featurisers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         comp = np.array(comp_fp.featurize(Composition(Counter(int(z) for z in crystal[0]))), dtype=float)
@@ -209,42 +243,68 @@ def _fingerprint(crystal):
 _FEATURISERS = None
 
 
-def fingerprints(crystals: list, workers: int | None = None, progress: bool = True, desc: str = "fingerprints"):
-    """Structure [n, 61] and composition [n, 132] fingerprints of crystals, on `workers` processes."""
-    from tqdm import tqdm
+def _featurisers():
+    """CrystalNN's and Magpie's featurisers, built once per process: their presets load tables for seconds, which
+    fingerprints() spends before it forks its workers, not inside the first crystal's time limit."""
+    global _FEATURISERS
+    if _FEATURISERS is None:
+        from matminer.featurizers.composition.composite import ElementProperty
+        from matminer.featurizers.site.fingerprint import CrystalNNFingerprint
 
-    workers = workers or os.cpu_count() or 1
-    bar = dict(total=len(crystals), desc=desc, unit=" crystals", disable=not progress, mininterval=1)
-    if workers == 1 or len(crystals) < 8:
-        out = [_fingerprint(c) for c in tqdm(crystals, **bar)]
-    else:
-        import multiprocessing
+        _FEATURISERS = CrystalNNFingerprint.from_preset("ops"), ElementProperty.from_preset("magpie")
+    return _FEATURISERS
 
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            out = list(tqdm(pool.imap(_fingerprint, crystals, chunksize=max(1, min(32, len(crystals) // (8 * workers)))), **bar))
-    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+class Fingerprints(NamedTuple):
+    """Structure [n, 61] and composition [n, 132] fingerprints, NaN rows where none was made; not_fingerprinted:
+    {reason: count} of those."""
+
+    struct: np.ndarray
+    comp: np.ndarray
+    not_fingerprinted: dict
+
+
+NOT_WELL_FORMED = "not well formed"
+
+
+def fingerprints(crystals: list, workers: int | None = None, progress: bool = True, desc: str = "fingerprints",
+                 seconds: float | None = None) -> Fingerprints:
+    """Fingerprints of crystals, on `workers` processes, at most `seconds` a crystal. A crystal that is not
+    well_formed is not fingerprinted (CrystalNN need not end on it); nor is one past the time limit, or whose process
+    died: all three count as uncovered."""
+    struct, comp = np.full((len(crystals), 61), np.nan), np.full((len(crystals), 132), np.nan)
+    formed = [i for i, c in enumerate(crystals) if well_formed(c)]
+    if formed:
+        _featurisers()
+    out = bounded_map(_fingerprint, [crystals[i] for i in formed], workers, seconds, progress, desc=desc, unit=" crystals")
+    for i, o in zip(formed, out):
+        if not isinstance(o, Stopped):
+            struct[i], comp[i] = o
+    reasons = {NOT_WELL_FORMED: len(crystals) - len(formed), **count_stopped(out)}
+    return Fingerprints(struct, comp, {k: n for k, n in reasons.items() if n})
 
 
 def reference_fingerprints(name: str, split: str, crystals: list, data_dir: Path, workers: int | None = None,
-                           progress: bool = True):
+                           progress: bool = True, seconds: float | None = None) -> Fingerprints:
     """fingerprints() of the crystals of a CDVAE data split, cached in data_dir next to its crystal cache and keyed by
-    its CSV's blob id: minutes of CrystalNN for a test set, once. A damaged cache, or one that cannot be written, is
-    a warning, not an error: the fingerprints are recomputed."""
+    its CSV's blob id: minutes of CrystalNN for a test set, once. A damaged cache is set aside (fileio.set_aside) and
+    one that cannot be written is a warning, not an error: the fingerprints are recomputed. Fingerprints of which
+    some stopped at the time limit are not cached: a later run, perhaps with a longer limit, tries them again."""
     from models.crystals import split_file
-    from models.fileio import git_blob_sha1, save_npz
+    from models.fileio import git_blob_sha1, read_npz_cache, save_npz
 
     sha1 = git_blob_sha1(split_file(name, split, data_dir, download_missing=False))
     cache = data_dir / f"cdvae_{name}_{split}_fingerprints.npz"
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                if str(z["source_sha1"]) == sha1 and len(z["struct"]) == len(crystals):
-                    return z["struct"], z["comp"]
-        except Exception as e:  # a truncated zip, garbage: all mean "recompute"
-            log.warning(f"warning: {cache} is unreadable ({type(e).__name__}: {e}); recomputing it")
-    fps = fingerprints(crystals, workers, progress, desc=f"{name} {split} fingerprints")
+    z = read_npz_cache(cache, ("source_sha1", "struct", "comp"), log)
+    if z is not None and str(z["source_sha1"]) == sha1 and len(z["struct"]) == len(crystals):
+        return Fingerprints(z["struct"], z["comp"], {})
+    fps = fingerprints(crystals, workers, progress, desc=f"{name} {split} fingerprints", seconds=seconds)
+    if set(fps.not_fingerprinted) - {NOT_WELL_FORMED}:
+        log.warning(f"warning: {cache} not written, so that a later run fingerprints again the {name} {split} crystals "
+                    f"stopped in this one")
+        return fps
     try:
-        save_npz(cache, dict(source_sha1=sha1, struct=fps[0], comp=fps[1]))
+        save_npz(cache, dict(source_sha1=sha1, struct=fps.struct, comp=fps.comp))
     except OSError as e:
         log.warning(f"warning: cannot cache fingerprints in {cache} ({e})")
     return fps
@@ -261,7 +321,7 @@ def coverage(sample_fps, reference_fps, struct_cutoff: float, comp_cutoff: float
 
     scaler = json.loads((Path(__file__).with_name("cdvae_magpie_scaler.json")).read_text())
     mean, std = np.array(scaler["mean"]), np.array(scaler["std"])
-    (s_struct, s_comp), (r_struct, r_comp) = sample_fps, reference_fps
+    (s_struct, s_comp), (r_struct, r_comp) = sample_fps[:2], reference_fps[:2]
     n_samples = len(s_struct)
     ok = np.isfinite(s_struct).all(1)
     r_ok = np.isfinite(r_struct).all(1)
@@ -297,64 +357,85 @@ def _match_key(indexed) -> tuple:
         return formula, "unreducible", i
 
 
-def _fits(matcher, a, b) -> bool:
+def _fits(matcher, a, b, seconds: float | None):
+    """matcher.fit(a, b), or Stopped(OVER_TIME) past `seconds`. The pairs of one group run in one worker, so each
+    pair is bounded here (StructureMatcher is Python and numpy, which SIGALRM interrupts) rather than the group."""
     try:
-        return matcher.fit(a, b)
+        with time_limit(seconds):
+            return bool(matcher.fit(a, b))
+    except TimeLimit:
+        return Stopped(OVER_TIME)
     except Exception:  # a degenerate cell the matcher cannot handle matches nothing
         return False
 
 
-def _first_matches(job) -> list[int | None]:
+def _first_matches(job) -> tuple[list[int | None], int]:
     """For each candidate of one composition, the index of the first earlier unique candidate it matches
-    (uniqueness), or of a reference crystal it matches (novelty); None when there is none."""
+    (uniqueness), or of a reference crystal it matches (novelty); None when there is none. job: (candidates,
+    references, against_references, seconds a pair at most); returns those indices and the number of pairs stopped
+    at the time limit (no match)."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    candidates, references, against_references = job
+    candidates, references, against_references, seconds = job
     matcher = StructureMatcher(**MATCHER)
     structures = [_structure(c) for c in candidates]
     refs = [_structure(r) for r in references]
     found: list[int | None] = []
+    over = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, s in enumerate(structures):
             others = enumerate(refs) if against_references else ((j, structures[j]) for j in range(i) if found[j] is None)
-            found.append(next((k for k, other in others if _fits(matcher, s, other)), None))
-    return found
+            match = None
+            for k, other in others:
+                fit = _fits(matcher, s, other, seconds)
+                over += isinstance(fit, Stopped)
+                if fit is True:  # a Stopped pair is no match
+                    match = k
+                    break
+            found.append(match)
+    return found, over
 
 
-def uniqueness_novelty(samples: list, training: list, workers: int | None = None, progress: bool = True) -> dict:
+def uniqueness_novelty(samples: list, training: list, workers: int | None = None, progress: bool = True,
+                       seconds: float | None = None) -> dict:
     """Unique: not matched (StructureMatcher, CDVAE's tolerances) by an earlier unique sample; novel: matched by no
     training crystal. Only crystals of the same reduced formula and primitive-cell size can match (_match_key), so
-    the work splits into those groups and runs over `workers` processes. Returns the masks `unique` and `novel`
-    (lists of bool) and the rates."""
-    import multiprocessing
+    the work splits into those groups and runs over `workers` processes. A crystal that is not well_formed, or whose
+    primitive cell was not found within `seconds`, matches nothing (each pair of crystals is bounded by `seconds`
+    too). Returns the masks `unique` and `novel` (lists of bool), the rates, not_compared ({reason: count} of the
+    samples that matched nothing for those reasons) and pairs_over_time (pairs stopped at the limit: no match)."""
+    from collections import Counter
 
-    from tqdm import tqdm
-
-    workers = workers or os.cpu_count() or 1
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        run = pool.imap if pool else map
-        keys = list(tqdm(run(_match_key, enumerate(samples + training)), total=len(samples) + len(training), mininterval=1,
-                         desc="primitive cells", unit=" crystals", disable=not progress))
-        groups: dict[tuple, list[int]] = {}
-        for i in range(len(samples)):
-            groups.setdefault(keys[i], []).append(i)
-        by_key: dict[tuple, list] = {}
-        for r, key in zip(training, keys[len(samples):]):
-            by_key.setdefault(key, []).append(r)
-        unique_jobs = [([samples[i] for i in idx], [], False) for idx in groups.values()]
-        novel_jobs = [([samples[i] for i in idx], by_key.get(k, []), True) for k, idx in groups.items()]
-        bar = dict(total=2 * len(groups), desc="uniqueness / novelty", unit=" groups", disable=not progress, mininterval=1)
-        results = list(tqdm(run(_first_matches, unique_jobs + novel_jobs), **bar))
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    crystals = samples + training
+    formed = [i for i, c in enumerate(crystals) if well_formed(c)]
+    keys: list = [(None, NOT_WELL_FORMED, i) for i in range(len(crystals))]  # (None, why, i): a group of its own
+    reduced = bounded_map(_match_key, [(i, crystals[i]) for i in formed], workers, seconds, progress,
+                          desc="primitive cells", unit=" crystals")
+    for i, key in zip(formed, reduced):
+        keys[i] = (None, key.reason, i) if isinstance(key, Stopped) else key
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(samples)):
+        groups.setdefault(keys[i], []).append(i)
+    by_key: dict[tuple, list] = {}
+    for r, key in zip(training, keys[len(samples):]):
+        by_key.setdefault(key, []).append(r)
+    # Only groups with something to compare make a job: a lone crystal, or one that matches nothing, is unique
+    # (and novel when no training crystal shares its key) without one.
+    unique_jobs = {k: ([samples[i] for i in idx], [], False, seconds) for k, idx in groups.items() if len(idx) > 1}
+    novel_jobs = {k: ([samples[i] for i in idx], by_key[k], True, seconds) for k, idx in groups.items() if k in by_key}
+    jobs = list(unique_jobs.values()) + list(novel_jobs.values())
+    results = bounded_map(_first_matches, jobs, workers, None, progress, desc="uniqueness / novelty", unit=" groups")
+    unique_found = dict(zip(unique_jobs, results[:len(unique_jobs)]))
+    novel_found = dict(zip(novel_jobs, results[len(unique_jobs):]))
     unique, novel = [False] * len(samples), [False] * len(samples)
-    for idx, dup, seen in zip(groups.values(), results[:len(groups)], results[len(groups):]):
+    for k, idx in groups.items():
+        dup = unique_found.get(k, ([None] * len(idx), 0))[0]
+        seen = novel_found.get(k, ([None] * len(idx), 0))[0]
         for i, d, s in zip(idx, dup, seen):
             unique[i], novel[i] = d is None, s is None
     n = max(1, len(samples))
+    not_compared = dict(Counter(keys[i][1] for i in range(len(samples)) if keys[i][0] is None))
     return {"unique": unique, "novel": novel, "uniqueness": sum(unique) / n, "novelty": sum(novel) / n,
-            "unique_and_novel": sum(u and v for u, v in zip(unique, novel)) / n}
+            "unique_and_novel": sum(u and v for u, v in zip(unique, novel)) / n, "not_compared": not_compared,
+            "pairs_over_time": sum(over for _, over in results)}

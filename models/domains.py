@@ -400,7 +400,8 @@ class Crystals(Domain):
         score_crystals(self.name, args.samples, out_json, n_test=args.n_test, data_dir=args.data_dir, workers=args.workers,
                        n_unique=args.n_unique, coverage=not args.no_coverage, stability=args.stability,
                        relaxed_hull=args.hull == "relaxed", relax_steps=args.relax_steps,
-                       stable_threshold=args.stable_threshold, progress=not args.no_progress, started=started)
+                       stable_threshold=args.stable_threshold, structure_timeout=args.structure_timeout,
+                       progress=not args.no_progress, started=started)
 
     def write_samples(self, out_dir: Path, structures: list) -> str:
         """samples.extxyz and samples.cif (one data block per crystal); returns what was written."""

@@ -1,15 +1,58 @@
 """What the evaluations of every domain share (evaluate.py; models/molecule_evaluation.py, crystal_evaluation.py and
-student_evaluation.py): the fixed test subset of a reference row, and the metrics JSON.
+student_evaluation.py): the reader of generated structures, the fixed test subset of a reference row, and the
+metrics JSON.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from models.fileio import atomic_write
+from models.fileio import DataError, atomic_write
+
+
+def read_frames(path: Path) -> list[tuple[int, object]]:
+    """(line, ase.Atoms) of every structure of an extended XYZ file of samples, in order, `line` being its atom-count
+    line (1-based); DataError naming the file, the structure and its line when one cannot be read.
+
+    Frames are split here (atom count line, comment line, atoms) and parsed one at a time, so an error names the
+    structure and line where it is (ASE's own reader indexes the whole file before it parses). A frame of no atoms,
+    or with ASE's dummy atom X (atomic number 0), is read as it is: each domain counts it as a sample that failed."""
+    import ase.io
+
+    try:
+        lines = Path(path).read_text().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    frames, start = [], 0
+    while start < len(lines):
+        if not lines[start].strip():  # blank lines between or after frames
+            start += 1
+            continue
+        where = f"{path}: structure {len(frames) + 1} (line {start + 1})"
+        try:
+            n = int(lines[start])
+            if n < 0:
+                raise ValueError(f"{n} atoms")
+            atoms = ase.io.read(io.StringIO("".join(lines[start:start + n + 2])), format="extxyz")
+        except Exception as e:  # ASE raises many exception types for malformed input; all mean "unreadable"
+            raise DataError(f"{where} is not valid extended XYZ ({type(e).__name__}: {e})") from None
+        frames.append((start + 1, atoms))
+        start += n + 2
+    if not frames:
+        raise DataError(f"{path}: no structures (empty file)")
+    return frames
+
+
+def ordinals(indices: list[int], lines: list[int], most: int = 5) -> str:
+    """'structures 2 (line 9), 5 (line 30) and 3 more': the structures at `indices` (0-based) of a file whose
+    structures start at `lines` (read_frames')."""
+    shown = ", ".join(f"{i + 1} (line {lines[i]})" for i in indices[:most])
+    more = f" and {len(indices) - most} more" if len(indices) > most else ""
+    return f"structure{'s' if len(indices) > 1 else ''} {shown}{more}"
 
 
 def reference_subset(n: int, n_test: int | None) -> list[int]:

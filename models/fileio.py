@@ -105,6 +105,39 @@ def save_npz(path: Path, arrays: dict) -> None:
     atomic_write(path, write)
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a damaged file to <name>.damaged (or .damaged.2, .damaged.3, ...: an earlier one is kept too) and return
+    the new path: never deleted, since it may still hold work that can be recovered by hand. A DataError naming the
+    file and `why` it is damaged when it cannot be renamed (a read-only directory)."""
+    path = Path(path)
+    n = 1
+    while (target := path.with_name(f"{path.name}.damaged" + (f".{n}" if n > 1 else ""))).exists():
+        n += 1
+    try:
+        os.rename(path, target)
+    except OSError as e:
+        raise DataError(f"{path} is damaged ({why}) and cannot be set aside as {target.name} ({e.strerror or e}): "
+                        f"move it away, or make {path.parent} writable, and run again") from None
+    return target
+
+
+def read_npz_cache(path: Path, fields: tuple[str, ...], log) -> dict | None:
+    """The arrays `fields` of the .npz cache at path, or None when there is none. A damaged cache (not a readable
+    .npz, or without one of the fields) is set aside (set_aside) with a warning on `log`, and None is returned,
+    so that the caller rebuilds it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in fields}
+    except Exception as e:  # a truncated zip, garbage, a missing field, a directory: all mean "rebuild"
+        why = f"{type(e).__name__}: {e}"
+        moved = set_aside(path, why)
+        log.warning(f"warning: {path} is damaged ({why}); set aside as {moved.name}, and rebuilt")
+        return None
+
+
 def git_blob_sha1(path: Path) -> str:
     """The SHA-1 git gives a file's content (its blob id): a checksum that a repository's tree lists for every
     file, so a download from a pinned commit can be verified against that commit's listing."""

@@ -6,7 +6,6 @@ curves) and logs the metric table and the throughput, through the `logging` hand
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from models import molecule_metrics
-from models.evaluation import reference_subset, write_metrics
+from models.evaluation import read_frames, reference_subset, write_metrics
 from models.fileio import DataError
 from models.molecules import default_data_dir, load_qm9, split_indices
 
@@ -32,35 +31,13 @@ COLUMNS = [("atom stab", "atom_stability", "%"), ("mol stab", "mol_stability", "
 
 def read_samples(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(atomic numbers [n], positions [n, 3] in A) of every structure in an extended XYZ file; DataError naming the
-    file, the structure and its line when one cannot be read.
-
-    Frames are split here (atom count line, comment line, atoms) and parsed one at a time, so an error
-    names the structure and line where it is (ASE's own reader indexes the whole file before it parses).
-    """
-    import ase.io
-
-    try:
-        lines = path.read_text().splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    samples, start = [], 0
-    while start < len(lines):
-        if not lines[start].strip():  # blank lines between or after frames
-            start += 1
-            continue
-        try:
-            n = int(lines[start])
-            atoms = ase.io.read(io.StringIO("".join(lines[start:start + n + 2])), format="extxyz")
-        except Exception as e:  # ASE raises many exception types for malformed input; all mean "unreadable"
-            raise DataError(f"{path}: structure {len(samples) + 1} (line {start + 1}) is not valid extended XYZ "
-                            f"({type(e).__name__}: {e})") from None
+    file, the structure and its line when one cannot be read (evaluation.read_frames) or is periodic."""
+    samples = []
+    for k, (line, atoms) in enumerate(read_frames(path)):
         if atoms.pbc.any():  # a crystal scored as a molecule would get numbers that mean nothing
-            raise DataError(f"{path}: structure {len(samples) + 1} (line {start + 1}) is periodic (a cell with pbc "
+            raise DataError(f"{path}: structure {k + 1} (line {line}) is periodic (a cell with pbc "
                             f"{atoms.pbc.tolist()}): crystal samples are scored with --data perov5, carbon24 or mp20")
         samples.append((atoms.numbers.copy(), atoms.positions.copy()))
-        start += n + 2
-    if not samples:
-        raise DataError(f"{path}: no structures (empty file)")
     return samples
 
 
@@ -105,10 +82,16 @@ def score_molecules(samples: Path | None, out_json: Path, fig_dir: Path, *, data
     if n_non_finite:
         log.warning(f"warning: {n_non_finite} of {len(molecules)} structures have non-finite (NaN / Inf) coordinates; "
                     f"they count as unstable and invalid")
+    # A structure of no atoms is a sample the generator failed to make, like one that blew up: it stays in every
+    # denominator, as unstable and invalid (molecule_metrics), with 0 atoms in the atom-count distance. Refusing the
+    # file would leave the user to drop it, which would raise the model's rates.
+    n_empty = sum(len(z) == 0 for z, _ in molecules)
+    if n_empty:
+        log.warning(f"warning: {n_empty} of {len(molecules)} structures have no atoms; they count as unstable and invalid")
     stats = molecule_metrics.molecule_statistics(molecules, progress=progress, desc="samples")
     result = molecule_metrics.score(stats, ref, train_smiles, fcd=fcd, coverage_threshold=coverage_threshold)
     t_eval = time.time() - t0
-    result.update(samples=name, reference=ref_name, data=data, eval_seconds=t_eval, non_finite=n_non_finite)
+    result.update(samples=name, reference=ref_name, data=data, eval_seconds=t_eval, non_finite=n_non_finite, empty=n_empty)
     write_metrics(out_json, result)
     log.info(f"wrote {out_json}")
 

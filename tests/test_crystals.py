@@ -473,8 +473,8 @@ def test_uniqueness_novelty_coverage_and_distances():
     samples = carbon + [doubled]
     result = uniqueness_novelty(samples, carbon[1:], workers=2, progress=False)
     assert result["unique"][-1] is False and result["novel"][-1] is True  # a copy of carbon[0], which is not in training
-    assert result["unique"] == [m is None for m in _first_matches((samples, [], False))]
-    assert result["novel"] == [m is None for m in _first_matches((samples, carbon[1:], True))]
+    assert result["unique"] == [m is None for m in _first_matches((samples, [], False, None))[0]]
+    assert result["novel"] == [m is None for m in _first_matches((samples, carbon[1:], True, None))[0]]
     valid = [a for a in arrays if is_valid(a)]  # the distances are taken over valid samples only, as in CDVAE
     assert wasserstein_distances(valid, valid)["wdist_density"] == pytest.approx(0, abs=1e-9)
     longer = [(z, f, lengths * 1.05, angles) for z, f, lengths, angles in valid]  # 5 % longer cells are lighter
