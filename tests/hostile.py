@@ -22,6 +22,7 @@ MOUNTS = {  # shell run inside the namespace before the command; {d} is the dire
     "read-only": "mount -t tmpfs -o ro tmpfs {d}",
     "full": "mount -t tmpfs -o size=64k tmpfs {d}",
     "read-only, garbage qm9.npz": "mount -t tmpfs tmpfs {d} && echo garbage > {d}/qm9.npz && mount -o remount,ro {d}",
+    "read-only copy of ro/": "mount -t tmpfs tmpfs {d} && cp -a {d}/../ro/. {d} && mount -o remount,ro {d}",  # the world's ro/
 }
 
 

@@ -1,5 +1,6 @@
 """Kills: the labels writer killed at hundreds of points inside `append` (and at random instants), two writers on
-one file, training killed between checkpoints. What was committed survives, nothing appears twice."""
+one file, training killed between checkpoints, scale.py sweeps, evaluate.py killed while it writes its relaxed-hull
+cache. What was committed survives, nothing appears twice."""
 import json
 import os
 import signal
@@ -289,3 +290,135 @@ def test_concurrent_sweeps_one_killed_lose_no_run_and_merge_their_records(qm9_di
         logged = [r["step"] for r in map(json.loads, (tmp_path / "sweep" / name / "log.jsonl").read_text().splitlines()) if "loss" in r]
         assert logged == list(range(1, steps + 1)), (name, logged)  # every step once: resumed, never started over
     assert (shared / "train.log").read_text().count("resumed from") == 1  # taken over from the killed sweep's step 5
+
+
+# evaluate.py with its writes of one cache file counted: SIGKILLed in the middle of the Nth (its temporary file half
+# written) with HOW = mid-write, or with HOW = after right after the Nth is in place. Arguments: the cache's file
+# name, N, HOW, then evaluate.py's own.
+KILLED_EVALUATE = textwrap.dedent("""
+    import os, runpy, signal, sys
+    import models.fileio as fileio
+
+    cache, nth, how = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    sys.argv = ["evaluate.py", *sys.argv[4:]]
+    atomic_write, writes = fileio.atomic_write, 0
+
+    def counted(path, write):
+        global writes
+        if os.path.basename(path) != cache:
+            return atomic_write(path, write)
+        writes += 1
+        if writes == nth and how == "mid-write":
+            def half(tmp):
+                write(tmp)
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return atomic_write(path, half)
+        atomic_write(path, write)
+        if writes == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    fileio.atomic_write = counted
+    runpy.run_path("evaluate.py", run_name="__main__")
+""")
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line holds `text`: a killed evaluate.py's CHGNet workers, if any outlived it."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split(")")[-1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(tmp_path):
+    """evaluate.py --hull relaxed SIGKILLed inside its second write of the relaxed-hull cache (the temporary file half
+    written), then, resumed, right after its third write is in place: each run resumes from what the cache holds and
+    relaxes only the rest, no CHGNet worker outlives a kill, and the end is the cache and the metrics of a run never
+    killed. CHGNet at its cheapest: carbon-24's six fixture crystals as the hull's split, 5 FIRE steps each; the
+    elemental references, which are not under test, relaxed for 20 steps in this process and given to every run."""
+    from models import crystal_stability
+
+    relaxed = "cdvae_carbon24_val_chgnet_relaxed.npz"
+    template = tmp_path / "template"
+    (template / "cdvae" / "carbon_24").mkdir(parents=True)
+    for split in ("val", "test"):
+        (template / "cdvae" / "carbon_24" / f"{split}.csv").write_bytes((ROOT / "tests" / "data" / "carbon24_sample.csv").read_bytes())
+    references = crystal_stability.elemental_references([6], steps=20, workers=1, progress=False)
+    np.savez(template / "chgnet_elements.npz", version=np.array(crystal_stability.chgnet_version()), z=np.array([6]),
+             energy=np.array([references[6][0]]), prototype=np.array([references[6][1]]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def evaluate(name, *killer):
+        import shutil
+
+        d = tmp_path / name
+        if not d.exists():
+            shutil.copytree(template, d)
+        return subprocess.run([sys.executable, *(["-c", KILLED_EVALUATE, relaxed, *killer] if killer else ["evaluate.py"]),
+                               "--reference", "carbon24", "--stability", "--hull", "relaxed", "--relax-steps", "5",
+                               "--n-unique", "2", "--no-coverage", "--workers", "1", "--no-progress", "--data-dir", str(d),
+                               "--json", str(tmp_path / f"{name}_out" / "metrics.json")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def cache(name):
+        with np.load(tmp_path / name / relaxed) as z:
+            return z["energy"].copy(), z["done"].copy()
+
+    full = evaluate("full")
+    assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-2000:]
+    for killer, done, temporaries in ((("2", "mid-write"), 1, 1), (("3", "after"), 4, 0)):
+        killed = evaluate("killed", *killer)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+        assert cache("killed")[1].sum() == done
+        # the first kill's half-written temporary file is there until the next run's first write clears it
+        assert len(list((tmp_path / "killed").glob(f"{relaxed}.*.tmp"))) == temporaries
+        deadline = time.time() + 10  # the kernel kills orphaned workers (PR_SET_PDEATHSIG) as their parent goes
+        while processes_naming(str(tmp_path / "killed")) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not processes_naming(str(tmp_path / "killed"))
+    resumed = evaluate("killed")
+    assert resumed.returncode == 0 and "relaxing 2 of the 6 carbon24 val crystals" in resumed.stdout, resumed.stdout[-2000:]
+    assert "(4 cached" in resumed.stdout
+    for a, b in zip(cache("full"), cache("killed")):
+        assert np.array_equal(a, b)
+
+    def metrics(name):
+        m = json.loads((tmp_path / f"{name}_out" / "metrics.json").read_text())
+        return {k: v for k, v in m.items() if "seconds" not in k}
+
+    assert metrics("killed") == metrics("full")
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_two_relaxed_hull_runs_on_one_cache_keep_each_others_relaxations(tmp_path, monkeypatch):
+    """Two evaluate.py --hull relaxed on one --data-dir, scoring different chemical systems (carbon, silicon), write
+    one cache. The second finishes while the first is relaxing: the first's next write merges it, under the
+    cache's lock, where each used to write its own view whole and drop the other's relaxations. CHGNet is replaced
+    by fixed energies: what is tested is the cache."""
+    from models import crystal_stability
+
+    def crystal(z):
+        return np.array([z]), np.zeros((1, 3)), np.full(3, 3.0), np.full(3, 90.0)
+
+    training = [crystal(6)] * 3 + [crystal(14)] * 3
+    others_turn = []
+
+    def relax_iter(crystals, steps, workers=None, progress=True, desc="", seconds=None):
+        for k, c in enumerate(crystals):
+            if k == 1 and not others_turn:  # the silicon run starts, relaxes all it needs and ends, meanwhile
+                others_turn.append(True)
+                crystal_stability.relaxed_training_energies("carbon24", "val", training, np.zeros(6), [crystal(14)],
+                                                            tmp_path, 5, "key", progress=False)
+            yield k, (c, -float(c[0][0]), 5, True)
+
+    monkeypatch.setattr(crystal_stability, "relax_iter", relax_iter)
+    energies, _ = crystal_stability.relaxed_training_energies("carbon24", "val", training, np.zeros(6), [crystal(6)],
+                                                               tmp_path, 5, "key", progress=False)
+    assert energies[:3].tolist() == [-6.0] * 3 and np.isnan(energies[3:]).all()  # this run's systems only
+    with np.load(tmp_path / "cdvae_carbon24_val_chgnet_relaxed.npz") as z:
+        assert z["done"].all() and z["energy"].tolist() == [-6.0] * 3 + [-14.0] * 3
