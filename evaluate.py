@@ -127,3 +127,6 @@ try:
         domain.score(args, out_json, fig_dir, started)
 except (CheckpointError, LabelsError, DataError, OSError) as e:
     fail(str(e))
+except KeyboardInterrupt:  # metrics are written only at the end; the crystal caches keep what finished
+    fail(f"interrupted; {out_json} was not written. Cached work (crystal fingerprints, CHGNet relaxations) is kept, and "
+         f"the same command picks it up")
