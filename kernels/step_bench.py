@@ -14,8 +14,8 @@ variant runs the same batches and the same noise. Reported:
     batch of --batch molecules of typical sizes (a sampler's steps cost the same, so 50 steps take 50 /
     --sample-steps times as long);
   - the matrix-product peak: the best of a few torch.mm of 2048 x 2048 at each thread count and precision;
-  - with --profile, torch.profiler's split of one eager fp32 training step's CPU time into matrix products,
-    elementwise work, reductions and indexing, and the rest, and its ten most expensive operators.
+  - with --profile, torch.profiler's split of eager fp32 training steps' and sampler steps' CPU time into matrix
+    products, elementwise work, reductions and indexing, and the rest, and the ten most expensive operators.
 
 Each (backbone, size) starts from a one-step train.py run (its recipe, its checkpoint), so what is timed is the
 model train.py builds. Writes OUT/step_bench.md and OUT/step_bench.json. Times are this machine's: the table
@@ -165,18 +165,8 @@ def time_sampling(work: Workload, precision: str, compiled: bool, n_steps: int) 
     return {"sample_mol_s": len(work.sample_sizes) / seconds, "sample_method": method}
 
 
-def profile_split(work: Workload) -> dict:
-    """Self CPU time of three eager fp32 training steps by kind of operator, and the ten most expensive operators."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = work.model("model").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for batch, noise in work.steps[:3]:
-            loss = work.process.loss(model, batch, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+def split_by_kind(prof) -> dict:
+    """Self CPU time of a profile by kind of operator, and its ten most expensive operators, as fractions."""
     events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
     total = sum(t for _, t in events)
     kinds = {"matrix products": 0.0, "elementwise": 0.0, "reductions, indexing, softmax": 0.0, "other": 0.0}
@@ -186,6 +176,24 @@ def profile_split(work: Workload) -> dict:
         kinds[kind] += t
     top = sorted(events, key=lambda e: -e[1])[:10]
     return {"split": {k: v / total for k, v in kinds.items()}, "top": [(k, t / total) for k, t in top]}
+
+
+def profile_steps(work: Workload) -> dict:
+    """torch.profiler's split of three eager fp32 training steps, and of three sampler steps, by operator kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = work.model("model").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with profile(activities=[ProfilerActivity.CPU]) as train_prof:
+        for batch, noise in work.steps[:3]:
+            loss = work.process.loss(model, batch, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model = work.model("ema").eval()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as sample_prof:
+        work.process.sample(model, {"n_atoms": work.sample_sizes}, 3, work.process.SAMPLERS[0], torch.Generator().manual_seed(0))
+    return {"training step": split_by_kind(train_prof), "sampling step": split_by_kind(sample_prof)}
 
 
 def main() -> None:
@@ -199,7 +207,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed training steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="training steps run before timing (compilation, caches)")
     parser.add_argument("--sample-steps", type=int, default=5, help="timed sampler steps (molecules/s is reported at 50)")
-    parser.add_argument("--profile", action="store_true", help="add torch.profiler's split of an fp32 step's time by operator kind")
+    parser.add_argument("--profile", action="store_true", help="add torch.profiler's split of fp32 training and sampling steps' time by operator kind")
     parser.add_argument("--data-dir", default=None, help="QM9 data directory (default ./data or $MOLGEN_DATA)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="where step_bench.md and step_bench.json go")
     args = parser.parse_args()
@@ -222,7 +230,7 @@ def main() -> None:
                 n_params = work.ckpt["n_params"]
                 if args.profile:
                     torch.set_num_threads(max(args.threads))
-                    profiles[f"{arch} {n_layers}x{hidden}"] = profile_split(work)
+                    profiles[f"{arch} {n_layers}x{hidden}"] = profile_steps(work)
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     for precision in args.precisions:
@@ -252,10 +260,11 @@ def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> 
              "Matrix-product peak (2048 x 2048 torch.mm): " + ", ".join(f"{t} thread(s) {p} {g:.0f} GFLOP/s" for (t, p), g in peaks.items()),
              "", "| backbone | size | params | threads | precision | mode | train ms/step | train mol/s | GFLOP/s | of peak | "
              "sample mol/s (50 steps) |", "|---|---|---|---|---|---|---|---|---|---|---|", *map(format_row, rows)]
-    for name, prof in profiles.items():
-        lines += ["", f"## Where an fp32 training step's CPU time goes: {name}", "",
-                  ", ".join(f"{k} {100 * v:.0f} %" for k, v in prof["split"].items()), "", "| operator | self CPU time |", "|---|---|",
-                  *[f"| {k} | {100 * v:.1f} % |" for k, v in prof["top"]]]
+    for name, steps in profiles.items():
+        for step, prof in steps.items():
+            lines += ["", f"## Where an fp32 {step}'s CPU time goes: {name}", "",
+                      ", ".join(f"{k} {100 * v:.0f} %" for k, v in prof["split"].items()), "", "| operator | self CPU time |",
+                      "|---|---|", *[f"| {k} | {100 * v:.1f} % |" for k, v in prof["top"]]]
     (args.out / "step_bench.md").write_text("\n".join(lines) + "\n")
     (args.out / "step_bench.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows,
                                                           "peaks": {f"{t} {p}": g for (t, p), g in peaks.items()},
