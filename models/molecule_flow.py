@@ -40,6 +40,7 @@ class FlowConfig:
     min_one_minus_t: float = 0.05  # caps the velocity-loss weight 1 / (1 - t)^2 at 400
     time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
+    distance_loss: float = 0.0  # weight of the predicted molecule's short-distance error (molecule_process.py)
 
 
 def kabsch_rotation(x: np.ndarray, y: np.ndarray) -> np.ndarray:

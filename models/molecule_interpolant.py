@@ -52,6 +52,7 @@ class InterpolantConfig:
     min_one_minus_t: float = 0.05  # the loss weight is taken at t <= 1 - this
     time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
+    distance_loss: float = 0.0  # weight of the predicted molecule's short-distance error (molecule_process.py)
 
 
 class StochasticInterpolant(MoleculeProcess):

@@ -107,6 +107,35 @@ def test_loss_falls_when_overfitting_32_molecules(name, overrides, t, ratio, qm9
     assert after < ratio * before, (before, after)
 
 
+def test_short_distance_error_sees_bonds_only_and_is_invariant():
+    """Zero for the data itself or any rigid motion of it; a stretched bond counts, a stretch between atoms 3 A
+    apart or of padding does not."""
+    from models.molecule_process import short_distance_error
+
+    x1 = torch.tensor([[[0.0, 0, 0], [1.5, 0, 0], [4.5, 0, 0], [0, 0, 0]]])  # a bond, a far atom, a padding row
+    mask = torch.tensor([[True, True, True, False]])
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    assert short_distance_error(x1 @ q.T + 2.0, x1, mask).item() == pytest.approx(0, abs=1e-10)
+    stretched = x1.clone()
+    stretched[0, 2, 0] = 6.0  # the far atom moves 1.5 A away: no pair under 2 A changes
+    stretched[0, 3, 0] = 9.0  # the padding row
+    assert short_distance_error(stretched, x1, mask).item() == pytest.approx(0, abs=1e-10)
+    stretched[0, 1, 0] = 1.6  # the bond stretches by 0.1 A; the far pair (1, 2) is 4.4 A apart either way
+    assert short_distance_error(stretched, x1, mask).item() == pytest.approx(0.01, rel=1e-5)  # both orders of the one pair
+
+
+@pytest.mark.parametrize("name", ["flow", "interpolant"])
+def test_distance_loss_adds_to_the_endpoint_regression_and_trains(name, qm9_dir):
+    cls = PROCESSES[name]
+    data = PaddedMolecules(load_qm9("train", qm9_dir).subset(range(8)), 29)
+    batch, model = data.batch(torch.arange(8)), EGNN(EGNNConfig(n_types=5, hidden=16, n_layers=2))
+    noise = cls(cls.Config()).draw_noise(8, 29, torch.Generator().manual_seed(0))
+    plain, with_bonds = (cls(cls.Config(distance_loss=w)).loss(model, batch, noise) for w in (0.0, 1.0))
+    assert with_bonds > plain
+    with_bonds.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", sorted(PROCESSES))
 def test_sample_shapes_masks_and_centring(name):
     torch.manual_seed(0)
