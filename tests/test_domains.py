@@ -55,7 +55,8 @@ def test_a_checkpoint_from_before_domains_is_filled_in_once_at_load(tmp_path):
     assert ckpt["args"] == {"lr": 1e-3, "batching": "random", "time_frequencies": 0, "self_condition": False,
                             "train_split": "train", "distance_loss": 0.0}
     newer = {"task": "gen", "domain": "crystals", "data": "perov5", "args": {"batching": "size", "time_frequencies": 2,
-                                                                             "self_condition": False, "train_split": "val"}}
+                                                                             "self_condition": False, "train_split": "val",
+                                                                             "distance_loss": 0.0}}
     before = {**newer, "args": dict(newer["args"])}
     fill_older_defaults(newer)  # what a checkpoint holds is never overwritten
     assert newer == before and domain_of(newer).name == "perov5"
