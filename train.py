@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from models.cli import (PRECISIONS, checked_device, clip_value, decay, float_in, fraction, nonnegative_float, nonnegative_int,
-                        positive_float, positive_int, writable_dir)
+                        open_unit, positive_float, positive_int, writable_dir)
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES, get_domain
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +85,9 @@ parser.add_argument("--ot-align", action="store_true", help="molecules, flow: eq
 parser.add_argument("--distance-loss", type=nonnegative_float, default=0.0, help="molecules, flow and interpolant: weight of "
                     "an auxiliary loss on the predicted clean molecule's distances between atoms the data holds under 2 A apart "
                     "(bonds and the 1-3 distances of angles), weighted over t like the coordinates' (0: off)")
+parser.add_argument("--min-one-minus-t", type=open_unit, default=None, help="molecules, flow and interpolant: the coordinate "
+                    "loss weight 1 / (1 - t)^2 (velocity matching) is taken at t <= 1 - this, in (0, 1]: the config's 0.05 caps it at "
+                    "400 (default); 1 weighs every t alike, a plain regression of the clean molecule")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--cutoff", type=float_in(2, 12, "a radius in [2, 12] A"), default=5.0, help="ff: radius of the student's "
                     "neighbour graph (A), 2 to 12: below 2 an atom misses its neighbours (metals' nearest lie 2.5-3 A away), above "
@@ -128,7 +131,7 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "distance_loss", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
             "time_tilt", "time_frequencies", "self_condition", "precision")
 
 
@@ -165,8 +168,9 @@ if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
 if args.ot_align and args.gen != "flow":
     parser.error(f"--ot-align is an option of --gen flow, not --gen {args.gen}")
-if args.distance_loss and args.gen == "diffusion":
-    parser.error("--distance-loss is an option of --gen flow and interpolant, whose backbones predict the clean molecule")
+for flag in ("distance_loss", "min_one_minus_t"):
+    if getattr(args, flag) and args.gen == "diffusion":
+        parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow and interpolant, whose backbones predict the clean molecule")
 if args.gamma_scale is not None and args.gen != "interpolant":
     parser.error(f"--gamma-scale is an option of --gen interpolant, not --gen {args.gen}")
 if args.resume and args.overwrite:

@@ -34,6 +34,7 @@ positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 decay = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+open_unit = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def float_in(low: float, high: float, what: str):

@@ -126,7 +126,7 @@ class Molecules(Domain):
                  "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
     RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (README)
     TIME_POWER = 2.0  # the recipe ablation found P = 2 better (README)
-    FLAGS = ("cfconv_cutoff", "ot_align", "distance_loss", "gamma_scale", "self_condition")
+    FLAGS = ("cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition")
     FIGURES = True  # evaluate.py draws property histograms, molecules and training curves
 
     def quality_keys(self, csp: bool = False) -> tuple[str, ...]:
@@ -160,6 +160,8 @@ class Molecules(Domain):
         options = {"ot_align": True} if args.ot_align else {}
         if args.distance_loss:
             options["distance_loss"] = args.distance_loss
+        if args.min_one_minus_t is not None:
+            options["min_one_minus_t"] = args.min_one_minus_t
         if args.self_condition:
             options["self_condition"] = True
         if args.gamma_scale is not None:

@@ -91,9 +91,10 @@ def test_size_grouped_batches_pad_less_resume_exactly_and_match_ddp(qm9_dir, tmp
 
 
 def test_recipe_levers_are_stored_and_resume_exactly(qm9_dir, tmp_path):
-    """Adaptive clipping (its history is in the checkpoint), tilted training times, Fourier time features and the
-    short-distance loss."""
-    levers = ["--grad-clip", "adaptive", "--time-tilt", "0.7", "--time-frequencies", "3", "--distance-loss", "0.5", "--eval-samples", "0"]
+    """Adaptive clipping (its history is in the checkpoint), tilted training times, Fourier time features, the
+    short-distance loss and the coordinate weight's cap."""
+    levers = ["--grad-clip", "adaptive", "--time-tilt", "0.7", "--time-frequencies", "3", "--distance-loss", "0.5", "--min-one-minus-t", "0.1",
+              "--eval-samples", "0"]
     run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "whole")
     run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "resumed", "--stop-after", "10")
     run("train.py", *TINY, *levers, "--data-dir", qm9_dir, "--out", tmp_path / "resumed", "--resume")
@@ -101,7 +102,7 @@ def test_recipe_levers_are_stored_and_resume_exactly(qm9_dir, tmp_path):
     assert [resumed[s] for s in range(11, 25)] == [full[s] for s in range(11, 25)]  # bit-exact on the CPU
     ckpt = load_checkpoint(tmp_path / "whole" / "ckpt.pt")
     assert ckpt["model_config"]["time_frequencies"] == 3 and ckpt["process_config"]["time_tilt"] == 0.7
-    assert ckpt["process_config"]["distance_loss"] == 0.5
+    assert ckpt["process_config"]["distance_loss"] == 0.5 and ckpt["process_config"]["min_one_minus_t"] == 0.1
     assert len(ckpt["clip_history"]) == 24 and all(n > 0 for n in ckpt["clip_history"])
     norms = [r["grad_norm"] for r in map(json.loads, (tmp_path / "whole" / "log.jsonl").read_text().splitlines()) if "grad_norm" in r]
     history = ckpt["clip_history"]  # each step's norm as clipped: the first is not, none exceeds its step's norm
@@ -266,6 +267,8 @@ def test_options_of_other_backbones_and_processes_are_refused(qm9_dir, tmp_path)
     for flags, message in ((["--arch", "pairformer", "--cfconv-cutoff", "3"], "--cfconv-cutoff is an option of --arch gnn"),
                            (["--gen", "diffusion", "--ot-align"], "--ot-align is an option of --gen flow"),
                            (["--gen", "diffusion", "--distance-loss", "1"], "--distance-loss is an option of --gen flow and interpolant"),
+                           (["--gen", "diffusion", "--min-one-minus-t", "1"], "--min-one-minus-t is an option of --gen flow and interpolant"),
+                           (["--min-one-minus-t", "0"], "--min-one-minus-t"),
                            (["--gamma-scale", "0.5"], "--gamma-scale is an option of --gen interpolant")):
         proc = run("train.py", *TINY, *flags, "--data-dir", qm9_dir, "--out", tmp_path, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
