@@ -72,3 +72,18 @@ def check_case(case, outcome, world: Path, then: dict) -> None:
     assert "Traceback" not in message, message[-3000:]
     if name in then:
         then[name](world)
+
+
+def hostile_table(cases: list, then: dict, data: str = "qm9_dir"):
+    """A table module's module-scoped `outcomes` fixture (every selected case run once) and its parametrized test,
+    for the module's end: `outcomes, test_hostile_case = hostile_table(CASES, THEN)`. `data` names the fixture whose
+    directory the cases read as {data} and MOLGEN_DATA."""
+    @pytest.fixture(scope="module")
+    def outcomes(world, request):
+        return run_selected(cases, world, request.getfixturevalue(data), request)
+
+    @pytest.mark.parametrize("case", cases, ids=[c[0] for c in cases])
+    def test_hostile_case(case, outcomes, world):
+        check_case(case, outcomes[case[0]], world, then)
+
+    return outcomes, test_hostile_case

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from hostile import ROOT, check_case, run_selected
+from hostile import ROOT, hostile_table
 
 CARBON_RUN = "--data carbon24 --stability --relax-steps 5 --n-unique 3 --no-coverage --workers 1 --no-progress"
 REFERENCE = "--reference carbon24 --stability --relax-steps 5 --n-unique 2 --no-coverage --workers 1 --no-progress"
@@ -144,14 +144,6 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(scope="module")
-def outcomes(world, qm9_dir, request):
-    return run_selected(CASES, world, qm9_dir, request)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hostile_case(case, outcomes, world):
-    check_case(case, outcomes[case[0]], world, THEN)
 
 
 def metrics(path):
@@ -238,3 +230,6 @@ THEN = {  # what must hold on disk after a case, beyond its exit status and mess
     "evaluate --hull relaxed: a truncated relaxed-hull cache": _relaxed_set_aside,
     "evaluate --stability: an elemental cache without its energies": _elements_set_aside,
 }
+
+
+outcomes, test_hostile_case = hostile_table(CASES, THEN)

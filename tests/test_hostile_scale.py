@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hostile import check_case, run_selected
+from hostile import hostile_table
 
 TINY_SWEEP = "--batch-size 8 --n-layers 1 --hidden 16 --iters 2 --train-args=--val-size=8"
 CASES = [
@@ -29,10 +29,6 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(scope="module")
-def outcomes(world, qm9_dir, request):
-    return run_selected(CASES, world, qm9_dir, request)
-
 
 def _nothing_trained(w):
     assert not (w / "heads" / "h8-l4").exists()  # refused before the first, buildable, width ran
@@ -46,6 +42,4 @@ def _past_runs_recorded(w):
 THEN = {"scale: --widths 5 for the Transformer": _nothing_trained, "scale: a data sweep past the data set's size": _past_runs_recorded}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hostile_case(case, outcomes, world):
-    check_case(case, outcomes[case[0]], world, THEN)
+outcomes, test_hostile_case = hostile_table(CASES, THEN)

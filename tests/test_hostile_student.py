@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from hostile import ROOT, check_case, run_selected
+from hostile import ROOT, hostile_table
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.labels import LabelWriter
 from test_train_ff import emt_rows
@@ -134,14 +134,6 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(scope="module")
-def outcomes(world, request):
-    return run_selected(CASES, world, world, request)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_hostile_case(case, outcomes, world):
-    check_case(case, outcomes[case[0]], world, THEN)
 
 
 def _n_valid(w) -> int:
@@ -201,3 +193,6 @@ THEN = {  # what must hold on disk after a case, beyond its exit status and mess
     "ff evaluate: a structure with an element it never saw": _scored("ev_fluorine", 5),
     "ff evaluate: --md-steps 5": _md_ran,
 }
+
+
+outcomes, test_hostile_case = hostile_table(CASES, THEN, data="world")
