@@ -4,6 +4,7 @@
     python scale.py model --arch gnn --gen flow --widths 32 64 128 256               # L(N)
     python scale.py data --arch gnn --gen flow --sizes 2000 8000 32000 110000        # L(D)
     python scale.py compute --arch gnn --gen flow --iters-list 500 1000 2000 4000     # L(C)
+    python scale.py isoflop --arch gnn --gen flow --budgets 3e13 1e14 3e14 1e15 --widths 48 64 96 128   # N*(C), D*(C)
     python scale.py ablate --variants base= tilt='--time-tilt 1' grid='|--time-power 2'   # one lever at a time
     python scale.py fit out/scale/*/results.json                                     # the laws
 
@@ -19,13 +20,20 @@ added to the common ones and, after a bar, sample.py flags. Variants with the sa
 training run (a sampler-only variant trains nothing), and with --archs / --gens every variant runs on every
 cell, the variants of one cell one after the other, so that throughput is compared under the same load.
 
+`isoflop` trains every size for exactly each FLOP budget (Hoffmann et al. 2022, approach 2): a one-step probe per
+size counts its FLOPs per step (kept in OUT/probes/), the budget sets each run's steps, and each run's warm-up is a
+fixed fraction of its steps, so that every learning-rate schedule ends at its budget. Sizes a budget buys fewer
+than --min-steps steps of are left out of that budget.
+
 `fit` fits L(N) = a N^-alpha + L_inf to the model sweep (N: parameters), L(D) to the data sweep (D: training
 structures), L(C) to the compute sweep (C: training FLOPs), and L(N, D) = E + A N^-alpha + B D^-beta (D:
 examples seen) to the model and compute sweeps together, with residual-bootstrap intervals for every parameter,
 and from the joint law the compute-optimal N*(C) and D*(C) under C = k N D, k measured from the runs (models/
-scaling.py says how and why). RESULTS are the sweeps' results.json files (or lists of run records that name
-their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png and DIR/fit.log; DIR defaults to the first RESULTS
-file's directory.
+scaling.py says how and why). Iso-FLOP runs (also part of the joint fit) give each budget's minimum, the vertex of a
+parabola of log L in log N, and through the minima N*(C) ~ C^a and D*(C) ~ C^b with bootstrap intervals, and the
+largest budget predicted from the smaller ones. RESULTS are the sweeps' results.json files (or lists of run
+records that name their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png (one-resource laws), DIR/isoflop.png
+(iso-FLOP profiles) and DIR/fit.log; DIR defaults to the first RESULTS file's directory.
 """
 import argparse
 import json
@@ -39,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models.cli import nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import decay, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
 from models.fileio import DataError, ExclusiveLock, atomic_write
 
@@ -50,6 +58,7 @@ LAWS = {  # one-resource laws: sweep -> (record key of x, symbol, what x is)
     "data": ("train_size", "D", "training structures"),
     "compute": ("train_flops", "C", "training FLOPs"),
 }
+FITTED = [*LAWS, "isoflop"]  # the sweeps fit reads: the one-resource laws', and the iso-FLOP study's
 
 
 def shell_words(text: str) -> list[str]:
@@ -104,6 +113,22 @@ compute_parser = commands.add_parser("compute", parents=[runs_flags, one_cell], 
                                      description="Runs over --iters-list at fixed model and data, each with its full schedule.")
 compute_parser.add_argument("--iters-list", nargs="+", type=positive_int, required=True, help="optimizer steps of the runs")
 compute_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
+
+isoflop_parser = commands.add_parser("isoflop", parents=[runs_flags, one_cell], help="N*(C), D*(C): model sizes at fixed FLOP budgets",
+                                     description="Every size trained for exactly each --budgets FLOPs (Hoffmann et al. 2022, "
+                                     "approach 2): a one-step probe counts each size's FLOPs per step, the budget sets its steps, and "
+                                     "the learning-rate schedule (warm-up, cosine decay) ends at the budget. `fit` finds each budget's "
+                                     "best size and fits N*(C) and D*(C).")
+isoflop_parser.add_argument("--budgets", nargs="+", type=positive_float, required=True, help="training FLOPs of the runs (as train.py "
+                            "--count-flops counts them: matrix products, forward and backward), e.g. 3e13 1e14 3e14 1e15")
+sizes = isoflop_parser.add_mutually_exclusive_group(required=True)
+sizes.add_argument("--widths", nargs="+", type=positive_int, help="hidden widths of the runs at every budget")
+sizes.add_argument("--params", nargs="+", type=positive_int, help="parameter counts of the runs at every budget, each matched by "
+                   "width at --n-layers (as the grid matches its cells); `fit` prints the N* to check at the largest budget")
+isoflop_parser.add_argument("--warmup-fraction", type=decay, default=0.05, help="each run's warm-up steps as a fraction "
+                            "of its steps (train.py --warmup, after --train-args), so that every schedule has the same shape")
+isoflop_parser.add_argument("--min-steps", type=positive_int, default=100, help="a size that a budget buys fewer steps of is left "
+                            "out of that budget, with a message (its run would be mostly warm-up)")
 
 ablate_parser = commands.add_parser("ablate", parents=[runs_flags], help="variants of one recipe at a fixed budget, side by side",
                                     description="Train (and with --samples, sample and evaluate) every variant on every cell.")
@@ -301,8 +326,11 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
                  "|---|---|---|---|---|---|" + "---|" * (len(keys) + 1 if keys else 0)]
         if sweep == "ablate":  # the variant's own flags after its name
             lines = [lines[0].replace("| run |", "| run | variant flags |"), lines[1] + "---|"]
+        if sweep == "isoflop":  # the FLOPs each run trained for
+            lines = [lines[0].replace("| run |", "| run | train FLOPs |"), lines[1] + "---|"]
         for r in runs:
-            cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
+            cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + \
+                ([f"{r['train_flops']:.3g}"] if sweep == "isoflop" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
                      f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
             if keys:
                 cells.append(f"{r['sample_per_s']:,.1f}")
@@ -325,6 +353,7 @@ class Point(NamedTuple):
     samples_dir: str = "samples"
     variant: str | None = None
     n_train: int | None = None  # a data sweep's training structures asked for
+    budget: float | None = None  # an iso-FLOP run's training FLOPs asked for
 
 
 def sweep_points(args) -> list[Point]:
@@ -381,6 +410,63 @@ def probe_rate(args, probe_dir: Path, arch: str, gen: str, hidden: int, log) -> 
         run_command([sys.executable, "train.py", *flags, "--out", probe_dir, "--overwrite"], probe_dir / "scale_stdout.log", f"probing {arch}-{gen}")
     records = [json.loads(line) for line in (probe_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     return float(np.median([v for r in records if r.get("step", 0) > 10 for k, v in r.items() if k.endswith("_per_s")]))
+
+
+def iso_flop_points(args, out: Path, log) -> list[Point]:
+    """Every size at every budget that buys it --min-steps steps: steps = budget / the size's FLOPs per step, the
+    warm-up a fixed fraction of them. Budgets in increasing order, so that the cheap iso-FLOP curves come first."""
+    domain = get_domain(args.data)
+    if args.params:
+        widths = []
+        for target in args.params:
+            hidden, n = matched_width(domain, args.arch, domain.n_types(args), args.n_layers, target)
+            if abs(n - target) > 0.1 * target:
+                sys.exit(f"scale.py: {args.arch} cannot be matched to {target:,} parameters within 10 % at depth {args.n_layers} "
+                         f"(nearest: {n:,} at width {hidden}); choose other --params or another --n-layers")
+            log.info(f"{target:,} parameters: width {hidden} ({n:,})")
+            widths.append(hidden)
+    else:
+        widths = args.widths
+    widths = sorted(set(widths))
+    check_sizes(domain, args.arch, {(w, args.n_layers) for w in widths})
+    per_step = {w: flops_per_step(args, out / "probes" / f"h{w}-l{args.n_layers}", w, log) for w in widths}
+    points = []
+    for budget in sorted(set(args.budgets)):
+        for w in widths:
+            mantissa, _, exponent = f"{budget:.3g}".partition("e")  # 4e+08 -> C4e8
+            name = f"C{mantissa}{'e%d' % int(exponent) if exponent else ''}-h{w}-l{args.n_layers}"
+            iters = round(budget / per_step[w])
+            if iters < args.min_steps:
+                log.warning(f"{name}: skipped: {budget:.3g} FLOPs buy {iters:,} steps at {per_step[w]:.3g} FLOPs a step, fewer than "
+                            f"--min-steps {args.min_steps}")
+                continue
+            flags = train_flags(args, args.arch, args.gen, w, args.n_layers, iters) + ["--warmup", round(args.warmup_fraction * iters)]
+            points.append(Point(name, flags, iters, budget=budget))
+    if not points:
+        sys.exit(f"scale.py: no size gets --min-steps {args.min_steps} steps from any of the --budgets; raise the budgets")
+    return points
+
+
+def flops_per_step(args, probe_dir: Path, hidden: int, log) -> float:
+    """Training FLOPs of one step of a size, counted by a one-step train.py --count-flops run (the count averages
+    over the first epoch's batch widths, so it does not depend on the run's length), kept in the probe's
+    directory for as long as the sweep's flags are those it was counted with."""
+    flags = train_flags(args, args.arch, args.gen, hidden, args.n_layers, 1) + ["--val-size", 16, "--warmup", 0]
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    with ExclusiveLock(probe_dir / "scale", wait=True):
+        try:
+            counted = json.loads((probe_dir / RUN_FILE).read_text()) == [str(f) for f in flags] and \
+                json.loads((probe_dir / "config.json").read_text())["train_flops_per_step"]
+        except (OSError, ValueError, KeyError):
+            counted = None
+        if not counted:
+            (probe_dir / RUN_FILE).unlink(missing_ok=True)
+            run_command([sys.executable, "train.py", *flags, "--out", probe_dir, "--overwrite"], probe_dir / "scale_stdout.log",
+                        f"counting the FLOPs of width {hidden}")
+            atomic_write(probe_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps([str(f) for f in flags])))
+            counted = json.loads((probe_dir / "config.json").read_text())["train_flops_per_step"]
+    log.info(f"width {hidden}: {counted:.3g} FLOPs per step")
+    return counted
 
 
 def parse_variants(variants: list[str]) -> list[tuple[str, list, tuple, str]]:
@@ -460,7 +546,7 @@ def run_sweep(args) -> None:
     log = setup_log(out, "scale.log")
     log.info(f"$ python scale.py {shlex.join(sys.argv[1:])}")
     points = ablation_points(args) if args.command == "ablate" else grid_points(args, out, log) if args.command == "grid" \
-        else sweep_points(args)
+        else iso_flop_points(args, out, log) if args.command == "isoflop" else sweep_points(args)
     earlier_runs(args, out, set())  # a results.json of another sweep is refused before any run starts
     t0, runs = time.time(), []
     data_size = None  # a data sweep's training set, once a run has asked for more structures than it holds
@@ -474,7 +560,8 @@ def run_sweep(args) -> None:
         if point.n_train and record["train_size"] < point.n_train:
             data_size = record["train_size"]
             log.warning(f"{point.name}: trained on all {data_size:,} training structures, fewer than the {point.n_train:,} asked for")
-        runs.append({**record, "run": point.name, **({"variant": point.variant} if point.variant is not None else {})})
+        runs.append({**record, "run": point.name, **({"variant": point.variant} if point.variant is not None else {}),
+                     **({"budget": point.budget} if point.budget else {})})
         write_results(args, out, args.command, runs)
         if i + 1 < len(points):
             eta = (time.time() - t0) / (i + 1) * (len(points) - i - 1)
@@ -503,8 +590,8 @@ def read_runs(paths: list[Path], loss_key: str) -> list[dict]:
             sys.exit(f"scale.py: {path} holds neither a list of runs nor {{'runs': [...]}}")
         for i, record in enumerate(records):
             sweep = record.get("sweep", content.get("sweep") if isinstance(content, dict) else None)
-            if sweep not in LAWS:
-                sys.exit(f"scale.py: {path}, run {i}: sweep {sweep!r} is not one of {sorted(LAWS)}")
+            if sweep not in FITTED:
+                sys.exit(f"scale.py: {path}, run {i}: sweep {sweep!r} is not one of {sorted(FITTED)}")
             loss = record.get(loss_key)
             if not isinstance(loss, (int, float)) or not np.isfinite(loss) or loss <= 0:
                 sys.exit(f"scale.py: {path}, run {i}: {loss_key} = {loss!r}; a fit needs a finite loss > 0")
@@ -559,7 +646,7 @@ def run_fit(args) -> None:
                *[f"| {k} | {v:.4g} | {interval_text(boot['interval'][k])} |" for k, v in law.params().items()], ""]
         plots.append((f"L({symbol})", what, x, loss, law, boot["samples"]))
 
-    joint_runs = [r for r in runs if r["sweep"] in ("model", "compute")]
+    joint_runs = [r for r in runs if r["sweep"] in ("model", "compute", "isoflop")]
     if len({r.get("params") for r in joint_runs}) >= 2 and len({r.get("examples_seen") for r in joint_runs}) >= 2 and len(joint_runs) >= 5:
         n, d, loss = column(joint_runs, "params"), column(joint_runs, "examples_seen"), column(joint_runs, "loss")
         boot = bootstrap(fit_joint_law, [n, d, loss], args.n_boot, args.seed)
@@ -578,7 +665,7 @@ def run_fit(args) -> None:
         log.info(f"L(N, D): alpha = {law.alpha:.4f} {interval_text(boot['interval']['alpha'])}, beta = {law.beta:.4f} "
                  f"{interval_text(boot['interval']['beta'])}, E = {law.e:.4g}; N*(C) ~ C^{exponent_n:.3f} "
                  f"{interval_text(a_interval)}, k = {k:.3g} FLOPs per parameter per example ({len(joint_runs)} runs)")
-        md += [f"## L(N, D): parameters and examples seen ({len(joint_runs)} model- and compute-sweep runs)", "",
+        md += [f"## L(N, D): parameters and examples seen ({len(joint_runs)} model-, compute- and iso-FLOP-sweep runs)", "",
                "L = E + A N^-alpha + B D^-beta", "", "| parameter | fit | 95 % interval |", "|---|---|---|",
                *[f"| {p} | {v:.4g} | {interval_text(boot['interval'][p])} |" for p, v in law.params().items()], "",
                f"Compute-optimal under C = k N D with k = {k:.3g} (median over the runs): N*(C) ~ C^{exponent_n:.3f} "
@@ -586,15 +673,130 @@ def run_fit(args) -> None:
                "| C (FLOPs) | N* (parameters) | D* (examples) |", "|---|---|---|",
                *[f"| {c:.3g} | {p:.3g} | {e:.3g} |" for c, p, e in zip(budgets, n_opt, d_opt)], ""]
     else:
-        log.info("L(N, D): needs at least 5 model- and compute-sweep runs with 2 distinct N and 2 distinct D: not fitted")
+        log.info("L(N, D): needs at least 5 model-, compute- or iso-FLOP-sweep runs with 2 distinct N and 2 distinct D: not fitted")
+    iso_runs = [r for r in runs if r["sweep"] == "isoflop"]
+    if iso_runs:
+        md += fit_iso_flop_runs(args, iso_runs, report, out, log)
     if not report["laws"]:
-        sys.exit("scale.py: nothing to fit (each law needs runs of its sweep at 3 distinct values of its resource; fit.log says why each was not fitted)")
+        sys.exit("scale.py: nothing to fit (each law needs runs of its sweep at 3 distinct values of its resource, the iso-FLOP "
+                 "study 3 sizes at each of 2 budgets; fit.log says why each was not fitted)")
 
     if plots:
         plot(plots, out / "fit.png")
     atomic_write(out / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     atomic_write(out / "fit.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    log.info(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + (f", {out / 'fit.png'}" if plots else "") + f" in {time.time() - t0:.1f} s")
+    figures = [out / "fit.png"] * bool(plots) + [out / "isoflop.png"] * ("iso-FLOP" in report["laws"])
+    log.info(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + "".join(f", {f}" for f in figures) + f" in {time.time() - t0:.1f} s")
+
+
+def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> list[str]:
+    """The iso-FLOP study: each budget's best size, N*(C) and D*(C) with bootstrap intervals, the largest budget
+    predicted from the smaller ones, and the comparison with the joint law fitted to the same runs. Adds to
+    report["laws"], draws OUT/isoflop.png and returns fit.md's section."""
+    from models.scaling import bootstrap_iso_flop, held_out_budget
+
+    budgets, n, d, loss = (column(runs, key) for key in ("budget", "params", "examples_seen", "loss"))
+    try:
+        boot = bootstrap_iso_flop(budgets, n, d, loss, args.n_boot, args.seed)
+    except ValueError as e:
+        log.info(f"iso-FLOP: not fitted: {e}")
+        return []
+    fit, interval = boot["fit"], boot["interval"]
+    for c, why in fit.skipped.items():
+        log.info(f"iso-FLOP: {c:.3g} FLOPs left out: {why}")
+    held_out = held_out_budget(fit, budgets, n, d, loss)
+    report["laws"]["iso-FLOP"] = {
+        "form": "N*(C) = n_coef C^a, D*(C) = d_coef C^b (D: examples seen), through each budget's parabola minimum",
+        "fit": {"a": fit.a, "b": fit.b, "n_coef": fit.n_coef, "d_coef": fit.d_coef}, "interval": interval,
+        "bootstrap": {"n_boot": boot["n_boot"], "failed": boot["failed"]},
+        "budgets": [{"flops": c, "params": p, "examples": e, "loss": v, "runs": int((budgets == c).sum())}
+                    for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)],
+        "left_out": {f"{c:.3g}": why for c, why in fit.skipped.items()}, "held_out": held_out}
+    noise = "" if boot["n_boot"] else " (3 sizes per budget: the parabolas pass through every run, nothing measures the noise, no interval)"
+    log.info(f"iso-FLOP: N*(C) ~ C^{fit.a:.3f} {interval_text(interval['a'])}, D*(C) ~ C^{fit.b:.3f} {interval_text(interval['b'])} "
+             f"from {len(fit.budgets)} budgets, {len(runs)} runs{noise}; {boot['failed']} of {boot['n_boot']} resamples moved a minimum "
+             "outside its sizes")
+    md = [f"## Iso-FLOP profiles: {len(runs)} runs at {len(set(budgets))} budgets", "",
+          "Each budget's runs trained for exactly its FLOPs; the minimum of a parabola of log L in log N gives its N*, D* and L* "
+          f"(Hoffmann et al. 2022, approach 2). 95 % intervals from {boot['n_boot']} residual-bootstrap resamples of the parabolas"
+          f"{noise}; {boot['failed']} resamples moved a minimum outside its sizes and were dropped.", "",
+          f"N*(C) = {fit.n_coef:.3g} C^{fit.a:.3f} {interval_text(interval['a'])}; D*(C) = {fit.d_coef:.3g} C^{fit.b:.3f} "
+          f"{interval_text(interval['b'])}.", "",
+          "| C (FLOPs) | runs | N* (parameters) | N* 95 % interval | D* (examples) | L* |", "|---|---|---|---|---|---|",
+          *[f"| {c:.3g} | {int((budgets == c).sum())} | {p:.3g} | {interval_text(interval[f'n_opt@{c:.3g}'])} | {e:.3g} | {v:.4g} |"
+            for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)], ""]
+    md += [f"- {c:.3g} FLOPs left out: {why}" for c, why in fit.skipped.items()] + ([""] if fit.skipped else [])
+    if held_out:
+        predicted, measured, c = held_out["predicted"], held_out["measured"], held_out["flops"]
+        at = budgets == c
+        nearest = int(np.argmin(np.abs(np.log(n[at] / predicted["params"]))))
+        run = {"run": runs[int(np.flatnonzero(at)[nearest])]["run"], "params": float(n[at][nearest]), "loss": float(loss[at][nearest])}
+        held_out["nearest_run"] = run
+        line = (f"The largest budget ({c:.3g} FLOPs) predicted from the {len(held_out['from_budgets'])} smaller ones: N* = "
+                f"{predicted['params']:.3g} parameters, D* = {predicted['examples']:.3g} examples, L* = {predicted['loss']:.4g}; its own "
+                f"runs' parabola: N* = {measured['params']:.3g}, L* = {measured['loss']:.4g}. Its run nearest the predicted N*, "
+                f"{run['run']} ({run['params']:.3g} parameters), reached {run['loss']:.4g}"
+                + ("." if abs(np.log(run["params"] / predicted["params"])) < np.log(1.15) else
+                   f"; no run lies within 15 % of the predicted N*: check it with `scale.py isoflop --budgets {c:.3g} "
+                   f"--params {predicted['params']:.0f}` and the sweep's other flags."))
+        log.info(f"iso-FLOP: {line}")
+        md += [line, ""]
+    joint = report["laws"].get("L(N, D)")
+    if joint:
+        low, high = interval["a"]
+        j_low, j_high = joint["n_opt_exponent_interval"]
+        agree = max(low, j_low) <= min(high, j_high)
+        line = (f"The joint law L(N, D) over the model-, compute- and iso-FLOP-sweep runs gives N*(C) ~ C^{joint['n_opt_exponent']:.3f} "
+                f"{interval_text(joint['n_opt_exponent_interval'])}, against the iso-FLOP profiles' {fit.a:.3f} {interval_text(interval['a'])}: "
+                + ("the intervals overlap." if agree else "the intervals do not overlap. The joint law assumes its form "
+                   "(separable power laws in N and D with one floor) over every run; the profiles assume only a smooth minimum "
+                   "near each budget's sizes, so where they differ the joint law's form is the first suspect."))
+        log.info(f"iso-FLOP: {line}")
+        report["laws"]["iso-FLOP"]["joint_law_agrees"] = bool(agree)
+        md += [line, ""]
+    plot_iso_flop(runs, fit, budgets, n, loss, out / "isoflop.png")
+    return md
+
+
+def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
+    """The loss against N at each budget with its parabola and minimum; N*(C) and D*(C) with their fits; and,
+    where the runs were sampled, their first two sample metrics against training FLOPs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.scaling import iso_flop_parabola
+
+    metrics = [k for k in (runs[0].get("metrics") or {}) if all(k in (r.get("metrics") or {}) for r in runs)][:2]
+    fig, axes = plt.subplots(1, 2 + len(metrics), figsize=(4.5 * (2 + len(metrics)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    for i, c in enumerate(sorted(set(budgets))):
+        at = budgets == c
+        ax.scatter(n[at], loss[at], color=f"C{i}", label=f"{c:.3g} FLOPs")
+        if c in fit.budgets:
+            grid = np.logspace(np.log10(n[at].min()), np.log10(n[at].max()), 50)
+            ax.plot(grid, np.exp(np.polyval(iso_flop_parabola(n[at], loss[at]), np.log(grid))), color=f"C{i}")
+            j = fit.budgets.index(c)
+            ax.scatter([fit.n_opt[j]], [fit.l_opt[j]], color=f"C{i}", marker="*", s=150, edgecolor="k", zorder=3)
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="loss", title="iso-FLOP profiles")
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    grid = np.logspace(np.log10(min(fit.budgets)) - 0.2, np.log10(max(fit.budgets)) + 0.5, 50)
+    n_line, d_line = fit.predict(grid)
+    ax.scatter(fit.budgets, fit.n_opt, color="C0", label=f"N*: C^{fit.a:.2f}")
+    ax.plot(grid, n_line, color="C0")
+    ax.scatter(fit.budgets, fit.d_opt, color="C1", label=f"D* (examples): C^{fit.b:.2f}")
+    ax.plot(grid, d_line, color="C1")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", title="compute-optimal allocation")
+    ax.legend(fontsize=7)
+    flops = np.array([r["train_flops"] for r in runs])
+    for ax, key in zip(axes[0][2:], metrics):
+        scatter = ax.scatter(flops, [r["metrics"][key] for r in runs], c=np.log10(n), cmap="viridis")
+        fig.colorbar(scatter, ax=ax, label="log10 parameters")
+        ax.set(xscale="log", xlabel="training FLOPs", ylabel=key, title=f"{key} against compute")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def plot(plots: list, path: Path) -> None:

@@ -177,3 +177,130 @@ def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: floa
     interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
                 for k, v in samples.items()}
     return {"fit": law, "interval": interval, "samples": samples}
+
+
+@dataclass
+class IsoFlopFit:
+    """Hoffmann et al.'s approach 2 (iso-FLOP profiles): at each budget C, runs of several sizes each trained for
+    exactly C FLOPs; the minimum of a parabola of log L in log N gives that budget's N*, D* and L*. Then N*(C) =
+    n_coef C^a and D*(C) = d_coef C^b, straight lines in log-log through the budgets' minima. D is examples seen.
+    `skipped` says why a budget gave no minimum."""
+    budgets: list
+    n_opt: list
+    d_opt: list
+    l_opt: list
+    a: float
+    n_coef: float
+    b: float
+    d_coef: float
+    skipped: dict
+
+    def params(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b}
+
+    def predict(self, flops) -> tuple[np.ndarray, np.ndarray]:
+        flops = np.asarray(flops, dtype=float)
+        return self.n_coef * flops ** self.a, self.d_coef * flops ** self.b
+
+
+def iso_flop_parabola(n, loss) -> np.ndarray:
+    """(c2, c1, c0) of log L = c2 u^2 + c1 u + c0 with u = log N, through one budget's runs."""
+    return np.polyfit(np.log(n), np.log(loss), 2)
+
+
+def budget_minimum(n, d, loss) -> tuple[float, float, float]:
+    """(N*, D*, L*) of one budget's runs: the vertex of the parabola of log L in log N, and D* on the straight
+    line of log D in log N through the runs (D = C / (k N), with k, the FLOPs per parameter per example, nearly
+    the same for every size). A vertex outside the sizes run is refused: it is an extrapolation, and the remedy
+    is a larger or smaller model at that budget. Raises ValueError saying why there is no minimum."""
+    n, d, loss = _check(n, d, loss)
+    if len(np.unique(n)) < 3:
+        raise ValueError(f"{len(np.unique(n))} distinct sizes; a parabola needs 3")
+    c2, c1, c0 = iso_flop_parabola(n, loss)
+    if c2 <= 0:
+        raise ValueError("the losses do not rise on both sides of a size (the parabola opens downward): add sizes "
+                         "further from the best one")
+    u = -c1 / (2 * c2)
+    if not np.log(n).min() <= u <= np.log(n).max():
+        side = "larger" if u > np.log(n).max() else "smaller"
+        raise ValueError(f"the minimum (N ~ {np.exp(u):.3g}) lies outside the sizes run ({n.min():.3g} to {n.max():.3g}): "
+                         f"add a {side} model")
+    slope, intercept = np.polyfit(np.log(n), np.log(d), 1)
+    return float(np.exp(u)), float(np.exp(intercept + slope * u)), float(np.exp(c0 + c1 * u + c2 * u * u))
+
+
+def fit_iso_flop(budgets, n, d, loss) -> IsoFlopFit:
+    """The iso-FLOP fit of runs at two or more budgets (each run's budget as asked: runs of one budget share it)."""
+    budgets, n, d, loss = _check(budgets, n, d, loss)
+    found, skipped = [], {}
+    for c in np.unique(budgets):
+        at = budgets == c
+        try:
+            found.append((float(c), *budget_minimum(n[at], d[at], loss[at])))
+        except ValueError as e:
+            skipped[float(c)] = str(e)
+    if len(found) < 2:
+        raise ValueError(f"scaling fit: {len(found)} budget(s) with a minimum, the iso-FLOP fit needs 2"
+                         + "".join(f"; at {c:.3g} FLOPs: {why}" for c, why in skipped.items()))
+    c, n_opt, d_opt, l_opt = (np.array(col) for col in zip(*found))
+    a, log_n = np.polyfit(np.log(c), np.log(n_opt), 1)
+    b, log_d = np.polyfit(np.log(c), np.log(d_opt), 1)
+    return IsoFlopFit(c.tolist(), n_opt.tolist(), d_opt.tolist(), l_opt.tolist(), float(a), float(np.exp(log_n)),
+                      float(b), float(np.exp(log_d)), skipped)
+
+
+def bootstrap_iso_flop(budgets, n, d, loss, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """The iso-FLOP fit and percentile intervals of its exponents a and b (and of each budget's N*) from a residual
+    bootstrap: the parabolas' log-residuals, pooled over the budgets (one noise, that of a run's final loss) and
+    inflated by sqrt(m / (m - 3 B)) for the 3 parameters of each of B parabolas, are resampled onto the parabolas'
+    predictions. A resample in which a budget's minimum leaves its sizes is counted in `failed` and dropped;
+    many failures mean the minima are poorly pinned. With 3 sizes per budget the parabolas pass through every
+    run, nothing measures the noise, and the intervals are NaN."""
+    budgets, n, d, loss = (np.asarray(c, dtype=float) for c in (budgets, n, d, loss))
+    fit = fit_iso_flop(budgets, n, d, loss)
+    used = np.isin(budgets, fit.budgets)
+    budgets, n, d, loss = budgets[used], n[used], d[used], loss[used]
+    predicted, residuals = np.empty_like(loss), np.empty_like(loss)
+    for c in fit.budgets:
+        at = budgets == c
+        predicted[at] = np.exp(np.polyval(iso_flop_parabola(n[at], loss[at]), np.log(n[at])))
+        residuals[at] = np.log(loss[at]) - np.log(predicted[at])
+    dof = len(loss) - 3 * len(fit.budgets)
+    keys = ["a", "b"] + [f"n_opt@{c:.3g}" for c in fit.budgets]
+    samples, failed = {k: [] for k in keys}, 0
+    if dof > 0:
+        residuals = residuals * np.sqrt(len(loss) / dof)
+        rng = np.random.default_rng(seed)
+        for _ in range(n_boot):
+            resampled = predicted * np.exp(rng.choice(residuals, size=len(loss), replace=True))
+            try:
+                boot = fit_iso_flop(budgets, n, d, resampled)
+            except ValueError:
+                failed += 1
+                continue
+            if boot.skipped:
+                failed += 1
+                continue
+            for k, v in zip(keys, [boot.a, boot.b, *boot.n_opt]):
+                samples[k].append(v)
+    tail = 100 * (1 - level) / 2
+    samples = {k: np.array(v) for k, v in samples.items()}
+    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
+                for k, v in samples.items()}
+    return {"fit": fit, "interval": interval, "samples": samples, "failed": failed, "n_boot": n_boot if dof > 0 else 0}
+
+
+def held_out_budget(fit: IsoFlopFit, budgets, n, d, loss) -> dict | None:
+    """The largest budget predicted from the smaller ones (at least 2 of them): N* and D* from their iso-FLOP fit,
+    L* from a power law in C through their minima; beside it, what the largest budget's own runs measured. None
+    with fewer than 3 budgets."""
+    if len(fit.budgets) < 3:
+        return None
+    budgets = np.asarray(budgets, dtype=float)
+    largest, smaller = fit.budgets[-1], np.isin(budgets, fit.budgets[:-1])
+    early = fit_iso_flop(budgets[smaller], np.asarray(n)[smaller], np.asarray(d)[smaller], np.asarray(loss)[smaller])
+    n_pred, d_pred = early.predict(largest)
+    slope, intercept = np.polyfit(np.log(early.budgets), np.log(early.l_opt), 1)
+    return {"flops": largest, "from_budgets": early.budgets, "predicted": {"params": float(n_pred), "examples": float(d_pred),
+            "loss": float(np.exp(intercept + slope * np.log(largest)))},
+            "measured": {"params": fit.n_opt[-1], "examples": fit.d_opt[-1], "loss": fit.l_opt[-1]}}

@@ -16,6 +16,10 @@ CASES = [
      ["variant \"lr='--lr\"", "No closing quotation"], None),
     ("scale: a grid whose data is missing", "scale.py grid --data perov5 --iters 2 --data-dir {w}/mnt --out {w}/nodata", 1,
      ["perov_5/train.csv is missing", "copy the CDVAE release's perov_5/train.csv there"], "read-only"),
+    ("scale: iso-FLOP budgets that buy no size its steps", "scale.py isoflop --budgets 1e6 --widths 8 --batch-size 8 --n-layers 1 --train-args=--val-size=8"
+     + " --data-dir {data} --out {w}/tiny_budget", 1, ["C1e6-h8-l1: skipped: 1e+06 FLOPs buy 0 steps", "raise the budgets"], None),
+    ("scale: iso-FLOP --params no width matches", "scale.py isoflop --budgets 1e9 --params 10 --data-dir {data} --out {w}/unmatched",
+     1, ["gnn cannot be matched to 10 parameters within 10 %", "choose other --params"], None),
     ("scale: a data sweep past the data set's size", "scale.py data --sizes 500 100 1000 " + TINY_SWEEP + " --data-dir {data} --out {w}/past",
      0, ["n500: trained on all 229 training structures, fewer than the 500 asked for",
          "n1000: skipped: the training set holds only 229 structures"], None),
