@@ -7,6 +7,7 @@
     python scale.py isoflop --arch gnn --gen flow --budgets 3e13 1e14 3e14 1e15 --widths 48 64 96 128   # N*(C), D*(C)
     python scale.py ablate --variants base= tilt='--time-tilt 1' grid='|--time-power 2'   # one lever at a time
     python scale.py fit out/scale/*/results.json                                     # the laws
+    python scale.py curves out/scale/grid-qm9/gnn-*                                  # loss and samples against FLOPs, seconds
 
 Each point of a sweep is one train.py run in OUT/<run>/ (the same loop, checkpoints and logs as by hand), then
 optionally sample.py and evaluate.py on it (--samples). A finished run is skipped and an interrupted one resumed,
@@ -24,6 +25,10 @@ cell, the variants of one cell one after the other, so that throughput is compar
 size counts its FLOPs per step (kept in OUT/probes/), the budget sets each run's steps, and each run's warm-up is a
 fixed fraction of its steps, so that every learning-rate schedule ends at its budget. Sizes a budget buys fewer
 than --min-steps steps of are left out of that budget.
+
+`curves` draws finished or running train.py runs (trained with --eval-every) against training FLOPs and seconds:
+each run's validation loss relative to its own last value (the processes' losses have different scales) and its
+periodic sample check, the processes' training efficiency side by side.
 
 `fit` fits L(N) = a N^-alpha + L_inf to the model sweep (N: parameters), L(D) to the data sweep (D: training
 structures), L(C) to the compute sweep (C: training FLOPs), and L(N, D) = E + A N^-alpha + B D^-beta (D:
@@ -137,6 +142,15 @@ ablate_parser.add_argument("--variants", nargs="+", required=True, metavar="NAME
 ablate_parser.add_argument("--archs", nargs="+", choices=ARCH_NAMES, default=["gnn"], help="backbones")
 ablate_parser.add_argument("--gens", nargs="+", choices=GEN_NAMES, default=["flow"], help="processes")
 ablate_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
+
+curves_parser = commands.add_parser("curves", help="validation loss and sample quality against training FLOPs and seconds",
+                                    description="Training-efficiency curves of train.py runs from their log.jsonl and config.json: "
+                                    "the validation loss and the periodic sample check (train.py --eval-every, --eval-samples) "
+                                    "against training FLOPs and wall-clock seconds. Each process's loss has its own scale, so a "
+                                    "run's loss is drawn relative to its own last value and compared only with itself; the samples "
+                                    "are compared across runs. Writes DIR/curves.png, DIR/curves.md and DIR/curves.json.")
+curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out), trained with --count-flops")
+curves_parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first run's parent)")
 
 fit_parser = commands.add_parser("fit", help="fit scaling laws to sweep results", description="Fit L(N), L(D), L(C) "
                                  "and L(N, D) with bootstrap intervals; write fit.json, fit.md, fit.png and fit.log.")
@@ -799,6 +813,102 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------
+# Training-efficiency curves
+
+
+def run_curve(run_dir: Path) -> dict:
+    """One run's evaluations (the last record of each step: a resumed run may log a step twice) with their training
+    FLOPs; a run that cannot be drawn ends the program with a message naming it."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+    except (OSError, ValueError) as e:
+        sys.exit(f"scale.py curves: {run_dir} is not a train.py run directory ({e})")
+    per_step = config.get("train_flops_per_step")
+    if not per_step:
+        sys.exit(f"scale.py curves: {run_dir / 'config.json'} has no FLOPs per step: train the run with --count-flops "
+                 "(scale.py's runs always do)")
+    evaluations = {}
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except ValueError:
+            sys.exit(f"scale.py curves: {run_dir / 'log.jsonl'}, line {i + 1}, is not JSON")
+        if "val_loss" in record:
+            evaluations[record["step"]] = record
+    if not evaluations:
+        sys.exit(f"scale.py curves: {run_dir / 'log.jsonl'} holds no evaluation yet (train.py --eval-every)")
+    points = [{**r, "flops": r["step"] * per_step} for _, r in sorted(evaluations.items())]
+    metrics = [k for k, v in points[-1].items() if k not in ("step", "val_loss", "time", "flops") and isinstance(v, (int, float))]
+    return {"run": run_dir.name, "path": str(run_dir), "arch": config.get("arch"), "gen": config.get("gen"),
+            "params": config.get("n_params"), "flops_per_step": per_step, "points": points, "metrics": metrics}
+
+
+def first_reaching(points: list[dict], key: str, level: float, below: bool) -> dict | None:
+    """The first evaluation whose `key` is at or past `level` (at or below it for a loss)."""
+    return next((p for p in points if key in p and (p[key] <= level if below else p[key] >= level)), None)
+
+
+def run_curves(args) -> None:
+    curves = [run_curve(d) for d in args.runs]
+    out = writable_dir(curves_parser, args.out or args.runs[0].resolve().parent, "--out")
+    metrics = [k for k in curves[0]["metrics"] if all(k in c["metrics"] for c in curves)]
+    headline = metrics[0] if metrics else None
+    level = 0.5 * max(c["points"][-1][headline] for c in curves) if headline else None
+    if not level:  # no run's samples score yet: no level every run can be measured against
+        headline = None
+    # The loss: when each run first came within 10 % of its own total drop of its last value. The samples: when each
+    # first reached half the best last value of any run, a level every run is measured against.
+    md = ["# Training efficiency", "", f"{len(curves)} runs: {', '.join(str(d) for d in args.runs)}. Command: "
+          f"`python scale.py {shlex.join(sys.argv[1:])}`.", "",
+          "A run's loss is compared only with itself: 90 % of its drop is where its validation loss first came within 10 % of "
+          "the way from its first to its last evaluation. Seconds are the run's wall clock at an evaluation, the earlier "
+          "evaluations' included."
+          + (f" The samples are compared across runs: the level is half the best last {headline} of any run." if headline else ""), ""]
+    header = "| run | process | params | steps | FLOPs | seconds | val loss | 90 % of its drop at FLOPs | at seconds |"
+    if headline:
+        header += f" {headline} | {headline} >= {level:.3g} at FLOPs | at seconds |"
+    md += [header, "|" + "---|" * (header.count("|") - 1)]
+    for c in curves:
+        first, last = c["points"][0], c["points"][-1]
+        reached = first_reaching(c["points"], "val_loss", last["val_loss"] + 0.1 * (first["val_loss"] - last["val_loss"]), below=True)
+        c["loss_90"] = reached and {"flops": reached["flops"], "time": reached.get("time")}
+        cells = [c["run"], c["gen"], f"{c['params']:,}", f"{last['step']:,}", f"{last['flops']:.3g}", f"{last.get('time', float('nan')):,.1f}",
+                 f"{last['val_loss']:.4f}", f"{reached['flops']:.3g}", f"{reached.get('time', float('nan')):,.1f}"]
+        if headline:
+            good = first_reaching(c["points"], headline, level, below=False)
+            c[f"{headline}_level"] = {"level": level, "flops": good and good["flops"], "time": good and good.get("time")}
+            cells += [f"{last[headline]:.4f}", f"{good['flops']:.3g}" if good else "not reached",
+                      f"{good.get('time', float('nan')):,.1f}" if good else ""]
+        md.append("| " + " | ".join(cells) + " |")
+    plot_curves(curves, headline, out / "curves.png")
+    atomic_write(out / "curves.json", lambda tmp: Path(tmp).write_text(json.dumps(curves, indent=1)))
+    atomic_write(out / "curves.md", lambda tmp: Path(tmp).write_text("\n".join(md + [""])))
+    print(f"wrote {out / 'curves.png'}, {out / 'curves.md'} and {out / 'curves.json'}")
+
+
+def plot_curves(curves: list[dict], headline: str | None, path: Path) -> None:
+    """Loss relative to its own last value, and the headline sample metric, against FLOPs and against seconds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("val_loss", "validation loss / its last value")] + ([(headline, headline)] if headline else [])
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    for (key, label), row in zip(rows, axes):
+        for ax, (x, xlabel) in zip(row, [("flops", "training FLOPs"), ("time", "training seconds")]):
+            for i, c in enumerate(curves):
+                points = [p for p in c["points"] if key in p and x in p]
+                scale_by = c["points"][-1]["val_loss"] if key == "val_loss" else 1.0
+                ax.plot([p[x] for p in points], [p[key] / scale_by for p in points], marker="o", ms=3, color=f"C{i}", label=c["run"])
+            ax.set(xscale="log", xlabel=xlabel, ylabel=label, yscale="log" if key == "val_loss" else "linear")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
 def plot(plots: list, path: Path) -> None:
     """One log-log panel per one-resource law: the runs, the fit and its 95 % bootstrap band."""
     import matplotlib
@@ -826,7 +936,7 @@ def plot(plots: list, path: Path) -> None:
 if __name__ == "__main__":
     arguments = parser.parse_args()
     try:
-        run_fit(arguments) if arguments.command == "fit" else run_sweep(arguments)
+        {"fit": run_fit, "curves": run_curves}.get(arguments.command, run_sweep)(arguments)
     except DataError as e:  # the data of the runs is missing or unreadable: found before any run starts (grid sizes its cells by it)
         sys.exit(f"scale.py: {e}")
     except KeyboardInterrupt:  # every finished run is in results.json; the same command continues

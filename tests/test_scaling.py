@@ -207,6 +207,28 @@ def test_iso_flop_sweep_trains_each_size_for_its_budget_and_fits(qm9_dir, tmp_pa
     assert "iso-FLOP" in fitted.stdout  # a fit, or the reason these noisy tiny runs give none
 
 
+def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
+    """Two processes evaluated every 2 steps: their curves put each evaluation at step x FLOPs per step and at the
+    run's seconds, and a directory that is no run is refused naming it."""
+    for gen in ("flow", "diffusion"):
+        proc = subprocess.run([sys.executable, "train.py", "--gen", gen, *TINY_RUN.split(), "--iters", "4", "--batch-size", "8",
+                               "--eval-every", "2", "--eval-samples", "4", "--sample-steps", "2", "--count-flops",
+                               "--data-dir", str(qm9_dir), "--out", str(tmp_path / gen)], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--out", tmp_path / "curves")
+    curves = json.loads((tmp_path / "curves" / "curves.json").read_text())
+    assert [(c["run"], c["gen"]) for c in curves] == [("flow", "flow"), ("diffusion", "diffusion")]
+    for c in curves:
+        assert [p["step"] for p in c["points"]] == [2, 4] and "mol_stability" in c["metrics"]
+        assert [p["flops"] for p in c["points"]] == [2 * c["flops_per_step"], 4 * c["flops_per_step"]]
+        assert c["points"][0]["time"] < c["points"][1]["time"]
+    assert (tmp_path / "curves" / "curves.png").stat().st_size > 0
+    assert "| flow | flow |" in (tmp_path / "curves" / "curves.md").read_text()
+    refused = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and f"{tmp_path / 'curves'} is not a train.py run directory" in refused.stderr
+
+
 def scale_module():
     spec = importlib.util.spec_from_file_location("scale_script", ROOT / "scale.py")
     script = importlib.util.module_from_spec(spec)
