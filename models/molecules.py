@@ -38,7 +38,19 @@ QM9_SPLIT_SEED = 0
 
 QM9_XYZ_URL = "https://springernature.figshare.com/ndownloader/files/3195389"  # dsgdb9nsd.xyz.tar.bz2
 QM9_EXCLUDED_URL = "https://springernature.figshare.com/ndownloader/files/3195404"  # uncharacterized.txt
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the conditioning properties
+
+HARTREE_IN_MEV = 27211.386
+# The six properties of EDM's conditional table, in EDM's units: name -> (qm9pack CSV column, field of the original
+# release's second line "gdb <index> A B C mu alpha homo lumo gap r2 zpve U0 U H G Cv", factor to the unit, unit).
+PROPERTIES = {
+    "alpha": ("Polarizability_bohr3", 6, 1.0, "Bohr^3"),
+    "gap": ("HOMO_LUMO_gap_au", 9, HARTREE_IN_MEV, "meV"),
+    "homo": ("HOMO_au", 7, HARTREE_IN_MEV, "meV"),
+    "lumo": ("LUMO_au", 8, HARTREE_IN_MEV, "meV"),
+    "mu": ("Dipole_debye", 5, 1.0, "D"),
+    "Cv": ("Heatcapacity_Cv_cal_mol_K", 16, 1.0, "cal/(mol K)"),
+}
 
 
 @dataclass
@@ -46,7 +58,8 @@ class MoleculeSet:
     """Molecules as ragged, concatenated arrays (the same layout as the labels HDF5 file).
 
     numbers [A] int8 atomic numbers, positions [A, 3] float32 Angstrom (as in the source, not centred),
-    n_atoms [S] int32, offset [S] int64, smiles [S] str, ids [S] int32 (QM9 index, 1-based).
+    n_atoms [S] int32, offset [S] int64, smiles [S] str, ids [S] int32 (QM9 index, 1-based), properties [S, 6]
+    float64: PROPERTIES in their order and units, NaN where the source has none.
     """
 
     numbers: np.ndarray
@@ -55,6 +68,7 @@ class MoleculeSet:
     offset: np.ndarray
     smiles: np.ndarray
     ids: np.ndarray
+    properties: np.ndarray
 
     def __len__(self) -> int:
         return len(self.n_atoms)
@@ -68,7 +82,15 @@ class MoleculeSet:
         idx = np.asarray(idx, dtype=np.int64)
         rows = atom_rows(self.offset, self.n_atoms, idx)
         return MoleculeSet(self.numbers[rows], self.positions[rows], self.n_atoms[idx], offsets_of(self.n_atoms[idx]),
-                           self.smiles[idx], self.ids[idx])
+                           self.smiles[idx], self.ids[idx], self.properties[idx])
+
+    def property_values(self, name: str) -> np.ndarray:
+        """[S] values of one of PROPERTIES, in its unit; DataError if the source had none."""
+        values = self.properties[:, list(PROPERTIES).index(name)]
+        if np.isnan(values).any():
+            raise DataError(f"QM9 property {name} is missing for {int(np.isnan(values).sum())} of {len(values)} molecules "
+                            "(a cache or CSV without the property columns): rebuild the cache from qm9pack")
+        return values
 
     def to_atoms(self, i: int):
         import ase
@@ -112,8 +134,8 @@ def _check_molecule(symbols: list[str], xyz: np.ndarray, where: str) -> np.ndarr
     return np.array([ATOMIC_NUMBERS[SYMBOL_TO_TYPE[s]] for s in symbols], dtype=np.int8)
 
 
-def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray]]) -> MoleculeSet:
-    """records: (qm9 index, smiles, numbers [n], positions [n, 3]) -> MoleculeSet sorted by index."""
+def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]]) -> MoleculeSet:
+    """records: (qm9 index, smiles, numbers [n], positions [n, 3], properties [6]) -> MoleculeSet sorted by index."""
     records.sort(key=lambda r: r[0])
     n_atoms = np.array([len(r[2]) for r in records], dtype=np.int32)
     return MoleculeSet(
@@ -123,7 +145,24 @@ def _pack(records: list[tuple[int, str, np.ndarray, np.ndarray]]) -> MoleculeSet
         offset=offsets_of(n_atoms),
         smiles=np.array([r[1] for r in records]),
         ids=np.array([r[0] for r in records], dtype=np.int32),
+        properties=np.array([r[4] for r in records], dtype=np.float64).reshape(len(records), len(PROPERTIES)),
     )
+
+
+def _properties(values: list, where: str) -> np.ndarray:
+    """The PROPERTIES of one record from its source strings (None: the source has no such column) -> [6] in their
+    units."""
+    out = np.full(len(PROPERTIES), np.nan)
+    for i, ((name, (_, _, factor, _)), text) in enumerate(zip(PROPERTIES.items(), values)):
+        if text is None:
+            continue
+        try:
+            out[i] = float(text.replace("*^", "e")) * factor
+        except ValueError:
+            raise DataError(f"{where}: property {name} is {text!r}, not a number") from None
+        if not np.isfinite(out[i]):
+            raise DataError(f"{where}: property {name} is {text!r}, not finite")
+    return out
 
 
 def parse_qm9pack_row(row: dict) -> tuple[list[str], np.ndarray]:
@@ -158,14 +197,15 @@ def read_qm9pack_csv(paths: list[Path]) -> MoleculeSet:
                 if xyz.size % 3:
                     raise DataError(f"{where}: {xyz.size} coordinate values, not a multiple of 3")
                 numbers = _check_molecule(symbols, xyz.reshape(-1, 3), where)
-                records.append((index, row["SMILES"], numbers, xyz.reshape(-1, 3)))
+                properties = _properties([row.get(column) for column, _, _, _ in PROPERTIES.values()], where)
+                records.append((index, row["SMILES"], numbers, xyz.reshape(-1, 3), properties))
     if not records:
         raise DataError(f"{', '.join(map(str, paths))}: no molecules")
     return _pack(records)
 
 
-def parse_qm9_xyz(text: str, where: str) -> tuple[int, str, np.ndarray, np.ndarray]:
-    """One file of the original QM9 release -> (index, relaxed SMILES, numbers, positions).
+def parse_qm9_xyz(text: str, where: str) -> tuple[int, str, np.ndarray, np.ndarray, np.ndarray]:
+    """One file of the original QM9 release -> (index, relaxed SMILES, numbers, positions, properties).
 
     Layout: n atoms; 'gdb <index> <17 properties>'; n lines 'El x y z charge'; frequencies;
     'SMILES_GDB SMILES_B3LYP'; InChIs. Numbers may use Mathematica exponents ('1.2*^-6').
@@ -180,10 +220,12 @@ def parse_qm9_xyz(text: str, where: str) -> tuple[int, str, np.ndarray, np.ndarr
             symbols.append(fields[0])
             xyz.append([float(v) for v in fields[1:4]])
         smiles = lines[3 + n].split()[-1]
+        header = lines[1].split()
+        properties = _properties([header[field] for _, field, _, _ in PROPERTIES.values()], where)
     except (IndexError, ValueError) as e:
         raise DataError(f"{where}: malformed QM9 xyz record ({e})") from None
     numbers = _check_molecule(symbols, np.array(xyz, dtype=np.float64).reshape(-1, 3), where)
-    return index, smiles, numbers, np.array(xyz, dtype=np.float64)
+    return index, smiles, numbers, np.array(xyz, dtype=np.float64), properties
 
 
 def read_qm9_tarball(tar_path: Path, excluded_path: Path | None) -> MoleculeSet:
@@ -232,10 +274,10 @@ def default_data_dir() -> Path:
 
 def save_cache(mols: MoleculeSet, path: Path) -> None:
     save_npz(path, dict(version=CACHE_VERSION, numbers=mols.numbers, positions=mols.positions, n_atoms=mols.n_atoms,
-                        offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids))
+                        offset=mols.offset, smiles=mols.smiles.astype(str), ids=mols.ids, properties=mols.properties))
 
 
-CACHE_ARRAYS = ("version", "numbers", "positions", "n_atoms", "offset", "smiles", "ids")
+CACHE_ARRAYS = ("version", "numbers", "positions", "n_atoms", "offset", "smiles", "ids", "properties")
 
 
 def load_cache(path: Path) -> MoleculeSet:
@@ -247,13 +289,14 @@ def load_cache(path: Path) -> MoleculeSet:
                 raise DataError(f"{path}: QM9 cache lacks arrays {missing}")
             if int(z["version"]) != CACHE_VERSION:
                 raise DataError(f"{path}: QM9 cache version {int(z['version'])}, expected {CACHE_VERSION}")
-            mols = MoleculeSet(z["numbers"], z["positions"], z["n_atoms"], z["offset"], z["smiles"], z["ids"])
+            mols = MoleculeSet(z["numbers"], z["positions"], z["n_atoms"], z["offset"], z["smiles"], z["ids"], z["properties"])
     except DataError:
         raise
     except Exception as e:  # truncated zip, garbage, pickled objects (refused), bad dtypes
         raise DataError(f"{path}: unreadable QM9 cache ({type(e).__name__}: {e})") from None
     S, A = len(mols.n_atoms), len(mols.numbers)
     consistent = (S > 0 and len(mols.offset) == len(mols.smiles) == len(mols.ids) == S and mols.positions.shape == (A, 3)
+                  and mols.properties.shape == (S, len(PROPERTIES))
                   and int(mols.offset[-1]) + int(mols.n_atoms[-1]) == A and np.isfinite(mols.positions).all())
     if not consistent:
         raise DataError(f"{path}: QM9 cache is inconsistent ({S} molecules, {A} atoms)")
@@ -324,10 +367,11 @@ def split_indices(n: int) -> dict[str, np.ndarray]:
 class PaddedMolecules:
     """Molecules as padded tensors, all padded to the same n_max so every batch has one shape.
 
-    types [S, n_max] long, pos [S, n_max, 3] float32 (centre of geometry at 0), mask [S, n_max] bool.
+    types [S, n_max] long, pos [S, n_max, 3] float32 (centre of geometry at 0), mask [S, n_max] bool; with a
+    condition [S, C] (normalised properties, models/condition.py), every batch carries its rows.
     """
 
-    def __init__(self, mols: MoleculeSet, n_max: int | None = None):
+    def __init__(self, mols: MoleculeSet, n_max: int | None = None, condition: torch.Tensor | None = None):
         n_max = int(mols.n_atoms.max()) if n_max is None else n_max
         if mols.n_atoms.max() > n_max:
             raise DataError(f"a molecule has {mols.n_atoms.max()} atoms, more than n_max={n_max}")
@@ -342,6 +386,7 @@ class PaddedMolecules:
         self.pos = remove_mean(torch.from_numpy(pos), torch.from_numpy(mask))
         self.mask = torch.from_numpy(mask)
         self.n_max = n_max
+        self.condition = condition
 
     def __len__(self) -> int:
         return len(self.types)
@@ -349,8 +394,11 @@ class PaddedMolecules:
     def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu", width: int | None = None) -> dict[str, torch.Tensor]:
         """The molecules idx, padded to n_max atoms, or to `width` (at least their largest) to save work."""
         atoms = slice(0, width or self.n_max)
-        return {"types": self.types[idx, atoms].to(device), "pos": self.pos[idx, atoms].to(device),
-                "mask": self.mask[idx, atoms].to(device)}
+        batch = {"types": self.types[idx, atoms].to(device), "pos": self.pos[idx, atoms].to(device),
+                 "mask": self.mask[idx, atoms].to(device)}
+        if self.condition is not None:
+            batch["condition"] = self.condition[idx].to(device)
+        return batch
 
 
 

@@ -18,6 +18,10 @@ def test_fixture_reads_real_molecules():
     assert np.all(np.diff(mols.ids) > 0)  # sorted by QM9 index
     numbers, pos = mols[0]
     assert len(numbers) == mols.n_atoms[0] and pos.shape == (len(numbers), 3)
+    # QM9 index 703 (C1CC1N1CC1) as qm9pack has it, in EDM's units: alpha, gap, homo, lumo (meV), mu, Cv
+    assert mols.ids[0] == 703
+    assert np.allclose(mols.properties[0], [56.86, 0.3114 * 27211.386, -0.2188 * 27211.386, 0.0925 * 27211.386, 1.0782, 22.08])
+    assert np.isfinite(mols.properties).all() and (mols.property_values("alpha") > 0).all()
 
 
 def test_split_sizes_and_determinism():
@@ -34,7 +38,7 @@ def test_cache_roundtrip_and_splits(qm9_dir):
     cached = load_cache(qm9_dir / "qm9.npz")
     direct = read_qm9pack_csv([QM9_FIXTURE])
     assert np.array_equal(cached.numbers, direct.numbers) and np.array_equal(cached.positions, direct.positions)
-    assert list(cached.smiles) == list(direct.smiles)
+    assert list(cached.smiles) == list(direct.smiles) and np.array_equal(cached.properties, direct.properties)
     parts = [load_qm9(s, qm9_dir) for s in ("train", "valid", "test")]
     ids = np.concatenate([p.ids for p in parts])
     assert len(ids) == 300 and len(np.unique(ids)) == 300
@@ -122,6 +126,8 @@ def test_original_release_tarball(tmp_path):
     got = read_qm9_tarball(tar_path, excluded)
     assert list(got.ids) == [mols.ids[i] for i in (0, 1, 3, 4)]
     assert np.allclose(got[2][1], mols[3][1], atol=1e-6) and np.array_equal(got[2][0], mols[3][0])
+    # the header's properties in EDM's units (alpha, gap, homo, lumo, mu, Cv): Hartree -> meV for the orbital energies
+    assert np.allclose(got.properties[0], [13.21, 0.5048 * 27211.386, -0.3877 * 27211.386, 0.1171 * 27211.386, 0.0, 6.4])
     # and through load_qm9's download code, from a local URL, into a fresh cache
     import models.molecules as data
     data_dir = tmp_path / "dl"
