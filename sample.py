@@ -25,6 +25,18 @@ from models.fileio import DataError, DiskFull, atomic_write
 from models.precision import backbone_precision
 from models.sampling import sample_structures
 
+def property_value(text: str) -> tuple[str, float]:
+    """--condition's PROP=VALUE -> (PROP, VALUE), the value a finite number."""
+    name, eq, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not eq or not name or not np.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected PROP=VALUE with a finite number (alpha=80), got {text!r}")
+    return name, number
+
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (ckpt.pt, or weights.pt: a finished run's EMA weights alone)")
 parser.add_argument("--n", type=positive_int, default=None, help="number of molecules or crystals to sample (default 1000); structure prediction: the first N compositions (default all)")
@@ -49,6 +61,14 @@ parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of siz
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of the backbone; auto (default): bf16 on CUDA, and "
                     "on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py)")
+parser.add_argument("--condition", nargs="+", type=property_value, default=None, metavar="PROP=VALUE", help="a conditional "
+                    "checkpoint (train.py --condition): sample every molecule for these values, one for each of its properties, "
+                    "in its unit (alpha=80 gap=6000); sizes from the training histogram. Default: EDM's protocol, each molecule an "
+                    "(atom count, properties) pair drawn from the generator's training half. The requested values go into each "
+                    "molecule's extxyz info (condition_<property>), which evaluate.py --condition reads")
+parser.add_argument("--guidance", type=nonnegative_float, default=1.0, help="a conditional checkpoint: classifier-free guidance "
+                    "weight W, output = unconditional + W (conditional - unconditional): 1 the conditional model (default), 0 the "
+                    "unconditional one, > 1 further towards the condition (two backbone passes a step)")
 parser.add_argument("--compositions", choices=["test", "val", "train"], default="test", help="structure prediction: the split of the checkpoint's data set whose compositions are sampled")
 parser.add_argument("--n-per-composition", type=positive_int, default=1, help="structure prediction: samples for each composition")
 parser.add_argument("--data-dir", default=None, help="structure prediction: where the crystal data lives (default: ./data or $MOLGEN_DATA)")
@@ -95,6 +115,16 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(str(e))
     n = args.n or 1000
+    condition = dict(args.condition) if args.condition else None
+    if args.condition and len(condition) < len(args.condition):
+        raise SystemExit(f"sample.py: --condition names a property twice: {' '.join(f'{k}={v:g}' for k, v in args.condition)}")
+    if "condition" not in ckpt and (condition or args.guidance != 1.0):
+        raise SystemExit(f"sample.py: {args.ckpt} was trained without train.py --condition: it takes no --condition and no --guidance")
+    if "condition" in ckpt and args.guidance != 1.0 and not ckpt["process_config"].get("condition_dropout"):
+        print(f"sample.py: warning: {args.ckpt} was trained with --condition-dropout 0, so its unconditional model, which "
+              f"--guidance {args.guidance:g} mixes in, was never trained")
+    if condition and set(condition) == set(ckpt["condition"]["properties"]):  # in the model's order, as it reports them
+        condition = {name: condition[name] for name in ckpt["condition"]["properties"]}
     compositions, truth_rows, what = None, None, ""
     if ckpt.get("csp"):  # structure prediction: the crystals of a split's compositions
         try:
@@ -108,8 +138,8 @@ def main() -> None:
     try:
         structures, n_bad = sample_structures(ckpt, n, args.steps, args.method, batch_size, args.seed, device, args.weights,
                                               args.batching == "size", compositions, args.n_per_composition, truth_rows,
-                                              precision, **options)
-    except (CheckpointError, DataError) as e:
+                                              precision, condition, args.guidance, **options)
+    except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"sample.py: {args.ckpt}: {e}")
     elapsed = time.time() - t0
     n_drawn = len(structures) + n_bad
@@ -118,13 +148,18 @@ def main() -> None:
                          f"The checkpoint {args.ckpt} (step {ckpt['step']}) is not usable; try more --steps or another checkpoint")
     for atoms in structures:
         atoms.info.update(ckpt_step=ckpt["step"], arch=ckpt["arch"], gen=ckpt["gen"], **domain.sample_info(ckpt),
-                          steps=args.steps, method=args.method, **options)
+                          steps=args.steps, method=args.method, **options,
+                          **({"guidance": args.guidance} if "condition" in ckpt else {}))
     try:
         written = domain.write_samples(out_dir, structures)
     except DiskFull as e:
         raise SystemExit(f"sample.py: {e}")
     sizes = np.array([len(a) for a in structures])
     grid = f"time-grid power {options['time_power']:g}" + (f"; anti-annealing slope {args.anneal_slope:g}" if args.anneal_slope else "")
+    if "condition" in ckpt:
+        asked = ", ".join(f"{k} = {v:g}" for k, v in condition.items()) if condition else \
+            f"{', '.join(ckpt['condition']['properties'])} and sizes drawn from the generator's training half"
+        what += f"conditioned on {asked}, guidance {args.guidance:g}: "
     summary = (f"sampled {what}{n_drawn} {domain.kind} ({sizes.mean():.1f} atoms on average) from {args.ckpt} (step "
                f"{ckpt['step']}, {args.weights} weights) with {args.steps} {args.method} steps ({grid}) on {device} ({precision}) in "
                f"{elapsed:.1f} s: {n_drawn / elapsed:,.1f} {domain.kind}/s; wrote {len(structures)} to {written}")
@@ -132,6 +167,7 @@ def main() -> None:
         summary += f"; {n_bad} had non-finite (NaN / Inf) coordinates and were not written"
     report(out_dir, summary, {"structures": n_drawn, "written": len(structures), "ckpt_step": ckpt["step"], "steps": args.steps,
                               "method": args.method, **options, "batching": args.batching, "device": str(device), "precision": precision,
+                              **({"condition": condition or "protocol", "guidance": args.guidance} if "condition" in ckpt else {}),
                               "seconds": elapsed, "per_s": n_drawn / elapsed})
 
 

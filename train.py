@@ -88,6 +88,13 @@ parser.add_argument("--distance-loss", type=nonnegative_float, default=0.0, help
 parser.add_argument("--min-one-minus-t", type=open_unit, default=None, help="molecules, flow and interpolant: the coordinate "
                     "loss weight 1 / (1 - t)^2 (velocity matching) is taken at t <= 1 - this, in (0, 1]: the config's 0.05 caps it at "
                     "400 (default); 1 weighs every t alike, a plain regression of the clean molecule")
+parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help="molecules: condition the model on these "
+                    "QM9 properties (alpha gap homo lumo mu Cv, in EDM's units: Bohr^3, meV, meV, meV, D, cal/(mol K)), trained on the "
+                    "generator's half of the training split as EDM's protocol has it (the other half trains evaluate.py's oracle); "
+                    "sample.py --condition PROP=VALUE or the protocol's draw, --guidance W")
+parser.add_argument("--condition-dropout", type=decay, default=0.1, help="with --condition: the share of training molecules seen "
+                    "without their condition, which trains the unconditional model classifier-free guidance needs (0: none; "
+                    "sample.py --guidance then has only 1)")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")
 parser.add_argument("--cutoff", type=float_in(2, 12, "a radius in [2, 12] A"), default=5.0, help="ff: radius of the student's "
                     "neighbour graph (A), 2 to 12: below 2 an atom misses its neighbours (metals' nearest lie 2.5-3 A away), above "
@@ -132,7 +139,7 @@ for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
 GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
-            "time_tilt", "time_frequencies", "self_condition", "precision")
+            "time_tilt", "time_frequencies", "self_condition", "precision", "condition", "condition_dropout")
 
 
 def given(keys) -> list[str]:
@@ -171,6 +178,13 @@ if args.ot_align and args.gen != "flow":
 for flag in ("distance_loss", "min_one_minus_t"):
     if getattr(args, flag) and args.gen == "diffusion":
         parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow and interpolant, whose backbones predict the clean molecule")
+if args.condition:
+    if unknown := [c for c in args.condition if c not in domain.CONDITIONS]:
+        parser.error(f"--condition {' '.join(unknown)}: {domain.kind} are conditioned on {', '.join(domain.CONDITIONS)}")
+    if len(set(args.condition)) < len(args.condition):
+        parser.error(f"--condition {' '.join(args.condition)} names a property twice")
+elif args.condition_dropout != parser.get_default("condition_dropout"):
+    parser.error("--condition-dropout applies to --condition")
 if args.gamma_scale is not None and args.gen != "interpolant":
     parser.error(f"--gamma-scale is an option of --gen interpolant, not --gen {args.gen}")
 if args.resume and args.overwrite:

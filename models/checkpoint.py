@@ -117,13 +117,14 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
 def fill_older_defaults(ckpt: dict) -> None:
     """Give a checkpoint from before a key was kept what it did then, once, here at load: a generative one is of
     molecules (before crystals) on QM9, and its flags are those from before batching by size, Fourier time features,
-    self-conditioning, --train-split, --distance-loss and --min-one-minus-t."""
+    self-conditioning, --train-split, --distance-loss, --min-one-minus-t and --condition."""
     if ckpt.get("task", "gen") == "gen":
         ckpt.setdefault("domain", Molecules.kind)
         ckpt.setdefault("data", "qm9")
     if "args" in ckpt:
         for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False),
-                                     ("train_split", "train"), ("distance_loss", 0.0), ("min_one_minus_t", None)):
+                                     ("train_split", "train"), ("distance_loss", 0.0), ("min_one_minus_t", None),
+                                     ("condition", None), ("condition_dropout", 0.1)):
             ckpt["args"].setdefault(key, before_the_flag)
 
 

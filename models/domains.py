@@ -12,7 +12,7 @@ This module imports no torch at the top, so the scripts check their flags before
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 
@@ -90,6 +90,8 @@ class Domain:
         """(backbone, process) of a new run from train.py's flags and the training data."""
         arch_cls, proc_cls = self.arch_class(args.arch), self.process_class(args.gen)
         extra = {"self_condition": True} if args.self_condition else {}
+        if getattr(args, "condition", None):
+            extra["n_conditions"] = len(args.condition)
         model = arch_cls(arch_cls.Config(n_types=data.n_types, hidden=args.hidden, n_layers=args.n_layers,
                                          time_frequencies=args.time_frequencies, **extra, **self.backbone_options(args)))
         options = {"n_types": data.n_types, "time_tilt": args.time_tilt, **self.process_options(args, data)}
@@ -126,7 +128,9 @@ class Molecules(Domain):
                  "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
     RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (README)
     TIME_POWER = 2.0  # the recipe ablation found P = 2 better (README)
-    FLAGS = ("cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition")
+    FLAGS = ("cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition", "condition",
+             "condition_dropout")
+    CONDITIONS = ("alpha", "gap", "homo", "lumo", "mu", "Cv")  # train.py --condition: models/molecules.py's PROPERTIES
     FIGURES = True  # evaluate.py draws property histograms, molecules and training curves
 
     def quality_keys(self, csp: bool = False) -> tuple[str, ...]:
@@ -139,25 +143,46 @@ class Molecules(Domain):
 
     def load_training(self, args, meta: dict | None = None, progress: bool = True) -> TrainingData:
         """The EDM train and validation splits, cut to --n-train and --val-size; meta (a checkpoint's) is unused:
-        the vocabulary is fixed."""
-        from models.molecules import ATOM_SYMBOLS, PaddedMolecules, load_qm9
+        the vocabulary is fixed. With --condition, the generator's half of the training split (models/condition.py),
+        each molecule with its properties normalised by that half's, and in meta the normalisation and the half's
+        (atom count, properties) pairs that sample.py draws requests from, as EDM does."""
+        from models.molecules import ATOM_SYMBOLS, PROPERTIES, PaddedMolecules, load_qm9
 
         t0 = time.time()
         train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+        condition = getattr(args, "condition", None)
+        if condition:
+            from models.condition import protocol_halves
+            train = train.subset(protocol_halves(len(train))["generator"])
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         valid = valid.subset(range(min(args.val_size, len(valid))))
         n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
-        return TrainingData(PaddedMolecules(train, n_max), PaddedMolecules(valid, n_max), len(ATOM_SYMBOLS), n_max,
-                            {"atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": train.n_atoms_histogram().tolist()},
-                            f"data: {len(train)} train / {len(valid)} validation molecules, n_max {n_max}, "
-                            f"loaded in {time.time() - t0:.1f} s")
+        meta = {"atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": train.n_atoms_histogram().tolist()}
+        conditions = (None, None)
+        if condition:
+            import numpy as np
+            import torch
+            from models.condition import Normalisation
+
+            values = [np.stack([m.property_values(name) for name in condition], 1) for m in (train, valid)]
+            norm = Normalisation.fit(list(condition), values[0], [PROPERTIES[name][3] for name in condition])
+            conditions = tuple(norm.normalise(v) for v in values)
+            meta["condition"] = {**norm.state(), "half": "generator", "n_train": len(train)}
+            meta["condition_pairs"] = torch.cat([torch.from_numpy(train.n_atoms).float()[:, None],
+                                                 torch.as_tensor(values[0], dtype=torch.float32)], 1)
+        summary = (f"data: {len(train)} train / {len(valid)} validation molecules, n_max {n_max}, loaded in {time.time() - t0:.1f} s"
+                   + (f"; conditioned on {', '.join(condition)}: the generator's half of the training split" if condition else ""))
+        return TrainingData(PaddedMolecules(train, n_max, conditions[0]), PaddedMolecules(valid, n_max, conditions[1]),
+                            len(ATOM_SYMBOLS), n_max, meta, summary)
 
     def backbone_options(self, args) -> dict:
         return {"cfconv_cutoff": args.cfconv_cutoff} if args.cfconv_cutoff else {}
 
     def process_options(self, args, data: TrainingData) -> dict:
         options = {"ot_align": True} if args.ot_align else {}
+        if args.condition:
+            options["condition_dropout"] = args.condition_dropout
         if args.distance_loss:
             options["distance_loss"] = args.distance_loss
         if args.min_one_minus_t is not None:
@@ -173,9 +198,38 @@ class Molecules(Domain):
         if list(ckpt["atom_symbols"]) != list(ATOM_SYMBOLS):
             raise ValueError(f"{path}: atom vocabulary {ckpt['atom_symbols']} is not the molecule vocabulary {list(ATOM_SYMBOLS)}")
 
-    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
-        n_atoms = self.draw_sizes(ckpt, n, generator)
-        return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1,
+                      condition: dict | None = None, guidance: float = 1.0) -> "SamplingPlan":
+        """n molecules, sizes from the training histogram. A conditional checkpoint's molecules each take a request:
+        by default an (atom count, properties) pair drawn from the generator's training half, as EDM's protocol
+        does; with condition {property: value} (every property the model knows, in its unit) those values, the
+        sizes from the histogram. The requested values go into the plan's info (sample.py writes them to each
+        molecule's extxyz info as condition_<property>)."""
+        import torch
+
+        jobs = [(i, 0) for i in range(n)]
+        if "condition" not in ckpt:
+            if condition is not None or guidance != 1.0:
+                raise ValueError("the checkpoint was trained without --condition: it takes no condition and no guidance")
+            n_atoms = self.draw_sizes(ckpt, n, generator)
+            return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+        from models.condition import Normalisation
+
+        norm = Normalisation.from_state(ckpt["condition"])
+        if condition is None:
+            pairs = ckpt["condition_pairs"]
+            pick = torch.randint(len(pairs), (n,), generator=generator)
+            n_atoms, values = pairs[pick, 0].long(), pairs[pick, 1:].double()
+        else:
+            if set(condition) != set(norm.names):
+                raise ValueError(f"the checkpoint is conditioned on {', '.join(norm.names)}: give a value for each of them, "
+                                 f"not for {', '.join(condition) or 'none'}")
+            n_atoms = self.draw_sizes(ckpt, n, generator)
+            values = torch.tensor([[float(condition[name]) for name in norm.names]], dtype=torch.float64).expand(n, -1)
+        normalised = norm.normalise(values.numpy())
+        info = {f"condition_{name}": values[:, k].tolist() for k, name in enumerate(norm.names)}
+        return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows], "condition": normalised[rows],
+                                                                  "guidance": guidance}, info)
 
     def structures(self, out: dict, ckpt: dict) -> list:
         """A process's padded samples as ase.Atoms, None where a coordinate is not finite."""
@@ -341,10 +395,15 @@ class Crystals(Domain):
     def sample_info(self, ckpt: dict) -> dict:
         return {"data": ckpt["data"], "csp": bool(ckpt["csp"]), "train_split": ckpt["args"]["train_split"]}
 
-    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1) -> "SamplingPlan":
+    def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1,
+                      condition: dict | None = None, guidance: float = 1.0) -> "SamplingPlan":
         """De novo: n crystals, sizes from the training histogram. Structure prediction: n_per_composition samples
-        for each crystal of `compositions` (a models.crystals.CrystalSet), whose elements the model must know."""
+        for each crystal of `compositions` (a models.crystals.CrystalSet), whose elements the model must know.
+        Crystal models are not conditioned on properties yet."""
         from models.crystals import PaddedCrystals
+
+        if condition is not None or guidance != 1.0:
+            raise ValueError("crystal models take no condition and no guidance yet (train.py --condition is for molecules)")
 
         if not ckpt["csp"]:
             n_atoms = self.draw_sizes(ckpt, n, generator)
@@ -422,11 +481,13 @@ class Crystals(Domain):
 @dataclass
 class SamplingPlan:
     """What a sampler run draws: jobs [(row, k)] (a size or composition row, and the k-th sample of it), the size of
-    each job (for size-ordered batches), and request(rows, by_size) -> the process's request for those rows."""
+    each job (for size-ordered batches), request(rows, by_size) -> the process's request for those rows, and info
+    {key: [value of each row]} that each structure's extxyz info records (a conditional request's values)."""
 
     jobs: list
     sizes: object
     request: object
+    info: dict = field(default_factory=dict)
 
 
 def _write_extxyz(path: Path, structures: list) -> None:

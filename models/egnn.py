@@ -9,11 +9,13 @@ its PyTorch reference elsewhere. It is an invariant feature update (it sees only
 layer stays E(3)-equivariant; it is the path larger, periodic systems and the force-field student use.
 
 Backbone contract (shared by every arch):
-    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
+    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None, condition=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs
     estimate: with config.self_condition, the previous estimate of the clean molecule {"pos" [B, N, 3], "h"
     [B, N, T]} or None (zeros); models/self_conditioning.py says what the backbone sees of it.
+    condition: with config.n_conditions = C > 0, the normalised properties [B, C] (NaN: dropped) or None (all
+    dropped); models/condition.py says what the backbone sees of it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from kernels.radius_graph import radius_message_passing
 from models.geometry import remove_mean
 from models.precision import full, no_autocast
 from models.self_conditioning import estimate_features
-from models.time import time_features
+from models.condition import time_and_condition
 
 
 @dataclass
@@ -40,6 +42,7 @@ class EGNNConfig:
     cfconv_rbf: int = 16  # radial basis functions of that filter
     time_frequencies: int = 0  # Fourier features of t besides t itself (models/time.py; 0: t alone)
     self_condition: bool = False  # also see an estimate of the clean molecule (models/self_conditioning.py)
+    n_conditions: int = 0  # properties it is conditioned on, seen beside the time (models/condition.py)
 
 
 def pairwise(pos):
@@ -118,21 +121,22 @@ class EGNN(nn.Module):
         super().__init__()
         self.config = config
         n_estimate = config.n_types if config.self_condition else 0  # the estimate's types, beside the input's
-        self.embed = nn.Linear(config.n_types + n_estimate + 1 + 2 * config.time_frequencies, config.hidden)
+        self.embed = nn.Linear(config.n_types + n_estimate + 1 + 2 * config.time_frequencies + 2 * config.n_conditions, config.hidden)
         self.layers = nn.ModuleList(
             EquivariantLayer(config.hidden, config.coords_range, config.aggregation_norm, config.cfconv_cutoff,
                              config.cfconv_rbf, 2 if config.self_condition else 1) for _ in range(config.n_layers)
         )
         self.out = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.n_types))
 
-    def forward(self, h, pos, t, mask, estimate=None):
+    def forward(self, h, pos, t, mask, estimate=None, condition=None):
         if estimate is not None and not self.config.self_condition:
             raise ValueError("an estimate was passed to a backbone built without self_condition")
         pos = full(pos)  # the coordinate path is never bf16 (models/precision.py)
         node_mask = mask.unsqueeze(-1).to(pos.dtype)  # [B,N,1]
         eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
         edge_mask = (mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye).to(pos.dtype)  # [B,N,N]
-        t_feat = time_features(t.to(pos.dtype), self.config.time_frequencies)[:, None, :].expand(-1, h.shape[1], -1)
+        t_feat = time_and_condition(t.to(pos.dtype), self.config.time_frequencies, condition, self.config.n_conditions)
+        t_feat = t_feat[:, None, :].expand(-1, h.shape[1], -1)
         fixed = pairwise(pos)[1].unsqueeze(-1)  # [B,N,N,1]: the input's squared distances
         if self.config.self_condition:
             h_hat, d_hat = estimate_features(estimate, mask, self.config.n_types, pos)

@@ -55,6 +55,7 @@ class DiffusionConfig:
     schedule_precision: float = 1e-5  # s of the polynomial schedule: alpha^2 stays within [s, 1 - s]
     time_tilt: float = 0.0  # no effect: the epsilon loss is unweighted, so every tilt draws t uniformly (models/time.py)
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
+    condition_dropout: float = 0.0  # of a conditional model's training structures, the share seen without their condition
 
 
 class Diffusion(MoleculeProcess):
@@ -83,13 +84,13 @@ class Diffusion(MoleculeProcess):
         """Denoise from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py) for
         molecules of request["n_atoms"] [B] atoms."""
         self.check_sampling(method)
-        mask, node, x, h = self.sampling_start(model, request, generator)
+        mask, node, x, h, guidance = self.sampling_start(model, request, generator)
         B, device = len(mask), mask.device
         ts, alphas, sigmas = self.time_grid(n_steps, time_power)
         estimate = None
         for step in range(n_steps):
             a_t, s_t, a_s, s_s = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
-            x0_hat, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate)
+            x0_hat, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate, **guidance)
             x0_hat = remove_mean(x0_hat.float(), mask)
             x1_hat = (x - s_t * x0_hat) / a_t
             h1_hat = logits.float().softmax(-1) * self.config.type_scale * node

@@ -40,6 +40,7 @@ class FlowConfig:
     min_one_minus_t: float = 0.05  # caps the velocity-loss weight 1 / (1 - t)^2 at 400
     time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
+    condition_dropout: float = 0.0  # of a conditional model's training structures, the share seen without their condition
     distance_loss: float = 0.0  # weight of the predicted molecule's short-distance error (molecule_process.py)
 
 
@@ -102,12 +103,12 @@ class FlowMatching(MoleculeProcess):
         step is an Euler step; with x1 prediction that step lands exactly on the predicted endpoint.
         """
         self.check_sampling(method)
-        mask, node, x, h = self.sampling_start(model, request, generator)
+        mask, node, x, h, guidance = self.sampling_start(model, request, generator)
 
         def velocity(x, h, t: float, estimate):
             """The velocities at (x, h, t) and the logits and estimate they come from."""
             tt = torch.full((len(x),), t, device=x.device)
-            pos_out, logits = self.backbone(model, h, x, tt, mask, estimate)
+            pos_out, logits = self.backbone(model, h, x, tt, mask, estimate, **guidance)
             estimate = self.estimate(x, tt, pos_out, logits, mask)
             return remove_mean(pos_out.float(), mask) / (1 - t), (estimate["h"] - h) * node / (1 - t), logits, estimate
 

@@ -52,6 +52,7 @@ class InterpolantConfig:
     min_one_minus_t: float = 0.05  # the loss weight is taken at t <= 1 - this
     time_tilt: float = 0.0  # training times drawn with density proportional to that weight^tilt (models/time.py)
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
+    condition_dropout: float = 0.0  # of a conditional model's training structures, the share seen without their condition
     distance_loss: float = 0.0  # weight of the predicted molecule's short-distance error (molecule_process.py)
 
 
@@ -78,13 +79,13 @@ class StochasticInterpolant(MoleculeProcess):
         """Integrate from t = 0 (noise) to t = 1 (data) on the time grid of `time_power` (models/time.py) for
         molecules of request["n_atoms"] [B] atoms."""
         self.check_sampling(method)
-        mask, node, x, h = self.sampling_start(model, request, generator)
+        mask, node, x, h, guidance = self.sampling_start(model, request, generator)
         B, device = len(mask), mask.device
         ts, alphas, sigmas = self.time_grid(n_steps, time_power)
         noise, estimate = (self.config.noise if method == "sde" else 0.0), None
         for step in range(n_steps):
             a_t, s_t, a_next, s_next = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
-            pos_out, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate)
+            pos_out, logits = self.backbone(model, h, x, torch.full((B,), float(ts[step]), device=device), mask, estimate, **guidance)
             x1_hat = x + remove_mean(pos_out.float(), mask)
             h1_hat = logits.float().softmax(-1) * self.config.type_scale * node
             estimate = {"pos": x1_hat, "h": h1_hat}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.condition import drop, guide
 from models.geometry import remove_mean
 from models.precision import full
 from models.process import Process
@@ -58,7 +59,9 @@ class MoleculeProcess(Process):
     loss is weighted over t, and loss and estimate() when its backbone predicts something other than the clean
     molecule. Its config has at least n_types, type_scale, type_loss_weight, time_tilt (models/time.py: training
     times drawn with density proportional to time_weight^tilt) and self_condition (models/self_conditioning.py); an
-    endpoint-regression process's also distance_loss (the weight of short_distance_error beside the coordinates')."""
+    endpoint-regression process's also distance_loss (the weight of short_distance_error beside the coordinates') and
+    condition_dropout (models/condition.py: the share of a conditional model's training structures seen without
+    their condition, which trains the unconditional model that guidance needs)."""
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -74,6 +77,8 @@ class MoleculeProcess(Process):
         }
         if self.config.self_condition:  # one coin for the global batch, a copy per row so that ranks can slice it
             noise["self_condition"] = torch.rand(1, **kw).expand(batch_size)
+        if self.config.condition_dropout:  # which structures train without their condition
+            noise["drop_condition"] = torch.rand(batch_size, **kw) < self.config.condition_dropout
         return noise
 
     def couple(self, x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,8 @@ class MoleculeProcess(Process):
 
     def noised(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """The batch at its noise's times: t [B], x0 [B, N, 3] (centred, coupled), x_t, h_t, and the
-        batch's types, x1 (= pos) and mask, all on the batch's device."""
+        batch's types, x1 (= pos) and mask, all on the batch's device; and a conditional batch's condition [B, C],
+        NaN in the rows the noise drops."""
         types, x1, mask = batch["types"], batch["pos"], batch["mask"]
         if noise is None:
             noise = self.draw_noise(*types.shape, device=x1.device)
@@ -93,8 +99,11 @@ class MoleculeProcess(Process):
         x0 = self.couple(remove_mean(noise["x0"], mask), x1, types, mask)
         h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
         h0 = noise["h0"] * node
-        return {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
-                "types": types, "x1": x1, "mask": mask, **({"coin": noise["self_condition"]} if "self_condition" in noise else {})}
+        z = {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
+             "types": types, "x1": x1, "mask": mask, **({"coin": noise["self_condition"]} if "self_condition" in noise else {})}
+        if "condition" in batch:
+            z["condition"] = drop(batch["condition"], noise["drop_condition"]) if "drop_condition" in noise else batch["condition"]
+        return z
 
     def estimate(self, x, t, pos_out, logits, mask) -> dict[str, torch.Tensor]:
         """The clean molecule the backbone's outputs at state x [B, N, 3], times t [B] imply: {"pos" [B, N, 3], "h"
@@ -102,18 +111,27 @@ class MoleculeProcess(Process):
         return {"pos": x + remove_mean(pos_out.float(), mask),
                 "h": logits.float().softmax(-1) * self.config.type_scale * mask.unsqueeze(-1)}
 
-    def backbone(self, model, h, x, t, mask, estimate=None):
-        """The backbone at a state; a self-conditioned one also sees the estimate (None: zeros)."""
-        return model(h, x, t, mask, estimate) if self.config.self_condition else model(h, x, t, mask)
+    def backbone(self, model, h, x, t, mask, estimate=None, condition=None, guidance: float = 1.0):
+        """The backbone at a state; a self-conditioned one also sees the estimate (None: zeros), a conditional one
+        the condition [B, C] (normalised, NaN: dropped; None: all dropped), guided with weight `guidance` unless it
+        is 1 (models/condition.py: 0 is the unconditional model)."""
+        inputs = {"estimate": estimate} if self.config.self_condition else {}
+        if condition is None or guidance == 1.0:
+            return model(h, x, t, mask, **inputs, **({} if condition is None else {"condition": condition}))
+        unconditional = model(h, x, t, mask, **inputs)
+        if guidance == 0.0:
+            return unconditional
+        return guide(model(h, x, t, mask, **inputs, condition=condition), unconditional, guidance)
 
     def training_outputs(self, model, z: dict[str, torch.Tensor]):
         """The backbone on a noised batch. Self-conditioned, on the batches whose coin is below 1/2, it first
         estimates the clean molecule without gradient and sees that estimate (models/self_conditioning.py)."""
-        estimate = None
+        estimate, condition = None, z.get("condition")
         if self.config.self_condition and float(z["coin"][0]) < 0.5:
             with torch.no_grad():
-                estimate = self.estimate(z["x_t"], z["t"], *self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"]), z["mask"])
-        return self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"], estimate)
+                estimate = self.estimate(z["x_t"], z["t"], *self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"],
+                                                                          condition=condition), z["mask"])
+        return self.backbone(model, z["h_t"], z["x_t"], z["t"], z["mask"], estimate, condition)
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The endpoint regression of flow matching and interpolants: the backbone predicts x1 (as a displacement
@@ -128,18 +146,24 @@ class MoleculeProcess(Process):
             loss = loss + self.config.distance_loss * (short_distance_error(x1_hat, z["x1"], z["mask"]) * weight[:, 0]).mean()
         return loss
 
-    def sampling_start(self, model, request: dict[str, torch.Tensor], generator: torch.Generator | None):
+    def sampling_start(self, model, request: dict, generator: torch.Generator | None):
         """The state at t = 0 for molecules of request["n_atoms"] [B] atoms: (mask [B, N], node [B, N, 1] float,
-        x [B, N, 3] centred prior coordinates, h [B, N, T] prior types), on the model's device."""
-        if set(request) != {"n_atoms"}:
-            raise ValueError(f"a molecule process samples for a request of atom counts ({{'n_atoms'}}), not {set(request)}")
+        x [B, N, 3] centred prior coordinates, h [B, N, T] prior types), on the model's device, and what backbone()
+        takes of the request: a conditional request's "condition" [B, C] (normalised) and "guidance" (a float,
+        default 1)."""
+        if "n_atoms" not in request or not set(request) <= {"n_atoms", "condition", "guidance"}:
+            raise ValueError(f"a molecule process samples for a request of atom counts and optionally a condition and its "
+                             f"guidance ({{'n_atoms', 'condition', 'guidance'}}), not {set(request)}")
         device = next(model.parameters()).device
+        guidance = {}
+        if "condition" in request:
+            guidance = {"condition": request["condition"].to(device), "guidance": float(request.get("guidance", 1.0))}
         n_atoms = request["n_atoms"].to(device)
         B, N = len(n_atoms), int(n_atoms.max())
         mask = torch.arange(N, device=device)[None, :] < n_atoms[:, None]
         node = mask.unsqueeze(-1).float()
         noise = self.draw_noise(B, N, generator, device=device)
-        return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node
+        return mask, node, remove_mean(noise["x0"].to(device), mask), noise["h0"].to(device) * node, guidance
 
     def fresh_noise(self, mask: torch.Tensor, generator: torch.Generator | None):
         """New Gaussian noise for a stochastic sampler step: coordinates [B, N, 3] with zero centre of

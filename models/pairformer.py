@@ -20,7 +20,7 @@ so the trunk is E(3)-invariant, and the coordinates come out of the same EGNN-st
 pair features, equivariant under rotations, reflections and translations by construction.
 
 Backbone contract (shared by every arch, see models/egnn.py):
-    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
+    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None, condition=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs
 """

@@ -27,14 +27,15 @@ from models.time import TimeDistribution
 class MoleculeBackbone(Protocol):
     """Euclidean geometry (models/egnn.py, transformer.py, pairformer.py).
 
-    forward(h [B, N, T] noisy scaled one-hot types, pos [B, N, 3] A, t [B], mask [B, N] bool[, estimate])
+    forward(h [B, N, T] noisy scaled one-hot types, pos [B, N, 3] A, t [B], mask [B, N] bool[, estimate, condition])
         -> (pos_out [B, N, 3] an equivariant vector per atom, 0 at padding; logits [B, N, T])
-    estimate: with config.self_condition, the last estimate of the clean molecule {"pos", "h"} or None."""
+    estimate: with config.self_condition, the last estimate of the clean molecule {"pos", "h"} or None.
+    condition: with config.n_conditions > 0, normalised properties [B, C] (NaN: dropped) or None (models/condition.py)."""
 
     config: object
 
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
-                 estimate: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+                 estimate: dict | None = None, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CrystalBackbone(Protocol):

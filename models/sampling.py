@@ -14,7 +14,8 @@ from models.precision import backbone_autocast
 
 def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                       weights: str = "ema", by_size: bool = False, compositions=None, n_per_composition: int = 1,
-                      truth_rows: list[int] | None = None, precision: str = "auto", **options) -> tuple[list[ase.Atoms], int]:
+                      truth_rows: list[int] | None = None, precision: str = "auto", condition: dict | None = None,
+                      guidance: float = 1.0, **options) -> tuple[list[ase.Atoms], int]:
     """Molecules or crystals from a loaded checkpoint, in batches, with a progress bar: (the structures with finite
     coordinates (and cell), how many were dropped for NaN / Inf).
 
@@ -25,14 +26,16 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
     compositions are a part of it) and info['sample_index'] (0..n_per_composition-1). Either way the structures come
     in that order. by_size: batches of the jobs in increasing size, each padded only to its largest structure rather
     than to about the largest of all (1.4 x the molecules/s on QM9 in the README; other noise, the same
-    distribution). precision: the backbone's autocast (models/precision.py). options: the process's sampler options
-    (process.OPTIONS: time_power, anneal_slope)."""
+    distribution). precision: the backbone's autocast (models/precision.py). condition, guidance: a conditional
+    checkpoint's request ({property: value}; None: the protocol's draw) and classifier-free guidance weight
+    (models/condition.py), the requested values in info['condition_<property>']. options: the process's sampler
+    options (process.OPTIONS: time_power, anneal_slope). A request the checkpoint cannot take raises ValueError."""
     domain = domain_of(ckpt)
     model, process = build_model(ckpt, weights=weights)
     model.to(device).eval()
     process.check_sampling(method, options)
     generator = torch.Generator().manual_seed(seed)
-    plan = domain.sampling_plan(ckpt, n, generator, compositions, n_per_composition)
+    plan = domain.sampling_plan(ckpt, n, generator, compositions, n_per_composition, condition, guidance)
     jobs = plan.jobs
     order = torch.argsort(plan.sizes, stable=True).tolist() if by_size else list(range(len(jobs)))
     autocast = backbone_autocast(device, precision, domain.arch_class(ckpt["arch"]))
@@ -49,6 +52,7 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
                     n_bad += 1
                     continue
                 domain.label(atoms, jobs[j], compositions, truth_rows)
+                atoms.info.update({key: values[jobs[j][0]] for key, values in plan.info.items()})
                 structures.append((j, atoms))
             bar.update(len(rows))
     return [atoms for _, atoms in sorted(structures, key=lambda pair: pair[0])], n_bad

@@ -14,7 +14,7 @@ multiplications and triangle attention in every block; it shares this file's lay
 head, so the two differ only in what the ablation is about.
 
 Backbone contract (shared by every arch, see models/egnn.py):
-    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None)
+    forward(h [B, N, T] float, pos [B, N, 3], t [B], mask [B, N] bool, estimate=None, condition=None)
         -> pos_out [B, N, 3]   equivariant displacement with zero centre of mass, 0 at padding
            logits  [B, N, T]   invariant atom-type outputs
 """
@@ -29,7 +29,7 @@ from torch import nn
 from models.geometry import remove_mean
 from models.precision import full, no_autocast
 from models.self_conditioning import estimate_features
-from models.time import time_features
+from models.condition import time_and_condition
 
 
 @dataclass
@@ -43,6 +43,7 @@ class TransformerConfig:
     rbf_max: float = 10.0  # last basis centre in A (QM9 molecules span up to ~10 A)
     time_frequencies: int = 0  # Fourier features of t besides t itself (models/time.py; 0: t alone)
     self_condition: bool = False  # also see an estimate of the clean molecule (models/self_conditioning.py)
+    n_conditions: int = 0  # properties it is conditioned on, seen beside the time (models/condition.py)
 
     def __post_init__(self):
         if self.pair_dim == 0:
@@ -96,13 +97,13 @@ class GeometryEmbedding(nn.Module):
     centre stay distinguishable). Also returns x_i - x_j and |x_i - x_j| for the coordinate head."""
 
     def __init__(self, n_types: int, hidden: int, pair_dim: int, n_rbf: int, rbf_max: float, time_frequencies: int = 0,
-                 self_condition: bool = False):
+                 self_condition: bool = False, n_conditions: int = 0):
         super().__init__()
         self.rbf_max, self.width, self.time_frequencies = rbf_max, rbf_max / (n_rbf - 1), time_frequencies
-        self.n_types, self.self_condition = n_types, self_condition
+        self.n_types, self.self_condition, self.n_conditions = n_types, self_condition, n_conditions
         self.register_buffer("centres", torch.linspace(0.0, rbf_max, n_rbf), persistent=False)
-        # atom-type features (and the estimate's, with self-conditioning) + time features
-        self.atom = nn.Linear(n_types * (2 if self_condition else 1) + 1 + 2 * time_frequencies, hidden)
+        # atom-type features (and the estimate's, with self-conditioning) + time features (+ the condition's)
+        self.atom = nn.Linear(n_types * (2 if self_condition else 1) + 1 + 2 * time_frequencies + 2 * n_conditions, hidden)
         self.pair_from_atoms = nn.Linear(hidden, 2 * pair_dim, bias=False)
         self.pair_from_distance = nn.Linear(n_rbf + 1, pair_dim)
         if self_condition:  # the estimate's distances, embedded as the input's are
@@ -113,7 +114,7 @@ class GeometryEmbedding(nn.Module):
         rbf = torch.exp(-(((dist.unsqueeze(-1) - self.centres) / self.width) ** 2))
         return torch.cat([rbf, (dist / self.rbf_max).unsqueeze(-1)], dim=-1)
 
-    def forward(self, h, pos, t, mask, estimate=None):
+    def forward(self, h, pos, t, mask, estimate=None, condition=None):
         if estimate is not None and not self.self_condition:
             raise ValueError("an estimate was passed to a backbone built without self_condition")
         N = mask.shape[1]
@@ -125,7 +126,7 @@ class GeometryEmbedding(nn.Module):
             if self.self_condition:
                 h_hat, d_hat = estimate_features(estimate, mask, self.n_types, pos)
                 h, estimate_distance = torch.cat([h, h_hat.to(h.dtype)], dim=-1), self.distance_basis(d_hat)
-        t_feat = time_features(t.to(pos.dtype), self.time_frequencies)[:, None, :].expand(-1, N, -1)
+        t_feat = time_and_condition(t.to(pos.dtype), self.time_frequencies, condition, self.n_conditions)[:, None, :].expand(-1, N, -1)
         s = self.atom(torch.cat([h, t_feat], dim=-1)) * mask.unsqueeze(-1).to(pos.dtype)
         a, b = self.pair_from_atoms(s).chunk(2, dim=-1)
         z = a.unsqueeze(2) + b.unsqueeze(1) + self.pair_from_distance(distance)
@@ -186,12 +187,13 @@ class Transformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = c = config
-        self.embed = GeometryEmbedding(c.n_types, c.hidden, c.pair_dim, c.n_rbf, c.rbf_max, c.time_frequencies, c.self_condition)
+        self.embed = GeometryEmbedding(c.n_types, c.hidden, c.pair_dim, c.n_rbf, c.rbf_max, c.time_frequencies, c.self_condition,
+                                       c.n_conditions)
         self.blocks = nn.ModuleList(self.Block(c) for _ in range(c.n_layers))
         self.head = EquivariantHead(c.n_types, c.hidden, c.pair_dim)
 
-    def forward(self, h, pos, t, mask, estimate=None):
-        s, z, diff, dist = self.embed(h, pos, t, mask, estimate)
+    def forward(self, h, pos, t, mask, estimate=None, condition=None):
+        s, z, diff, dist = self.embed(h, pos, t, mask, estimate, condition)
         for block in self.blocks:
             s, z = block(s, z, mask)
         return self.head(s, z, diff, dist, mask)

@@ -108,6 +108,15 @@ CASES = [
     ("label: another teacher's file", "label.py {w}/m.xyz --teacher xtb --out {w}/good.h5", 1, ["good.h5", "'emt'", "not 'xtb'"], None),
     ("label: another teacher version", "label.py {w}/m.xyz --teacher emt --out {w}/oldversion.h5", 1, ["oldversion.h5", "ase 0.0", "--mixed-versions"], None),
     ("label merge: two teacher versions", "label.py merge {w}/good.h5 {w}/oldversion.h5 --out {w}/mixed.h5", 1, ["different teacher versions", "--mixed-versions"], None),
+    # -- conditional generation (a conditional checkpoint's own refusals: tests/test_condition.py)
+    ("train: --condition of an unknown property", "train.py {tiny} --condition alpha beta --out {w}/x", 2, ["--condition beta", "molecules are conditioned on alpha, gap, homo, lumo, mu, Cv"], None),
+    ("train: --condition for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition", "not an option for crystals"], None),
+    ("train: --condition-dropout without --condition", "train.py {tiny} --condition-dropout 0.2 --out {w}/x", 2, ["--condition-dropout applies to --condition"], None),
+    ("train: --resume of an unconditional run with --condition", "train.py {tiny} --data-dir {data} --out {w}/run --resume --condition alpha", 1, ["--condition ['alpha'] (checkpoint: None)", "cannot change"], None),
+    ("sample: --condition for an unconditional checkpoint", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --condition alpha=80 --out {w}/sc", 1, ["run/ckpt.pt was trained without train.py --condition", "no --condition"], None),
+    ("sample: --guidance for an unconditional checkpoint", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --guidance 2 --out {w}/sc", 1, ["no --guidance"], None),
+    ("sample: --condition without a number", "sample.py --ckpt {w}/run/ckpt.pt --condition alpha=big", 2, ["--condition", "PROP=VALUE", "'alpha=big'"], None),
+    ("sample: --guidance -1", "sample.py --ckpt {w}/run/ckpt.pt --guidance -1", 2, ["--guidance", "finite number >= 0"], None),
 ]
 
 

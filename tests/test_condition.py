@@ -1,0 +1,168 @@
+"""Property-conditional generation (models/condition.py, train.py --condition, sample.py --condition / --guidance): the
+EDM protocol's halves, what a backbone sees of a condition, classifier-free guidance, and a conditional run end to
+end on the QM9 fixture."""
+import json
+import os
+import subprocess
+import sys
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import build_model, load_checkpoint
+from models.condition import condition_features, guide, protocol_halves
+from models.domains import get_domain
+from models.molecules import PROPERTIES, load_qm9
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+QM9 = get_domain("qm9")
+
+
+def test_protocol_halves_are_disjoint_fixed_and_cover_the_split():
+    halves = protocol_halves(100_000)
+    generator, oracle = halves["generator"], halves["oracle"]
+    assert len(generator) == len(oracle) == 50_000 and not np.intersect1d(generator, oracle).size
+    assert np.array_equal(np.union1d(generator, oracle), np.arange(100_000))
+    again = protocol_halves(100_000)
+    assert all(np.array_equal(halves[k], again[k]) for k in halves)
+    assert generator[:5].tolist() != list(range(5))  # a permutation, not the split's first half
+
+
+def test_the_molecule_domain_conditions_on_the_properties_it_reads():
+    assert QM9.CONDITIONS == tuple(PROPERTIES)
+
+
+def test_condition_features_flag_dropped_properties():
+    condition = torch.tensor([[0.5, float("nan")], [float("nan"), float("nan")]])
+    features = condition_features(condition, 2, 2, torch.float32, "cpu")
+    assert features.tolist() == [[0.5, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert torch.equal(condition_features(None, 2, 2, torch.float32, "cpu"), torch.zeros(2, 4))  # None: all dropped
+    with pytest.raises(ValueError, match="a backbone of 2 properties"):
+        condition_features(torch.zeros(2, 3), 2, 2, torch.float32, "cpu")
+
+
+def molecule_inputs(n_atoms=(7, 5, 6), T=5, seed=0):
+    """A backbone's inputs for molecules of n_atoms atoms: h [B, N, T], pos [B, N, 3], t [B], mask [B, N]."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = len(n_atoms), max(n_atoms)
+    mask = torch.arange(N)[None] < torch.tensor(n_atoms)[:, None]
+    return torch.randn(B, N, T, generator=g), torch.randn(B, N, 3, generator=g) * mask[..., None], torch.rand(B, generator=g), mask
+
+
+@pytest.mark.parametrize("arch", ["gnn", "transformer", "pairformer"])
+def test_every_backbone_sees_its_condition_and_refuses_one_it_was_not_built_for(arch):
+    cls = QM9.arch_class(arch)
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=5, hidden=32, n_layers=2, n_conditions=2)).eval()
+    h, pos, t, mask = molecule_inputs()
+    dropped = model(h, pos, t, mask)
+    assert all(torch.equal(a, b) for a, b in zip(dropped, model(h, pos, t, mask, condition=torch.full((3, 2), float("nan")))))
+    for condition in (torch.tensor([[1.0, -1.0]] * 3), torch.tensor([[-2.0, 0.5]] * 3)):
+        out = model(h, pos, t, mask, condition=condition)
+        assert not torch.allclose(out[1], dropped[1])  # the type logits (a zero-initialised coordinate head may not move yet)
+    plain = cls(cls.Config(n_types=5, hidden=32, n_layers=2))
+    with pytest.raises(ValueError, match="built without properties"):
+        plain(h, pos, t, mask, condition=torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("gen", ["flow", "diffusion", "interpolant"])
+def test_guidance_zero_samples_the_unconditional_model_and_two_extrapolates(gen):
+    model_cls, process_cls = QM9.arch_class("gnn"), QM9.process_class(gen)
+    torch.manual_seed(0)
+    model = model_cls(model_cls.Config(n_types=5, hidden=32, n_layers=2, n_conditions=1, self_condition=True)).eval()
+    process = process_cls(process_cls.Config(n_types=5, self_condition=True, condition_dropout=0.1))
+    n_atoms, condition = torch.tensor([6, 9]), torch.tensor([[1.5], [-1.0]])
+    method = process.SAMPLERS[0]
+
+    def draw(**request):
+        return process.sample(model, {"n_atoms": n_atoms, **request}, 4, method, generator=torch.Generator().manual_seed(3))
+
+    unconditional = draw()
+    guided_zero = draw(condition=condition, guidance=0.0)
+    conditional = draw(condition=condition)
+    assert torch.equal(guided_zero["pos"], unconditional["pos"]) and torch.equal(guided_zero["types"], unconditional["types"])
+    assert not torch.allclose(conditional["pos"], unconditional["pos"])
+    # one backbone call at guidance 2: u + 2 (c - u)
+    h, pos, t, mask = molecule_inputs(n_atoms.tolist())
+    c = process.backbone(model, h, pos, t, mask, condition=condition)
+    u = process.backbone(model, h, pos, t, mask)
+    g = process.backbone(model, h, pos, t, mask, condition=condition, guidance=2.0)
+    for gi, ci, want in zip(g, c, guide(c, u, 2.0)):
+        torch.testing.assert_close(gi, want)
+    assert not torch.allclose(g[1], c[1])
+
+
+def test_condition_dropout_trains_the_unconditional_model_in_the_same_weights(qm9_dir):
+    """With every structure dropped, the loss is the unconditional one; with none dropped, the condition enters."""
+    model_cls, process_cls = QM9.arch_class("gnn"), QM9.process_class("flow")
+    torch.manual_seed(0)
+    model = model_cls(model_cls.Config(n_types=5, hidden=32, n_layers=2, n_conditions=1))
+    from models.molecules import PaddedMolecules
+    mols = load_qm9("train", qm9_dir).subset(range(8))
+    batch = PaddedMolecules(mols, condition=torch.randn(8, 1)).batch(torch.arange(8))
+    unconditional_batch = {k: v for k, v in batch.items() if k != "condition"}
+    losses = {}
+    for dropout in (1.0, 0.0):
+        process = process_cls(process_cls.Config(n_types=5, condition_dropout=dropout))
+        noise = process.draw_noise(8, batch["types"].shape[1], torch.Generator().manual_seed(0))
+        losses[dropout] = (process.loss(model, batch, noise).item(), process.loss(model, unconditional_batch, noise).item())
+    assert losses[1.0][0] == losses[1.0][1]
+    assert losses[0.0][0] != losses[0.0][1]
+
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def conditional_run(qm9_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conditional") / "run"
+    code, message = run("train.py", "--preset", "tiny", "--iters", 4, "--eval-samples", 0, "--condition", "alpha", "gap",
+                        "--data-dir", qm9_dir, "--out", out)
+    assert code == 0, message[-3000:]
+    return out
+
+
+def test_a_conditional_run_trains_on_the_generator_half_and_keeps_its_pairs(conditional_run, qm9_dir):
+    ckpt = load_checkpoint(conditional_run / "ckpt.pt")
+    train = load_qm9("train", qm9_dir)
+    half = train.subset(protocol_halves(len(train))["generator"])
+    assert ckpt["n_train"] == len(half) and ckpt["condition"]["half"] == "generator"
+    values = np.stack([half.property_values("alpha"), half.property_values("gap")], 1)
+    assert ckpt["condition"]["properties"] == ["alpha", "gap"] and ckpt["condition"]["units"] == ["Bohr^3", "meV"]
+    np.testing.assert_allclose(ckpt["condition"]["mean"], values.mean(0)) and np.testing.assert_allclose(ckpt["condition"]["std"], values.std(0))
+    pairs = ckpt["condition_pairs"].numpy()
+    assert np.array_equal(pairs[:, 0], half.n_atoms) and np.allclose(pairs[:, 1:], values, rtol=1e-6)
+    model, process = build_model(ckpt)
+    assert model.config.n_conditions == 2 and process.config.condition_dropout == 0.1
+    assert "condition_pairs" not in json.loads((conditional_run / "config.json").read_text())  # tensors stay in the checkpoint
+
+
+def test_sampling_draws_the_protocols_pairs_or_the_values_asked(conditional_run):
+    ckpt = load_checkpoint(conditional_run / "ckpt.pt")
+    pairs = {tuple(np.round(row, 3)) for row in ckpt["condition_pairs"].double().numpy()}
+    code, message = run("sample.py", "--ckpt", conditional_run / "ckpt.pt", "--n", 12, "--steps", 2, "--out", conditional_run / "protocol")
+    assert code == 0, message[-3000:]
+    drawn = ase.io.read(conditional_run / "protocol" / "samples.extxyz", ":")
+    assert len(drawn) == 12 and all(a.info["guidance"] == 1.0 for a in drawn)
+    for atoms in drawn:  # each molecule's size and properties are one molecule's of the generator's half
+        assert (len(atoms), round(atoms.info["condition_alpha"], 3), round(atoms.info["condition_gap"], 3)) in pairs
+    code, message = run("sample.py", "--ckpt", conditional_run / "ckpt.pt", "--n", 4, "--steps", 2, "--condition", "gap=7000",
+                        "alpha=80.5", "--guidance", 2, "--out", conditional_run / "fixed")
+    assert code == 0 and "conditioned on alpha = 80.5, gap = 7000, guidance 2" in message, message[-3000:]
+    fixed = ase.io.read(conditional_run / "fixed" / "samples.extxyz", ":")
+    assert all(a.info["condition_alpha"] == 80.5 and a.info["condition_gap"] == 7000 and a.info["guidance"] == 2 for a in fixed)
+    assert json.loads((conditional_run / "fixed" / "sample.json").read_text())["condition"] == {"alpha": 80.5, "gap": 7000}
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--condition", "alpha=80"], "conditioned on alpha, gap: give a value for each of them, not for alpha"),
+    (["--condition", "alpha=80", "alpha=70"], "--condition names a property twice"),
+])
+def test_a_conditional_checkpoint_refuses_an_incomplete_request(conditional_run, flags, words):
+    code, message = run("sample.py", "--ckpt", conditional_run / "ckpt.pt", "--n", 2, "--steps", 2, *flags, "--out", conditional_run / "bad")
+    assert code == 1 and words in message and "Traceback" not in message, message[-3000:]
