@@ -43,7 +43,9 @@ PRESETS = {
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: a generative model; ff: a student force field (models/forcefield.py) on --data labels files")
+parser.add_argument("--task", choices=["gen", "ff", "oracle"], default="gen", help="gen: a generative model; ff: a student force field "
+                    "(models/forcefield.py) on --data labels files; oracle: EDM's property oracle (models/oracle.py), a regressor of the "
+                    "--condition properties on the other half of QM9's training split from the one conditional generators train on")
 parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn)")
 parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="--task gen: generative process (default flow)")
 parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task ff: label.py's labels files (.h5) of one teacher")
@@ -160,6 +162,17 @@ if args.task == "ff":
         if not Path(path).is_file():
             parser.error(f"--data {path}: no such labels file")
     args.data = [str(Path(p)) for p in args.data]
+elif args.task == "oracle":
+    if args.init_from:
+        parser.error("--init-from applies to --task gen")
+    if wrong := given([k for k in GEN_ONLY if k not in ("condition", "batching", "precision")]) + \
+            ["--" + k.replace("_", "-") for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
+        parser.error(f"{', '.join(wrong)}: not options of --task oracle (a regressor of QM9 properties)")
+    if not args.condition:
+        parser.error("--task oracle needs --condition PROP [...]: the QM9 properties it predicts")
+    if (args.data or ["qm9"]) != ["qm9"]:
+        parser.error(f"--data {' '.join(args.data)}: --task oracle predicts QM9 properties (--data qm9)")
+    args.data = "qm9"
 else:
     if changed := [k for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)}: options of --task ff")
@@ -179,8 +192,9 @@ for flag in ("distance_loss", "min_one_minus_t"):
     if getattr(args, flag) and args.gen == "diffusion":
         parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow and interpolant, whose backbones predict the clean molecule")
 if args.condition:
-    if unknown := [c for c in args.condition if c not in domain.CONDITIONS]:
-        parser.error(f"--condition {' '.join(unknown)}: {domain.kind} are conditioned on {', '.join(domain.CONDITIONS)}")
+    known = (domain or get_domain("qm9")).CONDITIONS  # --task oracle: QM9's
+    if unknown := [c for c in args.condition if c not in known]:
+        parser.error(f"--condition {' '.join(unknown)}: {(domain or get_domain('qm9')).kind} are conditioned on {', '.join(known)}")
     if len(set(args.condition)) < len(args.condition):
         parser.error(f"--condition {' '.join(args.condition)} names a property twice")
 elif args.condition_dropout != parser.get_default("condition_dropout"):
@@ -194,7 +208,7 @@ if args.override and not args.resume:
 if args.init_from and not Path(args.init_from).is_file():
     parser.error(f"--init-from {args.init_from}: no such checkpoint file")
 default_out = f"out/{domain.run_name(args)}_{args.arch}_{args.gen}_{args.preset}" if domain else \
-    f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
+    f"out/oracle_qm9_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
 writable_dir(parser, out_dir, "--out")
 
@@ -286,7 +300,7 @@ if args.init_from and resume_ckpt is None:
     adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k != "init_from"], f"--init-from {args.init_from}",
                       "the model is the checkpoint's. Drop those flags, or give its values")
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
-    args.batching = "size" if domain else "random"
+    args.batching = "random" if args.task == "ff" else "size"
 if args.time_frequencies is None and domain:
     args.time_frequencies = domain.RECIPE["time_frequencies"]
 if args.self_condition is None:

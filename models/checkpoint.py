@@ -54,10 +54,12 @@ def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) 
 
 
 REQUIRED = {"gen": ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "ema"),
-            "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "ema")}
+            "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "ema"),
+            "oracle": ("step", "model_config", "objective_config", "condition", "atom_symbols", "ema")}
 RESUME = ("model", "optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
 TRAINING_STATE = ("model", "optimizer", "scheduler", "rng", "log_bytes", "clip_history")  # what export_weights leaves out
-TASK_NAMES = {"gen": "a generative model (train.py --task gen)", "ff": "a student force field (train.py --task ff)"}
+TASK_NAMES = {"gen": "a generative model (train.py --task gen)", "ff": "a student force field (train.py --task ff)",
+              "oracle": "a property oracle (train.py --task oracle)"}
 
 
 def export_weights(state: dict, path: Path) -> None:
@@ -91,6 +93,14 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
     fill_older_defaults(ckpt)
     if task == "ff":
         _student_configs(ckpt, path)
+        return ckpt
+    if task == "oracle":
+        from models.oracle import OracleConfig, OracleObjectiveConfig
+        try:
+            config_from_dict(OracleConfig, ckpt["model_config"])
+            config_from_dict(OracleObjectiveConfig, ckpt["objective_config"])
+        except (CheckpointError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: property-oracle checkpoint with an unusable config: {e}") from None
         return ckpt
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:

@@ -190,4 +190,84 @@ class Student:
                 "n_valid": len(self.valid), "trained_key_hashes": torch.from_numpy(self.trained_keys)}
 
 
-TASKS = {"gen": Generation, "ff": Student}
+class Oracle:
+    """EDM's property oracle (models/oracle.py): an EGNN regressor of QM9 properties (--condition names them) on the
+    oracle's half of the training split, the half a conditional generator never trains on (models/condition.py)."""
+
+    name = "oracle"
+    RUN_FLAGS = Generation.RUN_FLAGS
+    MODEL_FLAGS = ("hidden", "n_layers", "condition", "data")
+    unit = "mol"
+
+    def __init__(self, args):
+        self.what = f"an oracle of {', '.join(args.condition)} on QM9's oracle half"
+
+    def load(self, args, meta: dict | None, progress: bool) -> str:
+        import time
+
+        from models.condition import Normalisation, protocol_halves
+        from models.fileio import DataError
+        from models.molecules import PROPERTIES, PaddedMolecules, load_qm9
+
+        t0 = time.time()
+        try:
+            train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+            train = train.subset(protocol_halves(len(train))["oracle"])
+            if args.n_train:
+                train = train.subset(range(min(args.n_train, len(train))))
+            valid = valid.subset(range(min(args.val_size, len(valid))))
+            values = [np.stack([m.property_values(name) for name in args.condition], 1) for m in (train, valid)]
+        except DataError as e:
+            raise TaskError(str(e)) from None
+        self.norm = Normalisation.fit(list(args.condition), values[0], [PROPERTIES[name][3] for name in args.condition])
+        self.n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
+        self.train, self.valid = (PaddedMolecules(m, self.n_max, self.norm.normalise(v)) for m, v in zip((train, valid), values))
+        self.atom_counts = self.train.mask.sum(1)
+        return (f"data: {len(train)} train (the oracle's half of the training split) / {len(valid)} validation molecules, "
+                f"n_max {self.n_max}, loaded in {time.time() - t0:.1f} s")
+
+    def precision(self, args, device) -> str:
+        from models.oracle import PropertyRegressor
+        from models.precision import backbone_precision
+        return backbone_precision(device, args.precision, PropertyRegressor)
+
+    def new_model(self, args):
+        from models.molecules import ATOM_SYMBOLS
+        from models.oracle import OracleConfig, OracleObjective, OracleObjectiveConfig, PropertyRegressor
+
+        n = len(args.condition)
+        return (PropertyRegressor(OracleConfig(n_types=len(ATOM_SYMBOLS), n_outputs=n, hidden=args.hidden, n_layers=args.n_layers)),
+                OracleObjective(OracleObjectiveConfig(n_outputs=n)))
+
+    @staticmethod
+    def from_checkpoint(ckpt: dict, weights: str):
+        from models.oracle import build_oracle
+        return build_oracle(ckpt, weights=weights)
+
+    def describe(self, args, model, objective, n_params: int) -> str:
+        return f"model: property oracle {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; L1 loss of the normalised properties"
+
+    def batch(self, data, idx, device, width=None, global_idx=None, world: int = 1) -> dict:
+        return data.batch(idx, device, width=width)
+
+    @torch.no_grad()
+    def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
+        """The validation loss (mean L1 of the normalised properties) and each property's mean absolute error in its
+        unit, of the EMA weights."""
+        errors, n = np.zeros(len(self.norm.names)), len(self.valid)
+        for lo in range(0, n, local_batch):
+            batch = self.valid.batch(torch.arange(lo, min(lo + local_batch, n)), device)
+            with autocast:
+                predicted = ema(batch["types"], batch["pos"], batch["mask"]).float()
+            errors += (predicted - batch["condition"]).abs().sum(0).cpu().numpy()
+        errors /= n
+        return {"step": step, "val_loss": float(errors.mean()),
+                **{f"val_mae_{name}": float(e * s) for name, e, s in zip(self.norm.names, errors, self.norm.std)}}
+
+    def checkpoint_meta(self, args, objective) -> dict:
+        from models.molecules import ATOM_SYMBOLS
+        return {"objective_config": asdict(objective.config), "condition": {**self.norm.state(), "half": "oracle"},
+                "atom_symbols": list(ATOM_SYMBOLS), "n_valid": len(self.valid)}
+
+
+TASKS = {"gen": Generation, "ff": Student, "oracle": Oracle}

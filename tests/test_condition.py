@@ -166,3 +166,64 @@ def test_sampling_draws_the_protocols_pairs_or_the_values_asked(conditional_run)
 def test_a_conditional_checkpoint_refuses_an_incomplete_request(conditional_run, flags, words):
     code, message = run("sample.py", "--ckpt", conditional_run / "ckpt.pt", "--n", 2, "--steps", 2, *flags, "--out", conditional_run / "bad")
     assert code == 1 and words in message and "Traceback" not in message, message[-3000:]
+
+
+def test_the_oracle_is_invariant_and_overfits_a_few_molecules(qm9_dir):
+    from models.molecules import PaddedMolecules
+    from models.oracle import OracleConfig, OracleObjective, OracleObjectiveConfig, PropertyRegressor
+
+    torch.manual_seed(0)
+    mols = load_qm9("train", qm9_dir).subset(range(8))
+    targets = torch.from_numpy((mols.properties[:, :2] - mols.properties[:, :2].mean(0)) / mols.properties[:, :2].std(0)).float()
+    batch = PaddedMolecules(mols, condition=targets).batch(torch.arange(8))
+    model, objective = PropertyRegressor(OracleConfig(n_outputs=2, hidden=32, n_layers=2)), OracleObjective(OracleObjectiveConfig(2))
+    # a rotated, translated molecule with its atoms in another order has the same properties
+    rotation = torch.linalg.qr(torch.randn(3, 3))[0]
+    n = int(batch["mask"][0].sum())
+    perm = torch.randperm(n)
+    moved = batch["pos"][:1, :n][:, perm] @ rotation.T + torch.tensor([1.0, -2.0, 3.0])
+    torch.testing.assert_close(model(batch["types"][:1, :n][:, perm], moved, batch["mask"][:1, :n]),
+                               model(batch["types"][:1, :n], batch["pos"][:1, :n], batch["mask"][:1, :n]), atol=1e-4, rtol=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = objective.loss(model, batch).item()
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = objective.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first, (first, loss.item())
+
+
+def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditional_run, qm9_dir, tmp_path):
+    oracle = tmp_path / "oracle"
+    code, message = run("train.py", "--task", "oracle", "--condition", "alpha", "--preset", "tiny", "--iters", 6, "--data-dir", qm9_dir,
+                        "--out", oracle)
+    assert code == 0, message[-3000:]
+    ckpt = load_checkpoint(oracle / "ckpt.pt", task="oracle")
+    train = load_qm9("train", qm9_dir)
+    assert ckpt["n_train"] == len(protocol_halves(len(train))["oracle"]) and ckpt["condition"]["half"] == "oracle"
+    assert "val_mae_alpha" in (oracle / "log.jsonl").read_text()
+    code, message = run("sample.py", "--ckpt", conditional_run / "ckpt.pt", "--n", 6, "--steps", 2, "--out", tmp_path / "s")
+    assert code == 0, message[-3000:]
+    code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data-dir", qm9_dir, "--no-fcd", "--no-progress",
+                        "--oracle", oracle / "ckpt.pt")
+    assert code == 0 and "| alpha | Bohr^3 | 6 |" in message, message[-3000:]
+    scored = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    alpha = scored["condition"]["properties"]["alpha"]  # gap was requested too, but this oracle does not predict it
+    assert set(scored["condition"]["properties"]) == {"alpha"} and "mol_stability" in scored
+    from models.condition_evaluation import predict
+    from models.condition import Normalisation
+    from models.oracle import build_oracle
+    half = train.subset(protocol_halves(len(train))["generator"])
+    own = predict(build_oracle(ckpt)[0].eval(), [half[i] for i in range(len(half))], Normalisation.from_state(ckpt["condition"]))
+    assert alpha["l_bound"] == pytest.approx(np.abs(own[:, 0] - half.property_values("alpha")).mean())
+    assert alpha["n_generator_half"] == len(half) and all(np.isfinite(alpha[k]) for k in ("mae", "n_atoms", "u_bound"))
+    # a property the oracle does not predict: a clear error, naming the oracle
+    code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data-dir", qm9_dir, "--no-fcd", "--no-progress",
+                        "--oracle", oracle / "ckpt.pt", "--condition", "gap")
+    assert code == 1 and "predicts alpha, not gap" in message and "Traceback" not in message, message[-3000:]
+    # molecules that requested nothing (an unconditional model's): a clear error, naming the file
+    plain = tmp_path / "plain.extxyz"
+    plain.write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
+    code, message = run("evaluate.py", plain, "--data-dir", qm9_dir, "--no-fcd", "--no-progress", "--oracle", oracle / "ckpt.pt")
+    assert code == 1 and f"{plain}: the molecules request none of the properties" in message, message[-3000:]

@@ -117,6 +117,13 @@ CASES = [
     ("sample: --guidance for an unconditional checkpoint", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --guidance 2 --out {w}/sc", 1, ["no --guidance"], None),
     ("sample: --condition without a number", "sample.py --ckpt {w}/run/ckpt.pt --condition alpha=big", 2, ["--condition", "PROP=VALUE", "'alpha=big'"], None),
     ("sample: --guidance -1", "sample.py --ckpt {w}/run/ckpt.pt --guidance -1", 2, ["--guidance", "finite number >= 0"], None),
+    ("train: --task oracle without --condition", "train.py {tiny} --task oracle --out {w}/x", 2, ["--task oracle needs --condition PROP"], None),
+    ("train: --task oracle with --arch", "train.py {tiny} --task oracle --condition mu --arch transformer --out {w}/x", 2, ["--arch", "not options of --task oracle"], None),
+    ("train: --task oracle on crystals", "train.py {tiny} --task oracle --condition mu --data perov5 --out {w}/x", 2, ["--data perov5", "predicts QM9 properties"], None),
+    ("evaluate: --oracle that is a generative model", "evaluate.py {w}/nan/samples.extxyz --data-dir {data} --no-fcd --no-progress --oracle {w}/run/ckpt.pt", 1, ["run/ckpt.pt is a generative model", "not a property oracle"], None),
+    ("evaluate: --condition without --oracle", "evaluate.py {w}/nan/samples.extxyz --condition alpha", 2, ["--condition names the properties --oracle scores"], None),
+    ("evaluate: --oracle with --reference", "evaluate.py --reference qm9 --oracle {w}/run/ckpt.pt", 2, ["--oracle scores molecules a conditional checkpoint sampled"], None),
+    ("evaluate: a missing --oracle", "evaluate.py {w}/nan/samples.extxyz --oracle {w}/missing.pt", 2, ["--oracle", "missing.pt: no such checkpoint file"], None),
 ]
 
 
