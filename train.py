@@ -90,10 +90,11 @@ parser.add_argument("--distance-loss", type=nonnegative_float, default=0.0, help
 parser.add_argument("--min-one-minus-t", type=open_unit, default=None, help="molecules, flow and interpolant: the coordinate "
                     "loss weight 1 / (1 - t)^2 (velocity matching) is taken at t <= 1 - this, in (0, 1]: the config's 0.05 caps it at "
                     "400 (default); 1 weighs every t alike, a plain regression of the clean molecule")
-parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help="molecules: condition the model on these "
-                    "QM9 properties (alpha gap homo lumo mu Cv, in EDM's units: Bohr^3, meV, meV, meV, D, cal/(mol K)), trained on the "
-                    "generator's half of the training split as EDM's protocol has it (the other half trains evaluate.py's oracle); "
-                    "sample.py --condition PROP=VALUE or the protocol's draw, --guidance W")
+parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help="condition the model on these properties: "
+                    "QM9's alpha gap homo lumo mu Cv (EDM's units: Bohr^3, meV, meV, meV, D, cal/(mol K)), perov-5's heat_ref, "
+                    "carbon-24's energy_per_atom (eV/atom; de novo only), trained on the generator's half of the training split as "
+                    "EDM's protocol has it (the other half trains the oracle); sample.py --condition PROP=VALUE or the protocol's "
+                    "draw, --guidance W. --task oracle: the QM9 properties the oracle predicts")
 parser.add_argument("--condition-dropout", type=decay, default=0.1, help="with --condition: the share of training molecules seen "
                     "without their condition, which trains the unconditional model classifier-free guidance needs (0: none; "
                     "sample.py --guidance then has only 1)")
@@ -195,6 +196,8 @@ if args.condition:
     known = (domain or get_domain("qm9")).CONDITIONS  # --task oracle: QM9's
     if unknown := [c for c in args.condition if c not in known]:
         parser.error(f"--condition {' '.join(unknown)}: {(domain or get_domain('qm9')).kind} are conditioned on {', '.join(known)}")
+    if args.csp:
+        parser.error("--condition applies to de novo generation; a --csp model is given its composition instead")
     if len(set(args.condition)) < len(args.condition):
         parser.error(f"--condition {' '.join(args.condition)} names a property twice")
 elif args.condition_dropout != parser.get_default("condition_dropout"):

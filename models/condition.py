@@ -55,6 +55,17 @@ def guide(conditional: tuple, unconditional: tuple, guidance: float) -> tuple:
     return tuple(u.float() + guidance * (c.float() - u.float()) for c, u in zip(conditional, unconditional))
 
 
+def guided(run, condition: torch.Tensor | None, guidance: float) -> tuple:
+    """A backbone's outputs under a condition [B, C] (None: unconditional) guided with weight w: run(condition or
+    None) calls the backbone; w = 1 is one conditional pass, w = 0 one unconditional pass, other w both."""
+    if condition is None or guidance == 1.0:
+        return run(condition)
+    unconditional = run(None)
+    if guidance == 0.0:
+        return unconditional
+    return guide(run(condition), unconditional, guidance)
+
+
 class Normalisation:
     """Per-property mean and standard deviation of the generator's training values, kept in the checkpoint."""
 
@@ -93,3 +104,16 @@ def time_and_condition(t: torch.Tensor, n_frequencies: int, condition: torch.Ten
             raise ValueError("a condition was passed to a backbone built without properties (n_conditions = 0)")
         return features
     return torch.cat([features, condition_features(condition, n_conditions, len(t), t.dtype, t.device)], dim=-1)
+
+
+def generator_data(names: list[str], units: list[str], train, valid) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A conditional generator's training data: (normalised train [S, C], normalised valid [V, C], what its checkpoint
+    keeps) for train and valid sets that have property_values(name) and n_atoms, train being the generator's half.
+    The checkpoint keeps the normalisation and the half's (atom count, properties) pairs, which sample.py draws
+    requests from as EDM's protocol does."""
+    values = [np.stack([s.property_values(name) for name in names], 1) for s in (train, valid)]
+    norm = Normalisation.fit(list(names), values[0], list(units))
+    pairs = torch.cat([torch.from_numpy(np.asarray(train.n_atoms)).float()[:, None], torch.as_tensor(values[0], dtype=torch.float32)], 1)
+    meta = {"condition": {**norm.state(), "half": "generator", "halves_seed": HALVES_SEED, "n_train": len(train)},
+            "condition_pairs": pairs}
+    return norm.normalise(values[0]), norm.normalise(values[1]), meta

@@ -21,11 +21,14 @@ Head:
   - type logits per atom.
 
 Backbone contract for crystals (every arch; the processes in models/crystal_*.py use nothing else):
-    forward(h [B, N, T] float, frac [B, N, 3], lengths [B, 3] A, angles [B, 3] degrees, t [B], mask [B, N] bool)
+    forward(h [B, N, T] float, frac [B, N, 3], lengths [B, 3] A, angles [B, 3] degrees, t [B], mask [B, N] bool,
+            condition=None)
         -> frac_out [B, N, 3]   a tangent vector on the torus, fractional units, centred, 0 at padding
            lattice_out [B, 6]   a vector in the standardised lattice representation
            logits [B, N, T]     atom-type outputs
-The process decides what the vectors mean (a displacement, a velocity, a scaled score or noise).
+The process decides what the vectors mean (a displacement, a velocity, a scaled score or noise). condition: with
+config.n_conditions = C > 0, normalised properties [B, C] (NaN: dropped) or None (all dropped), seen beside the time
+(models/condition.py).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from torch import nn
 from models.geometry import fourier_features, lattice_matrix, pair_differences, remove_mean
 from models.pairformer import PairformerBlock, PairformerConfig
 from models.precision import full, no_autocast
-from models.time import time_features
+from models.condition import time_and_condition
 from models.transformer import TransformerBlock, TransformerConfig
 
 
@@ -60,13 +63,14 @@ class PeriodicEmbedding(nn.Module):
         if c.self_condition:
             raise ValueError("self-conditioning is built for molecules only (models/self_conditioning.py)")
         self.n_frequencies, self.rbf_max, self.width = c.n_frequencies, c.rbf_max, c.rbf_max / (c.n_rbf - 1)
-        self.time_frequencies = c.time_frequencies
+        self.time_frequencies, self.n_conditions = c.time_frequencies, c.n_conditions
         self.register_buffer("centres", torch.linspace(0.0, c.rbf_max, c.n_rbf), persistent=False)
-        self.atom = nn.Linear(c.n_types + 1 + 2 * c.time_frequencies + 6, c.hidden)  # types, time, ln lengths, cos angles
+        # types, time (+ the condition's features), ln lengths, cos angles
+        self.atom = nn.Linear(c.n_types + 1 + 2 * c.time_frequencies + 2 * c.n_conditions + 6, c.hidden)
         self.pair_from_atoms = nn.Linear(c.hidden, 2 * c.pair_dim, bias=False)
         self.pair_from_geometry = nn.Linear(6 * c.n_frequencies + c.n_rbf + 1, c.pair_dim)
 
-    def forward(self, h, frac, lengths, angles, t, mask):
+    def forward(self, h, frac, lengths, angles, t, mask, condition=None):
         frac, lengths, angles = full(frac), full(lengths), full(angles)
         B, N = mask.shape
         with no_autocast(frac):  # geometry in float32; the embeddings below may run in bf16
@@ -77,7 +81,7 @@ class PeriodicEmbedding(nn.Module):
             geometry = torch.cat([fourier_features(d, self.n_frequencies), rbf, (dist / self.rbf_max).unsqueeze(-1)], -1)
             cell = torch.cat([lengths.log(), torch.deg2rad(angles).cos()], dim=-1)  # [B, 6]
         node = mask.unsqueeze(-1).to(frac.dtype)
-        t_feat = time_features(t.to(frac.dtype), self.time_frequencies)[:, None, :].expand(B, N, -1)
+        t_feat = time_and_condition(t.to(frac.dtype), self.time_frequencies, condition, self.n_conditions)[:, None, :].expand(B, N, -1)
         s = self.atom(torch.cat([h, t_feat, cell.unsqueeze(1).expand(B, N, 6)], -1))
         s = s * node
         a, b = self.pair_from_atoms(s).chunk(2, dim=-1)
@@ -146,8 +150,8 @@ class PeriodicBackbone(nn.Module):
         self.blocks = nn.ModuleList(self.Block(c) for _ in range(c.n_layers))
         self.head = PeriodicHead(c)
 
-    def forward(self, h, frac, lengths, angles, t, mask):
-        s, z, d = self.embed(h, frac, lengths, angles, t, mask)
+    def forward(self, h, frac, lengths, angles, t, mask, condition=None):
+        s, z, d = self.embed(h, frac, lengths, angles, t, mask, condition)
         for block in self.blocks:
             s, z = block(s, z, mask)
         return self.head(s, z, d, mask)

@@ -59,7 +59,7 @@ class CrystalDiffusion(CrystalProcess):
         return c.sigma_max ** (1 - t) * c.sigma_min ** t
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, f1, y1, h1, mask, node, noise = self.data(batch, noise)
+        types, f1, y1, h1, mask, node, noise, condition = self.data(batch, noise)
         t = noise["t"]
         sigma_f = self.frac_sigma(t)[:, None, None]
         f_t = wrap(f1 + sigma_f * noise["z"]) * node
@@ -67,7 +67,7 @@ class CrystalDiffusion(CrystalProcess):
         alpha, sigma = (a.float() for a in polynomial_schedule(t, self.config.schedule_precision))
         y_t = alpha[:, None] * y1 + sigma[:, None] * noise["y0"]
         h_t = h1 if self.config.csp else (alpha[:, None, None] * h1 + sigma[:, None, None] * noise["h0"]) * node
-        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask)
+        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask, condition)
         frac_err = ((frac_out.float() - target) ** 2).sum(-1).mul(mask).sum(1) / (3 * mask.sum(1).clamp(min=1))
         lattice_err = ((lattice_out.float() - noise["y0"]) ** 2).mean(-1)
         return (frac_err + self.config.lattice_loss_weight * lattice_err + self.type_loss(logits, types, mask)).mean()
@@ -78,7 +78,7 @@ class CrystalDiffusion(CrystalProcess):
         """De novo: request {"n_atoms": [B]}; structure prediction: {"types": [B, N], "mask": [B, N]} (the
         compositions); the time grid of time_power (models/time.py)."""
         self.check_sampling(method)
-        types, mask, node, noise, h = self.sampling_start(model, request, generator)
+        types, mask, node, noise, h, guidance = self.sampling_start(model, request, generator)
         f, y, given = noise["f0"] * node, noise["y0"], h
         B, device = len(mask), mask.device
         ts = time_grid(n_steps, time_power)
@@ -88,7 +88,7 @@ class CrystalDiffusion(CrystalProcess):
             t, s = float(ts[step]), float(ts[step + 1])
             a_t, s_t, a_s, s_s = (float(v) for v in (alphas[step], sigmas[step], alphas[step + 1], sigmas[step + 1]))
             sig_t, sig_s = self.frac_sigma(torch.tensor(t)).item(), self.frac_sigma(torch.tensor(s)).item()
-            frac_out, y0_hat, logits = self.forward(model, h, f, y, torch.full((B,), t, device=device), mask)
+            frac_out, y0_hat, logits = self.forward(model, h, f, y, torch.full((B,), t, device=device), mask, **guidance)
             score = remove_mean(frac_out.float(), mask) / sig_t
             y0_hat = y0_hat.float()
             # (y - sigma y0_hat) / alpha divides by alpha = 0.003 at t = 0: clipped to LATTICE_CLIP standard deviations

@@ -46,12 +46,12 @@ class CrystalFlowMatching(CrystalProcess):
         return wrap(f0 + t[:, None, None] * torus_difference(f1, f0))
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, f1, y1, h1, mask, node, noise = self.data(batch, noise)
+        types, f1, y1, h1, mask, node, noise, condition = self.data(batch, noise)
         t = noise["t"]
         f_t = self.frac_path(noise["f0"], f1, noise["z"], t) * node
         y_t = t[:, None] * y1 + (1 - t[:, None]) * noise["y0"]
         h_t = h1 if self.config.csp else (t[:, None, None] * h1 + (1 - t[:, None, None]) * noise["h0"]) * node
-        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask)
+        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask, condition)
         weight = self.times.loss_weight(t)  # [B], the velocity-matching weight over the times' density
         target = remove_mean(torus_difference(f1, f_t), mask)
         frac_err = ((frac_out.float() - target) ** 2).sum(-1).mul(mask).sum(1) / (3 * mask.sum(1).clamp(min=1) * UNIFORM_VARIANCE)

@@ -40,7 +40,7 @@ class CrystalInterpolant(CrystalProcess):
     OPTIONS = ("time_power", "anneal_slope")
 
     def loss(self, model, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        types, f1, y1, h1, mask, node, noise = self.data(batch, noise)
+        types, f1, y1, h1, mask, node, noise, condition = self.data(batch, noise)
         t, a = noise["t"], self.config.gamma_scale
         tt = t[:, None, None]
         d = torus_difference(f1, noise["f0"])
@@ -48,7 +48,7 @@ class CrystalInterpolant(CrystalProcess):
         target = remove_mean(d + a * (1 - 2 * tt) * noise["z"], mask)
         y_t = t[:, None] * y1 + (1 - t[:, None]) * noise["y0"]
         h_t = h1 if self.config.csp else (tt * h1 + (1 - tt) * noise["h0"]) * node
-        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask)
+        frac_out, lattice_out, logits = self.forward(model, h_t, f_t, y_t, t, mask, condition)
         frac_err = ((frac_out.float() - target) ** 2).sum(-1).mul(mask).sum(1) / (3 * mask.sum(1).clamp(min=1) * UNIFORM_VARIANCE)
         lattice_err = ((lattice_out.float() - (y1 - noise["y0"])) ** 2).mean(-1)
         return (frac_err + self.config.lattice_loss_weight * lattice_err + self.type_loss(logits, types, mask)).mean()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from models.condition import drop, guided
 from models.geometry import LatticeScaler, remove_mean, wrap
 from models.process import Process
 from models.time import time_grid
@@ -37,6 +38,7 @@ class CrystalProcessConfig:
     lattice_mean: list = field(default_factory=lambda: [0.0] * 6)  # LatticeScaler of the training set
     lattice_std: list = field(default_factory=lambda: [1.0] * 6)
     time_tilt: float = 0.0  # training times drawn with density proportional to time_weight^tilt (models/time.py)
+    condition_dropout: float = 0.0  # of a conditional model's training crystals, the share seen without their condition
 
 
 class CrystalProcess(Process):
@@ -53,26 +55,35 @@ class CrystalProcess(Process):
         torus, y0 [B, 6], h0 [B, N, T] and z [B, N, 3] (Gaussian; the processes that need noise on the torus
         take it from here)."""
         kw = dict(generator=generator, device=generator.device if generator is not None else device)
-        return {"t": self.times.draw(torch.rand(batch_size, **kw)), "f0": torch.rand(batch_size, n_max, 3, **kw),
-                "y0": torch.randn(batch_size, 6, **kw), "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
-                "z": torch.randn(batch_size, n_max, 3, **kw)}
+        noise = {"t": self.times.draw(torch.rand(batch_size, **kw)), "f0": torch.rand(batch_size, n_max, 3, **kw),
+                 "y0": torch.randn(batch_size, 6, **kw), "h0": torch.randn(batch_size, n_max, self.config.n_types, **kw),
+                 "z": torch.randn(batch_size, n_max, 3, **kw)}
+        if self.config.condition_dropout:  # which crystals train without their condition (models/condition.py)
+            noise["drop_condition"] = torch.rand(batch_size, **kw) < self.config.condition_dropout
+        return noise
 
     def one_hot(self, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.one_hot(types, self.config.n_types).float() * self.config.type_scale * mask.unsqueeze(-1)
 
     def data(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor] | None):
-        """(types, f1, y1, h1, mask, node, noise on the batch's device) of a training batch."""
+        """(types, f1, y1, h1, mask, node, noise on the batch's device, condition) of a training batch; the condition
+        [B, C] of a conditional batch (NaN in the rows the noise drops), else None."""
         types, f1, mask = batch["types"], batch["frac"], batch["mask"]
         if noise is None:
             noise = self.draw_noise(*types.shape, device=f1.device)
         noise = {k: v.to(f1.device) for k, v in noise.items()}
         y1 = self.scaler.normalise(batch["lengths"], batch["angles"])
-        return types, f1, y1, self.one_hot(types, mask), mask, mask.unsqueeze(-1).float(), noise
+        condition = batch.get("condition")
+        if condition is not None and "drop_condition" in noise:
+            condition = drop(condition, noise["drop_condition"])
+        return types, f1, y1, self.one_hot(types, mask), mask, mask.unsqueeze(-1).float(), noise, condition
 
-    def forward(self, model, h, f, y, t, mask):
-        """The backbone on a state: lattice given as standardised y, converted to lengths and angles here."""
+    def forward(self, model, h, f, y, t, mask, condition=None, guidance: float = 1.0):
+        """The backbone on a state: lattice given as standardised y, converted to lengths and angles here; a
+        conditional one also sees the condition [B, C] (None: dropped), guided with weight `guidance` unless it is 1
+        (models/condition.py)."""
         lengths, angles = self.scaler.lattice(y)
-        return model(h, f, lengths, angles, t, mask)
+        return guided(lambda c: model(h, f, lengths, angles, t, mask, **({} if c is None else {"condition": c})), condition, guidance)
 
     def type_loss(self, logits, types, mask) -> torch.Tensor:
         """Per-crystal mean cross-entropy of the type logits, times type_loss_weight; 0 for csp. [B]"""
@@ -82,13 +93,19 @@ class CrystalProcess(Process):
         return self.config.type_loss_weight * (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def sampling_start(self, model, request, generator):
-        """The prior state: (types or None, mask, node, noise dict, h), on the model's device. De novo takes the
-        request {"n_atoms": [B]}; structure prediction {"types": [B, N], "mask": [B, N]}."""
+        """The prior state: (types or None, mask, node, noise dict, h), on the model's device, and what forward()
+        takes of the request. De novo takes the request {"n_atoms": [B]}, a conditional model's optionally with
+        "condition" [B, C] (normalised) and "guidance" (a float, default 1); structure prediction {"types": [B, N],
+        "mask": [B, N]}."""
         device = next(model.parameters()).device
         want = {"types", "mask"} if self.config.csp else {"n_atoms"}
-        if set(request) != want:
+        if not (set(request) == want or not self.config.csp and want <= set(request) <= want | {"condition", "guidance"}):
             raise ValueError(f"a {'structure-prediction' if self.config.csp else 'de novo'} crystal model samples for a "
-                             f"request of {sorted(want)}, not {sorted(request)}")
+                             f"request of {sorted(want)}{'' if self.config.csp else ' (and a condition, its guidance)'}, "
+                             f"not {sorted(request)}")
+        guidance = {}
+        if "condition" in request:
+            guidance = {"condition": request["condition"].to(device), "guidance": float(request.get("guidance", 1.0))}
         types = None
         if self.config.csp:
             types, mask = request["types"].to(device), request["mask"].to(device)
@@ -98,7 +115,7 @@ class CrystalProcess(Process):
         node = mask.unsqueeze(-1).float()
         noise = {k: v.to(device) for k, v in self.draw_noise(*mask.shape, generator, device=device).items()}
         h = self.one_hot(types, mask) if self.config.csp else noise["h0"] * node
-        return types, mask, node, noise, h
+        return types, mask, node, noise, h, guidance
 
     def integrate(self, model, request, n_steps: int, heun: bool, generator, rates, time_power: float = 1.0,
                   anneal_slope: float = 0.0):
@@ -110,11 +127,12 @@ class CrystalProcess(Process):
         anneal_slope c > 0 is FlowMM's inference anti-annealing: the coordinates' velocity is multiplied by 1 + c t,
         so atoms settle onto their predicted sites earlier and the late steps refine rather than move them. The
         factor is capped at (1 - t) / dt, where a step would carry the coordinates past the end of the path."""
-        types, mask, node, noise, h = self.sampling_start(model, request, generator)
+        types, mask, node, noise, h, guidance = self.sampling_start(model, request, generator)
         f, y = noise["f0"] * node, noise["y0"]
 
         def velocity(f, y, h, t: float):
-            frac_out, lattice_out, logits = self.forward(model, h, f, y, torch.full((len(mask),), t, device=mask.device), mask)
+            frac_out, lattice_out, logits = self.forward(model, h, f, y, torch.full((len(mask),), t, device=mask.device), mask,
+                                                         **guidance)
             vh = torch.zeros_like(h) if self.config.csp else \
                 (logits.float().softmax(-1) * self.config.type_scale * node - h) / (1 - t)
             return *rates(remove_mean(frac_out.float(), mask), lattice_out.float(), t), vh, logits

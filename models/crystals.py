@@ -46,21 +46,28 @@ class CrystalSetInfo:
     max_atoms: int  # largest cell of the set
     blob_sha1: dict  # split -> git blob id of the file at CDVAE_COMMIT
     coverage_cutoffs: tuple[float, float]  # CDVAE's (structure, composition) fingerprint distance thresholds
+    conditions: tuple = ()  # the CRYSTAL_PROPERTIES a generator of this set may be conditioned on (train.py --condition)
 
 
 CRYSTAL_SETS = {
     "perov5": CrystalSetInfo("perov_5", 5, {"train": "0769074b5d51d293b765c4371b8f55c468c9c9f2",
                                             "val": "4a2c8dde98347dd0e01fa83dcf3982c2abe98f9f",
-                                            "test": "d3c5d5af4b27a2a139149f2bb73c8a3dba9d8ac1"}, (0.2, 4.0)),
+                                            "test": "d3c5d5af4b27a2a139149f2bb73c8a3dba9d8ac1"}, (0.2, 4.0), ("heat_ref",)),
     "carbon24": CrystalSetInfo("carbon_24", 24, {"train": "5e7ae970fbad8ddc46b6963e8cd6e425f11783a6",
                                                  "val": "b3e29b927883642426ca1d9632d00359b412742b",
-                                                 "test": "9beca843fde489de1fe288b32f9e3ff710d42803"}, (0.2, 4.0)),
+                                                 "test": "9beca843fde489de1fe288b32f9e3ff710d42803"}, (0.2, 4.0),
+                                ("energy_per_atom",)),
     "mp20": CrystalSetInfo("mp_20", 20, {"train": "b1c9d498565ac2fd8d075a51ff2ef5e51ba6c21f",
                                          "val": "7efe4d7ebeb4f460ceaad35e5326c42111d9c9a1",
-                                         "test": "5dc643041df53f5ce4970a79930ad262b4f07acd"}, (0.4, 10.0)),
+                                         "test": "5dc643041df53f5ce4970a79930ad262b4f07acd"}, (0.4, 10.0),
+                            ("formation_energy_per_atom", "band_gap")),
 }
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+# The CDVAE files' property columns a generator can be conditioned on, with their units: perov-5's heat of
+# formation, carbon-24's energy per atom, MP-20's formation energy and band gap (MP-20: untested, its files cannot
+# be had offline). A set's CrystalSetInfo.conditions says which of them it has.
+CRYSTAL_PROPERTIES = {"heat_ref": "eV/atom", "energy_per_atom": "eV/atom", "formation_energy_per_atom": "eV/atom", "band_gap": "eV"}
+CACHE_VERSION = 2  # 2: the property columns
 MIN_DISTANCE = 0.5  # A: closer atoms (periodic images included) make a record unusable, as in structural validity
 
 
@@ -70,7 +77,7 @@ class CrystalSet:
 
     numbers [A] int16 atomic numbers, frac [A, 3] float64 fractional coordinates in [0, 1),
     lengths [S, 3] float64 (A), angles [S, 3] float64 (degrees), n_atoms [S] int32, offset [S] int64,
-    ids [S] str (material_id)."""
+    ids [S] str (material_id), properties [S, 4] float64: CRYSTAL_PROPERTIES in order, NaN where the file has none."""
 
     numbers: np.ndarray
     frac: np.ndarray
@@ -79,9 +86,18 @@ class CrystalSet:
     n_atoms: np.ndarray
     offset: np.ndarray
     ids: np.ndarray
+    properties: np.ndarray
 
     def __len__(self) -> int:
         return len(self.n_atoms)
+
+    def property_values(self, name: str) -> np.ndarray:
+        """[S] values of one of CRYSTAL_PROPERTIES; DataError if a crystal has none."""
+        values = self.properties[:, list(CRYSTAL_PROPERTIES).index(name)]
+        if np.isnan(values).any():
+            raise DataError(f"{int(np.isnan(values).sum())} of {len(values)} crystals have no {name} (material_id "
+                            f"{self.ids[np.flatnonzero(np.isnan(values))[0]]}, ...)")
+        return values
 
     def atoms_of(self, i: int) -> slice:
         return slice(int(self.offset[i]), int(self.offset[i]) + int(self.n_atoms[i]))
@@ -95,7 +111,7 @@ class CrystalSet:
         idx = np.asarray(idx, dtype=np.int64)
         rows = atom_rows(self.offset, self.n_atoms, idx)
         return CrystalSet(self.numbers[rows], self.frac[rows], self.lengths[idx], self.angles[idx], self.n_atoms[idx],
-                          offsets_of(self.n_atoms[idx]), self.ids[idx])
+                          offsets_of(self.n_atoms[idx]), self.ids[idx], self.properties[idx])
 
     def elements(self) -> list[int]:
         """Atomic numbers present, ascending: the element vocabulary of a generator trained on this set."""
@@ -224,14 +240,31 @@ def read_cdvae_csv(path: Path, progress: bool = True) -> CrystalSet:
             raise DataError(f"{where}: unreadable CIF ({type(e).__name__}: {e})") from None
         # in the order pymatgen's default parse gives (by electronegativity), which the caches hold
         structure = full_sites(parsed, where).get_sorted_structure()
-        records.append((str(row["material_id"]), *canonical_crystal(structure, where)))
+        records.append((str(row["material_id"]), *canonical_crystal(structure, where), crystal_properties(row, where)))
     if not records:
         raise DataError(f"{path}: no crystals")
     n_atoms = np.array([len(r[1]) for r in records], dtype=np.int32)
     return CrystalSet(
         numbers=np.concatenate([r[1] for r in records]), frac=np.concatenate([r[2] for r in records]),
         lengths=np.stack([r[3] for r in records]), angles=np.stack([r[4] for r in records]), n_atoms=n_atoms,
-        offset=offsets_of(n_atoms), ids=np.array([r[0] for r in records]))
+        offset=offsets_of(n_atoms), ids=np.array([r[0] for r in records]), properties=np.stack([r[5] for r in records]))
+
+
+def crystal_properties(row: dict, where: str) -> np.ndarray:
+    """[4] CRYSTAL_PROPERTIES of one CSV record: NaN for a column the file lacks or leaves empty; DataError naming the
+    record for a value that is not a finite number."""
+    out = np.full(len(CRYSTAL_PROPERTIES), np.nan)
+    for i, name in enumerate(CRYSTAL_PROPERTIES):
+        text = (row.get(name) or "").strip()
+        if not text:
+            continue
+        try:
+            out[i] = float(text)
+        except ValueError:
+            out[i] = np.nan
+        if not np.isfinite(out[i]):
+            raise DataError(f"{where}: {name} is {text!r}, not a finite number")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +288,7 @@ def split_file(name: str, split: str, data_dir: Path, download_missing: bool = T
     return path
 
 
-CACHE_ARRAYS = ("version", "source_sha1", "numbers", "frac", "lengths", "angles", "n_atoms", "offset", "ids")
+CACHE_ARRAYS = ("version", "source_sha1", "numbers", "frac", "lengths", "angles", "n_atoms", "offset", "ids", "properties")
 
 
 def load_cache(path: Path, source_sha1: str) -> CrystalSet:
@@ -276,6 +309,7 @@ def load_cache(path: Path, source_sha1: str) -> CrystalSet:
         raise DataError(f"{path}: unreadable crystal cache ({type(e).__name__}: {e})") from None
     S, A = len(crystals.n_atoms), len(crystals.numbers)
     consistent = (S > 0 and crystals.lengths.shape == crystals.angles.shape == (S, 3) and len(crystals.ids) == S
+                  and crystals.properties.shape == (S, len(CRYSTAL_PROPERTIES))
                   and crystals.frac.shape == (A, 3) and int(crystals.offset[-1]) + int(crystals.n_atoms[-1]) == A)
     if not consistent:
         raise DataError(f"{path}: crystal cache is inconsistent ({S} crystals, {A} atoms)")
@@ -306,7 +340,7 @@ def load_crystals(name: str, split: str, data_dir: str | Path | None = None, pro
     try:
         save_npz(cache, dict(version=CACHE_VERSION, source_sha1=source_sha1, numbers=crystals.numbers, frac=crystals.frac,
                              lengths=crystals.lengths, angles=crystals.angles, n_atoms=crystals.n_atoms,
-                             offset=crystals.offset, ids=crystals.ids.astype(str)))
+                             offset=crystals.offset, ids=crystals.ids.astype(str), properties=crystals.properties))
     except OSError as e:  # a read-only data directory: the crystals are still good, only the next load is slower
         print(f"warning: cannot write the cache {cache} ({e})", file=sys.stderr)
     return crystals
@@ -326,9 +360,11 @@ class PaddedCrystals:
     """Crystals as padded tensors, all padded to the same n_max so every batch has one shape.
 
     types [S, n_max] long (index into `elements`), frac [S, n_max, 3] float32, lengths [S, 3], angles [S, 3]
-    float32, mask [S, n_max] bool. An element outside `elements` raises DataError naming the crystal."""
+    float32, mask [S, n_max] bool; with a condition [S, C] (normalised properties, models/condition.py), every batch
+    carries its rows. An element outside `elements` raises DataError naming the crystal."""
 
-    def __init__(self, crystals: CrystalSet, elements: list[int], n_max: int | None = None, name: str = "crystals"):
+    def __init__(self, crystals: CrystalSet, elements: list[int], n_max: int | None = None, name: str = "crystals",
+                 condition: torch.Tensor | None = None):
         n_max = int(crystals.n_atoms.max()) if n_max is None else n_max
         if crystals.n_atoms.max() > n_max:
             raise DataError(f"{name}: a crystal has {crystals.n_atoms.max()} atoms, more than n_max={n_max}")
@@ -348,6 +384,7 @@ class PaddedCrystals:
         self.lengths = torch.from_numpy(crystals.lengths.astype(np.float32))
         self.angles = torch.from_numpy(crystals.angles.astype(np.float32))
         self.n_max = n_max
+        self.condition = condition
 
     def __len__(self) -> int:
         return len(self.types)
@@ -356,7 +393,10 @@ class PaddedCrystals:
         """The crystals idx, padded to n_max atoms, or to `width` (at least their largest) to save work."""
         atoms = slice(0, width or self.n_max)
         per_atom = {k: getattr(self, k)[idx, atoms].to(device) for k in ("types", "frac", "mask")}
-        return {**per_atom, "lengths": self.lengths[idx].to(device), "angles": self.angles[idx].to(device)}
+        batch = {**per_atom, "lengths": self.lengths[idx].to(device), "angles": self.angles[idx].to(device)}
+        if self.condition is not None:
+            batch["condition"] = self.condition[idx].to(device)
+        return batch
 
 
 def unpad(batch: dict[str, torch.Tensor], elements) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

@@ -111,6 +111,38 @@ class Domain:
         """What sample.py records in each sample's extxyz info beside the sampler's settings."""
         return {}
 
+    def de_novo_plan(self, ckpt: dict, n: int, generator, condition: dict | None = None, guidance: float = 1.0) -> "SamplingPlan":
+        """n structures, sizes from the training histogram. A conditional checkpoint's structures each take a request:
+        by default an (atom count, properties) pair drawn from the generator's training half, as EDM's protocol
+        does; with condition {property: value} (every property the model knows, in its unit) those values, the
+        sizes from the histogram. The requested values go into the plan's info (sample.py writes them to each
+        structure's extxyz info as condition_<property>)."""
+        import torch
+
+        jobs = [(i, 0) for i in range(n)]
+        if "condition" not in ckpt:
+            if condition is not None or guidance != 1.0:
+                raise ValueError("the checkpoint was trained without --condition: it takes no condition and no guidance")
+            n_atoms = self.draw_sizes(ckpt, n, generator)
+            return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+        from models.condition import Normalisation
+
+        norm = Normalisation.from_state(ckpt["condition"])
+        if condition is None:
+            pairs = ckpt["condition_pairs"]
+            pick = torch.randint(len(pairs), (n,), generator=generator)
+            n_atoms, values = pairs[pick, 0].long(), pairs[pick, 1:].double()
+        else:
+            if set(condition) != set(norm.names):
+                raise ValueError(f"the checkpoint is conditioned on {', '.join(norm.names)}: give a value for each of them, "
+                                 f"not for {', '.join(condition) or 'none'}")
+            n_atoms = self.draw_sizes(ckpt, n, generator)
+            values = torch.tensor([[float(condition[name]) for name in norm.names]], dtype=torch.float64).expand(n, -1)
+        normalised = norm.normalise(values.numpy())
+        info = {f"condition_{name}": values[:, k].tolist() for k, name in enumerate(norm.names)}
+        return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows], "condition": normalised[rows],
+                                                                  "guidance": guidance}, info)
+
     def draw_sizes(self, meta: dict, n: int, generator):
         """n structure sizes [n] drawn from the training histogram that meta (a checkpoint, or TrainingData.meta)
         keeps."""
@@ -161,16 +193,9 @@ class Molecules(Domain):
         meta = {"atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": train.n_atoms_histogram().tolist()}
         conditions = (None, None)
         if condition:
-            import numpy as np
-            import torch
-            from models.condition import Normalisation
-
-            values = [np.stack([m.property_values(name) for name in condition], 1) for m in (train, valid)]
-            norm = Normalisation.fit(list(condition), values[0], [PROPERTIES[name][3] for name in condition])
-            conditions = tuple(norm.normalise(v) for v in values)
-            meta["condition"] = {**norm.state(), "half": "generator", "n_train": len(train)}
-            meta["condition_pairs"] = torch.cat([torch.from_numpy(train.n_atoms).float()[:, None],
-                                                 torch.as_tensor(values[0], dtype=torch.float32)], 1)
+            from models.condition import generator_data
+            *conditions, condition_meta = generator_data(condition, [PROPERTIES[name][3] for name in condition], train, valid)
+            meta.update(condition_meta)
         summary = (f"data: {len(train)} train / {len(valid)} validation molecules, n_max {n_max}, loaded in {time.time() - t0:.1f} s"
                    + (f"; conditioned on {', '.join(condition)}: the generator's half of the training split" if condition else ""))
         return TrainingData(PaddedMolecules(train, n_max, conditions[0]), PaddedMolecules(valid, n_max, conditions[1]),
@@ -181,7 +206,7 @@ class Molecules(Domain):
 
     def process_options(self, args, data: TrainingData) -> dict:
         options = {"ot_align": True} if args.ot_align else {}
-        if args.condition:
+        if getattr(args, "condition", None):
             options["condition_dropout"] = args.condition_dropout
         if args.distance_loss:
             options["distance_loss"] = args.distance_loss
@@ -200,36 +225,8 @@ class Molecules(Domain):
 
     def sampling_plan(self, ckpt: dict, n: int, generator, compositions=None, n_per_composition: int = 1,
                       condition: dict | None = None, guidance: float = 1.0) -> "SamplingPlan":
-        """n molecules, sizes from the training histogram. A conditional checkpoint's molecules each take a request:
-        by default an (atom count, properties) pair drawn from the generator's training half, as EDM's protocol
-        does; with condition {property: value} (every property the model knows, in its unit) those values, the
-        sizes from the histogram. The requested values go into the plan's info (sample.py writes them to each
-        molecule's extxyz info as condition_<property>)."""
-        import torch
-
-        jobs = [(i, 0) for i in range(n)]
-        if "condition" not in ckpt:
-            if condition is not None or guidance != 1.0:
-                raise ValueError("the checkpoint was trained without --condition: it takes no condition and no guidance")
-            n_atoms = self.draw_sizes(ckpt, n, generator)
-            return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
-        from models.condition import Normalisation
-
-        norm = Normalisation.from_state(ckpt["condition"])
-        if condition is None:
-            pairs = ckpt["condition_pairs"]
-            pick = torch.randint(len(pairs), (n,), generator=generator)
-            n_atoms, values = pairs[pick, 0].long(), pairs[pick, 1:].double()
-        else:
-            if set(condition) != set(norm.names):
-                raise ValueError(f"the checkpoint is conditioned on {', '.join(norm.names)}: give a value for each of them, "
-                                 f"not for {', '.join(condition) or 'none'}")
-            n_atoms = self.draw_sizes(ckpt, n, generator)
-            values = torch.tensor([[float(condition[name]) for name in norm.names]], dtype=torch.float64).expand(n, -1)
-        normalised = norm.normalise(values.numpy())
-        info = {f"condition_{name}": values[:, k].tolist() for k, name in enumerate(norm.names)}
-        return SamplingPlan(jobs, n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows], "condition": normalised[rows],
-                                                                  "guidance": guidance}, info)
+        """n molecules: Domain.de_novo_plan."""
+        return self.de_novo_plan(ckpt, n, generator, condition, guidance)
 
     def structures(self, out: dict, ckpt: dict) -> list:
         """A process's padded samples as ase.Atoms, None where a coordinate is not finite."""
@@ -294,8 +291,14 @@ class Crystals(Domain):
                  "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
     RECIPE = {"time_frequencies": 0}  # not ablated for crystals
     TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (README, Crystals)
-    FLAGS = ("csp", "train_split", "max_atoms")
+    FLAGS = ("csp", "train_split", "max_atoms", "condition", "condition_dropout")
     FIGURES = False
+
+    @property
+    def CONDITIONS(self) -> tuple[str, ...]:  # noqa: N802 (a class attribute of Molecules, a per-set one here)
+        """train.py --condition: the CDVAE property columns of this set (models/crystals.py)."""
+        from models.crystals import CRYSTAL_SETS
+        return CRYSTAL_SETS[self.name].conditions
 
     def run_name(self, args) -> str:
         return f"{self.name}{'_csp' if args.csp else ''}"
@@ -347,6 +350,10 @@ class Crystals(Domain):
         t0 = time.time()
         train, valid = self.splits(args, progress)
         elements = meta["elements"] if meta is not None else sorted(set(train.elements()) | set(valid.elements()))
+        condition = getattr(args, "condition", None)
+        if condition:  # EDM's protocol: the generator's half of the training split (models/condition.py)
+            from models.condition import protocol_halves
+            train = train.subset(protocol_halves(len(train))["generator"])
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         valid = valid.subset(range(min(args.val_size, len(valid))))
@@ -354,13 +361,21 @@ class Crystals(Domain):
         self.check_max_atoms(valid, "val", args)
         n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
         from ase.data import chemical_symbols
+        data_meta = {"elements": elements, "atom_symbols": [chemical_symbols[z] for z in elements], "csp": args.csp,
+                     "n_atoms_hist": train.n_atoms_histogram().tolist()}
+        conditions = (None, None)
+        if condition:
+            from models.condition import generator_data
+            from models.crystals import CRYSTAL_PROPERTIES
+            *conditions, condition_meta = generator_data(condition, [CRYSTAL_PROPERTIES[c] for c in condition], train, valid)
+            data_meta.update(condition_meta)
         return TrainingData(
-            PaddedCrystals(train, elements, n_max, f"{self.name} {args.train_split}"),
-            PaddedCrystals(valid, elements, n_max, f"{self.name} validation"), len(elements), n_max,
-            {"elements": elements, "atom_symbols": [chemical_symbols[z] for z in elements], "csp": args.csp,
-             "n_atoms_hist": train.n_atoms_histogram().tolist()},
+            PaddedCrystals(train, elements, n_max, f"{self.name} {args.train_split}", conditions[0]),
+            PaddedCrystals(valid, elements, n_max, f"{self.name} validation", conditions[1]), len(elements), n_max,
+            data_meta,
             f"data: {self.name} ({args.train_split} split): {len(train)} train / {len(valid)} validation crystals, "
-            f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t0:.1f} s")
+            f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t0:.1f} s"
+            + (f"; conditioned on {', '.join(condition)}: the generator's half of the training split" if condition else ""))
 
     def check_max_atoms(self, crystals, split: str, args) -> None:
         """DataError naming the largest crystal of `crystals` (read from `split`) above --max-atoms. A batch is padded
@@ -387,7 +402,8 @@ class Crystals(Domain):
     def process_options(self, args, data: TrainingData) -> dict:
         from models.geometry import LatticeScaler
         scaler = LatticeScaler.fit(data.train.lengths, data.train.angles).state()
-        return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"]}
+        return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"],
+                **({"condition_dropout": args.condition_dropout} if getattr(args, "condition", None) else {})}
 
     def train_flags(self, args) -> list:
         return ["--train-split", args.train_split] + (["--csp"] if args.csp else [])
@@ -399,15 +415,13 @@ class Crystals(Domain):
                       condition: dict | None = None, guidance: float = 1.0) -> "SamplingPlan":
         """De novo: n crystals, sizes from the training histogram. Structure prediction: n_per_composition samples
         for each crystal of `compositions` (a models.crystals.CrystalSet), whose elements the model must know.
-        Crystal models are not conditioned on properties yet."""
+        A conditional (de novo) checkpoint: Domain.de_novo_plan."""
         from models.crystals import PaddedCrystals
 
-        if condition is not None or guidance != 1.0:
-            raise ValueError("crystal models take no condition and no guidance yet (train.py --condition is for molecules)")
-
         if not ckpt["csp"]:
-            n_atoms = self.draw_sizes(ckpt, n, generator)
-            return SamplingPlan([(i, 0) for i in range(n)], n_atoms, lambda rows, by_size: {"n_atoms": n_atoms[rows]})
+            return self.de_novo_plan(ckpt, n, generator, condition, guidance)
+        if condition is not None or guidance != 1.0:
+            raise ValueError("a structure-prediction checkpoint takes no condition and no guidance")
         padded = PaddedCrystals(compositions, ckpt["elements"], name="the compositions")
         sizes = padded.mask.sum(1)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.condition import drop, guide
+from models.condition import drop, guided
 from models.geometry import remove_mean
 from models.precision import full
 from models.process import Process
@@ -116,12 +116,7 @@ class MoleculeProcess(Process):
         the condition [B, C] (normalised, NaN: dropped; None: all dropped), guided with weight `guidance` unless it
         is 1 (models/condition.py: 0 is the unconditional model)."""
         inputs = {"estimate": estimate} if self.config.self_condition else {}
-        if condition is None or guidance == 1.0:
-            return model(h, x, t, mask, **inputs, **({} if condition is None else {"condition": condition}))
-        unconditional = model(h, x, t, mask, **inputs)
-        if guidance == 0.0:
-            return unconditional
-        return guide(model(h, x, t, mask, **inputs, condition=condition), unconditional, guidance)
+        return guided(lambda c: model(h, x, t, mask, **inputs, **({} if c is None else {"condition": c})), condition, guidance)
 
     def training_outputs(self, model, z: dict[str, torch.Tensor]):
         """The backbone on a noised batch. Self-conditioned, on the batches whose coin is below 1/2, it first

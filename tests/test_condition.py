@@ -67,6 +67,40 @@ def test_every_backbone_sees_its_condition_and_refuses_one_it_was_not_built_for(
         plain(h, pos, t, mask, condition=torch.zeros(3, 2))
 
 
+@pytest.mark.parametrize("arch", ["gnn", "transformer", "pairformer"])
+def test_every_crystal_backbone_sees_its_condition(arch):
+    cls = get_domain("perov5").arch_class(arch)
+    torch.manual_seed(0)
+    model = cls(cls.Config(n_types=4, hidden=32, n_layers=2, n_conditions=1)).eval()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.arange(5)[None] < torch.tensor([5, 3])[:, None]
+    inputs = (torch.randn(2, 5, 4, generator=g), torch.rand(2, 5, 3, generator=g), torch.full((2, 3), 4.0),
+              torch.full((2, 3), 90.0), torch.rand(2, generator=g), mask)
+    dropped = model(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(dropped, model(*inputs, condition=torch.full((2, 1), float("nan")))))
+    assert not torch.allclose(model(*inputs, condition=torch.tensor([[1.0], [-1.0]]))[2], dropped[2])  # the type logits
+
+
+@pytest.mark.parametrize("gen", ["flow", "diffusion", "interpolant"])
+def test_guidance_zero_samples_a_crystal_models_unconditional_model(gen):
+    domain = get_domain("perov5")
+    model_cls, process_cls = domain.arch_class("gnn"), domain.process_class(gen)
+    torch.manual_seed(0)
+    model = model_cls(model_cls.Config(n_types=4, hidden=32, n_layers=2, n_conditions=1)).eval()
+    with torch.no_grad():  # the coordinate and lattice heads start at zero: give them something to say
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    process = process_cls(process_cls.Config(n_types=4, condition_dropout=0.1))
+    n_atoms, condition = torch.tensor([5, 3]), torch.tensor([[1.5], [-1.0]])
+
+    def draw(**request):
+        return process.sample(model, {"n_atoms": n_atoms, **request}, 3, process.SAMPLERS[0], generator=torch.Generator().manual_seed(3))
+
+    unconditional, guided_zero, conditional = draw(), draw(condition=condition, guidance=0.0), draw(condition=condition)
+    assert all(torch.equal(guided_zero[k], unconditional[k]) for k in ("frac", "lengths", "types"))
+    assert not torch.allclose(conditional["lengths"], unconditional["lengths"])
+
+
 @pytest.mark.parametrize("gen", ["flow", "diffusion", "interpolant"])
 def test_guidance_zero_samples_the_unconditional_model_and_two_extrapolates(gen):
     model_cls, process_cls = QM9.arch_class("gnn"), QM9.process_class(gen)
@@ -227,3 +261,36 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
     plain.write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
     code, message = run("evaluate.py", plain, "--data-dir", qm9_dir, "--no-fcd", "--no-progress", "--oracle", oracle / "ckpt.pt")
     assert code == 1 and f"{plain}: the molecules request none of the properties" in message, message[-3000:]
+
+
+def test_a_conditional_crystal_run_trains_on_its_half_and_samples_the_protocols_pairs(tmp_path):
+    """perov-5's heat_ref, on the fixture's 64 validation-split crystals (--train-split val holds 5 % of them out)."""
+    (tmp_path / "data" / "cdvae" / "perov_5").mkdir(parents=True)
+    (tmp_path / "data" / "cdvae" / "perov_5" / "val.csv").write_bytes((ROOT / "tests" / "data" / "perov5_val_sample.csv").read_bytes())
+    code, message = run("train.py", "--preset", "tiny", "--data", "perov5", "--train-split", "val", "--condition", "heat_ref",
+                        "--iters", 4, "--eval-samples", 0, "--data-dir", tmp_path / "data", "--out", tmp_path / "run")
+    assert code == 0, message[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["condition"]["properties"] == ["heat_ref"] and ckpt["condition"]["units"] == ["eV/atom"]
+    assert ckpt["n_train"] == len(ckpt["condition_pairs"]) < 64
+    code, message = run("sample.py", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 6, "--steps", 2, "--out", tmp_path / "s")
+    assert code == 0, message[-3000:]
+    pairs = {(int(n), round(float(v), 4)) for n, v in ckpt["condition_pairs"].tolist()}
+    for atoms in ase.io.read(tmp_path / "s" / "samples.extxyz", ":"):
+        assert (len(atoms), round(atoms.info["condition_heat_ref"], 4)) in pairs and atoms.pbc.all()
+
+
+def test_crystal_properties_are_read_from_the_cdvae_columns(tmp_path):
+    from models.crystals import read_cdvae_csv
+    from models.fileio import DataError
+
+    perov = read_cdvae_csv(ROOT / "tests" / "data" / "perov5_sample.csv", progress=False)
+    carbon = read_cdvae_csv(ROOT / "tests" / "data" / "carbon24_sample.csv", progress=False)
+    assert perov.property_values("heat_ref")[0] == pytest.approx(1.4383314936574307)
+    assert carbon.property_values("energy_per_atom")[0] == pytest.approx(-154.546684)
+    with pytest.raises(DataError, match="have no energy_per_atom"):  # perov-5 has no such column
+        perov.property_values("energy_per_atom")
+    bad = tmp_path / "bad.csv"  # the first record's heat_ref replaced by a word
+    bad.write_text((ROOT / "tests" / "data" / "perov5_sample.csv").read_text().replace("1.4383314936574307", "hot", 1))
+    with pytest.raises(DataError, match="bad.csv, lines 2-.*heat_ref is 'hot', not a finite number"):
+        read_cdvae_csv(bad, progress=False)

@@ -16,7 +16,7 @@ import torch
 from models.domains import Crystals
 from models.crystal_metrics import (_first_matches, composition_valid, coverage, csp_metrics, density, fingerprints,
                                     is_valid, structure_valid, uniqueness_novelty, wasserstein_distances)
-from models.crystals import (CRYSTAL_SETS, CrystalSet, PaddedCrystals, holdout_mask, load_crystals,
+from models.crystals import (CRYSTAL_SETS, PaddedCrystals, holdout_mask, load_crystals,
                              read_cdvae_csv, unpad)
 from models.fileio import DataError, git_blob_sha1
 from models.geometry import (LatticeScaler, lattice_matrix, lattice_to_unconstrained, torus_difference,
@@ -275,7 +275,6 @@ def test_lattice_and_torus_round_trips():
 
 def crystal_batch(n=6):
     crystals = read_cdvae_csv(PEROV_TEST, progress=False)
-    crystals = CrystalSet(*(getattr(crystals, k) for k in ("numbers", "frac", "lengths", "angles", "n_atoms", "offset", "ids")))
     return crystals, PaddedCrystals(crystals.subset(range(n)), crystals.elements())
 
 

@@ -28,8 +28,9 @@ def test_every_data_set_has_its_domain_and_unknown_names_are_refused():
 
 
 def test_each_domain_refuses_the_other_kinds_flags_only():
-    assert set(get_domain("qm9").foreign_flags()) == set(Crystals.FLAGS)
-    assert set(get_domain("perov5").foreign_flags()) == set(Molecules.FLAGS)
+    assert set(get_domain("qm9").foreign_flags()) == set(Crystals.FLAGS) - set(Molecules.FLAGS) == {"csp", "train_split", "max_atoms"}
+    assert set(get_domain("perov5").foreign_flags()) == set(Molecules.FLAGS) - set(Crystals.FLAGS)
+    assert {"condition", "condition_dropout"} <= set(Molecules.FLAGS) & set(Crystals.FLAGS)  # both domains condition
 
 
 def test_both_domains_name_the_same_backbones_and_processes_with_their_own_classes():

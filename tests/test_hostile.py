@@ -110,7 +110,8 @@ CASES = [
     ("label merge: two teacher versions", "label.py merge {w}/good.h5 {w}/oldversion.h5 --out {w}/mixed.h5", 1, ["different teacher versions", "--mixed-versions"], None),
     # -- conditional generation (a conditional checkpoint's own refusals: tests/test_condition.py)
     ("train: --condition of an unknown property", "train.py {tiny} --condition alpha beta --out {w}/x", 2, ["--condition beta", "molecules are conditioned on alpha, gap, homo, lumo, mu, Cv"], None),
-    ("train: --condition for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition", "not an option for crystals"], None),
+    ("train: --condition of a QM9 property for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition alpha", "crystals are conditioned on heat_ref"], None),
+    ("train: --condition with --csp", "train.py {tiny} --data carbon24 --csp --condition energy_per_atom --out {w}/x", 2, ["--condition applies to de novo generation"], None),
     ("train: --condition-dropout without --condition", "train.py {tiny} --condition-dropout 0.2 --out {w}/x", 2, ["--condition-dropout applies to --condition"], None),
     ("train: --resume of an unconditional run with --condition", "train.py {tiny} --data-dir {data} --out {w}/run --resume --condition alpha", 1, ["--condition ['alpha'] (checkpoint: None)", "cannot change"], None),
     ("sample: --condition for an unconditional checkpoint", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --condition alpha=80 --out {w}/sc", 1, ["run/ckpt.pt was trained without train.py --condition", "no --condition"], None),
