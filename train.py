@@ -123,6 +123,10 @@ parser.add_argument("--init-from", default=None, help="--task gen: start a new r
                     "shipped model such as models/pretrained/qm9_gnn_flow.pt): its backbone, process, data and model flags, with a fresh "
                     "optimiser, schedule and step count. A second stage: fine-tuning, or training on where --resume cannot (the "
                     "first run's optimiser state is gone)")
+parser.add_argument("--init-trunk", default=None, help="--task gen, transformer and pairformer: start a new run whose trunk "
+                    "(and the heads' shared parts, and the type embeddings of the elements both vocabularies hold) is another "
+                    "run's EMA weights, of either domain: transfer between molecules and crystals (models/transfer.py). The "
+                    "geometry embeddings and the crystal heads start new; --hidden and --n-layers must be the source's")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt: weights, EMA, optimiser, schedule, RNG, step; the logs are cut back to its step")
 parser.add_argument("--overwrite", action="store_true", help="start a new run in an OUT that holds one: its checkpoints and logs are deleted")
 parser.add_argument("--override", action="store_true", help="with --resume: accept run-defining flags (iters, batch size, seed, lr, schedule, EMA, n-train, preset) that differ from the checkpoint's; they apply from its step on")
@@ -210,6 +214,11 @@ if args.override and not args.resume:
     parser.error("--override applies to --resume only")
 if args.init_from and not Path(args.init_from).is_file():
     parser.error(f"--init-from {args.init_from}: no such checkpoint file")
+if args.init_trunk:
+    if args.init_from or args.task != "gen":
+        parser.error("--init-trunk starts a new generative run from another's trunk; --init-from from its whole model: give one")
+    if not Path(args.init_trunk).is_file():
+        parser.error(f"--init-trunk {args.init_trunk}: no such checkpoint file")
 default_out = f"out/{domain.run_name(args)}_{args.arch}_{args.gen}_{args.preset}" if domain else \
     f"out/oracle_qm9_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
@@ -300,7 +309,7 @@ if args.init_from and resume_ckpt is None:
         raise SystemExit(f"--init-from: {e}")
     if "args" not in init_ckpt:
         raise SystemExit(f"--init-from {args.init_from}: the checkpoint holds no train.py flags ('args'), so its model flags are unknown")
-    adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k != "init_from"], f"--init-from {args.init_from}",
+    adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k not in ("init_from", "init_trunk")], f"--init-from {args.init_from}",
                       "the model is the checkpoint's. Drop those flags, or give its values")
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
     args.batching = "random" if args.task == "ff" else "size"
@@ -347,6 +356,12 @@ else:
         model, objective = task.new_model(args)
     except ValueError as e:  # a size the backbone cannot take (attention heads must divide --hidden, say)
         raise SystemExit(f"train.py: no model of --hidden {args.hidden} --n-layers {args.n_layers} here: {e}")
+    if args.init_trunk:  # transfer: the shared parts from another run, of either domain
+        from models.transfer import TransferError, transfer_weights
+        try:
+            log(transfer_weights(load_checkpoint(args.init_trunk), args.init_trunk, model, args.arch, task.data.meta["atom_symbols"]))
+        except (CheckpointError, TransferError) as e:
+            raise SystemExit(f"--init-trunk: {e}")
 model.to(device)
 ema = copy.deepcopy(model).requires_grad_(False)
 n_params = sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ class Generation:
     RUN_FLAGS = ("iters", "batch_size", "seed", "warmup", "lr", "min_lr_ratio", "weight_decay", "grad_clip", "ema_decay",
                  "n_train", "preset", "batching")
     MODEL_FLAGS = ("hidden", "n_layers", "cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "data", "csp", "train_split", "time_tilt",
-                   "time_frequencies", "self_condition", "condition", "condition_dropout", "init_from")
+                   "time_frequencies", "self_condition", "condition", "condition_dropout", "init_from", "init_trunk")
 
     def __init__(self, args):
         self.domain = get_domain(args.data)

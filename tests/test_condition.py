@@ -294,3 +294,55 @@ def test_crystal_properties_are_read_from_the_cdvae_columns(tmp_path):
     bad.write_text((ROOT / "tests" / "data" / "perov5_sample.csv").read_text().replace("1.4383314936574307", "hot", 1))
     with pytest.raises(DataError, match="bad.csv, lines 2-.*heat_ref is 'hot', not a finite number"):
         read_cdvae_csv(bad, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer between molecules and crystals (models/transfer.py, train.py --init-trunk)
+
+
+@pytest.fixture(scope="module")
+def molecule_transformer(qm9_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer") / "qm9"
+    code, message = run("train.py", "--preset", "tiny", "--arch", "transformer", "--iters", 3, "--eval-samples", 0,
+                        "--data-dir", qm9_dir, "--out", out)
+    assert code == 0, message[-3000:]
+    return out / "ckpt.pt"
+
+
+def test_a_crystal_model_starts_from_a_molecule_models_trunk_and_shared_elements(molecule_transformer):
+    from models.transfer import transfer_weights
+
+    source = load_checkpoint(molecule_transformer)
+    molecule = build_model(source)[0].state_dict()
+    cls = get_domain("perov5").arch_class("transformer")
+    symbols = ["Ba", "N", "O", "Ti", "F"]
+    torch.manual_seed(1)
+    crystal = cls(cls.Config(n_types=len(symbols), hidden=32, n_layers=2))
+    before = {k: v.clone() for k, v in crystal.state_dict().items()}
+    message = transfer_weights(source, molecule_transformer, crystal, "transformer", symbols)
+    after = crystal.state_dict()
+    assert "3 elements both vocabularies hold (N, O, F)" in message
+    for name in after:
+        if name.startswith("blocks.") or name.startswith("head.weight."):
+            assert torch.equal(after[name], molecule[name]), name
+        if name.startswith(("embed.pair_from_geometry", "head.lattice", "head.own")):  # the crystal's own parts stay new
+            assert torch.equal(after[name], before[name]), name
+    for i, s in enumerate(symbols):  # by element: N O F from QM9's H C N O F, Ba and Ti new
+        j = list(source["atom_symbols"]).index(s) if s in source["atom_symbols"] else None
+        column = after["embed.atom.weight"][:, i]
+        assert torch.equal(column, molecule["embed.atom.weight"][:, j] if j is not None else before["embed.atom.weight"][:, i])
+        assert torch.equal(after["head.types.1.weight"][i], molecule["head.types.1.weight"][j] if j is not None
+                           else before["head.types.1.weight"][i])
+
+
+def test_init_trunk_trains_across_domains_and_refuses_what_does_not_fit(molecule_transformer, tmp_path):
+    (tmp_path / "data" / "cdvae" / "perov_5").mkdir(parents=True)
+    (tmp_path / "data" / "cdvae" / "perov_5" / "val.csv").write_bytes((ROOT / "tests" / "data" / "perov5_val_sample.csv").read_bytes())
+    common = ["train.py", "--preset", "tiny", "--data", "perov5", "--train-split", "val", "--iters", 2, "--eval-samples", 0,
+              "--data-dir", tmp_path / "data", "--init-trunk", molecule_transformer]
+    code, message = run(*common, "--arch", "transformer", "--out", tmp_path / "ok")
+    assert code == 0 and "from the EMA weights of" in message and "(molecules, qm9, step 3)" in message, message[-3000:]
+    code, message = run(*common, "--arch", "transformer", "--hidden", 48, "--out", tmp_path / "wide")
+    assert code == 1 and "--init-trunk" in message and "give the trunk's size (--hidden 32 --n-layers 2)" in message, message[-3000:]
+    code, message = run(*common, "--arch", "gnn", "--out", tmp_path / "gnn")
+    assert code == 1 and "only the transformer and pairformer share a trunk" in message and "Traceback" not in message, message[-3000:]

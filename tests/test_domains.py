@@ -56,11 +56,12 @@ def test_a_checkpoint_from_before_domains_is_filled_in_once_at_load(tmp_path):
     assert ckpt["domain"] == "molecules" and ckpt["data"] == "qm9" and isinstance(domain_of(ckpt), Molecules)
     assert ckpt["args"] == {"lr": 1e-3, "batching": "random", "time_frequencies": 0, "self_condition": False,
                             "train_split": "train", "distance_loss": 0.0, "min_one_minus_t": None, "condition": None,
-                            "condition_dropout": 0.1}
+                            "condition_dropout": 0.1, "init_trunk": None}
     newer = {"task": "gen", "domain": "crystals", "data": "perov5", "args": {"batching": "size", "time_frequencies": 2,
                                                                              "self_condition": False, "train_split": "val",
                                                                              "distance_loss": 0.0, "min_one_minus_t": None,
-                                                                             "condition": None, "condition_dropout": 0.0}}
+                                                                             "condition": None, "condition_dropout": 0.0,
+                                                                             "init_trunk": None}}
     before = {**newer, "args": dict(newer["args"])}
     fill_older_defaults(newer)  # what a checkpoint holds is never overwritten
     assert newer == before and domain_of(newer).name == "perov5"
