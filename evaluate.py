@@ -53,12 +53,12 @@ parser.add_argument("--n-ref", type=nonnegative_int, default=0,
 parser.add_argument("--coverage-threshold", type=fraction, default=0.4,
                     help="Tanimoto similarity at which a molecule counts as covered (coverage recall / precision)")
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-parser.add_argument("--oracle", type=Path, default=None, help="molecules from a conditional checkpoint: the train.py --task oracle "
-                    "checkpoint that judges them. Adds, for each property the molecules requested, the mean absolute error between the "
+parser.add_argument("--oracle", type=Path, default=None, help="structures from a conditional checkpoint: the train.py --task oracle "
+                    "checkpoint of --data that judges them. Adds, for each property the structures requested, the mean absolute error between the "
                     "request and the oracle's prediction, beside EDM's baselines computed with the same oracle: its own error on the "
                     "generator's half (L-bound), the property from the atom count alone (#Atoms), shuffled properties (U-bound)")
 parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help="with --oracle: the properties to score (default: "
-                    "every one the oracle predicts that the molecules requested)")
+                    "every one the oracle predicts that the structures requested)")
 ff = parser.add_argument_group("--task ff (a student force field against its teacher)")
 ff.add_argument("--ckpt", type=Path, default=None, help="the student: a train.py --task ff checkpoint")
 ff.add_argument("--labels", nargs="+", type=Path, default=[], help="labels files of the student's teacher (the same as giving them as INPUTS)")
@@ -109,8 +109,8 @@ else:
     domain = get_domain(args.reference or args.data)
     if args.condition and not args.oracle:
         parser.error("--condition names the properties --oracle scores: give --oracle ORACLE.pt")
-    if args.oracle and (args.reference or args.data != "qm9"):
-        parser.error("--oracle scores molecules a conditional checkpoint sampled: SAMPLES with --data qm9")
+    if args.oracle and args.reference:
+        parser.error("--oracle scores the structures a conditional checkpoint sampled: SAMPLES, not --reference")
     if args.oracle and not args.oracle.is_file():
         parser.error(f"--oracle {args.oracle}: no such checkpoint file")
     out_json = output_file(parser, args.json or (args.samples.parent / "metrics.json" if args.samples else
@@ -136,13 +136,16 @@ try:
                       md_steps=args.md_steps, md_timestep=args.md_timestep, md_temperature=args.md_temperature,
                       started=started)
     else:
+        if args.oracle:  # an oracle that cannot judge these samples is refused before the scoring's minutes
+            from models.condition_evaluation import load_oracle
+            load_oracle(args.oracle, args.data)
         domain.score(args, out_json, fig_dir, started)
         if args.oracle:  # EDM's conditional metric, added to the metrics the domain wrote
             import json
 
             from models.condition_evaluation import score_condition
             from models.evaluation import write_metrics
-            conditional = score_condition(args.samples, args.oracle, args.condition, args.data_dir)
+            conditional = score_condition(args.samples, args.oracle, args.condition, args.data, args.data_dir)
             write_metrics(out_json, {**json.loads(out_json.read_text()), "condition": conditional})
             log = logging.getLogger("evaluate")
             log.info(f"conditional generation, judged by the oracle {args.oracle} (step {conditional['oracle_step']}):")

@@ -45,7 +45,7 @@ PRESETS = {
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", choices=["gen", "ff", "oracle"], default="gen", help="gen: a generative model; ff: a student force field "
                     "(models/forcefield.py) on --data labels files; oracle: EDM's property oracle (models/oracle.py), a regressor of the "
-                    "--condition properties on the other half of QM9's training split from the one conditional generators train on")
+                    "--condition properties on the other half of the training split from the one conditional generators train on")
 parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn)")
 parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="--task gen: generative process (default flow)")
 parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task ff: label.py's labels files (.h5) of one teacher")
@@ -94,7 +94,7 @@ parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help
                     "QM9's alpha gap homo lumo mu Cv (EDM's units: Bohr^3, meV, meV, meV, D, cal/(mol K)), perov-5's heat_ref, "
                     "carbon-24's energy_per_atom (eV/atom; de novo only), trained on the generator's half of the training split as "
                     "EDM's protocol has it (the other half trains the oracle); sample.py --condition PROP=VALUE or the protocol's "
-                    "draw, --guidance W. --task oracle: the QM9 properties the oracle predicts")
+                    "draw, --guidance W. --task oracle: the properties the oracle predicts")
 parser.add_argument("--condition-dropout", type=decay, default=0.1, help="with --condition: the share of training molecules seen "
                     "without their condition, which trains the unconditional model classifier-free guidance needs (0: none; "
                     "sample.py --guidance then has only 1)")
@@ -170,14 +170,15 @@ if args.task == "ff":
 elif args.task == "oracle":
     if args.init_from:
         parser.error("--init-from applies to --task gen")
-    if wrong := given([k for k in GEN_ONLY if k not in ("condition", "batching", "precision")]) + \
+    if wrong := given([k for k in GEN_ONLY if k not in ("condition", "batching", "precision", "train_split", "max_atoms")]) + \
             ["--" + k.replace("_", "-") for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
-        parser.error(f"{', '.join(wrong)}: not options of --task oracle (a regressor of QM9 properties)")
+        parser.error(f"{', '.join(wrong)}: not options of --task oracle (a regressor of a data set's properties)")
     if not args.condition:
-        parser.error("--task oracle needs --condition PROP [...]: the QM9 properties it predicts")
-    if (args.data or ["qm9"]) != ["qm9"]:
-        parser.error(f"--data {' '.join(args.data)}: --task oracle predicts QM9 properties (--data qm9)")
-    args.data = "qm9"
+        parser.error("--task oracle needs --condition PROP [...]: the properties it predicts")
+    args.data = (args.data or ["qm9"])[0] if len(args.data or [None]) == 1 else args.data
+    if args.data not in DATA_SETS:
+        parser.error(f"--data {args.data if isinstance(args.data, str) else ' '.join(args.data)}: --task oracle predicts "
+                     f"the properties of one of {', '.join(DATA_SETS)}")
 else:
     if changed := [k for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
         parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)}: options of --task ff")
@@ -197,9 +198,10 @@ for flag in ("distance_loss", "min_one_minus_t"):
     if getattr(args, flag) and args.gen == "diffusion":
         parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow and interpolant, whose backbones predict the clean molecule")
 if args.condition:
-    known = (domain or get_domain("qm9")).CONDITIONS  # --task oracle: QM9's
-    if unknown := [c for c in args.condition if c not in known]:
-        parser.error(f"--condition {' '.join(unknown)}: {(domain or get_domain('qm9')).kind} are conditioned on {', '.join(known)}")
+    conditioned = domain or get_domain(args.data)  # --task oracle: the properties of its data set
+    if unknown := [c for c in args.condition if c not in conditioned.CONDITIONS]:
+        parser.error(f"--condition {' '.join(unknown)}: {conditioned.name} {'has' if args.task == 'oracle' else 'is conditioned on'} "
+                     f"{', '.join(conditioned.CONDITIONS) or 'no properties'}")
     if args.csp:
         parser.error("--condition applies to de novo generation; a --csp model is given its composition instead")
     if len(set(args.condition)) < len(args.condition):
@@ -220,7 +222,7 @@ if args.init_trunk:
     if not Path(args.init_trunk).is_file():
         parser.error(f"--init-trunk {args.init_trunk}: no such checkpoint file")
 default_out = f"out/{domain.run_name(args)}_{args.arch}_{args.gen}_{args.preset}" if domain else \
-    f"out/oracle_qm9_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
+    f"out/oracle_{args.data}_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
 writable_dir(parser, out_dir, "--out")
 

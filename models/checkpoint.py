@@ -95,11 +95,11 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
         _student_configs(ckpt, path)
         return ckpt
     if task == "oracle":
-        from models.oracle import OracleConfig, OracleObjectiveConfig
+        from models.oracle import REGRESSORS, OracleObjectiveConfig
         try:
-            config_from_dict(OracleConfig, ckpt["model_config"])
+            config_from_dict(REGRESSORS[ckpt.get("domain", "molecules")].Config, ckpt["model_config"])
             config_from_dict(OracleObjectiveConfig, ckpt["objective_config"])
-        except (CheckpointError, TypeError, ValueError) as e:
+        except (CheckpointError, TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: property-oracle checkpoint with an unusable config: {e}") from None
         return ckpt
     for key, want in (("arch", arch), ("gen", gen)):

@@ -1,11 +1,12 @@
 """EDM's conditional-generation metric (evaluate.py --oracle): the mean absolute error between the property each
-molecule was asked for and the property oracle's prediction for it, beside the protocol's baselines, all computed
+structure was asked for and the property oracle's prediction for it (molecules or crystals), beside the protocol's baselines, all computed
 here on the same oracle and data (Hoogeboom et al. 2022, section 4.2 and table 3):
 
 - L-bound: the oracle's own error on the generator's half of the training split (molecules it never trained on),
   the best a generator can be judged to do;
 - #Atoms: the property predicted from the atom count alone (the median of the oracle's half at each count), scored
-  on the generator's half: a generator below it conditions on more than size;
+  on the generator's half: a generator below it conditions on more than size (on perov-5, whose cells all hold 5
+  atoms, it is the median);
 - U-bound: the oracle's predictions on the generator's half against the same half's properties shuffled, what a
   generator that ignores its condition scores.
 """
@@ -18,56 +19,95 @@ import torch
 
 from models.fileio import DataError
 
-BATCH = 256  # molecules per oracle pass
+BATCH = 256  # structures per oracle pass
 
 
 @torch.no_grad()
-def predict(model, molecules: list[tuple[np.ndarray, np.ndarray]], norm) -> np.ndarray:
-    """The oracle's properties [S, C] in their units for molecules [(atomic numbers [n], positions [n, 3])]; batches
-    of similar sizes, each padded only to its largest."""
-    from models.molecules import NUMBER_TO_TYPE
-
-    lut = np.full(128, -1)
-    for z, t in NUMBER_TO_TYPE.items():
-        lut[z] = t
-    order = np.argsort([len(z) for z, _ in molecules], kind="stable")
-    out = np.zeros((len(molecules), len(norm.names)))
+def predict(model, structures: list[tuple], norm, kind: str, vocabulary: list[int]) -> np.ndarray:
+    """The oracle's properties [S, C] in their units for structures: molecules as (atomic numbers [n], positions
+    [n, 3]), crystals as (atomic numbers [n], frac [n, 3], lengths [3], angles [3]); vocabulary: the atomic numbers of
+    the oracle's types. Batches of similar sizes, each padded only to its largest."""
+    lut = np.full(256, -1)
+    lut[np.asarray(vocabulary)] = np.arange(len(vocabulary))
+    order = np.argsort([len(s[0]) for s in structures], kind="stable")
+    out = np.zeros((len(structures), len(norm.names)))
     for lo in range(0, len(order), BATCH):
         rows = order[lo:lo + BATCH]
-        n = max(len(molecules[i][0]) for i in rows)
-        types, pos = torch.zeros(len(rows), n, dtype=torch.long), torch.zeros(len(rows), n, 3)
+        n = max(len(structures[i][0]) for i in rows)
         mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        types, coords = torch.zeros(len(rows), n, dtype=torch.long), torch.zeros(len(rows), n, 3)
         for k, i in enumerate(rows):
-            z, x = molecules[i]
-            types[k, :len(z)], pos[k, :len(z)], mask[k, :len(z)] = torch.from_numpy(lut[z]), torch.from_numpy(x).float(), True
-        out[rows] = model(types, pos, mask).double().numpy() * norm.std + norm.mean
+            z, x = structures[i][0], structures[i][1]
+            types[k, :len(z)], coords[k, :len(z)], mask[k, :len(z)] = torch.from_numpy(lut[z]), torch.from_numpy(np.asarray(x)).float(), True
+        if kind == "molecules":
+            batch = {"types": types, "pos": coords, "mask": mask}
+        else:
+            batch = {"types": types, "frac": coords, "mask": mask,
+                     "lengths": torch.tensor(np.array([structures[i][2] for i in rows])).float(),
+                     "angles": torch.tensor(np.array([structures[i][3] for i in rows])).float()}
+        out[rows] = model(batch).double().numpy() * norm.std + norm.mean
     return out
 
 
-def score_condition(samples_path: Path, oracle_path: Path, properties: list[str] | None, data_dir=None,
-                    seed: int = 0) -> dict:
-    """{property: {unit, n_samples, mae, l_bound, n_atoms, u_bound}} of the molecules in samples_path (sample.py's
-    extxyz of a conditional checkpoint: each molecule's request in info['condition_<property>']), judged by the
-    --task oracle checkpoint oracle_path. properties: those to score (default: every property the oracle predicts
-    that the samples requested). Raises DataError naming the file and the problem (a molecule without its request,
-    an element the oracle does not know, a property the oracle does not predict), CheckpointError for the oracle."""
+def training_halves(ckpt: dict, data_dir):
+    """(the generator's half, the oracle's half) of the training split the oracle checkpoint was trained on."""
+    from models.condition import protocol_halves
+
+    if ckpt.get("domain", "molecules") == "molecules":
+        from models.molecules import load_qm9
+        train = load_qm9("train", data_dir)
+    else:
+        from types import SimpleNamespace
+
+        from models.domains import get_domain
+        train, _ = get_domain(ckpt["data"]).splits(SimpleNamespace(train_split=ckpt["args"]["train_split"], data_dir=data_dir),
+                                                   progress=False)
+    halves = protocol_halves(len(train))
+    return train.subset(halves["generator"]), train.subset(halves["oracle"])
+
+
+def as_inputs(train, kind: str) -> list[tuple]:
+    """A MoleculeSet's or CrystalSet's structures in predict()'s form."""
+    return [train[i] for i in range(len(train))] if kind == "molecules" else train.arrays()
+
+
+def load_oracle(oracle_path: Path, data: str) -> dict:
+    """The --task oracle checkpoint at oracle_path, which must judge the data set `data`; DataError or CheckpointError
+    naming it otherwise."""
     from models.checkpoint import load_checkpoint
-    from models.condition import Normalisation, protocol_halves
-    from models.evaluation import read_frames
-    from models.molecules import NUMBER_TO_TYPE, load_qm9
-    from models.oracle import build_oracle
 
     ckpt = load_checkpoint(oracle_path, task="oracle")
+    if ckpt["data"] != data:
+        raise DataError(f"{oracle_path} is an oracle of {ckpt['data']}, and the samples are scored as {data}")
+    return ckpt
+
+
+def score_condition(samples_path: Path, oracle_path: Path, properties: list[str] | None, data: str, data_dir=None,
+                    seed: int = 0) -> dict:
+    """{property: {unit, n_samples, mae, l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's
+    extxyz of a conditional checkpoint: each structure's request in info['condition_<property>']), judged by the
+    --task oracle checkpoint oracle_path of the data set `data`. properties: those to score (default: every property
+    the oracle predicts that the samples requested). Raises DataError naming the file and the problem (a structure
+    without its request, an element the oracle does not know, a property the oracle does not predict, an oracle of
+    another data set), CheckpointError for the oracle."""
+    from models.condition import Normalisation
+    from models.evaluation import read_frames
+    from models.molecules import ATOMIC_NUMBERS
+    from models.oracle import build_oracle
+
+    ckpt = load_oracle(oracle_path, data)
+    kind = ckpt.get("domain", "molecules")
     model = build_oracle(ckpt)[0].eval()
     norm = Normalisation.from_state(ckpt["condition"])
+    vocabulary = list(ATOMIC_NUMBERS) if kind == "molecules" else list(ckpt["elements"])
     frames = read_frames(samples_path)
     requested = [n for n in norm.names if all(f"condition_{n}" in atoms.info for _, atoms in frames)]
     if properties is None:
         properties = requested
         if not properties:
-            raise DataError(f"{samples_path}: the molecules request none of the properties the oracle {oracle_path} predicts "
+            raise DataError(f"{samples_path}: the structures request none of the properties the oracle {oracle_path} predicts "
                             f"({', '.join(norm.names)}): sample.py writes each request as condition_<property> in the "
-                            "extxyz info of a conditional checkpoint's molecules")
+                            "extxyz info of a conditional checkpoint's structures")
     for name in properties:
         if name not in norm.names:
             raise DataError(f"{oracle_path} predicts {', '.join(norm.names)}, not {name}")
@@ -75,19 +115,23 @@ def score_condition(samples_path: Path, oracle_path: Path, properties: list[str]
             if f"condition_{name}" not in atoms.info:
                 raise DataError(f"{samples_path}: structure {k + 1} (line {line}) has no requested {name} "
                                 f"(condition_{name} in its extxyz info)")
-    molecules = []
+    structures = []
     for k, (line, atoms) in enumerate(frames):
-        unknown = sorted(set(atoms.numbers.tolist()) - set(NUMBER_TO_TYPE))
-        if unknown or not len(atoms) or atoms.pbc.any():
-            raise DataError(f"{samples_path}: structure {k + 1} (line {line}) is not a QM9-like molecule the oracle can read "
-                            f"({'atomic numbers ' + str(unknown) if unknown else 'no atoms' if not len(atoms) else 'periodic'})")
-        molecules.append((atoms.numbers, atoms.positions))
-    predicted = predict(model, molecules, norm)
+        unknown = sorted(set(atoms.numbers.tolist()) - set(vocabulary))
+        periodic = bool(atoms.pbc.all())
+        if unknown or not len(atoms) or periodic != (kind == "crystals"):
+            why = (f"elements {unknown} outside its vocabulary" if unknown else "no atoms" if not len(atoms)
+                   else "periodic" if periodic else "not periodic")
+            raise DataError(f"{samples_path}: structure {k + 1} (line {line}) is not a structure the {kind} oracle can read ({why})")
+        if kind == "molecules":
+            structures.append((atoms.numbers, atoms.positions))
+        else:
+            cell = atoms.cell.cellpar()
+            structures.append((atoms.numbers, atoms.get_scaled_positions(wrap=True), cell[:3], cell[3:]))
+    predicted = predict(model, structures, norm, kind, vocabulary)
 
-    train = load_qm9("train", data_dir)
-    halves = protocol_halves(len(train))
-    generator, oracle_half = train.subset(halves["generator"]), train.subset(halves["oracle"])
-    on_generator = predict(model, [generator[i] for i in range(len(generator))], norm)
+    generator, oracle_half = training_halves(ckpt, data_dir)
+    on_generator = predict(model, as_inputs(generator, kind), norm, kind, vocabulary)
     rng = np.random.default_rng(seed)
     result = {}
     for name in properties:

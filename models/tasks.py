@@ -191,52 +191,69 @@ class Student:
 
 
 class Oracle:
-    """EDM's property oracle (models/oracle.py): an EGNN regressor of QM9 properties (--condition names them) on the
+    """EDM's property oracle (models/oracle.py): a regressor of a domain's properties (--condition names them) on the
     oracle's half of the training split, the half a conditional generator never trains on (models/condition.py)."""
 
     name = "oracle"
     RUN_FLAGS = Generation.RUN_FLAGS
-    MODEL_FLAGS = ("hidden", "n_layers", "condition", "data")
-    unit = "mol"
+    MODEL_FLAGS = ("hidden", "n_layers", "condition", "data", "train_split")
 
     def __init__(self, args):
-        self.what = f"an oracle of {', '.join(args.condition)} on QM9's oracle half"
+        self.domain = get_domain(args.data)
+        self.unit = self.domain.unit
+        self.what = f"an oracle of {', '.join(args.condition)} on the oracle's half of {args.data}"
 
     def load(self, args, meta: dict | None, progress: bool) -> str:
         import time
 
         from models.condition import Normalisation, protocol_halves
         from models.fileio import DataError
-        from models.molecules import PROPERTIES, PaddedMolecules, load_qm9
 
         t0 = time.time()
         try:
-            train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+            if self.domain.kind == "molecules":
+                from models.molecules import PROPERTIES, load_qm9
+                train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
+                units = [PROPERTIES[name][3] for name in args.condition]
+            else:
+                from models.crystals import CRYSTAL_PROPERTIES
+                train, valid = self.domain.splits(args, progress)
+                self.elements = meta["elements"] if meta is not None else sorted(set(train.elements()) | set(valid.elements()))
+                units = [CRYSTAL_PROPERTIES[name] for name in args.condition]
             train = train.subset(protocol_halves(len(train))["oracle"])
             if args.n_train:
                 train = train.subset(range(min(args.n_train, len(train))))
             valid = valid.subset(range(min(args.val_size, len(valid))))
             values = [np.stack([m.property_values(name) for name in args.condition], 1) for m in (train, valid)]
+            if self.domain.kind == "crystals":
+                self.domain.check_max_atoms(train, args.train_split, args)
+                self.domain.check_max_atoms(valid, "val", args)
         except DataError as e:
             raise TaskError(str(e)) from None
-        self.norm = Normalisation.fit(list(args.condition), values[0], [PROPERTIES[name][3] for name in args.condition])
+        self.norm = Normalisation.fit(list(args.condition), values[0], units)
         self.n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
-        self.train, self.valid = (PaddedMolecules(m, self.n_max, self.norm.normalise(v)) for m, v in zip((train, valid), values))
+        if self.domain.kind == "molecules":
+            from models.molecules import PaddedMolecules
+            self.train, self.valid = (PaddedMolecules(m, self.n_max, self.norm.normalise(v)) for m, v in zip((train, valid), values))
+        else:
+            from models.crystals import PaddedCrystals
+            self.train, self.valid = (PaddedCrystals(m, self.elements, self.n_max, f"{args.data} {what}", self.norm.normalise(v))
+                                      for m, v, what in zip((train, valid), values, ("training", "validation")))
         self.atom_counts = self.train.mask.sum(1)
-        return (f"data: {len(train)} train (the oracle's half of the training split) / {len(valid)} validation molecules, "
+        return (f"data: {len(train)} train (the oracle's half of the training split) / {len(valid)} validation {self.domain.kind}, "
                 f"n_max {self.n_max}, loaded in {time.time() - t0:.1f} s")
 
     def precision(self, args, device) -> str:
-        from models.oracle import PropertyRegressor
+        from models.oracle import REGRESSORS
         from models.precision import backbone_precision
-        return backbone_precision(device, args.precision, PropertyRegressor)
+        return backbone_precision(device, args.precision, REGRESSORS[self.domain.kind])
 
     def new_model(self, args):
-        from models.molecules import ATOM_SYMBOLS
-        from models.oracle import OracleConfig, OracleObjective, OracleObjectiveConfig, PropertyRegressor
+        from models.oracle import REGRESSORS, OracleObjective, OracleObjectiveConfig
 
-        n = len(args.condition)
-        return (PropertyRegressor(OracleConfig(n_types=len(ATOM_SYMBOLS), n_outputs=n, hidden=args.hidden, n_layers=args.n_layers)),
+        cls, n = REGRESSORS[self.domain.kind], len(args.condition)
+        n_types = len(self.elements) if self.domain.kind == "crystals" else self.domain.n_types(args)
+        return (cls(cls.Config(n_types=n_types, n_outputs=n, hidden=args.hidden, n_layers=args.n_layers)),
                 OracleObjective(OracleObjectiveConfig(n_outputs=n)))
 
     @staticmethod
@@ -258,16 +275,21 @@ class Oracle:
         for lo in range(0, n, local_batch):
             batch = self.valid.batch(torch.arange(lo, min(lo + local_batch, n)), device)
             with autocast:
-                predicted = ema(batch["types"], batch["pos"], batch["mask"]).float()
+                predicted = ema(batch).float()
             errors += (predicted - batch["condition"]).abs().sum(0).cpu().numpy()
         errors /= n
         return {"step": step, "val_loss": float(errors.mean()),
                 **{f"val_mae_{name}": float(e * s) for name, e, s in zip(self.norm.names, errors, self.norm.std)}}
 
     def checkpoint_meta(self, args, objective) -> dict:
-        from models.molecules import ATOM_SYMBOLS
-        return {"objective_config": asdict(objective.config), "condition": {**self.norm.state(), "half": "oracle"},
-                "atom_symbols": list(ATOM_SYMBOLS), "n_valid": len(self.valid)}
+        if self.domain.kind == "molecules":
+            from models.molecules import ATOM_SYMBOLS
+            vocabulary = {"atom_symbols": list(ATOM_SYMBOLS)}
+        else:
+            from ase.data import chemical_symbols
+            vocabulary = {"elements": self.elements, "atom_symbols": [chemical_symbols[z] for z in self.elements]}
+        return {"domain": self.domain.kind, "objective_config": asdict(objective.config), "n_valid": len(self.valid),
+                "condition": {**self.norm.state(), "half": "oracle"}, **vocabulary}
 
 
 TASKS = {"gen": Generation, "ff": Student, "oracle": Oracle}

@@ -216,8 +216,8 @@ def test_the_oracle_is_invariant_and_overfits_a_few_molecules(qm9_dir):
     n = int(batch["mask"][0].sum())
     perm = torch.randperm(n)
     moved = batch["pos"][:1, :n][:, perm] @ rotation.T + torch.tensor([1.0, -2.0, 3.0])
-    torch.testing.assert_close(model(batch["types"][:1, :n][:, perm], moved, batch["mask"][:1, :n]),
-                               model(batch["types"][:1, :n], batch["pos"][:1, :n], batch["mask"][:1, :n]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model({"types": batch["types"][:1, :n][:, perm], "pos": moved, "mask": batch["mask"][:1, :n]}),
+                               model({k: batch[k][:1, :n] for k in ("types", "pos", "mask")}), atol=1e-4, rtol=1e-4)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = objective.loss(model, batch).item()
     for _ in range(300):
@@ -245,11 +245,13 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
     scored = json.loads((tmp_path / "s" / "metrics.json").read_text())
     alpha = scored["condition"]["properties"]["alpha"]  # gap was requested too, but this oracle does not predict it
     assert set(scored["condition"]["properties"]) == {"alpha"} and "mol_stability" in scored
-    from models.condition_evaluation import predict
     from models.condition import Normalisation
+    from models.condition_evaluation import predict
+    from models.molecules import ATOMIC_NUMBERS
     from models.oracle import build_oracle
     half = train.subset(protocol_halves(len(train))["generator"])
-    own = predict(build_oracle(ckpt)[0].eval(), [half[i] for i in range(len(half))], Normalisation.from_state(ckpt["condition"]))
+    own = predict(build_oracle(ckpt)[0].eval(), [half[i] for i in range(len(half))], Normalisation.from_state(ckpt["condition"]),
+                  "molecules", list(ATOMIC_NUMBERS))
     assert alpha["l_bound"] == pytest.approx(np.abs(own[:, 0] - half.property_values("alpha")).mean())
     assert alpha["n_generator_half"] == len(half) and all(np.isfinite(alpha[k]) for k in ("mae", "n_atoms", "u_bound"))
     # a property the oracle does not predict: a clear error, naming the oracle
@@ -260,7 +262,7 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
     plain = tmp_path / "plain.extxyz"
     plain.write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
     code, message = run("evaluate.py", plain, "--data-dir", qm9_dir, "--no-fcd", "--no-progress", "--oracle", oracle / "ckpt.pt")
-    assert code == 1 and f"{plain}: the molecules request none of the properties" in message, message[-3000:]
+    assert code == 1 and f"{plain}: the structures request none of the properties" in message, message[-3000:]
 
 
 def test_a_conditional_crystal_run_trains_on_its_half_and_samples_the_protocols_pairs(tmp_path):
@@ -346,3 +348,32 @@ def test_init_trunk_trains_across_domains_and_refuses_what_does_not_fit(molecule
     assert code == 1 and "--init-trunk" in message and "give the trunk's size (--hidden 32 --n-layers 2)" in message, message[-3000:]
     code, message = run(*common, "--arch", "gnn", "--out", tmp_path / "gnn")
     assert code == 1 and "only the transformer and pairformer share a trunk" in message and "Traceback" not in message, message[-3000:]
+
+
+def test_a_crystal_oracle_judges_conditional_crystals(tmp_path):
+    """perov-5's heat_ref end to end: the generator and the oracle on the two halves of the fixture's training crystals,
+    evaluate.py --oracle on the generator's samples; an oracle of another data set is refused."""
+    (tmp_path / "data" / "cdvae" / "perov_5").mkdir(parents=True)
+    (tmp_path / "data" / "cdvae" / "perov_5").joinpath("val.csv").write_bytes((ROOT / "tests" / "data" / "perov5_val_sample.csv").read_bytes())
+    for split in ("train", "test"):  # what evaluate.py's crystal metrics read: the fixture's seven crystals
+        (tmp_path / "data" / "cdvae" / "perov_5" / f"{split}.csv").write_bytes((ROOT / "tests" / "data" / "perov5_sample.csv").read_bytes())
+    common = ["--preset", "tiny", "--data", "perov5", "--train-split", "val", "--condition", "heat_ref", "--iters", 4,
+              "--data-dir", tmp_path / "data"]
+    for task, out in (("gen", "generator"), ("oracle", "oracle")):
+        code, message = run("train.py", "--task", task, *common, "--eval-samples", 0, "--out", tmp_path / out)
+        assert code == 0, message[-3000:]
+    generator, oracle = load_checkpoint(tmp_path / "generator" / "ckpt.pt"), load_checkpoint(tmp_path / "oracle" / "ckpt.pt", task="oracle")
+    from types import SimpleNamespace
+    train, _ = get_domain("perov5").splits(SimpleNamespace(train_split="val", data_dir=tmp_path / "data"), progress=False)
+    halves = protocol_halves(len(train))  # the fixture's crystals less the 5 % held out for validation, in two halves
+    assert (generator["n_train"], oracle["n_train"]) == (len(halves["generator"]), len(halves["oracle"]))
+    code, message = run("sample.py", "--ckpt", tmp_path / "generator" / "ckpt.pt", "--n", 5, "--steps", 2, "--out", tmp_path / "s")
+    assert code == 0, message[-3000:]
+    code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data", "perov5", "--data-dir", tmp_path / "data",
+                        "--no-coverage", "--no-progress", "--workers", 1, "--oracle", tmp_path / "oracle" / "ckpt.pt")
+    assert code == 0 and "| heat_ref | eV/atom | 5 |" in message, message[-3000:]
+    heat = json.loads((tmp_path / "s" / "metrics.json").read_text())["condition"]["properties"]["heat_ref"]
+    assert heat["n_generator_half"] == generator["n_train"] and all(np.isfinite(heat[k]) for k in ("mae", "l_bound", "n_atoms", "u_bound"))
+    code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data", "carbon24", "--data-dir", tmp_path / "data",
+                        "--no-coverage", "--no-progress", "--oracle", tmp_path / "oracle" / "ckpt.pt")
+    assert code == 1 and "is an oracle of perov5, and the samples are scored as carbon24" in message, message[-3000:]

@@ -109,8 +109,8 @@ CASES = [
     ("label: another teacher version", "label.py {w}/m.xyz --teacher emt --out {w}/oldversion.h5", 1, ["oldversion.h5", "ase 0.0", "--mixed-versions"], None),
     ("label merge: two teacher versions", "label.py merge {w}/good.h5 {w}/oldversion.h5 --out {w}/mixed.h5", 1, ["different teacher versions", "--mixed-versions"], None),
     # -- conditional generation (a conditional checkpoint's own refusals: tests/test_condition.py)
-    ("train: --condition of an unknown property", "train.py {tiny} --condition alpha beta --out {w}/x", 2, ["--condition beta", "molecules are conditioned on alpha, gap, homo, lumo, mu, Cv"], None),
-    ("train: --condition of a QM9 property for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition alpha", "crystals are conditioned on heat_ref"], None),
+    ("train: --condition of an unknown property", "train.py {tiny} --condition alpha beta --out {w}/x", 2, ["--condition beta", "qm9 is conditioned on alpha, gap, homo, lumo, mu, Cv"], None),
+    ("train: --condition of a QM9 property for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition alpha", "perov5 is conditioned on heat_ref"], None),
     ("train: --condition with --csp", "train.py {tiny} --data carbon24 --csp --condition energy_per_atom --out {w}/x", 2, ["--condition applies to de novo generation"], None),
     ("train: --condition-dropout without --condition", "train.py {tiny} --condition-dropout 0.2 --out {w}/x", 2, ["--condition-dropout applies to --condition"], None),
     ("train: --resume of an unconditional run with --condition", "train.py {tiny} --data-dir {data} --out {w}/run --resume --condition alpha", 1, ["--condition ['alpha'] (checkpoint: None)", "cannot change"], None),
@@ -120,10 +120,10 @@ CASES = [
     ("sample: --guidance -1", "sample.py --ckpt {w}/run/ckpt.pt --guidance -1", 2, ["--guidance", "finite number >= 0"], None),
     ("train: --task oracle without --condition", "train.py {tiny} --task oracle --out {w}/x", 2, ["--task oracle needs --condition PROP"], None),
     ("train: --task oracle with --arch", "train.py {tiny} --task oracle --condition mu --arch transformer --out {w}/x", 2, ["--arch", "not options of --task oracle"], None),
-    ("train: --task oracle on crystals", "train.py {tiny} --task oracle --condition mu --data perov5 --out {w}/x", 2, ["--data perov5", "predicts QM9 properties"], None),
+    ("train: --task oracle of a property its data set has not", "train.py {tiny} --task oracle --condition mu --data perov5 --out {w}/x", 2, ["--condition mu", "perov5 has heat_ref"], None),
     ("evaluate: --oracle that is a generative model", "evaluate.py {w}/nan/samples.extxyz --data-dir {data} --no-fcd --no-progress --oracle {w}/run/ckpt.pt", 1, ["run/ckpt.pt is a generative model", "not a property oracle"], None),
     ("evaluate: --condition without --oracle", "evaluate.py {w}/nan/samples.extxyz --condition alpha", 2, ["--condition names the properties --oracle scores"], None),
-    ("evaluate: --oracle with --reference", "evaluate.py --reference qm9 --oracle {w}/run/ckpt.pt", 2, ["--oracle scores molecules a conditional checkpoint sampled"], None),
+    ("evaluate: --oracle with --reference", "evaluate.py --reference qm9 --oracle {w}/run/ckpt.pt", 2, ["--oracle scores the structures a conditional checkpoint sampled"], None),
     ("evaluate: a missing --oracle", "evaluate.py {w}/nan/samples.extxyz --oracle {w}/missing.pt", 2, ["--oracle", "missing.pt: no such checkpoint file"], None),
 ]
 
