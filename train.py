@@ -106,6 +106,9 @@ parser.add_argument("--max-force", type=positive_float, default=100.0, help="ff:
                     "with an atom's force above this (eV/A): a teacher's forces on generated molecules have an RMS near 1.5 and "
                     "strongly overlapping atoms give tens to hundreds, so past 100 a label is broken or a collision, whose "
                     "squared error would outweigh thousands of ordinary atoms. evaluate.py --task ff applies the student's bound")
+parser.add_argument("--student", choices=["schnet", "painn"], default="schnet", help="ff: the student's layers: schnet "
+                    "(invariant continuous filters over distances; the fused Triton kernel's form) or painn (equivariant vector "
+                    "features, so directions and angles enter every layer; models/forcefield.py)")
 parser.add_argument("--energy-weight", type=nonnegative_float, default=1.0, help="ff: weight of the energy-per-atom loss")
 parser.add_argument("--force-weight", type=nonnegative_float, default=10.0, help="ff: weight of the force loss")
 parser.add_argument("--stress-weight", type=nonnegative_float, default=1.0, help="ff: weight of the stress loss (crystals)")
@@ -144,7 +147,7 @@ explicit = {k for k, v in vars(args).items() if v is not None and v != parser.ge
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
-FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
+FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force", "student")
 GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
             "time_tilt", "time_frequencies", "self_condition", "precision", "condition", "condition_dropout")
 

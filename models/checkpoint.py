@@ -131,6 +131,8 @@ def fill_older_defaults(ckpt: dict) -> None:
     if ckpt.get("task", "gen") == "gen":
         ckpt.setdefault("domain", Molecules.kind)
         ckpt.setdefault("data", "qm9")
+    if "args" in ckpt and ckpt.get("task") == "ff":
+        ckpt["args"].setdefault("student", "schnet")  # before --student
     if "args" in ckpt:
         for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False),
                                      ("train_split", "train"), ("distance_loss", 0.0), ("min_one_minus_t", None),

@@ -1,20 +1,25 @@
-"""A compact student force field (SchNet-style) and its ASE calculator.
+"""A compact student force field (SchNet-style, or PaiNN-style and equivariant) and its ASE calculator.
 
 Energy is a sum of atomic energies on top of per-element reference energies, forces are minus its gradient
 (so the field is conservative), and the stress of a periodic structure is the derivative of the energy with
 respect to a strain of the cell, divided by the volume (ASE's sign: stress = (1/V) dE/d(strain), so a
 compressed crystal has negative stress).
 
-    E = sum_i [ e0(Z_i) + scale * MLP(h_i) ],   h_i after n_layers continuous-filter interactions
-    interaction: h_i += MLP( sum_{j in cutoff} (W1 h_j) * filter(d_ij) )
+    E = sum_i [ e0(Z_i) + scale * MLP(h_i) ],   h_i after n_layers interactions over the neighbours within the cutoff
+    schnet: h_i += MLP( sum_j (W1 h_j) * filter(d_ij) )
+    painn (Schuett et al. 2021): each atom also carries vector features v_i [3, F], 0 at the start; a message adds
+    sum_j phi_s(h_j) W_s(d_ij) to h_i and sum_j [v_j phi_vv(h_j) W_vv(d_ij) + r_ij / d_ij phi_vs(h_j) W_vs(d_ij)] to v_i,
+    an update mixes each atom's own scalars and vectors through |V v_i| and <U v_i, V v_i>. Directions enter the
+    features, so the model sees angles, which a distance-only SchNet sees only through several layers.
 
 The filter is kernels.radius_graph.edge_filter (Gaussian basis times learned weights times a cosine cutoff
 envelope), the form the fused Triton kernel computes. On CUDA, energy and forces without stress go through
 the kernel (ForceField.fused_kernel_applies); otherwise the sum runs over an explicit edge list that includes
 every periodic image within the cutoff, which small crystal cells need (the kernel's minimum image covers only
 cutoffs up to half the cell's width), and training always takes it (the loss differentiates the forces, and the
-kernel has no double backward). Why SchNet: the smallest model whose layers have the kernel's form, invariant
-by construction, and cheap per atom, which is what a student is for.
+kernel has no double backward; the kernel is SchNet's layer, so PaiNN always takes the edge list). Why SchNet:
+the smallest model whose layers have the kernel's form, invariant by construction, and cheap per atom, which is
+what a student is for; why PaiNN beside it: equivariant messages buy accuracy per parameter (`--student`).
 
 Batches are flat: numbers [A] atomic numbers, pos [A, 3], batch [A] structure index (sorted), cell [S, 3, 3]
 (rows are lattice vectors; ignored for molecules), pbc [S] bool (a structure is periodic in all three
@@ -38,6 +43,11 @@ class ForceFieldConfig:
     n_layers: int = 3
     cutoff: float = 5.0  # A
     n_rbf: int = 20
+    family: str = "schnet"  # the layers: "schnet" (invariant, continuous filters) or "painn" (equivariant vector features)
+
+    def __post_init__(self):
+        if self.family not in LAYERS:
+            raise ValueError(f"unknown student family {self.family!r}; known: {sorted(LAYERS)}")
 
 
 def neighbour_edges(pos: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float):
@@ -94,6 +104,8 @@ def fit_reference_energies(numbers: list[np.ndarray], energies: np.ndarray, elem
 
 
 class Interaction(nn.Module):
+    """SchNet's layer. A layer maps the atoms' state (a tuple whose first item is h [A, F]) over the edges i <- j."""
+
     def __init__(self, hidden: int, n_rbf: int, cutoff: float):
         super().__init__()
         self.cutoff = cutoff
@@ -101,15 +113,52 @@ class Interaction(nn.Module):
         self.filter_weight = nn.Parameter(torch.randn(n_rbf, hidden) / n_rbf ** 0.5)
         self.update = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, h, i, j, basis):
-        """h [A, F]; edges i <- j with basis [E, n_rbf] = cosine_envelope(d) * gaussian_rbf(d), shared by the layers:
-        basis @ filter_weight is kernels.radius_graph.edge_filter(d), computed once per call instead of per layer."""
+    @staticmethod
+    def start(h):
+        return (h,)
+
+    def forward(self, state, i, j, basis, unit):
+        """state (h [A, F],); edges i <- j with basis [E, n_rbf] = cosine_envelope(d) * gaussian_rbf(d), shared by the
+        layers: basis @ filter_weight is kernels.radius_graph.edge_filter(d), computed once per call instead of per
+        layer. unit: the edges' directions, unused (SchNet sees distances only)."""
+        h, = state
         messages = self.project(h)[j] * (basis @ self.filter_weight)  # [E, F]
-        return h + self.update(torch.zeros_like(h).index_add(0, i, messages))
+        return (h + self.update(torch.zeros_like(h).index_add(0, i, messages)),)
 
     def fused(self, h, pos, batch, cell):
         """The same layer through the fused Triton kernel, which finds the neighbours itself (minimum image)."""
         return h + self.update(radius_message_passing(pos, self.project(h), batch, self.cutoff, self.filter_weight, cell))
+
+
+class PaiNNInteraction(nn.Module):
+    """PaiNN's message and update blocks: state (h [A, F], v [A, 3, F]), rotation-equivariant in v, invariant in h."""
+
+    def __init__(self, hidden: int, n_rbf: int, cutoff: float):
+        super().__init__()
+        self.hidden = hidden
+        self.phi = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+        self.filter_weight = nn.Parameter(torch.randn(n_rbf, 3 * hidden) / n_rbf ** 0.5)
+        self.mix_u = nn.Linear(hidden, hidden, bias=False)  # acts on v's feature axis: equivariant
+        self.mix_v = nn.Linear(hidden, hidden, bias=False)
+        self.update = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+
+    @staticmethod
+    def start(h):
+        return h, h.new_zeros(len(h), 3, h.shape[1])
+
+    def forward(self, state, i, j, basis, unit):
+        """unit [E, 3]: the direction of each edge i <- j (r_ij / d_ij)."""
+        h, v = state
+        ss, vv, vs = (self.phi(h)[j] * (basis @ self.filter_weight)).split(self.hidden, dim=-1)  # [E, F] each
+        h = h + torch.zeros_like(h).index_add(0, i, ss)
+        v = v + torch.zeros_like(v).index_add(0, i, v[j] * vv[:, None, :] + unit[:, :, None] * vs[:, None, :])
+        u, w = self.mix_u(v), self.mix_v(v)  # [A, 3, F]
+        norm = (w.pow(2).sum(1) + 1e-8).sqrt()  # the floor keeps the gradient, and the force's own gradient, finite at 0
+        a_vv, a_sv, a_ss = self.update(torch.cat([h, norm], dim=-1)).split(self.hidden, dim=-1)
+        return h + a_sv * (u * w).sum(1) + a_ss, v + a_vv[:, None, :] * u
+
+
+LAYERS = {"schnet": Interaction, "painn": PaiNNInteraction}
 
 
 class ForceField(nn.Module):
@@ -122,7 +171,7 @@ class ForceField(nn.Module):
         lut[torch.tensor(config.elements)] = torch.arange(len(config.elements))
         self.register_buffer("type_of", lut, persistent=False)
         self.embed = nn.Embedding(len(config.elements), config.hidden)
-        self.layers = nn.ModuleList(Interaction(config.hidden, config.n_rbf, config.cutoff) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(LAYERS[config.family](config.hidden, config.n_rbf, config.cutoff) for _ in range(config.n_layers))
         self.readout = nn.Sequential(nn.Linear(config.hidden, config.hidden), nn.SiLU(), nn.Linear(config.hidden, 1))
         # e0 per element and the scale of the learned part: fitted from the labels, saved with the weights
         self.register_buffer("reference_energy", torch.zeros(len(config.elements), dtype=torch.float64))
@@ -139,7 +188,7 @@ class ForceField(nn.Module):
         """Whether the fused kernel can run the layers: a CUDA float32 batch (or Triton's interpreter) of molecules
         only, or of crystals only whose every cell is at least twice the cutoff wide (the minimum image then
         finds each neighbour once)."""
-        if pos.dtype != torch.float32 or not len(pbc) or backend(pos) != "triton":
+        if self.config.family != "schnet" or pos.dtype != torch.float32 or not len(pbc) or backend(pos) != "triton":
             return False
         if not pbc.any():
             return True
@@ -166,8 +215,10 @@ class ForceField(nn.Module):
             vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
             d = vec.norm(dim=-1)
             basis = cosine_envelope(d, self.config.cutoff)[:, None] * gaussian_rbf(d, self.config.cutoff, self.config.n_rbf)
+            state = LAYERS[self.config.family].start(h)
             for layer in self.layers:
-                h = layer(h, i, j, basis)
+                state = layer(state, i, j, basis, vec / d[:, None])
+            h = state[0]
         atomic = self.readout(h).squeeze(-1).double() * self.energy_scale + self.reference_energy[t]
         return torch.zeros(n_struct, dtype=torch.float64, device=pos.device).index_add(0, batch, atomic)
 

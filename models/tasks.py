@@ -93,7 +93,7 @@ class Student:
 
     name = "ff"
     RUN_FLAGS = Generation.RUN_FLAGS + ("data", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force")
-    MODEL_FLAGS = ("hidden", "n_layers", "cutoff")
+    MODEL_FLAGS = ("hidden", "n_layers", "cutoff", "student")
     unit = "structures"
 
     def __init__(self, args):
@@ -143,7 +143,8 @@ class Student:
     def new_model(self, args):
         from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies
 
-        model = ForceField(ForceFieldConfig(elements=self.elements, hidden=args.hidden, n_layers=args.n_layers, cutoff=args.cutoff))
+        model = ForceField(ForceFieldConfig(elements=self.elements, hidden=args.hidden, n_layers=args.n_layers, cutoff=args.cutoff,
+                                            family=args.student))
         with torch.no_grad():  # per-element energies by least squares and the force scale: the network learns the rest
             e0 = fit_reference_energies(self.train.structure_numbers(), self.train.c["energy"], model.config.elements)
             model.reference_energy.copy_(torch.from_numpy(e0))

@@ -35,8 +35,9 @@ def model(seed=0, **kw):
     return m
 
 
-def test_forces_and_stress_are_derivatives_of_the_energy(structures):
-    m = model()
+@pytest.mark.parametrize("family", ["schnet", "painn"])
+def test_forces_and_stress_are_derivatives_of_the_energy(structures, family):
+    m = model(family=family)
     for atoms in structures:
         numbers, pos, batch, cell, pbc = flat_batch([atoms])
         e, f, s = m(numbers, pos.clone(), batch, cell, pbc, stress=True)
@@ -64,8 +65,9 @@ def test_forces_and_stress_are_derivatives_of_the_energy(structures):
             assert s.abs().max() == 0
 
 
-def test_energy_invariant_forces_equivariant(structures):
-    m = model()
+@pytest.mark.parametrize("family", ["schnet", "painn"])
+def test_energy_invariant_forces_equivariant(structures, family):
+    m = model(family=family)
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
     for atoms in structures:
         numbers, pos, batch, cell, pbc = flat_batch([atoms])
@@ -127,7 +129,8 @@ def test_reference_energies_by_least_squares():
     assert np.allclose(e0[:3], [-13.6, -1030.0, -2040.0], atol=0.05) and e0[3] == 0
 
 
-def test_overfits_ten_emt_labelled_structures():
+@pytest.mark.parametrize("family", ["schnet", "painn"])
+def test_overfits_ten_emt_labelled_structures(family):
     from ase.calculators.emt import EMT
 
     rng = np.random.default_rng(0)
@@ -138,7 +141,7 @@ def test_overfits_ten_emt_labelled_structures():
         a.calc = EMT()
         data.append((a, a.get_potential_energy(), a.get_forces()))
     torch.manual_seed(0)
-    m = ForceField(ForceFieldConfig(elements=[28, 29], hidden=16, n_layers=2, cutoff=3.5, n_rbf=8)).double()
+    m = ForceField(ForceFieldConfig(elements=[28, 29], hidden=16, n_layers=2, cutoff=3.5, n_rbf=8, family=family)).double()
     with torch.no_grad():
         m.reference_energy.copy_(torch.from_numpy(fit_reference_energies([a.numbers for a, _, _ in data],
                                                                           [e for _, e, _ in data], [28, 29])))

@@ -118,6 +118,7 @@ CASES = [
     ("sample: --guidance for an unconditional checkpoint", "sample.py --ckpt {w}/run/ckpt.pt --n 2 --guidance 2 --out {w}/sc", 1, ["no --guidance"], None),
     ("sample: --condition without a number", "sample.py --ckpt {w}/run/ckpt.pt --condition alpha=big", 2, ["--condition", "PROP=VALUE", "'alpha=big'"], None),
     ("sample: --guidance -1", "sample.py --ckpt {w}/run/ckpt.pt --guidance -1", 2, ["--guidance", "finite number >= 0"], None),
+    ("train: --student for a generative model", "train.py {tiny} --student painn --out {w}/x", 2, ["--student", "options of --task ff"], None),
     ("train: --task oracle without --condition", "train.py {tiny} --task oracle --out {w}/x", 2, ["--task oracle needs --condition PROP"], None),
     ("train: --task oracle with --arch", "train.py {tiny} --task oracle --condition mu --arch transformer --out {w}/x", 2, ["--arch", "not options of --task oracle"], None),
     ("train: --task oracle of a property its data set has not", "train.py {tiny} --task oracle --condition mu --data perov5 --out {w}/x", 2, ["--condition mu", "perov5 has heat_ref"], None),

@@ -15,6 +15,7 @@ from ase.build import bulk
 
 from conftest import QM9_FIXTURE
 from models.checkpoint import CheckpointError, load_checkpoint, load_student
+from models.forcefield import student_calculator
 from models.molecules import read_qm9pack_csv
 from models.labelled_data import LabelledStructures, is_validation
 from models.labels import LabelsError, LabelWriter, read_labels
@@ -102,6 +103,17 @@ def test_student_trains_on_molecules_alone(tmp_path):
     log = records(tmp_path / "run")
     assert log[-1]["step"] == 10 and np.isfinite(log[-1]["val_force_mae_mev_per_a"]), log[-1]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_flops_per_step"] > 0
+
+
+def test_a_painn_student_trains_on_molecules_and_crystals_and_drives_ase(labels, tmp_path):
+    run("train.py", *TINY, "--iters", "10", "--eval-every", "10", "--student", "painn", "--data", labels, "--out", tmp_path / "painn")
+    log = records(tmp_path / "painn")
+    assert log[-1]["step"] == 10 and np.isfinite(log[-1]["val_force_mae_mev_per_a"]) and "val_stress_mae_gpa" in log[-1]
+    model, meta = load_student(tmp_path / "painn" / "ckpt.pt")
+    assert model.config.family == "painn" and meta["step"] == 10
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.calc = student_calculator(model)
+    assert np.isfinite(atoms.get_forces()).all() and np.isfinite(atoms.get_stress()).all()
 
 
 def test_student_resume_is_exact(student, labels, tmp_path):
