@@ -265,8 +265,7 @@ class Oracle:
     def describe(self, args, model, objective, n_params: int) -> str:
         return f"model: property oracle {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; L1 loss of the normalised properties"
 
-    def batch(self, data, idx, device, width=None, global_idx=None, world: int = 1) -> dict:
-        return data.batch(idx, device, width=width)
+    batch = Generation.batch  # padded batches of either domain, as a generator's
 
     @torch.no_grad()
     def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
