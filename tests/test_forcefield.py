@@ -178,3 +178,26 @@ def test_calculator_runs_velocity_verlet(structures):
         assert np.isfinite(a.positions).all() and abs(a.get_total_energy() - e0) < 0.05 * len(a)
         if a.pbc.any():
             assert a.get_stress().shape == (6,)
+
+
+@pytest.mark.parametrize("family", ["schnet", "painn"])
+def test_batched_nve_is_ases_velocity_verlet_for_each_structure(structures, family):
+    """Three molecules and two crystals advanced in one batch follow, step for step, the trajectories ASE's
+    VelocityVerlet runs for each alone with the student's calculator, from the same initial velocities."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from models.batched_md import batched_nve, initial_velocities
+
+    m = model(family=family)
+    out = batched_nve(m, structures, steps=15, timestep_fs=0.5, temperature_k=300, seed=4)
+    assert out["total_energy_ev"].shape == (16, len(structures)) and out["atom_steps_per_s"] > 0
+    for k, atoms in enumerate(structures):
+        a = atoms.copy()
+        a.calc = student_calculator(m)
+        a.set_velocities(initial_velocities(atoms, 300, 4 + k))
+        VelocityVerlet(a, 0.5 * units.fs).run(15)
+        mine = out["batch"] == k
+        np.testing.assert_allclose(out["positions"][mine], a.positions, atol=1e-9)
+        np.testing.assert_allclose(out["velocities"][mine], a.get_velocities(), atol=1e-9)
+        assert out["total_energy_ev"][-1, k] == pytest.approx(a.get_potential_energy() + a.get_kinetic_energy(), abs=1e-8)
