@@ -95,7 +95,7 @@ parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help
                     "carbon-24's energy_per_atom (eV/atom; de novo only), trained on the generator's half of the training split as "
                     "EDM's protocol has it (the other half trains the oracle); sample.py --condition PROP=VALUE or the protocol's "
                     "draw, --guidance W. --task oracle: the properties the oracle predicts")
-parser.add_argument("--condition-dropout", type=decay, default=0.1, help="with --condition: the share of training molecules seen "
+parser.add_argument("--condition-dropout", type=decay, default=0.1, help="with --condition: the share of training structures seen "
                     "without their condition, which trains the unconditional model classifier-free guidance needs (0: none; "
                     "sample.py --guidance then has only 1)")
 parser.add_argument("--gamma-scale", type=nonnegative_float, default=None, help="molecules, interpolant: a in the latent noise gamma_t^2 = a t (1 - t) (default: the config's; 0 is flow matching's path)")

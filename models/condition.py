@@ -74,11 +74,15 @@ class Normalisation:
 
     @classmethod
     def fit(cls, names: list[str], values: np.ndarray, units: list[str]) -> "Normalisation":
-        """From values [S, C]; a property with no spread is refused (it cannot condition anything)."""
+        """From values [S, C]; a property with no spread is refused with a DataError (it cannot condition anything,
+        and its normalisation would divide by 0)."""
+        from models.fileio import DataError
+
         std = values.std(0)
         flat = [n for n, s in zip(names, std) if not s > 0]
         if flat:
-            raise ValueError(f"the properties {flat} have one value in all {len(values)} training structures")
+            raise DataError(f"the properties {flat} have one value in all {len(values)} training structures: nothing to "
+                            "condition on or predict (more training structures: --n-train)")
         return cls(names, values.mean(0).tolist(), std.tolist(), units)
 
     def normalise(self, values) -> torch.Tensor:

@@ -229,9 +229,9 @@ class Oracle:
             if self.domain.kind == "crystals":
                 self.domain.check_max_atoms(train, args.train_split, args)
                 self.domain.check_max_atoms(valid, "val", args)
+            self.norm = Normalisation.fit(list(args.condition), values[0], units)
         except DataError as e:
             raise TaskError(str(e)) from None
-        self.norm = Normalisation.fit(list(args.condition), values[0], units)
         self.n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
         if self.domain.kind == "molecules":
             from models.molecules import PaddedMolecules

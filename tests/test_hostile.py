@@ -111,6 +111,8 @@ CASES = [
     # -- conditional generation (a conditional checkpoint's own refusals: tests/test_condition.py)
     ("train: --condition of an unknown property", "train.py {tiny} --condition alpha beta --out {w}/x", 2, ["--condition beta", "qm9 is conditioned on alpha, gap, homo, lumo, mu, Cv"], None),
     ("train: --condition of a QM9 property for crystals", "train.py {tiny} --data perov5 --condition alpha --out {w}/x", 2, ["--condition alpha", "perov5 is conditioned on heat_ref"], None),
+    ("train: --condition on one training molecule", "train.py {tiny} --condition alpha --n-train 1 --batching random --batch-size 1 --data-dir {data} --out {w}/one", 1, ["['alpha'] have one value in all 1 training structures"], None),
+    ("train: --task oracle on one training molecule", "train.py {tiny} --task oracle --condition mu --n-train 1 --batching random --batch-size 1 --data-dir {data} --out {w}/one_oracle", 1, ["['mu'] have one value in all 1 training structures"], None),
     ("train: --condition with --csp", "train.py {tiny} --data carbon24 --csp --condition energy_per_atom --out {w}/x", 2, ["--condition applies to de novo generation"], None),
     ("train: --condition-dropout without --condition", "train.py {tiny} --condition-dropout 0.2 --out {w}/x", 2, ["--condition-dropout applies to --condition"], None),
     ("train: --resume of an unconditional run with --condition", "train.py {tiny} --data-dir {data} --out {w}/run --resume --condition alpha", 1, ["--condition ['alpha'] (checkpoint: None)", "cannot change"], None),
