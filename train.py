@@ -314,7 +314,10 @@ if args.init_from and resume_ckpt is None:
         raise SystemExit(f"--init-from: {e}")
     if "args" not in init_ckpt:
         raise SystemExit(f"--init-from {args.init_from}: the checkpoint holds no train.py flags ('args'), so its model flags are unknown")
-    adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k not in ("init_from", "init_trunk")], f"--init-from {args.init_from}",
+    # --condition on an unconditional checkpoint: its model, widened for the condition (models/transfer.py)
+    adds_condition = bool(args.condition) and not init_ckpt["args"].get("condition")
+    own = ("init_from", "init_trunk") + (("condition", "condition_dropout") if adds_condition else ())
+    adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k not in own], f"--init-from {args.init_from}",
                       "the model is the checkpoint's. Drop those flags, or give its values")
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
     args.batching = "random" if args.task == "ff" else "size"
@@ -351,10 +354,15 @@ if resume_ckpt is not None:  # the checkpoint's configs win over the flags
 elif init_ckpt is not None:  # the model (and so the EMA) starts from the checkpoint's EMA weights
     torch.manual_seed(args.seed)
     try:
-        model, objective = task.from_checkpoint(init_ckpt, weights="ema")
-    except CheckpointError as e:
+        if adds_condition:
+            from models.transfer import conditional_from_unconditional
+            model, objective = conditional_from_unconditional(init_ckpt, args.init_from, len(args.condition), args.condition_dropout)
+        else:
+            model, objective = task.from_checkpoint(init_ckpt, weights="ema")
+    except (CheckpointError, ValueError) as e:  # TransferError is a ValueError
         raise SystemExit(f"--init-from {args.init_from}: {e}")
-    log(f"initialised from {args.init_from}: the EMA weights of its step {init_ckpt['step']}")
+    log(f"initialised from {args.init_from}: the EMA weights of its step {init_ckpt['step']}"
+        + (f", its embedding widened for {', '.join(args.condition)} with zero weights" if adds_condition else ""))
 else:
     torch.manual_seed(args.seed)
     try:

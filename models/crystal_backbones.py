@@ -44,6 +44,9 @@ from models.condition import time_and_condition
 from models.transformer import TransformerBlock, TransformerConfig
 
 
+CELL_FEATURES = 6  # the last inputs of an atom's embedding: the cell's ln lengths and cos angles
+
+
 @dataclass
 class PeriodicConfig(TransformerConfig):
     """The Transformer's fields (rbf_max now bounds minimum-image distances), plus the Fourier frequencies."""
@@ -65,8 +68,8 @@ class PeriodicEmbedding(nn.Module):
         self.n_frequencies, self.rbf_max, self.width = c.n_frequencies, c.rbf_max, c.rbf_max / (c.n_rbf - 1)
         self.time_frequencies, self.n_conditions = c.time_frequencies, c.n_conditions
         self.register_buffer("centres", torch.linspace(0.0, c.rbf_max, c.n_rbf), persistent=False)
-        # types, time (+ the condition's features), ln lengths, cos angles
-        self.atom = nn.Linear(c.n_types + 1 + 2 * c.time_frequencies + 2 * c.n_conditions + 6, c.hidden)
+        # types, time (+ the condition's features), then the CELL_FEATURES: ln lengths, cos angles
+        self.atom = nn.Linear(c.n_types + 1 + 2 * c.time_frequencies + 2 * c.n_conditions + CELL_FEATURES, c.hidden)
         self.pair_from_atoms = nn.Linear(c.hidden, 2 * c.pair_dim, bias=False)
         self.pair_from_geometry = nn.Linear(6 * c.n_frequencies + c.n_rbf + 1, c.pair_dim)
 
@@ -82,7 +85,7 @@ class PeriodicEmbedding(nn.Module):
             cell = torch.cat([lengths.log(), torch.deg2rad(angles).cos()], dim=-1)  # [B, 6]
         node = mask.unsqueeze(-1).to(frac.dtype)
         t_feat = time_and_condition(t.to(frac.dtype), self.time_frequencies, condition, self.n_conditions)[:, None, :].expand(B, N, -1)
-        s = self.atom(torch.cat([h, t_feat, cell.unsqueeze(1).expand(B, N, 6)], -1))
+        s = self.atom(torch.cat([h, t_feat, cell.unsqueeze(1).expand(B, N, CELL_FEATURES)], -1))
         s = s * node
         a, b = self.pair_from_atoms(s).chunk(2, dim=-1)
         z = a.unsqueeze(2) + b.unsqueeze(1) + self.pair_from_geometry(geometry)

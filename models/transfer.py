@@ -66,3 +66,37 @@ def transfer_weights(source_ckpt: dict, source_path, model: torch.nn.Module, arc
     return (f"initialised {copied:,} of {total:,} weights (the trunk and the shared heads) from the EMA weights of {source_path} "
             f"({source_ckpt['domain']}, {source_ckpt.get('data')}, step {source_ckpt['step']}), and the type embeddings of the "
             f"{len(shared)} elements both vocabularies hold ({', '.join(shared) or 'none'})")
+
+
+def conditional_from_unconditional(source_ckpt: dict, source_path, n_conditions: int, condition_dropout: float):
+    """(model, process) of a conditional run started from an unconditional checkpoint's EMA weights (train.py
+    --init-from with --condition): the same backbone and process, the backbone's embedding widened by the
+    condition's 2 C inputs with zero weights, so that the new model is the source, whatever the condition, until
+    training teaches it the condition. The condition's inputs sit after the time's (and, for crystals, before the
+    cell's CELL_FEATURES: models/crystal_backbones.py)."""
+    from models.checkpoint import build_model, config_from_dict
+    from models.crystal_backbones import CELL_FEATURES
+    from models.domains import domain_of
+
+    domain = domain_of(source_ckpt)
+    arch_cls, proc_cls = domain.arch_class(source_ckpt["arch"]), domain.process_class(source_ckpt["gen"])
+    source = build_model(source_ckpt)[0].state_dict()
+    model = arch_cls(config_from_dict(arch_cls.Config, {**source_ckpt["model_config"], "n_conditions": n_conditions}))
+    process = proc_cls(config_from_dict(proc_cls.Config, {**source_ckpt["process_config"], "condition_dropout": condition_dropout}))
+    target, widened = model.state_dict(), []
+    trailing = CELL_FEATURES if domain.kind == "crystals" else 0
+    for name, tensor in target.items():
+        old = source[name]
+        if old.shape == tensor.shape:
+            target[name] = old.clone()
+            continue
+        if old.shape[:-1] != tensor.shape[:-1] or tensor.shape[-1] - old.shape[-1] != 2 * n_conditions:
+            raise TransferError(f"{source_path}: {name} is {tuple(old.shape)} there and {tuple(tensor.shape)} with "
+                                f"{n_conditions} properties: not a widened embedding")
+        cut = old.shape[-1] - trailing
+        target[name] = torch.cat([old[..., :cut], old.new_zeros(*old.shape[:-1], 2 * n_conditions), old[..., cut:]], dim=-1)
+        widened.append(name)
+    if len(widened) != 1:
+        raise TransferError(f"{source_path}: expected one embedding to widen for the condition, found {widened or 'none'}")
+    model.load_state_dict(target)
+    return model, process

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import ase.io
 import numpy as np
@@ -377,3 +378,37 @@ def test_a_crystal_oracle_judges_conditional_crystals(tmp_path):
     code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data", "carbon24", "--data-dir", tmp_path / "data",
                         "--no-coverage", "--no-progress", "--oracle", tmp_path / "oracle" / "ckpt.pt")
     assert code == 1 and "is an oracle of perov5, and the samples are scored as carbon24" in message, message[-3000:]
+
+
+@pytest.mark.parametrize("data", ["qm9", "perov5"])
+def test_a_conditional_model_widened_from_an_unconditional_one_starts_as_it(data):
+    """--init-from an unconditional checkpoint with --condition: the embedding gains the condition's inputs with zero
+    weights, so the new model's outputs are the source's, whatever the condition asked."""
+    from models.transfer import conditional_from_unconditional
+
+    domain = get_domain(data)
+    arch_cls, proc_cls = domain.arch_class("transformer"), domain.process_class("flow")
+    torch.manual_seed(0)
+    n_types = 5 if data == "qm9" else 4
+    extra = {"self_condition": True, "time_frequencies": 2} if data == "qm9" else {}
+    source = arch_cls(arch_cls.Config(n_types=n_types, hidden=32, n_layers=2, **extra)).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = {"domain": domain.kind, "data": data, "arch": "transformer", "gen": "flow", "step": 1, "model_config": asdict(source.config),
+            "process_config": asdict(proc_cls.Config(n_types=n_types)), "ema": source.state_dict()}
+    model, process = conditional_from_unconditional(ckpt, "source.pt", 2, 0.1)
+    model.eval()
+    assert model.config.n_conditions == 2 and process.config.condition_dropout == 0.1
+    g = torch.Generator().manual_seed(1)
+    mask = torch.arange(5)[None] < torch.tensor([5, 3])[:, None]
+    h, t = torch.randn(2, 5, n_types, generator=g), torch.rand(2, generator=g)
+    if data == "qm9":
+        inputs = (h, torch.randn(2, 5, 3, generator=g), t, mask)
+    else:
+        inputs = (h, torch.rand(2, 5, 3, generator=g), torch.full((2, 3), 4.0), torch.full((2, 3), 90.0), t, mask)
+    want = source(*inputs)
+    for condition in (None, torch.tensor([[1.0, -2.0], [0.5, 3.0]])):
+        got = model(*inputs, **({} if condition is None else {"condition": condition}))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
