@@ -77,11 +77,17 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+MD_SPEED_STEPS = 5  # velocity-Verlet steps of the student's MD speed rows
+
+
 def speed(model: ForceField, teacher, groups: dict[str, list], device="cpu", repeats: int = 3) -> list[dict]:
     """Atom-steps per second (one energy + forces (+ stress for crystals) evaluation of every atom) of the teacher and
     the student on the same structures and device: the teacher one structure at a time through ASE (how label.py
-    calls it), the student both one at a time through its ASE calculator and as one flat batch. groups: name ->
-    ase.Atoms list. Median of `repeats` passes (the teacher: one pass when it takes over 30 s)."""
+    calls it), the student both one at a time through its ASE calculator and as one flat batch; and the student's
+    NVE molecular dynamics (forces only), one structure at a time through ASE's VelocityVerlet and all at once
+    (models/batched_md.py). groups: name -> ase.Atoms list. Median of `repeats` passes (the teacher: one pass when it
+    takes over 30 s; the batched MD: one run)."""
+    from models.batched_md import batched_nve
     from models.forcefield import student_calculator
 
     calc = student_calculator(model, device)
@@ -104,11 +110,23 @@ def speed(model: ForceField, teacher, groups: dict[str, list], device="cpu", rep
             if device != "cpu" and torch.cuda.is_available():
                 torch.cuda.synchronize()
 
+        def md_single():  # ASE's velocity Verlet, one structure at a time, as evaluate.py's NVE runs
+            from ase import units
+            from ase.md.verlet import VelocityVerlet
+            for a in structures:
+                b = a.copy()
+                b.calc = calc
+                VelocityVerlet(b, 0.5 * units.fs).run(MD_SPEED_STEPS)
+
         student_batched(), student_single()  # warm-up: first calls allocate and pick kernels
         row = {"group": name, "structures": len(structures), "atoms": atoms,
                "mean_atoms": atoms / len(structures),
                "student_single_atoms_per_s": atoms / _median_seconds(student_single, repeats),
-               "student_batched_atoms_per_s": atoms / _median_seconds(student_batched, repeats)}
+               "student_batched_atoms_per_s": atoms / _median_seconds(student_batched, repeats),
+               # MD: atom-steps/s of MD_SPEED_STEPS steps, one structure at a time through ASE and all at once
+               "student_md_single_atom_steps_per_s": atoms * MD_SPEED_STEPS / _median_seconds(md_single, repeats),
+               "student_md_batched_atom_steps_per_s": batched_nve(model, structures, MD_SPEED_STEPS, 0.5, 300,
+                                                                  device=device)["atom_steps_per_s"]}
         if teacher is not None:
             teacher.label(structures[0])  # warm-up
             t = _median_seconds(lambda: [teacher.label(a) for a in structures], 1)

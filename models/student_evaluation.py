@@ -125,7 +125,8 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
     result["speed_device"] = device
     for row in result["speed"]:
         log.info(f"speed {row['group']:<26} student {row['student_single_atoms_per_s']:>9,.0f} atoms/s one at a time, "
-                 f"{row['student_batched_atoms_per_s']:>10,.0f} batched" +
+                 f"{row['student_batched_atoms_per_s']:>10,.0f} batched; MD {row['student_md_single_atom_steps_per_s']:,.0f} "
+                 f"atom-steps/s one at a time, {row['student_md_batched_atom_steps_per_s']:,.0f} batched" +
                  (f"; teacher {row['teacher_atoms_per_s']:>8,.0f}: speed-up x{row['speedup_single']:.1f} / x{row['speedup_batched']:.1f}"
                   if "teacher_atoms_per_s" in row else ""))
 

@@ -174,6 +174,7 @@ def test_evaluate_student_reports_accuracy_speed_and_md(student, labels, tmp_pat
     groups = [row["group"] for row in result["speed"]]
     assert any(g.startswith("molecules") for g in groups) and "crystals x 2x2x2" in groups
     assert all(row["teacher_atoms_per_s"] > 0 and row["speedup_batched"] > 0 for row in result["speed"])
+    assert all(row["student_md_single_atom_steps_per_s"] > 0 and row["student_md_batched_atom_steps_per_s"] > 0 for row in result["speed"])
     assert [run_["periodic"] for run_ in result["md"]] == [False, True] and all(r["steps"] == 20 for r in result["md"])
     assert (tmp_path / "parity.png").stat().st_size > 0 and (tmp_path / "md.png").stat().st_size > 0
     assert "speed-up" in proc.stdout and "NVE" in proc.stdout
