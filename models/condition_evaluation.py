@@ -115,8 +115,14 @@ def score_condition(samples_path: Path, oracle_path: Path, properties: list[str]
             if f"condition_{name}" not in atoms.info:
                 raise DataError(f"{samples_path}: structure {k + 1} (line {line}) has no requested {name} "
                                 f"(condition_{name} in its extxyz info)")
+    # a structure with non-finite coordinates has no property to judge: left out of the MAE, counted (evaluate.py
+    # counts it as a failed sample in the other metrics)
+    finite = [k for k, (_, atoms) in enumerate(frames) if np.isfinite(atoms.positions).all() and np.isfinite(atoms.cell.array).all()]
+    if not finite:
+        raise DataError(f"{samples_path}: every structure has non-finite coordinates; nothing for the oracle to judge")
     structures = []
-    for k, (line, atoms) in enumerate(frames):
+    for k in finite:
+        line, atoms = frames[k]
         unknown = sorted(set(atoms.numbers.tolist()) - set(vocabulary))
         periodic = bool(atoms.pbc.all())
         if unknown or not len(atoms) or periodic != (kind == "crystals"):
@@ -134,6 +140,7 @@ def score_condition(samples_path: Path, oracle_path: Path, properties: list[str]
     on_generator = predict(model, as_inputs(generator, kind), norm, kind, vocabulary)
     rng = np.random.default_rng(seed)
     result = {}
+    n_all, frames = len(frames), [frames[k] for k in finite]
     for name in properties:
         c = norm.names.index(name)
         asked = np.array([float(atoms.info[f"condition_{name}"]) for _, atoms in frames])
@@ -141,7 +148,8 @@ def score_condition(samples_path: Path, oracle_path: Path, properties: list[str]
         by_count = {n: np.median(oracle_half.property_values(name)[oracle_half.n_atoms == n]) for n in np.unique(oracle_half.n_atoms)}
         fallback = float(np.median(oracle_half.property_values(name)))
         from_count = np.array([by_count.get(n, fallback) for n in generator.n_atoms])
-        result[name] = {"unit": norm.units[c], "n_samples": len(frames), "mae": float(np.abs(predicted[:, c] - asked).mean()),
+        result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
+                        "mae": float(np.abs(predicted[:, c] - asked).mean()),
                         "l_bound": float(np.abs(on_generator[:, c] - truth).mean()),
                         "n_atoms": float(np.abs(from_count - truth).mean()),
                         "u_bound": float(np.abs(on_generator[:, c] - rng.permutation(truth)).mean()),

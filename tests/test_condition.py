@@ -255,6 +255,15 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
                   "molecules", list(ATOMIC_NUMBERS))
     assert alpha["l_bound"] == pytest.approx(np.abs(own[:, 0] - half.property_values("alpha")).mean())
     assert alpha["n_generator_half"] == len(half) and all(np.isfinite(alpha[k]) for k in ("mae", "n_atoms", "u_bound"))
+    # a structure with non-finite coordinates is left out of the MAE and counted
+    frames = ase.io.read(tmp_path / "s" / "samples.extxyz", ":")
+    frames[0].positions[0, 0] = float("nan")
+    ase.io.write(tmp_path / "nan.extxyz", frames, format="extxyz")
+    code, message = run("evaluate.py", tmp_path / "nan.extxyz", "--data-dir", qm9_dir, "--no-fcd", "--no-progress",
+                        "--oracle", oracle / "ckpt.pt", "--json", tmp_path / "nan.json")
+    assert code == 0, message[-3000:]
+    with_nan = json.loads((tmp_path / "nan.json").read_text())["condition"]["properties"]["alpha"]
+    assert (with_nan["n_samples"], with_nan["n_non_finite"]) == (5, 1)
     # a property the oracle does not predict: a clear error, naming the oracle
     code, message = run("evaluate.py", tmp_path / "s" / "samples.extxyz", "--data-dir", qm9_dir, "--no-fcd", "--no-progress",
                         "--oracle", oracle / "ckpt.pt", "--condition", "gap")
