@@ -307,6 +307,7 @@ elif (left := run.holds_a_run()) and not args.overwrite:
     raise SystemExit(f"{out_dir} holds {left}. Continue it with --resume, start over there with --overwrite "
                      f"(deletes its checkpoints and logs), or give another --out")
 init_ckpt = None  # --init-from: a new run whose model is another run's (its EMA weights and every model flag)
+OBJECTIVE_FLAGS = ("distance_loss", "min_one_minus_t", "time_tilt", "gamma_scale")  # the process's, not the network's
 if args.init_from and resume_ckpt is None:
     try:
         init_ckpt = load_checkpoint(args.init_from, arch=args.arch, gen=args.gen)
@@ -316,7 +317,9 @@ if args.init_from and resume_ckpt is None:
         raise SystemExit(f"--init-from {args.init_from}: the checkpoint holds no train.py flags ('args'), so its model flags are unknown")
     # --condition on an unconditional checkpoint: its model, widened for the condition (models/transfer.py)
     adds_condition = bool(args.condition) and not init_ckpt["args"].get("condition")
-    own = ("init_from", "init_trunk") + (("condition", "condition_dropout") if adds_condition else ())
+    # the loss's levers given on the command line apply to the new run: fine-tuning with another objective
+    new_objective = {k: getattr(args, k) for k in OBJECTIVE_FLAGS if k in explicit and getattr(args, k) != init_ckpt["args"].get(k)}
+    own = ("init_from", "init_trunk", *new_objective) + (("condition", "condition_dropout") if adds_condition else ())
     adopt_model_flags(init_ckpt["args"], [k for k in task.MODEL_FLAGS if k not in own], f"--init-from {args.init_from}",
                       "the model is the checkpoint's. Drop those flags, or give its values")
 if args.batching is None:  # the force field's flat batches have no padding: "random" is what its runs have stored
@@ -359,10 +362,15 @@ elif init_ckpt is not None:  # the model (and so the EMA) starts from the checkp
             model, objective = conditional_from_unconditional(init_ckpt, args.init_from, len(args.condition), args.condition_dropout)
         else:
             model, objective = task.from_checkpoint(init_ckpt, weights="ema")
+        if new_objective:
+            from models.checkpoint import config_from_dict
+            objective = type(objective)(config_from_dict(type(objective.config), {**asdict(objective.config), **new_objective}))
     except (CheckpointError, ValueError) as e:  # TransferError is a ValueError
         raise SystemExit(f"--init-from {args.init_from}: {e}")
     log(f"initialised from {args.init_from}: the EMA weights of its step {init_ckpt['step']}"
-        + (f", its embedding widened for {', '.join(args.condition)} with zero weights" if adds_condition else ""))
+        + (f", its embedding widened for {', '.join(args.condition)} with zero weights" if adds_condition else "")
+        + ("; the objective's " + ", ".join(f"{k} {init_ckpt['args'].get(k)} -> {v}" for k, v in new_objective.items())
+           if new_objective else ""))
 else:
     torch.manual_seed(args.seed)
     try:

@@ -202,6 +202,12 @@ def test_init_from_starts_a_new_run_from_another_runs_ema_weights(trained, qm9_d
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     proc = run("train.py", "--task", "ff", "--init-from", trained / "weights.pt", "--out", tmp_path / "ff", check=False)
     assert proc.returncode != 0 and "--init-from applies to --task gen" in proc.stderr
+    # fine-tuning with another objective: the loss's levers given on the command line apply, the network is the source's
+    run("train.py", *flags, "--init-from", trained / "weights.pt", "--distance-loss", "0.5", "--out", tmp_path / "tuned")
+    tuned = load_checkpoint(tmp_path / "tuned" / "ckpt.pt")
+    assert tuned["process_config"]["distance_loss"] == 0.5 and tuned["args"]["distance_loss"] == 0.5
+    assert tuned["model_config"] == load_checkpoint(trained / "weights.pt")["model_config"]
+    assert "the objective's distance_loss 0.0 -> 0.5" in (tmp_path / "tuned" / "train.log").read_text()
 
 
 def test_tiny_run_trains_samples_and_evaluates_end_to_end(trained, qm9_dir, tmp_path):
