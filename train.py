@@ -125,7 +125,9 @@ parser.add_argument("--out", default=None, help="output directory (default: out/
 parser.add_argument("--init-from", default=None, help="--task gen: start a new run from the EMA weights of another run's checkpoint (ckpt.pt, weights.pt, or a "
                     "shipped model such as models/pretrained/qm9_gnn_flow.pt): its backbone, process, data and model flags, with a fresh "
                     "optimiser, schedule and step count. A second stage: fine-tuning, or training on where --resume cannot (the "
-                    "first run's optimiser state is gone)")
+                    "first run's optimiser state is gone). The objective's flags given beside it (--distance-loss, --min-one-minus-t, "
+                    "--time-tilt, --gamma-scale) apply to the new run; with --condition on an unconditional checkpoint, its "
+                    "embedding is widened for the condition with zero weights")
 parser.add_argument("--init-trunk", default=None, help="--task gen, transformer and pairformer: start a new run whose trunk "
                     "(and the heads' shared parts, and the type embeddings of the elements both vocabularies hold) is another "
                     "run's EMA weights, of either domain: transfer between molecules and crystals (models/transfer.py). The "
