@@ -14,8 +14,9 @@ for the backbone's coordinate and type outputs: w = 1 is the conditional model, 
 > 1 pushes further towards the condition.
 
 The EDM protocol (Hoogeboom et al. 2022, section 4.2): the property's oracle, a regressor, trains on one half of the
-training split and the conditional generator on the other, so that the oracle judges molecules whose training data
-the generator never saw. The halves are a fixed permutation of the split, the same on every machine.
+training split and the conditional generator on the other, so that neither has seen the other's molecules: the
+generator cannot reproduce molecules whose properties the oracle has memorised. The halves are a fixed permutation
+of the split, the same on every machine.
 """
 from __future__ import annotations
 
