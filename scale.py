@@ -162,6 +162,24 @@ fit_parser.add_argument("--loss-key", default="val_loss", help="the record key o
 
 
 # ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are written to files, never shown."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG at path, written atomically, then closed."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    pyplot().close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
 # Sweeps
 
 
@@ -190,6 +208,17 @@ def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int) -
         if n > target:
             break
     return best
+
+
+def width_for_params(domain, arch: str, n_types: int, n_layers: int, target: int, log) -> int:
+    """matched_width's width for a parameter target, logged; exits naming the nearest count when none comes within
+    10 % of it."""
+    hidden, n = matched_width(domain, arch, n_types, n_layers, target)
+    if abs(n - target) > 0.1 * target:
+        sys.exit(f"scale.py: {arch} cannot be matched to {target:,} parameters within 10 % at depth {n_layers} "
+                 f"(nearest: {n:,} at width {hidden}); choose other --params or another --n-layers")
+    log.info(f"{arch}: width {hidden}, {n:,} parameters (target {target:,})")
+    return hidden
 
 
 def check_sizes(domain, arch: str, sizes: set[tuple[int, int]]) -> None:
@@ -393,11 +422,7 @@ def grid_points(args, out: Path, log) -> list[Point]:
     domain = get_domain(args.data)
     n_types, points = domain.n_types(args), []
     for arch in args.archs:
-        hidden, n = matched_width(domain, arch, n_types, args.n_layers, args.params)
-        if abs(n - args.params) > 0.1 * args.params:
-            sys.exit(f"scale.py: {arch} cannot be matched to {args.params:,} parameters within 10 % at depth {args.n_layers} "
-                     f"(nearest: {n:,} at width {hidden}); choose another --params or --n-layers")
-        log.info(f"{arch}: width {hidden}, {n:,} parameters (target {args.params:,})")
+        hidden = width_for_params(domain, arch, n_types, args.n_layers, args.params, log)
         iters = args.iters if args.seconds is None else seconds_to_steps(args, out, arch, hidden, log)
         points += [Point(f"{arch}-{gen}", train_flags(args, arch, gen, hidden, args.n_layers, iters), iters) for gen in args.gens]
     return points
@@ -430,18 +455,8 @@ def iso_flop_points(args, out: Path, log) -> list[Point]:
     """Every size at every budget that buys it --min-steps steps: steps = budget / the size's FLOPs per step, the
     warm-up a fixed fraction of them. Budgets in increasing order, so that the cheap iso-FLOP curves come first."""
     domain = get_domain(args.data)
-    if args.params:
-        widths = []
-        for target in args.params:
-            hidden, n = matched_width(domain, args.arch, domain.n_types(args), args.n_layers, target)
-            if abs(n - target) > 0.1 * target:
-                sys.exit(f"scale.py: {args.arch} cannot be matched to {target:,} parameters within 10 % at depth {args.n_layers} "
-                         f"(nearest: {n:,} at width {hidden}); choose other --params or another --n-layers")
-            log.info(f"{target:,} parameters: width {hidden} ({n:,})")
-            widths.append(hidden)
-    else:
-        widths = args.widths
-    widths = sorted(set(widths))
+    widths = sorted({width_for_params(domain, args.arch, domain.n_types(args), args.n_layers, target, log) for target in args.params}
+                    if args.params else set(args.widths))
     check_sizes(domain, args.arch, {(w, args.n_layers) for w in widths})
     per_step = {w: flops_per_step(args, out / "probes" / f"h{w}-l{args.n_layers}", w, log) for w in widths}
     points = []
@@ -519,9 +534,7 @@ def ablation_points(args) -> list[Point]:
 
 def plot_grid(args, runs: list[dict], path: Path) -> None:
     """Bars of the validation loss and of the headline metric of every cell."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     headline = get_domain(args.data).quality_keys(args.csp)[0]
     panels = [("val_loss", "validation loss")] + ([(headline, headline)] if any(headline in r.get("metrics", {}) for r in runs) else [])
@@ -532,8 +545,7 @@ def plot_grid(args, runs: list[dict], path: Path) -> None:
         ax.set(ylabel=label, title=f"{label} ({args.data})")
         ax.tick_params(axis="x", rotation=60)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def earlier_runs(args, out: Path, names: set[str]) -> list[dict]:
@@ -775,9 +787,7 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
 def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
     """The loss against N at each budget with its parabola and minimum; N*(C) and D*(C) with their fits; and,
     where the runs were sampled, their first two sample metrics against training FLOPs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from models.scaling import iso_flop_parabola
 
@@ -809,8 +819,7 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
         fig.colorbar(scatter, ax=ax, label="log10 parameters")
         ax.set(xscale="log", xlabel="training FLOPs", ylabel=key, title=f"{key} against compute")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -890,9 +899,7 @@ def run_curves(args) -> None:
 
 def plot_curves(curves: list[dict], headline: str | None, path: Path) -> None:
     """Loss relative to its own last value, and the headline sample metric, against FLOPs and against seconds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [("val_loss", "validation loss / its last value")] + ([(headline, headline)] if headline else [])
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
@@ -905,15 +912,12 @@ def plot_curves(curves: list[dict], headline: str | None, path: Path) -> None:
             ax.set(xscale="log", xlabel=xlabel, ylabel=label, yscale="log" if key == "val_loss" else "linear")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot(plots: list, path: Path) -> None:
     """One log-log panel per one-resource law: the runs, the fit and its 95 % bootstrap band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from models.scaling import PowerLaw
 
@@ -929,8 +933,7 @@ def plot(plots: list, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel=what, ylabel="loss", title=name)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,15 @@ def fit_joint_law(n, d, loss, start: JointLaw | None = None) -> JointLaw:
     return JointLaw(float(e) * unit, float(np.exp(log_a)) * unit, float(alpha), float(np.exp(log_b)) * unit, float(beta))
 
 
+def percentile_intervals(samples: dict[str, list], level: float) -> tuple[dict, dict]:
+    """(the samples as arrays, {param: (low, high)} percentile intervals at `level`). (nan, nan) where no resample
+    could be fitted: no interval, rather than a made-up one."""
+    tail = 100 * (1 - level) / 2
+    samples = {k: np.array(v) for k, v in samples.items()}
+    return samples, {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
+                     for k, v in samples.items()}
+
+
 def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """The best fit and percentile intervals of every parameter from a residual bootstrap in log space.
 
@@ -171,11 +180,7 @@ def bootstrap(fit, columns: list, n_boot: int = 1000, seed: int = 0, level: floa
             continue
         for k, v in boot.params().items():
             samples[k].append(v)
-    tail = 100 * (1 - level) / 2
-    samples = {k: np.array(v) for k, v in samples.items()}
-    # (nan, nan) where no resample could be fitted: no interval, rather than a made-up one
-    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
-                for k, v in samples.items()}
+    samples, interval = percentile_intervals(samples, level)
     return {"fit": law, "interval": interval, "samples": samples}
 
 
@@ -276,17 +281,13 @@ def bootstrap_iso_flop(budgets, n, d, loss, n_boot: int = 1000, seed: int = 0, l
             try:
                 boot = fit_iso_flop(budgets, n, d, resampled)
             except ValueError:
-                failed += 1
-                continue
-            if boot.skipped:
+                boot = None
+            if boot is None or boot.skipped:
                 failed += 1
                 continue
             for k, v in zip(keys, [boot.a, boot.b, *boot.n_opt]):
                 samples[k].append(v)
-    tail = 100 * (1 - level) / 2
-    samples = {k: np.array(v) for k, v in samples.items()}
-    interval = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (np.nan, np.nan)
-                for k, v in samples.items()}
+    samples, interval = percentile_intervals(samples, level)
     return {"fit": fit, "interval": interval, "samples": samples, "failed": failed, "n_boot": n_boot if dof > 0 else 0}
 
 
