@@ -9,7 +9,7 @@ each step is one call of the model for all of them. The integrator is ASE's Velo
 
 so a batched trajectory equals the one ASE would run for each structure alone (tested), from the same initial
 velocities: Maxwell-Boltzmann at the given temperature from one seed per structure, without centre-of-mass motion,
-and for molecules without rotation, as models/forcefield_eval.nve draws them.
+and for molecules without rotation (initial_velocities, which models/forcefield_eval.nve uses too).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from models.forcefield import flat_batch
 
 
 def initial_velocities(atoms, temperature_k: float, seed: int) -> np.ndarray:
-    """[n, 3] velocities in ASE units, drawn as models/forcefield_eval.nve draws them."""
+    """[n, 3] velocities in ASE units: Maxwell-Boltzmann at temperature_k from `seed`, without centre-of-mass motion
+    and, for a molecule, without rotation (models/forcefield_eval.nve starts from them too)."""
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
     a = atoms.copy()

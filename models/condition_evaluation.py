@@ -144,9 +144,9 @@ def score_condition(samples_path: Path, oracle_path: Path, properties: list[str]
     for name in properties:
         c = norm.names.index(name)
         asked = np.array([float(atoms.info[f"condition_{name}"]) for _, atoms in frames])
-        truth = generator.property_values(name)
-        by_count = {n: np.median(oracle_half.property_values(name)[oracle_half.n_atoms == n]) for n in np.unique(oracle_half.n_atoms)}
-        fallback = float(np.median(oracle_half.property_values(name)))
+        truth, known = generator.property_values(name), oracle_half.property_values(name)
+        by_count = {n: np.median(known[oracle_half.n_atoms == n]) for n in np.unique(oracle_half.n_atoms)}
+        fallback = float(np.median(known))
         from_count = np.array([by_count.get(n, fallback) for n in generator.n_atoms])
         result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
                         "mae": float(np.abs(predicted[:, c] - asked).mean()),

@@ -148,15 +148,13 @@ def nve(atoms, calc, steps: int, timestep_fs: float, temperature_k: float, seed:
     if steps < 1:  # a run of no step would check only the start, and be called physical
         raise ValueError(f"an NVE run needs at least one step, not {steps}")
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
+
+    from models.batched_md import initial_velocities
 
     a = atoms.copy()
     a.calc = calc
-    MaxwellBoltzmannDistribution(a, temperature_K=temperature_k, rng=np.random.default_rng(seed))
-    Stationary(a)
-    if not a.pbc.any():
-        ZeroRotation(a)
+    a.set_velocities(initial_velocities(atoms, temperature_k, seed))
     periodic = bool(a.pbc.any())
     times, energies, temperatures, problems = [], [], [], []
 
