@@ -159,6 +159,20 @@ def given(keys) -> list[str]:
     return ["--" + k.replace("_", "-") for k in keys if getattr(args, k) not in (None, False, 0.0, parser.get_default(k))]
 
 
+def not_default(keys) -> list[str]:
+    """The flags of `keys` set to anything other than their default (off and 0 included)."""
+    return ["--" + k.replace("_", "-") for k in keys if getattr(args, k) != parser.get_default(k)]
+
+
+def single_data_set(what: str) -> str:
+    """--data as the one data set a --task gen or oracle run takes (default qm9); a flag error, `what` one of the
+    known sets, otherwise."""
+    data = (args.data or ["qm9"])[0] if len(args.data or [None]) == 1 else args.data
+    if data not in DATA_SETS:
+        parser.error(f"--data {data if isinstance(data, str) else ' '.join(data)}: {what} one of {', '.join(DATA_SETS)}")
+    return data
+
+
 domain = None  # --task gen: the data set's domain (models/domains.py)
 if args.task == "ff":
     if args.init_from:
@@ -176,22 +190,16 @@ elif args.task == "oracle":
     if args.init_from:
         parser.error("--init-from applies to --task gen")
     if wrong := given([k for k in GEN_ONLY if k not in ("condition", "batching", "precision", "train_split", "max_atoms")]) + \
-            ["--" + k.replace("_", "-") for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
+            not_default(FF_ONLY):
         parser.error(f"{', '.join(wrong)}: not options of --task oracle (a regressor of a data set's properties)")
     if not args.condition:
         parser.error("--task oracle needs --condition PROP [...]: the properties it predicts")
-    args.data = (args.data or ["qm9"])[0] if len(args.data or [None]) == 1 else args.data
-    if args.data not in DATA_SETS:
-        parser.error(f"--data {args.data if isinstance(args.data, str) else ' '.join(args.data)}: --task oracle predicts "
-                     f"the properties of one of {', '.join(DATA_SETS)}")
+    args.data = single_data_set("--task oracle predicts the properties of")
 else:
-    if changed := [k for k in FF_ONLY if getattr(args, k) != parser.get_default(k)]:
-        parser.error(f"{', '.join('--' + k.replace('_', '-') for k in changed)}: options of --task ff")
+    if changed := not_default(FF_ONLY):
+        parser.error(f"{', '.join(changed)}: options of --task ff")
     args.arch, args.gen = args.arch or "gnn", args.gen or "flow"
-    args.data = (args.data or ["qm9"])[0] if len(args.data or [None]) == 1 else args.data
-    if args.data not in DATA_SETS:
-        parser.error(f"--data {args.data if isinstance(args.data, str) else ' '.join(args.data)}: --task gen trains on "
-                     f"one of {', '.join(DATA_SETS)}")
+    args.data = single_data_set("--task gen trains on")
     domain = get_domain(args.data)
     if given(domain.foreign_flags()):
         parser.error(f"{', '.join(given(domain.foreign_flags()))}: not an option for {domain.kind} (--data {args.data})")
