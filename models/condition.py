@@ -111,14 +111,15 @@ def time_and_condition(t: torch.Tensor, n_frequencies: int, condition: torch.Ten
     return torch.cat([features, condition_features(condition, n_conditions, len(t), t.dtype, t.device)], dim=-1)
 
 
-def generator_data(names: list[str], units: list[str], train, valid) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A conditional generator's training data: (normalised train [S, C], normalised valid [V, C], what its checkpoint
-    keeps) for train and valid sets that have property_values(name) and n_atoms, train being the generator's half.
-    The checkpoint keeps the normalisation and the half's (atom count, properties) pairs, which sample.py draws
-    requests from as EDM's protocol does."""
+def conditioned_data(names: list[str], units: list[str], train, valid, half: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The properties of a conditional generator's or an oracle's training data: (normalised train [S, C], normalised
+    valid [V, C], what the checkpoint keeps) for train and valid sets that have property_values(name) and n_atoms,
+    train being the `half` ("generator" or "oracle") of the training split. The checkpoint keeps the normalisation
+    and the half's (atom count, properties) pairs, which sample.py draws a generator's requests from as EDM's
+    protocol does."""
     values = [np.stack([s.property_values(name) for name in names], 1) for s in (train, valid)]
     norm = Normalisation.fit(list(names), values[0], list(units))
     pairs = torch.cat([torch.from_numpy(np.asarray(train.n_atoms)).float()[:, None], torch.as_tensor(values[0], dtype=torch.float32)], 1)
-    meta = {"condition": {**norm.state(), "half": "generator", "halves_seed": HALVES_SEED, "n_train": len(train)},
+    meta = {"condition": {**norm.state(), "half": half, "halves_seed": HALVES_SEED, "n_train": len(train)},
             "condition_pairs": pairs}
     return norm.normalise(values[0]), norm.normalise(values[1]), meta

@@ -173,11 +173,11 @@ class Molecules(Domain):
         from models.molecules import ATOM_SYMBOLS
         return len(ATOM_SYMBOLS)
 
-    def load_training(self, args, meta: dict | None = None, progress: bool = True) -> TrainingData:
+    def load_training(self, args, meta: dict | None = None, progress: bool = True, half: str = "generator") -> TrainingData:
         """The EDM train and validation splits, cut to --n-train and --val-size; meta (a checkpoint's) is unused:
-        the vocabulary is fixed. With --condition, the generator's half of the training split (models/condition.py),
-        each molecule with its properties normalised by that half's, and in meta the normalisation and the half's
-        (atom count, properties) pairs that sample.py draws requests from, as EDM does."""
+        the vocabulary is fixed. With --condition, the `half` of the training split (models/condition.py: a
+        generator's or an oracle's), each molecule with its properties normalised by that half's, and in meta the
+        normalisation and the half's (atom count, properties) pairs that sample.py draws requests from, as EDM does."""
         from models.molecules import ATOM_SYMBOLS, PROPERTIES, PaddedMolecules, load_qm9
 
         t0 = time.time()
@@ -185,7 +185,7 @@ class Molecules(Domain):
         condition = getattr(args, "condition", None)
         if condition:
             from models.condition import protocol_halves
-            train = train.subset(protocol_halves(len(train))["generator"])
+            train = train.subset(protocol_halves(len(train))[half])
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         valid = valid.subset(range(min(args.val_size, len(valid))))
@@ -193,11 +193,11 @@ class Molecules(Domain):
         meta = {"atom_symbols": list(ATOM_SYMBOLS), "n_atoms_hist": train.n_atoms_histogram().tolist()}
         conditions = (None, None)
         if condition:
-            from models.condition import generator_data
-            *conditions, condition_meta = generator_data(condition, [PROPERTIES[name][3] for name in condition], train, valid)
+            from models.condition import conditioned_data
+            *conditions, condition_meta = conditioned_data(condition, [PROPERTIES[name][3] for name in condition], train, valid, half)
             meta.update(condition_meta)
         summary = (f"data: {len(train)} train / {len(valid)} validation molecules, n_max {n_max}, loaded in {time.time() - t0:.1f} s"
-                   + (f"; conditioned on {', '.join(condition)}: the generator's half of the training split" if condition else ""))
+                   + (f"; {', '.join(condition)}: the {half}'s half of the training split" if condition else ""))
         return TrainingData(PaddedMolecules(train, n_max, conditions[0]), PaddedMolecules(valid, n_max, conditions[1]),
                             len(ATOM_SYMBOLS), n_max, meta, summary)
 
@@ -341,19 +341,20 @@ class Crystals(Domain):
         train, valid = self.splits(args, progress=False)
         return len(set(train.elements()) | set(valid.elements()))
 
-    def load_training(self, args, meta: dict | None = None, progress: bool = True) -> TrainingData:
+    def load_training(self, args, meta: dict | None = None, progress: bool = True, half: str = "generator") -> TrainingData:
         """The training and validation crystals (splits()), cut to --n-train and --val-size. The element vocabulary
         belongs to the model: a resumed or initialised run keeps its checkpoint's (meta), a new one takes every
-        element of both sets before they are cut (n_types())."""
+        element of both sets before they are cut (n_types()). With --condition, the `half` of the training split,
+        as for molecules."""
         from models.crystals import PaddedCrystals
 
         t0 = time.time()
         train, valid = self.splits(args, progress)
         elements = meta["elements"] if meta is not None else sorted(set(train.elements()) | set(valid.elements()))
         condition = getattr(args, "condition", None)
-        if condition:  # EDM's protocol: the generator's half of the training split (models/condition.py)
+        if condition:  # EDM's protocol: a generator's or an oracle's half of the training split (models/condition.py)
             from models.condition import protocol_halves
-            train = train.subset(protocol_halves(len(train))["generator"])
+            train = train.subset(protocol_halves(len(train))[half])
         if args.n_train:
             train = train.subset(range(min(args.n_train, len(train))))
         valid = valid.subset(range(min(args.val_size, len(valid))))
@@ -365,9 +366,9 @@ class Crystals(Domain):
                      "n_atoms_hist": train.n_atoms_histogram().tolist()}
         conditions = (None, None)
         if condition:
-            from models.condition import generator_data
+            from models.condition import conditioned_data
             from models.crystals import CRYSTAL_PROPERTIES
-            *conditions, condition_meta = generator_data(condition, [CRYSTAL_PROPERTIES[c] for c in condition], train, valid)
+            *conditions, condition_meta = conditioned_data(condition, [CRYSTAL_PROPERTIES[c] for c in condition], train, valid, half)
             data_meta.update(condition_meta)
         return TrainingData(
             PaddedCrystals(train, elements, n_max, f"{self.name} {args.train_split}", conditions[0]),
@@ -375,7 +376,7 @@ class Crystals(Domain):
             data_meta,
             f"data: {self.name} ({args.train_split} split): {len(train)} train / {len(valid)} validation crystals, "
             f"{len(elements)} elements, n_max {n_max}, loaded in {time.time() - t0:.1f} s"
-            + (f"; conditioned on {', '.join(condition)}: the generator's half of the training split" if condition else ""))
+            + (f"; {', '.join(condition)}: the {half}'s half of the training split" if condition else ""))
 
     def check_max_atoms(self, crystals, split: str, args) -> None:
         """DataError naming the largest crystal of `crystals` (read from `split`) above --max-atoms. A batch is padded

@@ -205,44 +205,19 @@ class Oracle:
         self.what = f"an oracle of {', '.join(args.condition)} on the oracle's half of {args.data}"
 
     def load(self, args, meta: dict | None, progress: bool) -> str:
-        import time
-
-        from models.condition import Normalisation, protocol_halves
+        """The domain's training data (Domain.load_training) from the oracle's half of the training split."""
+        from models.condition import Normalisation
         from models.fileio import DataError
 
-        t0 = time.time()
         try:
-            if self.domain.kind == "molecules":
-                from models.molecules import PROPERTIES, load_qm9
-                train, valid = load_qm9("train", args.data_dir), load_qm9("valid", args.data_dir)
-                units = [PROPERTIES[name][3] for name in args.condition]
-            else:
-                from models.crystals import CRYSTAL_PROPERTIES
-                train, valid = self.domain.splits(args, progress)
-                self.elements = meta["elements"] if meta is not None else sorted(set(train.elements()) | set(valid.elements()))
-                units = [CRYSTAL_PROPERTIES[name] for name in args.condition]
-            train = train.subset(protocol_halves(len(train))["oracle"])
-            if args.n_train:
-                train = train.subset(range(min(args.n_train, len(train))))
-            valid = valid.subset(range(min(args.val_size, len(valid))))
-            values = [np.stack([m.property_values(name) for name in args.condition], 1) for m in (train, valid)]
-            if self.domain.kind == "crystals":
-                self.domain.check_max_atoms(train, args.train_split, args)
-                self.domain.check_max_atoms(valid, "val", args)
-            self.norm = Normalisation.fit(list(args.condition), values[0], units)
+            data = self.domain.load_training(args, meta, progress, half="oracle")
         except DataError as e:
             raise TaskError(str(e)) from None
-        self.n_max = int(max(train.n_atoms.max(), valid.n_atoms.max()))
-        if self.domain.kind == "molecules":
-            from models.molecules import PaddedMolecules
-            self.train, self.valid = (PaddedMolecules(m, self.n_max, self.norm.normalise(v)) for m, v in zip((train, valid), values))
-        else:
-            from models.crystals import PaddedCrystals
-            self.train, self.valid = (PaddedCrystals(m, self.elements, self.n_max, f"{args.data} {what}", self.norm.normalise(v))
-                                      for m, v, what in zip((train, valid), values, ("training", "validation")))
+        self.train, self.valid, self.n_max, self.n_types = data.train, data.valid, data.n_max, data.n_types
         self.atom_counts = self.train.mask.sum(1)
-        return (f"data: {len(train)} train (the oracle's half of the training split) / {len(valid)} validation {self.domain.kind}, "
-                f"n_max {self.n_max}, loaded in {time.time() - t0:.1f} s")
+        self.norm = Normalisation.from_state(data.meta["condition"])
+        self.vocabulary = {k: data.meta[k] for k in ("atom_symbols", "elements") if k in data.meta}
+        return data.summary
 
     def precision(self, args, device) -> str:
         from models.oracle import REGRESSORS
@@ -253,8 +228,7 @@ class Oracle:
         from models.oracle import REGRESSORS, OracleObjective, OracleObjectiveConfig
 
         cls, n = REGRESSORS[self.domain.kind], len(args.condition)
-        n_types = len(self.elements) if self.domain.kind == "crystals" else self.domain.n_types(args)
-        return (cls(cls.Config(n_types=n_types, n_outputs=n, hidden=args.hidden, n_layers=args.n_layers)),
+        return (cls(cls.Config(n_types=self.n_types, n_outputs=n, hidden=args.hidden, n_layers=args.n_layers)),
                 OracleObjective(OracleObjectiveConfig(n_outputs=n)))
 
     @staticmethod
@@ -282,14 +256,8 @@ class Oracle:
                 **{f"val_mae_{name}": float(e * s) for name, e, s in zip(self.norm.names, errors, self.norm.std)}}
 
     def checkpoint_meta(self, args, objective) -> dict:
-        if self.domain.kind == "molecules":
-            from models.molecules import ATOM_SYMBOLS
-            vocabulary = {"atom_symbols": list(ATOM_SYMBOLS)}
-        else:
-            from ase.data import chemical_symbols
-            vocabulary = {"elements": self.elements, "atom_symbols": [chemical_symbols[z] for z in self.elements]}
         return {"domain": self.domain.kind, "objective_config": asdict(objective.config), "n_valid": len(self.valid),
-                "condition": {**self.norm.state(), "half": "oracle"}, **vocabulary}
+                "condition": {**self.norm.state(), "half": "oracle"}, **self.vocabulary}
 
 
 TASKS = {"gen": Generation, "ff": Student, "oracle": Oracle}
