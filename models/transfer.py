@@ -39,21 +39,19 @@ def transfer_weights(source_ckpt: dict, source_path, model: torch.nn.Module, arc
                             "(models/transfer.py)")
     source = build_model(source_ckpt)[0].state_dict()
     target = model.state_dict()
+    config = source_ckpt["model_config"]
+    fits = f"give the trunk's size (--hidden {config['hidden']} --n-layers {config['n_layers']})"
     copied = 0
     for name, tensor in target.items():
         if not name.startswith(SHARED_PREFIXES):
             continue
         if name not in source or source[name].shape != tensor.shape:
-            config = source_ckpt["model_config"]
             raise TransferError(f"{source_path}: its {name} is {tuple(source[name].shape) if name in source else 'absent'}, this "
-                                f"model's {tuple(tensor.shape)}: give the trunk's size (--hidden {config['hidden']} "
-                                f"--n-layers {config['n_layers']})")
+                                f"model's {tuple(tensor.shape)}: {fits}")
         target[name] = source[name].clone()
         copied += tensor.numel()
     if extra := [k for k in source if k.startswith(SHARED_PREFIXES) and k not in target]:
-        config = source_ckpt["model_config"]
-        raise TransferError(f"{source_path} has {extra[0]}, which this model has not: give the trunk's size (--hidden "
-                            f"{config['hidden']} --n-layers {config['n_layers']})")
+        raise TransferError(f"{source_path} has {extra[0]}, which this model has not: {fits}")
     source_symbols = list(source_ckpt["atom_symbols"])
     shared = [s for s in symbols if s in source_symbols]
     for s in shared:
