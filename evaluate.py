@@ -138,14 +138,14 @@ try:
     else:
         if args.oracle:  # an oracle that cannot judge these samples is refused before the scoring's minutes
             from models.condition_evaluation import load_oracle
-            load_oracle(args.oracle, args.data)
+            oracle = load_oracle(args.oracle, args.data)
         domain.score(args, out_json, fig_dir, started)
         if args.oracle:  # EDM's conditional metric, added to the metrics the domain wrote
             import json
 
             from models.condition_evaluation import score_condition
             from models.evaluation import write_metrics
-            conditional = score_condition(args.samples, args.oracle, args.condition, args.data, args.data_dir)
+            conditional = score_condition(args.samples, args.oracle, oracle, args.condition, args.data_dir)
             write_metrics(out_json, {**json.loads(out_json.read_text()), "condition": conditional})
             log = logging.getLogger("evaluate")
             log.info(f"conditional generation, judged by the oracle {args.oracle} (step {conditional['oracle_step']}):")

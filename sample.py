@@ -65,7 +65,7 @@ parser.add_argument("--condition", nargs="+", type=property_value, default=None,
                     "checkpoint (train.py --condition): sample every molecule for these values, one for each of its properties, "
                     "in its unit (alpha=80 gap=6000); sizes from the training histogram. Default: EDM's protocol, each molecule an "
                     "(atom count, properties) pair drawn from the generator's training half. The requested values go into each "
-                    "molecule's extxyz info (condition_<property>), which evaluate.py --condition reads")
+                    "molecule's extxyz info (condition_<property>), which evaluate.py --oracle reads")
 parser.add_argument("--guidance", type=nonnegative_float, default=1.0, help="a conditional checkpoint: classifier-free guidance "
                     "weight W, output = unconditional + W (conditional - unconditional): 1 the conditional model (default), 0 the "
                     "unconditional one, > 1 further towards the condition (two backbone passes a step)")

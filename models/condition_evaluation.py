@@ -82,20 +82,18 @@ def load_oracle(oracle_path: Path, data: str) -> dict:
     return ckpt
 
 
-def score_condition(samples_path: Path, oracle_path: Path, properties: list[str] | None, data: str, data_dir=None,
+def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0) -> dict:
     """{property: {unit, n_samples, mae, l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's
     extxyz of a conditional checkpoint: each structure's request in info['condition_<property>']), judged by the
-    --task oracle checkpoint oracle_path of the data set `data`. properties: those to score (default: every property
-    the oracle predicts that the samples requested). Raises DataError naming the file and the problem (a structure
-    without its request, an element the oracle does not know, a property the oracle does not predict, an oracle of
-    another data set), CheckpointError for the oracle."""
+    --task oracle checkpoint ckpt read from oracle_path (load_oracle). properties: those to score (default: every
+    property the oracle predicts that the samples requested). Raises DataError naming the file and the problem (a
+    structure without its request, an element the oracle does not know, a property the oracle does not predict)."""
     from models.condition import Normalisation
     from models.evaluation import read_frames
     from models.molecules import ATOMIC_NUMBERS
     from models.oracle import build_oracle
 
-    ckpt = load_oracle(oracle_path, data)
     kind = ckpt.get("domain", "molecules")
     model = build_oracle(ckpt)[0].eval()
     norm = Normalisation.from_state(ckpt["condition"])
