@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fileio import DataError, check_writable_dir, download, git_blob_sha1, save_npz
+from models.fileio import DataError, check_writable_dir, download, finite_number, git_blob_sha1, save_npz
 from models.labels import atom_rows, offsets_of
 from models.molecules import default_data_dir
 from models.structures import partial_site, utf8_lines
@@ -256,14 +256,8 @@ def crystal_properties(row: dict, where: str) -> np.ndarray:
     out = np.full(len(CRYSTAL_PROPERTIES), np.nan)
     for i, name in enumerate(CRYSTAL_PROPERTIES):
         text = (row.get(name) or "").strip()
-        if not text:
-            continue
-        try:
-            out[i] = float(text)
-        except ValueError:
-            out[i] = np.nan
-        if not np.isfinite(out[i]):
-            raise DataError(f"{where}: {name} is {text!r}, not a finite number")
+        if text:
+            out[i] = finite_number(text, name, where)
     return out
 
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -29,6 +30,17 @@ os.umask(_UMASK)
 
 class DataError(ValueError):
     """A data file or record that cannot be used; the message names the file, the record and the problem."""
+
+
+def finite_number(text: str, what: str, where: str) -> float:
+    """float(text); DataError naming where and what when the text is not a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {what} is {text!r}, not a finite number")
+    return value
 
 
 class DiskFull(OSError):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fileio import DataError, check_writable_dir, download, save_npz
+from models.fileio import DataError, check_writable_dir, download, finite_number, save_npz
 from models.geometry import remove_mean
 from models.labels import atom_rows, offsets_of
 
@@ -154,14 +154,8 @@ def _properties(values: list, where: str) -> np.ndarray:
     units."""
     out = np.full(len(PROPERTIES), np.nan)
     for i, ((name, (_, _, factor, _)), text) in enumerate(zip(PROPERTIES.items(), values)):
-        if text is None:
-            continue
-        try:
-            out[i] = float(text.replace("*^", "e")) * factor
-        except ValueError:
-            raise DataError(f"{where}: property {name} is {text!r}, not a number") from None
-        if not np.isfinite(out[i]):
-            raise DataError(f"{where}: property {name} is {text!r}, not finite")
+        if text is not None:  # the release writes Mathematica exponents (1.2*^-6)
+            out[i] = finite_number(text.replace("*^", "e"), f"property {name}", where) * factor
     return out
 
 
