@@ -105,6 +105,7 @@ def fit_reference_energies(numbers: list[np.ndarray], energies: np.ndarray, elem
 
 class Interaction(nn.Module):
     """SchNet's layer. A layer maps the atoms' state (a tuple whose first item is h [A, F]) over the edges i <- j."""
+    USES_DIRECTIONS = False  # distances only: the edges' unit vectors are not computed for it
 
     def __init__(self, hidden: int, n_rbf: int, cutoff: float):
         super().__init__()
@@ -132,6 +133,7 @@ class Interaction(nn.Module):
 
 class PaiNNInteraction(nn.Module):
     """PaiNN's message and update blocks: state (h [A, F], v [A, 3, F]), rotation-equivariant in v, invariant in h."""
+    USES_DIRECTIONS = True
 
     def __init__(self, hidden: int, n_rbf: int, cutoff: float):
         super().__init__()
@@ -215,9 +217,11 @@ class ForceField(nn.Module):
             vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
             d = vec.norm(dim=-1)
             basis = cosine_envelope(d, self.config.cutoff)[:, None] * gaussian_rbf(d, self.config.cutoff, self.config.n_rbf)
-            state = LAYERS[self.config.family].start(h)
+            layer_class = LAYERS[self.config.family]
+            state = layer_class.start(h)
+            unit = vec / d[:, None] if layer_class.USES_DIRECTIONS else None  # SchNet's hot path does without them
             for layer in self.layers:
-                state = layer(state, i, j, basis, vec / d[:, None])
+                state = layer(state, i, j, basis, unit)
             h = state[0]
         atomic = self.readout(h).squeeze(-1).double() * self.energy_scale + self.reference_energy[t]
         return torch.zeros(n_struct, dtype=torch.float64, device=pos.device).index_add(0, batch, atomic)
