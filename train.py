@@ -43,12 +43,16 @@ PRESETS = {
 }
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--task", choices=["gen", "ff", "oracle"], default="gen", help="gen: a generative model; ff: a student force field "
+parser.add_argument("--task", choices=["gen", "ff", "oracle", "joint"], default="gen", help="gen: a generative model; ff: a student force field "
                     "(models/forcefield.py) on --data labels files; oracle: EDM's property oracle (models/oracle.py), a regressor of the "
-                    "--condition properties on the other half of the training split from the one conditional generators train on")
-parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn)")
+                    "--condition properties on the other half of the training split from the one conditional generators train on; "
+                    "joint: one generative model of a molecule set and a crystal set (--data qm9 perov5) through one trunk, on "
+                    "alternating batches (models/joint.py; transformer or pairformer, one process)")
+parser.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None, help="--task gen: backbone network (default gnn); --task joint: "
+                    "transformer (default) or pairformer")
 parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="--task gen: generative process (default flow)")
-parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task ff: label.py's labels files (.h5) of one teacher")
+parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task joint: a molecule "
+                    "set and a crystal set (qm9 perov5); --task ff: label.py's labels files (.h5) of one teacher")
 parser.add_argument("--csp", action="store_true", help="crystals: structure prediction (the composition is given; lattice and coordinates are generated) instead of de novo generation")
 parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on; val where the train file cannot be had (offline), with 5 %% of it (by a hash of material_id) held out for validation")
 parser.add_argument("--max-atoms", type=positive_int, default=32, help="crystals: refuse training or validation data that "
@@ -115,7 +119,10 @@ parser.add_argument("--stress-weight", type=nonnegative_float, default=1.0, help
 parser.add_argument("--val-fraction", type=fraction, default=0.05, help="ff: fraction of structures held out for validation (by a hash of their key, so stable across files)")
 parser.add_argument("--count-flops", action="store_true", help="count the FLOPs of a training step before the first one "
                     "(torch's FlopCounterMode, once per padded width: a few extra passes); scale.py's compute axis reads them")
-parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; the atom axis symbolic, so size-grouped "
+                    "batches compile once per kind of step, in about a minute). On this CPU it pays on one thread and most with bf16: "
+                    "kernels/step_bench.py measured 1.7 x (EGNN) and 3.5 x (Transformer) over eager fp32 with --precision bf16, and "
+                    "no gain on two threads (README, \"Where a training step's time goes\")")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--task gen: autocast of the backbone; auto (default): bf16 on "
                     "CUDA, and on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py); "
                     "--task ff trains in fp32 (forces are derivatives)")
@@ -195,6 +202,20 @@ elif args.task == "oracle":
     if not args.condition:
         parser.error("--task oracle needs --condition PROP [...]: the properties it predicts")
     args.data = single_data_set("--task oracle predicts the properties of")
+elif args.task == "joint":
+    from models.transfer import SHARED_ARCHS
+    if wrong := given(("csp", "condition", "cfconv_cutoff", "init_from", "init_trunk", "count_flops")) + not_default(FF_ONLY):
+        parser.error(f"{', '.join(wrong)}: not options of --task joint (de novo generation of two data sets through one trunk)")
+    args.arch, args.gen = args.arch or "transformer", args.gen or "flow"
+    if args.arch not in SHARED_ARCHS:
+        parser.error(f"--task joint: --arch {args.arch} has no trunk the two domains share; {' or '.join(SHARED_ARCHS)} do (models/transfer.py)")
+    kinds = [get_domain(d).kind if d in DATA_SETS else None for d in args.data or []]
+    if sorted(map(str, kinds)) != ["crystals", "molecules"]:
+        parser.error(f"--task joint needs --data MOLECULES CRYSTALS, one of each of {', '.join(DATA_SETS)} (qm9 perov5, say), not "
+                     f"{' '.join(args.data or []) or 'none'}")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        parser.error("--task joint runs in one process: each step trains one domain's part, which torchrun's data-parallel "
+                     "wrapper would see as unused weights")
 else:
     if changed := not_default(FF_ONLY):
         parser.error(f"{', '.join(changed)}: options of --task ff")
@@ -235,7 +256,8 @@ if args.init_trunk:
     if not Path(args.init_trunk).is_file():
         parser.error(f"--init-trunk {args.init_trunk}: no such checkpoint file")
 default_out = f"out/{domain.run_name(args)}_{args.arch}_{args.gen}_{args.preset}" if domain else \
-    f"out/oracle_{args.data}_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
+    f"out/oracle_{args.data}_{'_'.join(args.condition)}_{args.preset}" if args.task == "oracle" else \
+    f"out/joint_{'_'.join(args.data)}_{args.arch}_{args.gen}_{args.preset}" if args.task == "joint" else f"out/ff_{Path(args.data[0]).stem}_{args.preset}"
 out_dir = Path(args.out or default_out)
 writable_dir(parser, out_dir, "--out")
 
@@ -247,7 +269,7 @@ from tqdm import tqdm  # noqa: E402
 from models.checkpoint import CheckpointError, export_weights, load_checkpoint, save_checkpoint  # noqa: E402
 from models.fileio import is_disk_full  # noqa: E402
 from models.tasks import TASKS, TaskError  # noqa: E402
-from models.training import (AdaptiveClip, BatchSchedule, Prefetcher, RunDirectory, cosine_schedule,  # noqa: E402
+from models.training import (AdaptiveClip, Prefetcher, RunDirectory, cosine_schedule,  # noqa: E402
                              step_generator, train_step_flops, update_ema)
 
 task = TASKS[args.task](args)
@@ -336,7 +358,7 @@ if args.batching is None:  # the force field's flat batches have no padding: "ra
     args.batching = "random" if args.task == "ff" else "size"
 if args.time_frequencies is None and domain:
     args.time_frequencies = domain.RECIPE["time_frequencies"]
-if args.self_condition is None:
+if args.self_condition is None and args.task != "joint":  # a joint run's parts each take their domain's (models/tasks.py)
     args.self_condition = bool(domain) and domain.RECIPE.get("self_condition", False)
 if ddp:  # every rank has looked at OUT before rank 0 changes it
     dist.barrier()
@@ -354,7 +376,7 @@ except TaskError as e:
 if args.batching == "size" and len(task.train) < args.batch_size:
     raise SystemExit(f"--batching size needs at least one whole batch of training structures: {len(task.train)} < "
                      f"--batch-size {args.batch_size}")
-schedule = BatchSchedule(len(task.train), args.batch_size, args.seed, task.atom_counts if args.batching == "size" else None)
+schedule = task.schedule(args)
 
 # ----------------------------------------------------------------------------------------------
 # Model, objective (the generative process, or the force field's loss), optimiser, schedule, EMA
@@ -418,7 +440,7 @@ if resume_ckpt is not None:
         torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
     log(f"resumed from {resume_path} at step {start_step}")
 
-train_model = torch.compile(model) if args.compile else model
+train_model = torch.compile(model, dynamic=True) if args.compile else model  # dynamic: size-grouped batches change the atom axis
 if ddp:
     train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 if master and args.wandb:
@@ -462,7 +484,8 @@ def save(step: int, flops_per_step: float | None, seconds: float) -> None:
     }
     save_checkpoint(run.ckpt, state, keep_previous=run.prev_ckpt)
     if step == args.iters:  # the finished run's EMA weights alone, to sample from or to share (a few MB)
-        export_weights(state, out_dir / "weights.pt")
+        for name, exported in task.exports(state, ema).items():
+            export_weights(exported, out_dir / name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,11 +55,13 @@ def save_checkpoint(path: Path, state: dict, keep_previous: Path | None = None) 
 
 REQUIRED = {"gen": ("arch", "gen", "step", "model_config", "process_config", "atom_symbols", "n_atoms_hist", "ema"),
             "ff": ("step", "model_config", "objective_config", "teacher", "teacher_version", "ema"),
-            "oracle": ("step", "model_config", "objective_config", "condition", "atom_symbols", "ema")}
+            "oracle": ("step", "model_config", "objective_config", "condition", "atom_symbols", "ema"),
+            "joint": ("arch", "gen", "step", "model_config", "process_config", "parts", "ema")}
 RESUME = ("model", "optimizer", "scheduler", "rng", "args")  # only train.py --resume needs these
 TRAINING_STATE = ("model", "optimizer", "scheduler", "rng", "log_bytes", "clip_history")  # what export_weights leaves out
 TASK_NAMES = {"gen": "a generative model (train.py --task gen)", "ff": "a student force field (train.py --task ff)",
-              "oracle": "a property oracle (train.py --task oracle)"}
+              "oracle": "a property oracle (train.py --task oracle)",
+              "joint": "a joint model of two domains (train.py --task joint; its weights_<data>.pt are standard checkpoints)"}
 
 
 def export_weights(state: dict, path: Path) -> None:
@@ -102,6 +104,17 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
         except (CheckpointError, TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: property-oracle checkpoint with an unusable config: {e}") from None
         return ckpt
+    if task == "joint":
+        for part, config in zip(ckpt["parts"], ckpt["model_config"]["parts"]):
+            check_generative({**part, "model_config": config}, path, arch, gen)
+    else:
+        check_generative(ckpt, path, arch, gen)
+    return ckpt
+
+
+def check_generative(ckpt: dict, path, arch: str | None, gen: str | None) -> None:
+    """Raise CheckpointError naming path where a generative checkpoint's domain, backbone, process or configs are not
+    ones this code builds, or (arch / gen given) not the ones asked for."""
     for key, want in (("arch", arch), ("gen", gen)):
         if want is not None and ckpt[key] != want:
             raise CheckpointError(f"{path}: checkpoint was trained with --{key} {ckpt[key]}, not --{key} {want}")
@@ -121,7 +134,6 @@ def load_checkpoint(path: Path, arch: str | None = None, gen: str | None = None,
         config_from_dict(proc_cls.Config, ckpt["process_config"])
     except (CheckpointError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {ckpt['arch']} x {ckpt['gen']} checkpoint with an unusable config: {e}") from None
-    return ckpt
 
 
 def fill_older_defaults(ckpt: dict) -> None:

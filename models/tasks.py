@@ -11,6 +11,7 @@ objective: the generative process, or the force field's loss; the loop calls its
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict
 
 import numpy as np
@@ -18,10 +19,21 @@ import torch
 
 from models.checkpoint import build_model, build_student
 from models.domains import get_domain
+from models.training import BatchSchedule
 
 
 class TaskError(ValueError):
     """Training data or a checkpoint that do not fit the task: train.py exits with the message."""
+
+
+def batch_schedule(task, args) -> BatchSchedule:
+    """The steps' global batches over the task's training set (size-grouped under --batching size)."""
+    return BatchSchedule(len(task.train), args.batch_size, args.seed, task.atom_counts if args.batching == "size" else None)
+
+
+def own_weights(task, state: dict, ema) -> dict[str, dict]:
+    """What a finished run exports beside its checkpoint: {file name: checkpoint dict} (the EMA weights alone)."""
+    return {"weights.pt": state}
 
 
 class Generation:
@@ -50,6 +62,9 @@ class Generation:
         self.atom_counts = self.train.mask.sum(1)  # structure sizes, for --batching size
         return self.data.summary
 
+    schedule = batch_schedule
+    exports = own_weights
+
     def new_model(self, args):
         return self.domain.new_model(args, self.data)
 
@@ -67,25 +82,29 @@ class Generation:
     def batch(self, data, idx, device, width=None, global_idx=None, world: int = 1) -> dict:
         return data.batch(idx, device, width=width)
 
-    @torch.no_grad()
     def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
-        """Validation loss of the EMA weights with fixed noise, and the domain's quick quality check of
-        --eval-samples fresh samples."""
-        losses = []
-        for lo in range(0, len(self.valid), local_batch):
-            idx = torch.arange(lo, min(lo + local_batch, len(self.valid)))
-            noise = objective.draw_noise(len(idx), self.n_max, noise_generator(lo))
-            with autocast:
-                losses.append(objective.loss(ema, self.valid.batch(idx, device), noise).item() * len(idx))
-        record = {"step": step, "val_loss": sum(losses) / len(self.valid)}
-        if args.eval_samples:
-            record.update(self.domain.quality(ema, objective, self.data, args.eval_samples, args.sample_steps, args.seed + 17,
-                                              autocast))
-        return record
+        return {"step": step, **generation_record(self.domain, self.data, ema, objective, args, local_batch, noise_generator,
+                                                  autocast, device)}
 
     def checkpoint_meta(self, args, objective) -> dict:
         return {"domain": self.domain.kind, "arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
                 **self.data.meta}
+
+
+@torch.no_grad()
+def generation_record(domain, data, ema, objective, args, local_batch: int, noise_generator, autocast, device) -> dict:
+    """Validation loss of a generative model's EMA weights with fixed noise, and the domain's quick quality check of
+    --eval-samples fresh samples."""
+    losses = []
+    for lo in range(0, len(data.valid), local_batch):
+        idx = torch.arange(lo, min(lo + local_batch, len(data.valid)))
+        noise = objective.draw_noise(len(idx), data.n_max, noise_generator(lo))
+        with autocast:
+            losses.append(objective.loss(ema, data.valid.batch(idx, device), noise).item() * len(idx))
+    record = {"val_loss": sum(losses) / len(data.valid)}
+    if args.eval_samples:
+        record.update(domain.quality(ema, objective, data, args.eval_samples, args.sample_steps, args.seed + 17, autocast))
+    return record
 
 
 class Student:
@@ -100,6 +119,9 @@ class Student:
         self.what = "a student of its labels' teacher on " + ", ".join(args.data)
         self.atom_counts = None  # flat batches: no padding to group by
         self.n_max = 0
+
+    schedule = batch_schedule
+    exports = own_weights
 
     def load(self, args, meta: dict | None, progress: bool) -> str:
         import time
@@ -240,6 +262,8 @@ class Oracle:
         return f"model: property oracle {asdict(model.config)}, {n_params / 1e6:.2f} M parameters; L1 loss of the normalised properties"
 
     batch = Generation.batch  # padded batches of either domain, as a generator's
+    schedule = batch_schedule
+    exports = own_weights
 
     @torch.no_grad()
     def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
@@ -260,4 +284,98 @@ class Oracle:
                 "condition": {**self.norm.state(), "half": "oracle"}, **self.vocabulary}
 
 
-TASKS = {"gen": Generation, "ff": Student, "oracle": Oracle}
+class Joint:
+    """One generative model of two data sets, a molecule set and a crystal set, through one trunk (models/joint.py):
+    each part built and trained as its single-domain run would be (the domain's recipe, process and data), with
+    the trunk, the shared heads and the shared elements' type weights in common, on alternating batches."""
+
+    name = "joint"
+    RUN_FLAGS = Generation.RUN_FLAGS
+    MODEL_FLAGS = ("hidden", "n_layers", "data", "train_split", "max_atoms", "time_tilt", "time_frequencies", "self_condition",
+                   "distance_loss", "min_one_minus_t", "gamma_scale")
+
+    def __init__(self, args):
+        self.domains = [get_domain(name) for name in args.data]
+        if sorted(d.kind for d in self.domains) != ["crystals", "molecules"]:
+            raise TaskError(f"--task joint trains one molecule set and one crystal set, not {' and '.join(args.data)}")
+        self.unit = "structures"
+        self.what = f"{args.arch} x {args.gen} on {' and '.join(args.data)} (one trunk, alternating batches)"
+
+    def part_args(self, args, i: int):
+        """Part i's flags as its single-domain run takes them: its data set, its domain's recipe where the flag is
+        unset (self-conditioning is built for molecules only)."""
+        domain = self.domains[i]
+        recipe = domain.RECIPE
+        self_condition = recipe.get("self_condition", False) if args.self_condition is None else args.self_condition
+        return argparse.Namespace(**{**vars(args), "data": args.data[i], "condition": None,
+                                     "time_frequencies": recipe["time_frequencies"] if args.time_frequencies is None else args.time_frequencies,
+                                     "self_condition": self_condition and domain.kind == "molecules"})
+
+    def load(self, args, meta: dict | None, progress: bool) -> str:
+        from models.fileio import DataError
+        from models.joint import JointSet
+
+        try:
+            self.data = [d.load_training(self.part_args(args, i), meta["parts"][i] if meta else None, progress)
+                         for i, d in enumerate(self.domains)]
+        except DataError as e:
+            raise TaskError(str(e)) from None
+        self.train, self.valid = JointSet([d.train for d in self.data]), JointSet([d.valid for d in self.data])
+        self.n_max = max(d.n_max for d in self.data)
+        return "; ".join(f"{name}: {d.summary}" for name, d in zip(args.data, self.data))
+
+    def schedule(self, args):
+        from models.joint import AlternatingSchedule
+        return AlternatingSchedule([BatchSchedule(len(d.train), args.batch_size, args.seed, d.train.mask.sum(1) if args.batching == "size"
+                                                  else None) for d in self.data], self.train.offsets)
+
+    def new_model(self, args):
+        from models.joint import JointBackbone, JointProcess
+
+        parts = [d.new_model(self.part_args(args, i), data) for i, (d, data) in enumerate(zip(self.domains, self.data))]
+        return (JointBackbone([m for m, _ in parts], [data.meta["atom_symbols"] for data in self.data]),
+                JointProcess([p for _, p in parts]))
+
+    def precision(self, args, device) -> str:
+        from models.precision import backbone_precision
+        chosen = {backbone_precision(device, args.precision, d.arch_class(args.arch)) for d in self.domains}
+        return chosen.pop() if len(chosen) == 1 else "fp32"  # one autocast runs both parts
+
+    @staticmethod
+    def from_checkpoint(ckpt: dict, weights: str):
+        from models.joint import build_joint
+        return build_joint(ckpt, weights)
+
+    def describe(self, args, model, objective, n_params: int) -> str:
+        sizes = [sum(p.numel() for p in part.parameters()) for part in model.parts]
+        return (f"model: {args.arch} on {' and '.join(args.data)}, {n_params / 1e6:.2f} M parameters in all ("
+                + ", ".join(f"{name} {n / 1e6:.2f} M" for name, n in zip(args.data, sizes))
+                + f"; shared: the trunk, the shared heads and the elements {', '.join(model.shared_elements) or 'none'}); processes: "
+                + "; ".join(f"{name} {args.gen} {asdict(p.config)}" for name, p in zip(args.data, objective.processes)))
+
+    batch = Generation.batch
+
+    def exports(self, state: dict, ema) -> dict[str, dict]:
+        """The joint checkpoint's weights, and each part's as a standard checkpoint of its data set."""
+        from models.joint import part_checkpoint
+        return {"weights.pt": state, **{f"weights_{name}.pt": part_checkpoint(state, ema, i) for i, name in enumerate(state["args"]["data"])}}
+
+    @torch.no_grad()
+    def evaluate(self, ema, objective, step: int, args, local_batch: int, noise_generator, autocast, device) -> dict:
+        """Each part's Generation.evaluate (its validation loss and its domain's quick check), keys prefixed with its
+        data set."""
+        record = {"step": step}
+        for i, (name, domain, data) in enumerate(zip(args.data, self.domains, self.data)):
+            part = generation_record(domain, data, ema.parts[i], objective.processes[i], args, local_batch, noise_generator,
+                                     autocast, device)
+            record.update({f"{name}/{k}": v for k, v in part.items()})
+        return record
+
+    def checkpoint_meta(self, args, objective) -> dict:
+        """The joint model's, and each part's as its own checkpoint keeps it (models/joint.py's part_checkpoint)."""
+        return {"domain": "joint", "arch": args.arch, "gen": args.gen, "process_config": asdict(objective.config),
+                "parts": [{"domain": d.kind, "data": name, "arch": args.arch, "gen": args.gen, "process_config": asdict(p.config),
+                           **data.meta} for name, d, data, p in zip(args.data, self.domains, self.data, objective.processes)]}
+
+
+TASKS = {"gen": Generation, "ff": Student, "oracle": Oracle, "joint": Joint}
