@@ -121,8 +121,9 @@ parser.add_argument("--count-flops", action="store_true", help="count the FLOPs 
                     "(torch's FlopCounterMode, once per padded width: a few extra passes); scale.py's compute axis reads them")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; the atom axis symbolic, so size-grouped "
                     "batches compile once per kind of step, in about a minute). On this CPU it pays on one thread and most with bf16: "
-                    "kernels/step_bench.py measured 1.7 x (EGNN) and 3.5 x (Transformer) over eager fp32 with --precision bf16, and "
-                    "no gain on two threads (README, \"Where a training step's time goes\")")
+                    "kernels/step_bench.py measured the Transformer's step 1.9 x faster (bf16, its default here), the EGNN's 1.2 x in "
+                    "fp32 (its default) and 1.7 x with --precision bf16 (over eager fp32), and no gain on two threads (README, "
+                    "\"Where a training step's time goes\")")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--task gen: autocast of the backbone; auto (default): bf16 on "
                     "CUDA, and on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py); "
                     "--task ff trains in fp32 (forces are derivatives)")
@@ -440,6 +441,11 @@ if resume_ckpt is not None:
         torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
     log(f"resumed from {resume_path} at step {start_step}")
 
+if args.compile and ddp:
+    # One graph, not dynamo's split at DDP's gradient buckets: the split hands the EGNN's float constants (pi of the
+    # time features) to a subgraph as inputs, which inductor (torch 2.13) fails to compile; the split only buys
+    # overlap of communication with the backward, which gloo on a CPU's cores hardly has
+    torch._dynamo.config.optimize_ddp = False
 train_model = torch.compile(model, dynamic=True) if args.compile else model  # dynamic: size-grouped batches change the atom axis
 if ddp:
     train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)

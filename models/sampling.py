@@ -15,7 +15,7 @@ from models.precision import backbone_autocast
 def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size: int, seed: int, device: torch.device,
                       weights: str = "ema", by_size: bool = False, compositions=None, n_per_composition: int = 1,
                       truth_rows: list[int] | None = None, precision: str = "auto", condition: dict | None = None,
-                      guidance: float = 1.0, **options) -> tuple[list[ase.Atoms], int]:
+                      guidance: float = 1.0, compiled: bool = False, **options) -> tuple[list[ase.Atoms], int]:
     """Molecules or crystals from a loaded checkpoint, in batches, with a progress bar: (the structures with finite
     coordinates (and cell), how many were dropped for NaN / Inf).
 
@@ -28,11 +28,13 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
     than to about the largest of all (1.4 x the molecules/s on QM9 in the README; other noise, the same
     distribution). precision: the backbone's autocast (models/precision.py). condition, guidance: a conditional
     checkpoint's request ({property: value}; None: the protocol's draw) and classifier-free guidance weight
-    (models/condition.py), the requested values in info['condition_<property>']. options: the process's sampler
+    (models/condition.py), the requested values in info['condition_<property>']. compiled: run the backbone through
+    torch.compile (the atom and batch axes symbolic, so the batches' sizes compile once). options: the process's sampler
     options (process.OPTIONS: time_power, anneal_slope). A request the checkpoint cannot take raises ValueError."""
     domain = domain_of(ckpt)
     model, process = build_model(ckpt, weights=weights)
     model.to(device).eval()
+    step_model = torch.compile(model, dynamic=True) if compiled else model
     process.check_sampling(method, options)
     generator = torch.Generator().manual_seed(seed)
     plan = domain.sampling_plan(ckpt, n, generator, compositions, n_per_composition, condition, guidance)
@@ -46,7 +48,7 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
             batch_jobs = order[lo:lo + batch_size]
             rows = torch.tensor([jobs[j][0] for j in batch_jobs])
             with autocast:
-                out = process.sample(model, plan.request(rows, by_size), n_steps, method, generator=generator, **options)
+                out = process.sample(step_model, plan.request(rows, by_size), n_steps, method, generator=generator, **options)
             for j, atoms in zip(batch_jobs, domain.structures(out, ckpt)):
                 if atoms is None:
                     n_bad += 1
