@@ -88,6 +88,10 @@ parser.add_argument("--self-condition", action=argparse.BooleanOptionalAction, d
                     "previous step's when sampling). Default on for molecules (the recipe ablation's winner; "
                     "--no-self-condition: off); with --resume, the checkpoint's")
 parser.add_argument("--ot-align", action="store_true", help="molecules, flow: equivariant OT alignment of prior and data")
+parser.add_argument("--discrete-types", action="store_true", help="molecules, flow: atom types on the masking path of discrete "
+                    "flow matching (each atom shows its type with probability t, and the sampler reveals hidden ones along the "
+                    "path's Markov chain, as SemlaFlow and FlowMol do) instead of continuous one-hot vectors x 0.25 on the "
+                    "coordinates' path (models/molecule_flow.py)")
 parser.add_argument("--distance-loss", type=nonnegative_float, default=0.0, help="molecules, flow and interpolant: weight of "
                     "an auxiliary loss on the predicted clean molecule's distances between atoms the data holds under 2 A apart "
                     "(bonds and the 1-3 distances of angles), weighted over t like the coordinates' (0: off)")
@@ -158,7 +162,7 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force", "student")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
             "time_tilt", "time_frequencies", "self_condition", "precision", "condition", "condition_dropout")
 
 
@@ -227,8 +231,9 @@ else:
         parser.error(f"{', '.join(given(domain.foreign_flags()))}: not an option for {domain.kind} (--data {args.data})")
 if args.cfconv_cutoff and args.arch != "gnn":
     parser.error(f"--cfconv-cutoff is an option of --arch gnn, not --arch {args.arch}")
-if args.ot_align and args.gen != "flow":
-    parser.error(f"--ot-align is an option of --gen flow, not --gen {args.gen}")
+for flag in ("ot_align", "discrete_types"):
+    if getattr(args, flag) and args.gen != "flow":
+        parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow, not --gen {args.gen}")
 for flag in ("distance_loss", "min_one_minus_t"):
     if getattr(args, flag) and args.gen == "diffusion":
         parser.error(f"--{flag.replace('_', '-')} is an option of --gen flow and interpolant, whose backbones predict the clean molecule")

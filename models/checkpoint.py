@@ -148,7 +148,8 @@ def fill_older_defaults(ckpt: dict) -> None:
     if "args" in ckpt:
         for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False),
                                      ("train_split", "train"), ("distance_loss", 0.0), ("min_one_minus_t", None),
-                                     ("condition", None), ("condition_dropout", 0.1), ("init_trunk", None)):
+                                     ("condition", None), ("condition_dropout", 0.1), ("init_trunk", None),
+                                     ("discrete_types", False)):
             ckpt["args"].setdefault(key, before_the_flag)
 
 

@@ -160,7 +160,7 @@ class Molecules(Domain):
                  "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
     RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (README)
     TIME_POWER = 2.0  # the recipe ablation found P = 2 better (README)
-    FLAGS = ("cfconv_cutoff", "ot_align", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition", "condition",
+    FLAGS = ("cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition", "condition",
              "condition_dropout")
     CONDITIONS = ("alpha", "gap", "homo", "lumo", "mu", "Cv")  # train.py --condition: models/molecules.py's PROPERTIES
     FIGURES = True  # evaluate.py draws property histograms, molecules and training curves
@@ -206,6 +206,8 @@ class Molecules(Domain):
 
     def process_options(self, args, data: TrainingData) -> dict:
         options = {"ot_align": True} if args.ot_align else {}
+        if getattr(args, "discrete_types", False):
+            options["discrete_types"] = True
         if getattr(args, "condition", None):
             options["condition_dropout"] = args.condition_dropout
         if args.distance_loss:

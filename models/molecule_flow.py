@@ -4,10 +4,16 @@ x_t = (1 - t) x0 + t x1 for t in [0, 1], with x0 from the prior and x1 from the 
   - coordinates: x0 ~ N(0, I) projected to zero centre of mass (the subspace the data lives in, so
     the learned flow is translation invariant), optionally aligned to x1 by equivariant optimal
     transport (permutation within each element, then the Kabsch rotation);
-  - atom types: a continuous formulation. x1 is the one-hot type vector times `type_scale`, x0 is
+  - atom types: a continuous formulation by default. x1 is the one-hot type vector times `type_scale`, x0 is
     Gaussian. Continuous types share the coordinates' path, prior and ODE solver, so one sampler
     integrates both and the same loss/sample interface carries over to diffusion and interpolants;
     the small scale (0.25, as in EDM) makes types resolve late, after the geometry has formed.
+    With discrete_types (train.py --discrete-types), a discrete flow instead, the masking path of Campbell et
+    al.'s discrete flow models that SemlaFlow and FlowMol build on: at time t each atom shows its type with
+    probability t and no type otherwise (a zero vector, which no real type's one-hot is), and the sampler is the
+    path's continuous-time Markov chain: between t and t' a still hidden atom is revealed with probability
+    (t' - t) / (1 - t), its type drawn from the network's p(type | x_t). The network, its type cross-entropy and
+    the coordinates are unchanged; only what the types look like at time t, and how the sampler moves them, differ.
 
 The network predicts the endpoint x1 (coordinates directly, types as logits whose softmax is the
 expected one-hot); the velocity is u_t = (x1_hat - x_t) / (1 - t). The coordinate loss is the standard
@@ -42,6 +48,7 @@ class FlowConfig:
     self_condition: bool = False  # the backbone also sees its last estimate (models/self_conditioning.py)
     condition_dropout: float = 0.0  # of a conditional model's training structures, the share seen without their condition
     distance_loss: float = 0.0  # weight of the predicted molecule's short-distance error (molecule_process.py)
+    discrete_types: bool = False  # types on the masking path of discrete flow matching (module docstring)
 
 
 def kabsch_rotation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -93,6 +100,34 @@ class FlowMatching(MoleculeProcess):
     def couple(self, x0, x1, types, mask):
         return align_prior(x0, x1, types, mask) if self.config.ot_align else x0
 
+    def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None, device="cpu") -> dict:
+        """The molecule processes' noise; with discrete types also "reveal" [B, N] uniform: an atom shows its type at
+        time t when its draw is below t."""
+        noise = super().draw_noise(batch_size, n_max, generator, device)
+        if self.config.discrete_types:
+            noise["reveal"] = torch.rand(batch_size, n_max, generator=generator,
+                                         device=generator.device if generator is not None else device)
+        return noise
+
+    def noised_types(self, h1, noise, alpha, sigma, node):
+        if not self.config.discrete_types:
+            return super().noised_types(h1, noise, alpha, sigma, node)
+        shown = (noise["reveal"] < alpha[:, :, 0]).unsqueeze(-1).to(h1.dtype)  # alpha_t = t
+        return h1 * shown * node
+
+    def reveal(self, logits, types, shown, t: float, t_next: float, mask, generator):
+        """One step of the masked types' Markov chain from t to t_next: each hidden real atom is revealed with
+        probability (t_next - t) / (1 - t) (1 at t_next = 1), its type drawn from softmax(logits) [B, N, T].
+        types [B, N] long, shown [B, N] bool -> (types, shown, h [B, N, T] the scaled one-hot of the shown atoms)."""
+        B, N, T = logits.shape
+        kw = dict(generator=generator, device=generator.device if generator is not None else logits.device)
+        revealed = (torch.rand(B, N, **kw).to(mask.device) < (t_next - t) / (1 - t)) & mask & ~shown
+        drawn = torch.multinomial(logits.float().softmax(-1).reshape(B * N, T).to(kw["device"]), 1, generator=generator)
+        types = torch.where(revealed, drawn.view(B, N).to(mask.device), types)
+        shown = shown | revealed
+        h = torch.nn.functional.one_hot(types, T).float() * self.config.type_scale * shown.unsqueeze(-1)
+        return types, shown, h
+
     @torch.no_grad()
     def sample(self, model, request: dict[str, torch.Tensor], n_steps: int, method: str,
                generator: torch.Generator | None = None, time_power: float = 1.0) -> dict[str, torch.Tensor]:
@@ -104,6 +139,9 @@ class FlowMatching(MoleculeProcess):
         """
         self.check_sampling(method)
         mask, node, x, h, guidance = self.sampling_start(model, request, generator)
+        discrete = self.config.discrete_types
+        if discrete:  # every atom starts hidden: no type
+            h, types, shown = torch.zeros_like(h), torch.zeros_like(mask, dtype=torch.long), torch.zeros_like(mask)
 
         def velocity(x, h, t: float, estimate):
             """The velocities at (x, h, t) and the logits and estimate they come from."""
@@ -116,10 +154,16 @@ class FlowMatching(MoleculeProcess):
         for t, t_next in zip(ts[:-1], ts[1:]):
             dt = t_next - t
             vx, vh, logits, estimate = velocity(x, h, t, estimate)
-            if method == "heun" and t_next < 1:
-                vx2, vh2, _, estimate = velocity(x + dt * vx, h + dt * vh, t_next, estimate)
-                vx, vh = (vx + vx2) / 2, (vh + vh2) / 2
-            x, h = x + dt * vx, h + dt * vh
-        # After the last step h equals the predicted expected one-hot; the argmax of the last logits
-        # is the same decision without the scale.
-        return {"types": logits.argmax(-1) * mask, "pos": x * node, "mask": mask}
+            if discrete:
+                types, shown, h_next = self.reveal(logits, types, shown, t, t_next, mask, generator)
+            else:
+                h_next = h + dt * vh
+            if method == "heun" and t_next < 1:  # the corrector: the velocities at the predicted state at t_next
+                vx2, vh2, _, estimate = velocity(x + dt * vx, h_next, t_next, estimate)
+                vx = (vx + vx2) / 2
+                if not discrete:
+                    h_next = h + dt * ((vh + vh2) / 2)
+            x, h = x + dt * vx, h_next
+        # Continuous types: after the last step h equals the predicted expected one-hot; the argmax of the last
+        # logits is the same decision without the scale. Discrete ones: every atom was revealed at t = 1.
+        return {"types": (types if discrete else logits.argmax(-1)) * mask, "pos": x * node, "mask": mask}

@@ -81,6 +81,11 @@ class MoleculeProcess(Process):
             noise["drop_condition"] = torch.rand(batch_size, **kw) < self.config.condition_dropout
         return noise
 
+    def noised_types(self, h1: torch.Tensor, noise: dict, alpha: torch.Tensor, sigma: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """The types at time t [B, N, T]: the scaled one-hot h1 on the coordinates' path from the Gaussian h0
+        (alpha, sigma [B, 1, 1]; node [B, N, 1], 0 at padding)."""
+        return (alpha * h1 + sigma * noise["h0"] * node) * node
+
     def couple(self, x0: torch.Tensor, x1: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The prior coordinates paired with x1; independent by default (flow matching's OT overrides it)."""
         return x0
@@ -98,8 +103,7 @@ class MoleculeProcess(Process):
         alpha, sigma = (a.to(x1.dtype)[:, None, None] for a in self.alpha_sigma(t))
         x0 = self.couple(remove_mean(noise["x0"], mask), x1, types, mask)
         h1 = F.one_hot(types, self.config.n_types).to(x1.dtype) * self.config.type_scale
-        h0 = noise["h0"] * node
-        z = {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": (alpha * h1 + sigma * h0) * node,
+        z = {"t": t, "x0": x0, "x_t": alpha * x1 + sigma * x0, "h_t": self.noised_types(h1, noise, alpha, sigma, node),
              "types": types, "x1": x1, "mask": mask, **({"coin": noise["self_condition"]} if "self_condition" in noise else {})}
         if "condition" in batch:
             z["condition"] = drop(batch["condition"], noise["drop_condition"]) if "drop_condition" in noise else batch["condition"]

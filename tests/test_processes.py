@@ -233,3 +233,91 @@ def test_exact_denoiser_reproduces_the_marginals_and_the_molecule(name, method, 
             assert mean_err < 0.08 * max(sigma, 0.05), (t, mean_err)
             ratio = x.var(0).mean().item() / max(var, 1e-12)
             assert sigma < 1e-3 or abs(ratio - 1) < 0.06, (t, ratio)
+
+
+def discrete_flow():
+    cls = PROCESSES["flow"]
+    return cls(cls.Config(discrete_types=True))
+
+
+def test_discrete_types_show_each_atoms_type_with_probability_t():
+    """Training: at time t an atom's types are its scaled one-hot with probability t and zero (hidden) otherwise;
+    padding is zero either way; coordinates are noised as with continuous types."""
+    process = discrete_flow()
+    B, N = 2000, 6
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[:, -1] = False
+    batch = {"types": torch.randint(0, 5, (B, N)), "pos": remove_mean(torch.randn(B, N, 3), mask), "mask": mask}
+    for t in (0.0, 0.3, 0.9):
+        noise = process.draw_noise(B, N, torch.Generator().manual_seed(0))
+        noise["t"] = torch.full((B,), t)
+        z = process.noised(batch, noise)
+        h1 = nn.functional.one_hot(batch["types"], 5).float() * process.config.type_scale
+        shown = z["h_t"].abs().sum(-1) > 0
+        assert (z["h_t"][shown] == h1[shown]).all() and (z["h_t"][~shown] == 0).all()
+        assert not shown[:, -1].any()
+        assert abs(shown[:, :-1].float().mean().item() - t) < 0.02, t
+        torch.testing.assert_close(z["x_t"], t * batch["pos"] + (1 - t) * z["x0"])
+
+
+@pytest.mark.parametrize("method", PROCESSES["flow"].SAMPLERS)
+def test_discrete_types_sampler_reveals_along_the_path_and_draws_from_the_model(method):
+    """Sampling: the share of atoms still hidden at each network call is 1 - t (the training path's marginal),
+    shown atoms carry the type they were drawn with, every atom is revealed at the end, and the drawn types follow
+    the network's softmax. With the exact denoiser of one molecule the molecule comes out."""
+    process = discrete_flow()
+    n, B = 4, 4000
+    x1 = remove_mean(torch.randn(1, n, 3, generator=torch.Generator().manual_seed(0)), torch.ones(1, n, dtype=torch.bool))
+    types1 = torch.tensor([[1, 0, 2, 0]])
+    model = ExactDenoiser(process, x1, types1)
+    out = process.sample(model, {"n_atoms": torch.full((B,), n)}, 8, method, generator=torch.Generator().manual_seed(1),
+                         time_power=2.0)
+    torch.testing.assert_close(out["pos"], x1.expand(B, -1, -1), atol=2e-3, rtol=0)
+    assert torch.equal(out["types"], types1.expand(B, -1))
+    h1 = nn.functional.one_hot(types1, 5).float() * process.config.type_scale
+    for t, _, h in model.seen:
+        shown = h.abs().sum(-1) > 0
+        assert (h[shown] == h1.expand(B, -1, -1)[shown]).all()
+        assert abs(shown.float().mean().item() - t) < 0.03, (t, shown.float().mean().item())
+
+    class Softmax(nn.Module):  # types drawn with probabilities 0.5, 0.3, 0.2
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(()))
+
+        def forward(self, h, pos, t, mask):
+            logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 1e-9, 1e-9])).expand(*mask.shape, -1)
+            return torch.zeros_like(pos), logits
+    types = process.sample(Softmax(), {"n_atoms": torch.full((B,), n)}, 5, method, generator=torch.Generator().manual_seed(2))["types"]
+    frequencies = torch.bincount(types.flatten(), minlength=5).float() / types.numel()
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0]), atol=0.015, rtol=0)
+
+
+def test_discrete_types_train_a_model_that_learns_the_types(qm9_dir):
+    """200 steps on 32 molecules: the type cross-entropy at t = 0.5 (half the types hidden, the coordinates half
+    noised) falls to under half of what it was."""
+    torch.manual_seed(0)
+    data = PaddedMolecules(load_qm9("train", qm9_dir).subset(range(32)), n_max=29)
+    batch = data.batch(torch.arange(32))
+    process = discrete_flow()
+    model = EGNN(EGNNConfig(hidden=32, n_layers=2))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fixed = process.draw_noise(32, 29, torch.Generator().manual_seed(1))
+    fixed["t"] = torch.full((32,), 0.5)
+
+    def type_loss():
+        z = process.noised(batch, fixed)
+        _, logits = process.training_outputs(model, z)
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), z["types"], reduction="none")
+        return ((ce * z["mask"]).sum() / z["mask"].sum()).item()
+    with torch.no_grad():
+        before = type_loss()
+    for step in range(200):
+        loss = process.loss(model, batch, process.draw_noise(32, 29, torch.Generator().manual_seed(100 + step)))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    with torch.no_grad():
+        after = type_loss()
+    assert after < 0.5 * before, (before, after)
