@@ -153,6 +153,11 @@ try:
             log.info("|---|---|---|---|---|---|---|")
             for name, r in conditional["properties"].items():
                 log.info(f"| {name} | {r['unit']} | {r['n_samples']:,} | {r['mae']:.4g} | {r['l_bound']:.4g} | {r['n_atoms']:.4g} | {r['u_bound']:.4g} |")
+            for name, r in conditional["properties"].items():
+                if "chgnet_mae" in r:
+                    log.info(f"{name}, judged by CHGNet instead ({r['chgnet']}; its energies shifted by {r['chgnet_offset']:+.4g} "
+                             f"{r['unit']} to the data's zero on the oracle's half): MAE {r['chgnet_mae']:.4g}, CHGNet's own L-bound "
+                             f"{r['chgnet_l_bound']:.4g}" + (f"; CHGNet failed on {r['chgnet_failed']} samples" if r["chgnet_failed"] else ""))
 except (CheckpointError, LabelsError, DataError, OSError) as e:
     fail(str(e))
 except KeyboardInterrupt:  # metrics are written only at the end; the crystal caches keep what finished

@@ -82,6 +82,36 @@ def load_oracle(oracle_path: Path, data: str) -> dict:
     return ckpt
 
 
+# The properties a universal potential predicts directly, by data set: CHGNet's energy per atom is a second judge of
+# these, independent of the oracle (it never saw the data set). Carbon-24's energies are CASTEP's (about -154 eV/atom),
+# on another zero than CHGNet's Materials Project one, so CHGNet's are shifted by the median difference on the
+# oracle's half, which the generator never trains on.
+CHGNET_CHECKED = {"carbon24": "energy_per_atom"}
+CHGNET_REFERENCE = 256  # crystals of each half that CHGNet scores for the offset and for its L-bound
+
+
+def chgnet_check(crystals: list[tuple], asked: np.ndarray, generator, oracle_half, name: str, rng) -> dict:
+    """CHGNet's judgement of `name` (an energy per atom) for the samples `crystals` [(numbers, frac, lengths, angles)]
+    that requested `asked`: its MAE after the offset to the data's energy zero (the median of data minus CHGNet over
+    up to CHGNET_REFERENCE crystals of the oracle's half), and its own L-bound, the same MAE on up to
+    CHGNET_REFERENCE crystals of the generator's half against their data values. NaN where CHGNet fails on a
+    sample, which leaves the MAE and is counted."""
+    from models.crystal_stability import chgnet_version, static_energies
+
+    def subset(half):
+        rows = np.sort(rng.choice(len(half), min(CHGNET_REFERENCE, len(half)), replace=False))
+        arrays = half.arrays()
+        return [arrays[i] for i in rows], half.property_values(name)[rows]
+    reference, reference_values = subset(oracle_half)
+    offset = float(np.nanmedian(reference_values - static_energies(reference, progress=False)))
+    real, real_values = subset(generator)
+    predicted = static_energies(crystals, progress=False) + offset
+    failed = ~np.isfinite(predicted)
+    return {"chgnet_mae": float(np.abs(predicted[~failed] - asked[~failed]).mean()) if (~failed).any() else float("nan"),
+            "chgnet_l_bound": float(np.nanmean(np.abs(static_energies(real, progress=False) + offset - real_values))),
+            "chgnet_offset": offset, "chgnet_failed": int(failed.sum()), "chgnet": chgnet_version()}
+
+
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0) -> dict:
     """{property: {unit, n_samples, mae, l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's
@@ -152,4 +182,6 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
                         "n_atoms": float(np.abs(from_count - truth).mean()),
                         "u_bound": float(np.abs(on_generator[:, c] - rng.permutation(truth)).mean()),
                         "n_generator_half": len(generator)}
+        if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
+            result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
     return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}

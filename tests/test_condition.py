@@ -421,3 +421,33 @@ def test_a_conditional_model_widened_from_an_unconditional_one_starts_as_it(data
         got = model(*inputs, **({} if condition is None else {"condition": condition}))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+def test_chgnet_judges_carbon24_energies_beside_the_oracle(tmp_path):
+    """carbon-24's energy per atom gets a second judge: CHGNet, shifted to the data's energy zero on the oracle's half.
+    Scored on the generator half's own crystals, each requesting its own energy, CHGNet's MAE is its L-bound (the same
+    crystals and values), and the offset bridges CASTEP's zero (about -154 eV/atom) and CHGNet's (about -9)."""
+    from ase import Atoms
+
+    from models.condition_evaluation import score_condition, training_halves
+
+    (tmp_path / "data" / "cdvae" / "carbon_24").mkdir(parents=True)
+    (tmp_path / "data" / "cdvae" / "carbon_24" / "val.csv").write_bytes((ROOT / "tests" / "data" / "carbon24_sample.csv").read_bytes())
+    code, message = run("train.py", "--task", "oracle", "--preset", "tiny", "--data", "carbon24", "--train-split", "val",
+                        "--condition", "energy_per_atom", "--iters", 2, "--batch-size", 2, "--data-dir", tmp_path / "data",
+                        "--out", tmp_path / "oracle")
+    assert code == 0, message[-3000:]
+    oracle = load_checkpoint(tmp_path / "oracle" / "ckpt.pt", task="oracle")
+    generator, _ = training_halves(oracle, tmp_path / "data")
+    values = generator.property_values("energy_per_atom")
+    frames = []
+    for (numbers, frac, lengths, angles), value in zip(generator.arrays(), values):
+        atoms = Atoms(numbers=numbers, scaled_positions=frac, cell=[*lengths, *angles], pbc=True)
+        atoms.info["condition_energy_per_atom"] = float(value)
+        frames.append(atoms)
+    ase.io.write(tmp_path / "samples.extxyz", frames)
+    result = score_condition(tmp_path / "samples.extxyz", tmp_path / "oracle" / "ckpt.pt", oracle, None, tmp_path / "data")
+    energy = result["properties"]["energy_per_atom"]
+    assert energy["chgnet_failed"] == 0 and -150 < energy["chgnet_offset"] < -140
+    assert energy["chgnet_mae"] == pytest.approx(energy["chgnet_l_bound"], rel=1e-9)
+    assert 0 < energy["chgnet_mae"] < 1.0 and np.isfinite(energy["mae"])
