@@ -185,6 +185,19 @@ def test_three_point_compute_sweep_runs_skips_when_done_and_fits(qm9_dir, tmp_pa
     assert "L(C)" in json.loads((tmp_path / "sweep" / "fit.json").read_text())["laws"]
 
 
+def test_runs_on_two_ranks_are_the_runs_on_one(qm9_dir, tmp_path):
+    """--ranks 2 trains each run under torchrun, two processes splitting the global batch: the same run up to float
+    rounding (the batches and noise are drawn for the global batch)."""
+    losses = {}
+    for ranks in (1, 2):
+        scale("compute", "--iters-list", 6, "--batch-size", 8, "--n-layers", 2, "--hidden", 16, "--data-dir", qm9_dir,
+              "--train-args", TINY_RUN + " --log-every 1", "--ranks", ranks, "--out", tmp_path / f"ranks{ranks}")
+        run = tmp_path / f"ranks{ranks}" / "s6"
+        assert f"on {ranks} process(es)" in (run / "train.log").read_text()
+        losses[ranks] = [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses[1]) == 6 and losses[1] == pytest.approx(losses[2], rel=1e-4)
+
+
 def test_iso_flop_sweep_trains_each_size_for_its_budget_and_fits(qm9_dir, tmp_path):
     """Three widths at two budgets: a one-step probe counts each width's FLOPs per step, each run's steps are the
     budget over them (its schedule ending there), the sweep skips what is done, and fit reads the runs."""
