@@ -23,8 +23,10 @@ from models.cli import checked_device, fraction, nonnegative_float, nonnegative_
 from models.fileio import DataError
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the extended XYZ file of generated molecules or crystals (sample.py's "
-                    "samples.extxyz); --task ff: labels files (.h5) of the student's teacher, scored on the structures it did not train on")
+parser.add_argument("inputs", nargs="*", type=Path, help="--task gen: the generated molecules or crystals: sample.py's samples.extxyz, "
+                    "or another model's samples as XYZ / extended XYZ / SDF (molecules), CIF with one data block per crystal "
+                    "(crystals), or a directory of such files; --task ff: labels files (.h5) of the student's teacher, scored on the "
+                    "structures it did not train on")
 parser.add_argument("--task", choices=["gen", "ff"], default="gen", help="gen: generated molecules or crystals; ff: a student force field")
 parser.add_argument("--data", default="qm9", choices=["qm9", *CRYSTAL_DATA], help="data set the samples imitate")
 parser.add_argument("--reference", choices=["qm9", *CRYSTAL_DATA], help="evaluate the real test set instead of samples "
@@ -102,8 +104,8 @@ else:
     args.samples = args.inputs[0] if args.inputs else None
     if (args.samples is None) == (args.reference is None):
         parser.error("give either SAMPLES or --reference qm9|perov5|carbon24|mp20")
-    if args.samples is not None and not args.samples.is_file():
-        parser.error(f"SAMPLES {args.samples}: no such file")
+    if args.samples is not None and not args.samples.exists():
+        parser.error(f"SAMPLES {args.samples}: no such file or directory")
     if args.n_test and not args.reference:
         parser.error("--n-test is an option of --reference (a model row's count is the number of samples in SAMPLES)")
     domain = get_domain(args.reference or args.data)
@@ -113,7 +115,8 @@ else:
         parser.error("--oracle scores the structures a conditional checkpoint sampled: SAMPLES, not --reference")
     if args.oracle and not args.oracle.is_file():
         parser.error(f"--oracle {args.oracle}: no such checkpoint file")
-    out_json = output_file(parser, args.json or (args.samples.parent / "metrics.json" if args.samples else
+    beside = args.samples if args.samples is not None and args.samples.is_dir() else args.samples.parent if args.samples else None
+    out_json = output_file(parser, args.json or (beside / "metrics.json" if beside else
                                                  Path(f"out/reference-{args.reference}/metrics.json")), "--json")
 # --figures is checked only where figures are drawn (crystals draw none)
 fig_dir = writable_dir(parser, args.figures or out_json.parent, "--figures") if domain is None or domain.FIGURES else None

@@ -141,7 +141,7 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
             raise DataError(f"{oracle_path} predicts {', '.join(norm.names)}, not {name}")
         for k, (line, atoms) in enumerate(frames):
             if f"condition_{name}" not in atoms.info:
-                raise DataError(f"{samples_path}: structure {k + 1} (line {line}) has no requested {name} "
+                raise DataError(f"{samples_path}: structure {k + 1} ({line}) has no requested {name} "
                                 f"(condition_{name} in its extxyz info)")
     # a structure with non-finite coordinates has no property to judge: left out of the MAE, counted (evaluate.py
     # counts it as a failed sample in the other metrics)
@@ -156,7 +156,7 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
         if unknown or not len(atoms) or periodic != (kind == "crystals"):
             why = (f"elements {unknown} outside its vocabulary" if unknown else "no atoms" if not len(atoms)
                    else "periodic" if periodic else "not periodic")
-            raise DataError(f"{samples_path}: structure {k + 1} (line {line}) is not a structure the {kind} oracle can read ({why})")
+            raise DataError(f"{samples_path}: structure {k + 1} ({line}) is not a structure the {kind} oracle can read ({why})")
         if kind == "molecules":
             structures.append((atoms.numbers, atoms.positions))
         else:

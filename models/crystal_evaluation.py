@@ -40,7 +40,7 @@ def read_crystal_samples(path: Path) -> tuple[list, list, list]:
     structures, crystals = [], []
     for k, (line, atoms) in enumerate(frames):
         if len(atoms) and not atoms.pbc.all():
-            raise DataError(f"{path}: structure {k + 1} (line {line}) is not a crystal (no periodic cell); molecules are "
+            raise DataError(f"{path}: structure {k + 1} ({line}) is not a crystal (no periodic cell); molecules are "
                             f"scored with --data qm9")
         cellpar = atoms.cell.cellpar() if atoms.pbc.all() else np.full(6, np.nan)
         try:
@@ -185,9 +185,10 @@ def training_split(name: str, structures: list | None, data_dir: Path, progress:
     train_split = next((a.info["train_split"] for a in structures or [] if "train_split" in a.info), "train")
     try:
         training = load_crystals(name, train_split, data_dir, progress=progress)
-    except DataError:
+    except DataError as e:
         if train_split != "train":
             raise
+        log.warning(f"warning: novelty (and the hull) are taken against the {name} val split: the train split is not at hand ({e})")
         train_split, training = "val", load_crystals(name, "val", data_dir, progress=progress)
     return train_split, training.arrays()
 

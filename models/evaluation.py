@@ -14,17 +14,26 @@ import numpy as np
 from models.fileio import DataError, atomic_write
 
 
-def read_frames(path: Path) -> list[tuple[int, object]]:
-    """(line, ase.Atoms) of every structure of an extended XYZ file of samples, in order, `line` being its atom-count
-    line (1-based); DataError naming the file, the structure and its line when one cannot be read.
+SAMPLE_FORMATS = "extended XYZ or XYZ (.extxyz, .xyz), SDF (.sdf) for molecules, CIF (.cif, multi-block) for crystals, or a directory of such files"
 
-    Frames are split here (atom count line, comment line, atoms) and parsed one at a time, so an error names the
+
+def read_frames(path: Path) -> list[tuple[str, object]]:
+    """(where, ase.Atoms) of every structure of a samples file or directory, in order: sample.py's extended XYZ, or an
+    outside model's XYZ, SDF, CIF (multi-block) or a directory of these (SAMPLE_FORMATS; read as label.py reads its
+    inputs, models/structures.py). `where` locates the structure in messages: "line 9" (its atom-count line) in an
+    XYZ file, "record 3" (0-based) in an SDF or CIF file, "<file> record 0" in a directory. A structure that cannot be
+    read raises DataError naming the file and where it is.
+
+    XYZ frames are split here (atom count line, comment line, atoms) and parsed one at a time, so an error names the
     structure and line where it is (ASE's own reader indexes the whole file before it parses). A frame of no atoms,
     or with ASE's dummy atom X (atomic number 0), is read as it is: each domain counts it as a sample that failed."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() in (".sdf", ".cif"):
+        return _read_other(path)
     import ase.io
 
     try:
-        lines = Path(path).read_text().splitlines(keepends=True)
+        lines = path.read_text().splitlines(keepends=True)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     frames, start = [], 0
@@ -40,17 +49,37 @@ def read_frames(path: Path) -> list[tuple[int, object]]:
             atoms = ase.io.read(io.StringIO("".join(lines[start:start + n + 2])), format="extxyz")
         except Exception as e:  # ASE raises many exception types for malformed input; all mean "unreadable"
             raise DataError(f"{where} is not valid extended XYZ ({type(e).__name__}: {e})") from None
-        frames.append((start + 1, atoms))
+        frames.append((f"line {start + 1}", atoms))
         start += n + 2
     if not frames:
         raise DataError(f"{path}: no structures (empty file)")
     return frames
 
 
-def ordinals(indices: list[int], lines: list[int], most: int = 5) -> str:
+def _read_other(path: Path) -> list[tuple[str, object]]:
+    """SDF, CIF or a directory through models/structures.py's readers; the first record that cannot be read (or a
+    CIF site that is not one whole atom) raises DataError with the reader's reason."""
+    from models.structures import EXTENSIONS, Failure, iter_structures
+
+    if path.is_dir() and not any(f.suffix.lower() in EXTENSIONS and f.suffix.lower() != ".csv" for f in path.rglob("*")):
+        raise DataError(f"{path}: a directory with no samples files ({SAMPLE_FORMATS})")
+    frames = []
+    for key, _, atoms in iter_structures([str(path)], anchor=path if path.is_dir() else path.parent):
+        name, record = key.rsplit(":", 1)
+        if name.lower().endswith(".csv"):
+            raise DataError(f"{path}: {name} is a CSV; samples come as {SAMPLE_FORMATS}")
+        if isinstance(atoms, Failure):
+            raise DataError(f"{path}: {atoms.reason}")
+        frames.append((f"{name} record {record}" if path.is_dir() else f"record {record}", atoms))
+    if not frames:
+        raise DataError(f"{path}: no structures")
+    return frames
+
+
+def ordinals(indices: list[int], lines: list[str], most: int = 5) -> str:
     """'structures 2 (line 9), 5 (line 30) and 3 more': the structures at `indices` (0-based) of a file whose
     structures start at `lines` (read_frames')."""
-    shown = ", ".join(f"{i + 1} (line {lines[i]})" for i in indices[:most])
+    shown = ", ".join(f"{i + 1} ({lines[i]})" for i in indices[:most])
     more = f" and {len(indices) - most} more" if len(indices) > most else ""
     return f"structure{'s' if len(indices) > 1 else ''} {shown}{more}"
 

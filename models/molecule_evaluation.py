@@ -35,7 +35,7 @@ def read_samples(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     samples = []
     for k, (line, atoms) in enumerate(read_frames(path)):
         if atoms.pbc.any():  # a crystal scored as a molecule would get numbers that mean nothing
-            raise DataError(f"{path}: structure {k + 1} (line {line}) is periodic (a cell with pbc "
+            raise DataError(f"{path}: structure {k + 1} ({line}) is periodic (a cell with pbc "
                             f"{atoms.pbc.tolist()}): crystal samples are scored with --data perov5, carbon24 or mp20")
         samples.append((atoms.numbers.copy(), atoms.positions.copy()))
     return samples
@@ -70,8 +70,9 @@ def score_molecules(samples: Path | None, out_json: Path, fig_dir: Path, *, data
     else:
         name, label = str(samples), samples.name
         ref_set, ref_name, n_ref = test, "QM9 test set", n_ref or None
-    log.info(f"{name}: {len(molecules)} molecules; distribution reference: {ref_name} ({len(ref_set)} molecules, "
-             f"{n_ref or 'all'} used) from {data_dir}")
+    log.info(f"{name}: {len(molecules)} molecules; stability and validity by EDM's protocol (bond orders from "
+             f"distances); novelty against the QM9 training split ({len(train)} molecules); distribution reference: "
+             f"{ref_name} ({len(ref_set)} molecules, {n_ref or 'all'} used) from {data_dir}")
     train_smiles = molecule_metrics.training_smiles(train, cache_dir=data_dir, progress=progress)
     ref = molecule_metrics.reference_statistics(ref_set, n_ref=n_ref, cache_dir=data_dir, fcd=fcd, progress=progress)
 
