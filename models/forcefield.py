@@ -268,6 +268,13 @@ def flat_batch(structures, device="cpu", dtype=torch.float64):
     return numbers, pos, batch, cell, pbc
 
 
+def load_student_calculator(path, device="cpu"):
+    """The ASE calculator of a student checkpoint (train.py --task ff: ckpt.pt or weights.pt), its EMA weights, in one
+    call: atoms.calc = load_student_calculator("out/ff/weights.pt")."""
+    from models.checkpoint import load_student
+    return student_calculator(load_student(path, device)[0], device)
+
+
 def student_calculator(model: ForceField, device="cpu"):
     """An ASE calculator running `model`: energy (eV), forces (eV/A) and, for crystals, stress (eV/A^3, Voigt)."""
     from ase.calculators.calculator import Calculator, all_changes

@@ -142,7 +142,7 @@ def test_student_is_a_calculator_and_a_label_py_teacher(student, labels, tmp_pat
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
-    from models.forcefield import student_calculator
+    from models.forcefield import load_student_calculator, student_calculator
 
     model, meta = load_student(student / "ckpt.pt")
     assert meta["teacher"] == "emt" and meta["step"] == 30
@@ -153,6 +153,11 @@ def test_student_is_a_calculator_and_a_label_py_teacher(student, labels, tmp_pat
         MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
         VelocityVerlet(a, timestep=0.5 * units.fs).run(20)
         assert np.isfinite(a.positions).all() and np.isfinite(a.get_potential_energy())
+        # the one-call loader of the exported weights computes the same
+        b = a.copy()
+        b.calc = load_student_calculator(student / "weights.pt")
+        assert b.get_potential_energy() == pytest.approx(a.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(b.get_forces(), a.get_forces(), atol=1e-6)
     out = tmp_path / "by_student.h5"
     # carbon is in the student's elements: it labels carbon-24 crystals as any teacher would
     run("label.py", QM9_FIXTURE.parent / "carbon24_sample.csv", "--teacher", f"student:{student / 'ckpt.pt'}", "--out", out,
