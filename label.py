@@ -4,6 +4,7 @@
     python label.py merge SHARDS... --out labels.h5         join the shard files of one teacher into one file
     python label.py report FILES...                         data-set report and GO / NO-GO over labels files
     python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
+    python label.py export FILES... --out labels.extxyz     the labels as extended XYZ (MACE, NequIP)
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
 Output (README.md, "Design", "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
@@ -212,6 +213,57 @@ def report_main(argv) -> dict:
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(r, indent=2)))
     print(format_report(r, args))
     return r
+
+
+def export_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py export", description="Write labels files as extended XYZ, the format MACE, "
+                                "NequIP and Allegro train from: each structure with its energy (eV), forces (eV/A) and, for a "
+                                "crystal, stress (eV/A^3, ASE's sign: positive under tension), and its key, source and teacher "
+                                "in the frame's info. Read through models.labels, so the labels a running label.py has "
+                                "committed to its journal are included (plain h5py would miss them).")
+    p.add_argument("files", nargs="+", help="labels files (.h5)")
+    p.add_argument("--out", required=True, help="the .extxyz file to write (atomically)")
+    p.add_argument("--prefix", default="", help="write the labels as info / arrays named PREFIX + energy, forces, stress (MACE's "
+                   "defaults: --prefix REF_) instead of as ASE calculator results, which ase.io.read returns as "
+                   "atoms.get_potential_energy(), get_forces() and get_stress()")
+    args = p.parse_args(argv)
+    out = output_file(p, args.out, "--out")
+    labels = [(path, read_labels(path)) for path in args.files]  # every input is readable before OUT is written
+    frames = [frame for path, lab in labels for frame in label_frames(lab, args.prefix)]
+
+    def write(tmp):
+        import ase.io
+        ase.io.write(tmp, frames, format="extxyz")
+    atomic_write(out, write)
+    print(f"wrote {len(frames)} structures of {', '.join(args.files)} to {out}")
+    return {"n_structures": len(frames), "out": str(out)}
+
+
+def label_frames(lab: dict, prefix: str = "") -> list:
+    """The structures of read_labels' dict as ase.Atoms with their labels: as ASE calculator results (prefix "") or as
+    info / arrays PREFIX + energy, forces, stress."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for s, key in enumerate(lab["key"]):
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        periodic = bool(lab["pbc"][s].any())
+        atoms = Atoms(numbers=lab["numbers"][o:o + n], positions=lab["positions"][o:o + n].astype(np.float64),
+                      cell=lab["cell"][s].astype(np.float64) if periodic else None, pbc=lab["pbc"][s])
+        atoms.info.update(key=str(key), source=str(lab["source"][s]), teacher=lab["attrs"]["teacher"],
+                          teacher_version=str(lab["teacher_version"][s]))
+        energy, forces = float(lab["energy"][s]), lab["forces"][o:o + n].astype(np.float64)
+        stress = lab["stress"][s].astype(np.float64) if periodic else None
+        if prefix:
+            atoms.info[f"{prefix}energy"] = energy
+            atoms.arrays[f"{prefix}forces"] = forces
+            if stress is not None:
+                atoms.info[f"{prefix}stress"] = stress
+        else:
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, **({"stress": stress} if stress is not None else {}))
+        frames.append(atoms)
+    return frames
 
 
 def prepare(record, min_dist: float, isolated_dist: float):
@@ -473,7 +525,7 @@ def _bare_calls(teacher: Teacher, structures: list) -> float:
     return time.perf_counter() - t
 
 
-COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main}
+COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main}
 
 
 def main(argv=None) -> dict:

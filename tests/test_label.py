@@ -127,6 +127,36 @@ def test_emt_round_trip_all_formats(tmp_path):
     assert (out.parent / "label.log").read_text().count("committed block") >= S // 7
 
 
+@pytest.mark.parametrize("prefix", ["", "REF_"])
+def test_export_writes_extxyz_that_reads_back_as_the_labels(tmp_path, prefix):
+    """label.py export: every structure of the labels file as an extended XYZ frame whose energy, forces and (crystals)
+    stress, read back with ase.io.read, are the stored labels, as ASE calculator results or as PREFIX-named fields."""
+    mols, crystals = qm9_molecules(3), metals(3)
+    ase.io.write(tmp_path / "in.extxyz", mols + crystals, format="extxyz")
+    out = tmp_path / "labels.h5"
+    run_label(tmp_path / "in.extxyz", "--teacher", "emt", "--out", out)
+    lab = read_labels(out)
+    flags = ["--prefix", prefix] if prefix else []
+    result = label.main(["export", out, "--out", tmp_path / "labels.extxyz", *flags])
+    frames = ase.io.read(tmp_path / "labels.extxyz", ":")
+    assert result["n_structures"] == len(frames) == len(lab["key"]) == 6 and sum(f.pbc.any() for f in frames) == 3
+    for s, atoms in enumerate(frames):
+        o, n = lab["offset"][s], lab["n_atoms"][s]
+        assert atoms.info["key"] == lab["key"][s] and atoms.info["teacher"] == "emt"
+        assert np.array_equal(atoms.numbers, lab["numbers"][o:o + n])
+        np.testing.assert_allclose(atoms.positions, lab["positions"][o:o + n], atol=1e-6)
+        energy = atoms.info[f"{prefix}energy"] if prefix else atoms.get_potential_energy()
+        forces = atoms.arrays[f"{prefix}forces"] if prefix else atoms.get_forces()
+        assert energy == pytest.approx(lab["energy"][s], abs=1e-9)
+        np.testing.assert_allclose(forces, lab["forces"][o:o + n], atol=1e-6)
+        if lab["pbc"][s].any():
+            stress = atoms.info[f"{prefix}stress"] if prefix else atoms.get_stress()
+            np.testing.assert_allclose(stress, lab["stress"][s], atol=1e-6)
+            np.testing.assert_allclose(atoms.cell.array, lab["cell"][s], atol=1e-6)
+        else:
+            assert not atoms.pbc.any()
+
+
 def test_bad_inputs_are_recorded_and_written_data_survives(tmp_path):
     out = tmp_path / "labels.h5"
     good = tmp_path / "good.extxyz"
