@@ -2,9 +2,10 @@
 
     python kernels/step_bench.py                                   # every backbone at 6 x 128, fp32 and bf16, 1 and 2 threads
     python kernels/step_bench.py --archs gnn --sizes 6x128 9x256 --compile --profile
+    python kernels/step_bench.py --data perov5 --compile                  # crystals (de novo): the same, per crystal
 
-For each backbone x size x thread count x precision (x eager / torch.compile): the QM9 flow-matching training
-step as train.py takes it (size-grouped batches of --batch molecules from the training split, the recipe's
+For each backbone x size x thread count x precision (x eager / torch.compile): the flow-matching training
+step as train.py takes it (size-grouped batches of --batch molecules, or crystals with --data, from the training split, the recipe's
 defaults, AdamW, gradient clipping) and the sampler's network evaluations as sample.py makes them. Every
 variant runs the same batches and the same noise. Reported:
   - training molecules/s over --steps steps after --warmup (compilation, allocator and caches warm), and the
@@ -37,6 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+from models.domains import DATA_SETS  # noqa: E402
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 SAMPLE_STEPS_REPORTED = 50
 # torch.profiler operator names, by the kind of work they do
@@ -75,12 +77,15 @@ def matmul_peak(threads: int, dtype: torch.dtype) -> float:
     return 2 * 2048 ** 3 / best / 1e9
 
 
-def seed_run(arch: str, hidden: int, n_layers: int, data_dir: str | None, workdir: Path) -> dict:
-    """The checkpoint of a one-step train.py run of the backbone: its model, recipe and training-set arguments."""
+def seed_run(arch: str, hidden: int, n_layers: int, data: str, train_split: str, batch: int, data_dir: str | None, workdir: Path) -> dict:
+    """The checkpoint of a one-step train.py run of the backbone on `data`: its model, recipe and training-set
+    arguments."""
     out = workdir / f"{arch}-{hidden}x{n_layers}"
-    cmd = [sys.executable, "train.py", "--arch", arch, "--gen", "flow", "--hidden", str(hidden), "--n-layers", str(n_layers),
-           "--iters", "1", "--eval-samples", "0", "--val-size", "8", "--out", str(out), "--overwrite"]
+    cmd = [sys.executable, "train.py", "--data", data, "--arch", arch, "--gen", "flow", "--hidden", str(hidden), "--n-layers",
+           str(n_layers), "--iters", "1", "--batch-size", str(batch), "--eval-samples", "0", "--val-size", "8", "--out", str(out),
+           "--overwrite"]
     cmd += ["--data-dir", data_dir] if data_dir else []
+    cmd += ["--train-split", train_split] if data != "qm9" else []
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         sys.exit(f"step_bench: train.py failed for {arch} {hidden} x {n_layers}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -210,7 +215,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="training steps run before timing (compilation, caches)")
     parser.add_argument("--sample-steps", type=int, default=5, help="timed sampler steps (molecules/s is reported at 50)")
     parser.add_argument("--profile", action="store_true", help="add torch.profiler's split of fp32 training and sampling steps' time by operator kind")
-    parser.add_argument("--data-dir", default=None, help="QM9 data directory (default ./data or $MOLGEN_DATA)")
+    parser.add_argument("--data", default="qm9", choices=DATA_SETS, help="the data set whose batches are timed: qm9, or a CDVAE "
+                        "crystal set (de novo generation)")
+    parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to draw "
+                        "batches from (val where the train file is not at hand)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default ./data or $MOLGEN_DATA)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="where step_bench.md and step_bench.json go")
     args = parser.parse_args()
     if any(t < 1 for t in args.threads) or min(args.batch, args.steps, args.sample_steps) < 1 or args.warmup < 0:
@@ -228,7 +237,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for arch in args.archs:
             for n_layers, hidden in sizes:
-                work = Workload(seed_run(arch, hidden, n_layers, args.data_dir, Path(workdir)), args.batch, args.warmup + args.steps)
+                work = Workload(seed_run(arch, hidden, n_layers, args.data, args.train_split, args.batch, args.data_dir, Path(workdir)), args.batch,
+                                args.warmup + args.steps)
                 n_params = work.ckpt["n_params"]
                 if args.profile:
                     torch.set_num_threads(max(args.threads))
@@ -256,7 +266,7 @@ def format_row(r: dict) -> str:
 def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python kernels/step_bench.py " + " ".join(sys.argv[1:])
-    lines = [f"# Training and sampling steps on {machine}", "", f"`{command}`: QM9, flow matching, batches of {args.batch} "
+    lines = [f"# Training and sampling steps on {machine}", "", f"`{command}`: {args.data}, flow matching, batches of {args.batch} "
              f"molecules; training timed over {args.steps} steps after {args.warmup}; sampling at {SAMPLE_STEPS_REPORTED} "
              f"steps from {args.sample_steps} timed steps.", "",
              "Matrix-product peak (2048 x 2048 torch.mm): " + ", ".join(f"{t} thread(s) {p} {g:.0f} GFLOP/s" for (t, p), g in peaks.items()),
