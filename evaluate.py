@@ -118,8 +118,7 @@ else:
     beside = args.samples if args.samples is not None and args.samples.is_dir() else args.samples.parent if args.samples else None
     out_json = output_file(parser, args.json or (beside / "metrics.json" if beside else
                                                  Path(f"out/reference-{args.reference}/metrics.json")), "--json")
-# --figures is checked only where figures are drawn (crystals draw none)
-fig_dir = writable_dir(parser, args.figures or out_json.parent, "--figures") if domain is None or domain.FIGURES else None
+fig_dir = writable_dir(parser, args.figures or out_json.parent, "--figures")
 
 logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
     logging.StreamHandler(sys.stdout), logging.FileHandler(out_json.parent / "evaluate.log", mode="w")])

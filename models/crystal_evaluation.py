@@ -56,11 +56,11 @@ def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: i
                    data_dir: Path | None = None, workers: int | None = None, n_unique: int = 1000, coverage: bool = True,
                    stability: bool = False, relaxed_hull: bool = False, relax_steps: int = 500,
                    stable_threshold: float = 0.1, structure_timeout: float | None = None, progress: bool = True,
-                   started: float | None = None) -> dict:
+                   started: float | None = None, fig_dir: Path | None = None) -> dict:
     """Score the crystals of the extended XYZ file `samples`, imitating the CDVAE data set `name`, or, with samples
     None, the test crystals themselves (the first n_test of a fixed random order with n_test) against the validation
-    split; write the metrics to out_json (and the relaxed samples to relaxed.extxyz next to it with stability) and
-    return them.
+    split; write the metrics to out_json (and the relaxed samples to relaxed.extxyz next to it with stability), a
+    picture of the first 16 crystals to fig_dir/crystals.png when fig_dir is given, and return the metrics.
 
     Structure prediction counts every composition of the test split up to the last one sampled in the denominator.
     De novo: uniqueness, novelty and stability score the first n_unique crystals; coverage can be skipped (CrystalNN
@@ -121,8 +121,40 @@ def score_crystals(name: str, samples: Path | None, out_json: Path, *, n_test: i
                                             seconds=structure_timeout), hull_seconds=t_hull)
     result["eval_seconds"] = time.time() - t0
     write_metrics(out_json, result)
+    if fig_dir is not None:
+        try:
+            draw_crystals(fig_dir / "crystals.png", crystals)
+            log.info(f"wrote {fig_dir / 'crystals.png'}")
+        except Exception as e:  # a picture is not worth the metrics: report and go on
+            log.warning(f"skipped crystals.png ({type(e).__name__}: {e})")
     log.info(f"wrote {out_json}; {time.time() - started:.1f} s in all")
     return result
+
+
+def draw_crystals(path: Path, crystals: list, n: int = 16, per_row: int = 4) -> None:
+    """The first n crystals (arrays: numbers, fractional coordinates, lengths, angles), each cell drawn in a slightly
+    turned view with its atoms coloured by element (ASE's plot_atoms), titled with its formula and whether it is
+    valid (CDVAE's structural and compositional checks)."""
+    from ase import Atoms
+    from ase.visualize.plot import plot_atoms
+    from matplotlib.figure import Figure
+
+    shown = crystals[:n]
+    rows = max(1, -(-len(shown) // per_row))
+    fig = Figure(figsize=(3 * per_row, 3.2 * rows))
+    axes = fig.subplots(rows, per_row, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, c in zip(axes.flat, shown):
+        numbers, frac, lengths, angles = c
+        if not crystal_metrics.well_formed(c):
+            ax.set_title("not well formed", fontsize=9)
+            continue
+        atoms = Atoms(numbers=numbers, scaled_positions=frac, cell=[*lengths, *angles], pbc=True)
+        plot_atoms(atoms, ax, rotation="10x,-20y,0z", radii=0.5, show_unit_cell=2)
+        ax.set_title(f"{atoms.get_chemical_formula()}{'' if crystal_metrics.is_valid(c) else ' (invalid)'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def not_computed(result: dict, what: str, reasons: dict[str, int], of: int, consequence: str,

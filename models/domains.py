@@ -163,7 +163,6 @@ class Molecules(Domain):
     FLAGS = ("cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition", "condition",
              "condition_dropout")
     CONDITIONS = ("alpha", "gap", "homo", "lumo", "mu", "Cv")  # train.py --condition: models/molecules.py's PROPERTIES
-    FIGURES = True  # evaluate.py draws property histograms, molecules and training curves
 
     def quality_keys(self, csp: bool = False) -> tuple[str, ...]:
         """metrics.json keys scale.py's tables show, the headline first."""
@@ -294,7 +293,6 @@ class Crystals(Domain):
     RECIPE = {"time_frequencies": 0}  # not ablated for crystals
     TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (README, Crystals)
     FLAGS = ("csp", "train_split", "max_atoms", "condition", "condition_dropout")
-    FIGURES = False
 
     @property
     def CONDITIONS(self) -> tuple[str, ...]:  # noqa: N802 (a class attribute of Molecules, a per-set one here)
@@ -481,7 +479,7 @@ class Crystals(Domain):
                        n_unique=args.n_unique, coverage=not args.no_coverage, stability=args.stability,
                        relaxed_hull=args.hull == "relaxed", relax_steps=args.relax_steps,
                        stable_threshold=args.stable_threshold, structure_timeout=args.structure_timeout,
-                       progress=not args.no_progress, started=started)
+                       progress=not args.no_progress, started=started, fig_dir=fig_dir)
 
     def write_samples(self, out_dir: Path, structures: list) -> str:
         """samples.extxyz and samples.cif (one data block per crystal); returns what was written."""

@@ -83,6 +83,7 @@ def test_crystals_score_alike_as_extxyz_multi_block_cif_and_a_directory_of_cifs(
         m = metrics((target if target.is_dir() else target.parent) / "metrics.json")
         scored[name] = {k: m[k] for k in SCORED["crystals"]}
     assert scored["cif"] == scored["extxyz"] and scored["dir"] == scored["extxyz"], scored
+    assert (tmp_path / "cif" / "crystals.png").stat().st_size > 10_000  # the picture of the first crystals
 
 
 def test_an_unreadable_outside_sample_is_named_with_its_file_and_record(perov_dir, tmp_path):
