@@ -5,7 +5,7 @@ The model is two backbones of one arch, one per data set (the first --data set i
 single-domain runs build them, whose shared modules are the same module objects:
   - the trunk and the heads' shared parts, models/transfer.py's SHARED_PREFIXES (attention blocks, the
     pair-from-atoms maps, the displacement's pair-weight MLP, the type head's norm), which --init-trunk copies;
-  - the elements both vocabularies hold (C, H, N, O, F between QM9 and perov-5): part 1's type-embedding
+  - the elements both vocabularies hold (N, O and F between QM9 and perov-5, C between QM9 and carbon-24): part 1's type-embedding
     column and type-logit row of such an element are part 0's (a parametrisation, so the gradients of both
     domains reach one tensor), while the elements one domain alone has keep their own.
 What stays each domain's own is what --init-trunk leaves new: the geometry and time embeddings, and the crystal
@@ -26,9 +26,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
-from models.transfer import SHARED_ARCHS, SHARED_PREFIXES, TYPE_COLUMNS, TYPE_ROWS
-
-PART_KEYS = ("domain", "data", "arch", "gen", "model_config", "process_config")  # besides the data's meta
+from models.transfer import SHARED_PREFIXES, TYPE_COLUMNS, TYPE_ROWS
 
 
 class SharedElements(nn.Module):
@@ -51,6 +49,11 @@ class SharedElements(nn.Module):
 class JointConfig:
     parts: list = field(default_factory=list)  # each part's backbone config (a dict)
     symbols: list = field(default_factory=list)  # each part's element vocabulary
+
+
+@dataclass
+class JointProcessConfig:
+    parts: list = field(default_factory=list)  # each part's process config (a dict)
 
 
 def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -118,7 +121,7 @@ class JointProcess:
 
     def __init__(self, processes: list):
         self.processes = processes
-        self.config = JointConfig([asdict(p.config) for p in processes])
+        self.config = JointProcessConfig([asdict(p.config) for p in processes])
 
     def draw_noise(self, batch_size: int, n_max: int, generator: torch.Generator | None = None, device="cpu") -> dict:
         return {f"{i}.{k}": v for i, p in enumerate(self.processes) for k, v in p.draw_noise(batch_size, n_max, generator, device).items()}
