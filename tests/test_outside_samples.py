@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ase
 import ase.io
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -98,3 +99,50 @@ def test_an_unreadable_outside_sample_is_named_with_its_file_and_record(perov_di
     (tmp_path / "empty").mkdir()
     code, message = evaluate(tmp_path / "empty", "--data", "perov5", "--data-dir", perov_dir)
     assert code == 1 and "a directory with no samples files" in message, message[-3000:]
+
+
+def cdvae_file(path: Path, crystals, lattices: bool = False, extra=None) -> None:
+    """A sample file as CDVAE and DiffCSP save one: a dict of tensors, the batch's crystals concatenated, one
+    evaluation."""
+    import torch
+    arrays = crystals.arrays()
+    data = {"num_atoms": torch.tensor([[len(n) for n, *_ in arrays]]),
+            "atom_types": torch.tensor(np.concatenate([n for n, *_ in arrays]))[None],
+            "frac_coords": torch.tensor(np.concatenate([f for _, f, *_ in arrays]), dtype=torch.float32)[None]}
+    if lattices:
+        data["lattices"] = torch.tensor(np.stack([ase.Atoms(cell=[*l, *a]).cell.array for *_, l, a in arrays]))[None]
+    else:
+        data["lengths"] = torch.tensor(np.stack([l for *_, l, _ in arrays]))[None]
+        data["angles"] = torch.tensor(np.stack([a for *_, a in arrays]))[None]
+    torch.save({**data, **(extra or {})}, path)
+
+
+@pytest.mark.parametrize("lattices", [False, True], ids=["lengths-angles", "lattices"])
+def test_cdvae_and_diffcsp_sample_files_convert_without_unpickling(perov_dir, tmp_path, lattices):
+    """models.convert: a CDVAE / DiffCSP eval file of the perov-5 test crystals themselves becomes extended XYZ that
+    evaluate.py scores: as structure prediction of the test compositions, every crystal matches its truth."""
+    test = read_cdvae_csv(PEROV, progress=False)
+    cdvae_file(tmp_path / "eval_diff.pt", test, lattices)
+    proc = subprocess.run([sys.executable, "-m", "models.convert", "cdvae", tmp_path / "eval_diff.pt", "--csp", "perov5",
+                           "--data-dir", perov_dir, "--out", tmp_path / "csp" / "samples.extxyz"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, message = evaluate(tmp_path / "csp" / "samples.extxyz", "--data", "perov5", "--data-dir", perov_dir, "--workers", 1)
+    assert code == 0, message[-3000:]
+    m = metrics(tmp_path / "csp" / "metrics.json")
+    assert m["match_rate@1"] == 1.0 and m["rmse@1"] < 1e-4, m
+
+
+def test_a_sample_file_with_pickled_objects_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    test = read_cdvae_csv(PEROV, progress=False)
+    cdvae_file(tmp_path / "eval_gen.pt", test)
+    data = torch.load(tmp_path / "eval_gen.pt", weights_only=True)
+    # an object in place of DiffCSP's torch_geometric batch, which only its own environment can unpickle
+    torch.save({**data, "input_data_batch": SimpleNamespace(x=1)}, tmp_path / "pickled.pt")
+    proc = subprocess.run([sys.executable, "-m", "models.convert", "cdvae", tmp_path / "pickled.pt", "--out", tmp_path / "x.extxyz"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "can be read without unpickling" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.extxyz").exists()
