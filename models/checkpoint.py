@@ -139,7 +139,7 @@ def check_generative(ckpt: dict, path, arch: str | None, gen: str | None) -> Non
 def fill_older_defaults(ckpt: dict) -> None:
     """Give a checkpoint from before a key was kept what it did then, once, here at load: a generative one is of
     molecules (before crystals) on QM9, and its flags are those from before batching by size, Fourier time features,
-    self-conditioning, --train-split, --distance-loss, --min-one-minus-t and --condition."""
+    self-conditioning, --train-split, --distance-loss, --min-one-minus-t, --condition and --discrete-types."""
     if ckpt.get("task", "gen") == "gen":
         ckpt.setdefault("domain", Molecules.kind)
         ckpt.setdefault("data", "qm9")
