@@ -132,6 +132,11 @@ class JointProcess:
         return self.processes[i].loss(functools.partial(model, i), {k: v for k, v in batch.items() if k != "part"}, own)
 
 
+def part_of(idx: torch.Tensor, offsets: list[int]) -> int:
+    """The part whose rows of the joint index space (parts end to end, starting at `offsets`) the batch idx holds."""
+    return int(idx[0] >= offsets[1])
+
+
 class JointSet:
     """The parts' training (or validation) sets end to end: index i < len(sets[0]) is part 0's, the rest part 1's.
     A batch holds one part's structures only, with "part" naming it."""
@@ -144,7 +149,7 @@ class JointSet:
         return sum(len(s) for s in self.sets)
 
     def batch(self, idx: torch.Tensor, device, width: int | None = None) -> dict:
-        part = int(idx[0] >= self.offsets[1])
+        part = part_of(idx, self.offsets)
         local = idx - self.offsets[part]
         if not bool(((local >= 0) & (local < len(self.sets[part]))).all()):
             raise ValueError("a joint batch mixes the two data sets")
@@ -163,7 +168,7 @@ class AlternatingSchedule:
         return self.schedules[part].indices(step // len(self.schedules)) + self.offsets[part]
 
     def width(self, idx: torch.Tensor) -> int | None:
-        part = int(idx[0] >= self.offsets[1])
+        part = part_of(idx, self.offsets)
         return self.schedules[part].width(idx - self.offsets[part])
 
     def epoch_widths(self) -> torch.Tensor:
@@ -189,9 +194,9 @@ def part_checkpoint(state: dict, model: JointBackbone, i: int) -> dict:
     """Part i of a joint checkpoint dict (train.py's state, `model` its EMA backbone) as a standard generative
     checkpoint of its data set, EMA weights only (models/checkpoint.py's export_weights format): sample.py,
     evaluate.py and --init-from / --init-trunk read it like any single-domain run's."""
-    part = state["parts"][i]
+    part, weights = state["parts"][i], model.part_state(i)
     args = {**state["args"], "task": "gen", "data": part["data"]}
     return {"task": "gen", "step": state["step"], "model_config": state["model_config"]["parts"][i], **part,
-            "n_params": sum(t.numel() for t in model.part_state(i).values()), "args": args,
+            "n_params": sum(t.numel() for t in weights.values()), "args": args,
             "joint": {"data": state["args"]["data"], "shared_elements": model.shared_elements},
-            "ema": model.part_state(i), "run_seconds": state["run_seconds"]}
+            "ema": weights, "run_seconds": state["run_seconds"]}
