@@ -59,10 +59,8 @@ def read_frames(path: Path) -> list[tuple[str, object]]:
 def _read_other(path: Path) -> list[tuple[str, object]]:
     """SDF, CIF or a directory through models/structures.py's readers; the first record that cannot be read (or a
     CIF site that is not one whole atom) raises DataError with the reader's reason."""
-    from models.structures import EXTENSIONS, Failure, iter_structures
+    from models.structures import Failure, iter_structures
 
-    if path.is_dir() and not any(f.suffix.lower() in EXTENSIONS and f.suffix.lower() != ".csv" for f in path.rglob("*")):
-        raise DataError(f"{path}: a directory with no samples files ({SAMPLE_FORMATS})")
     frames = []
     for key, _, atoms in iter_structures([str(path)], anchor=path if path.is_dir() else path.parent):
         name, record = key.rsplit(":", 1)
@@ -71,8 +69,8 @@ def _read_other(path: Path) -> list[tuple[str, object]]:
         if isinstance(atoms, Failure):
             raise DataError(f"{path}: {atoms.reason}")
         frames.append((f"{name} record {record}" if path.is_dir() else f"record {record}", atoms))
-    if not frames:
-        raise DataError(f"{path}: no structures")
+    if not frames:  # a file without structures is a Failure above; this is a directory without samples files
+        raise DataError(f"{path}: a directory with no samples files ({SAMPLE_FORMATS})")
     return frames
 
 
