@@ -10,7 +10,7 @@ a CDVAE set (CDVAE protocol), or the real test set; or a student force field aga
 Writes metrics JSON, figures (property histograms, a grid of sampled molecules, training curves when a
 log.jsonl sits next to the samples; for a student: parity plots and MD energy traces) and evaluate.log; prints
 the metric table and the throughput. Metric definitions: models/molecule_metrics.py, models/forcefield_eval.py and
-README.md, "Design", "Metrics".
+models/README.md, "Metrics".
 """
 import argparse
 import logging
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from models.domains import CRYSTAL_DATA, get_domain
-from models.cli import checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_float, positive_int, writable_dir
+from models.cli import add_markdown_help, checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_float, positive_int, writable_dir
 from models.fileio import DataError
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +78,7 @@ def fail(message: str):
     sys.exit(f"evaluate.py: error: {message}")
 
 
+add_markdown_help(parser)
 args = parser.parse_args()
 started = time.time()
 if args.task == "ff":

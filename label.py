@@ -7,7 +7,7 @@
     python label.py export FILES... --out labels.extxyz     the labels as extended XYZ (MACE, NequIP)
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
-Output (README.md, "Design", "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
+Output (models/README.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
 journal OUT.journal/ so a kill at any instant loses no committed block), and next to it OUT_STEM.failed.jsonl
 (structures that could not be labelled, with the reason), OUT_STEM.report.json (the data-set report and its GO /
 NO-GO verdict) and label.log. Re-running the same command resumes: keys already in OUT, or already recorded as
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cli import checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_int
+from models.cli import add_markdown_help, checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_int
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.label_report import dataset_report, failures_path, format_number, format_report, read_failed, write_failed
 from models.labels import LabelsError, LabelWriter, read_labels
@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors (label.log and the report JSON are still written)")
     add_verdict_args(p)
+    add_markdown_help(p)
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # for label.log
     if not args.inputs and not args.generate:
@@ -156,6 +157,7 @@ def merge_main(argv) -> dict:
     p.add_argument("--out", required=True, help="labels file to append to (created if missing)")
     p.add_argument("--mixed-versions", action="store_true", help="allow files labelled by different versions of the teacher (each structure keeps its version)")
     add_verdict_args(p)
+    add_markdown_help(p)
     args = p.parse_args(argv)
     out = output_file(p, args.out, "--out")
     if any(Path(s).resolve() == out.resolve() for s in args.shards):
@@ -205,6 +207,7 @@ def report_main(argv) -> dict:
     p.add_argument("files", nargs="+", help="labels files (.h5)")
     p.add_argument("--json", default=None, help="write the report here as JSON")
     add_verdict_args(p)
+    add_markdown_help(p)
     args = p.parse_args(argv)
     if args.json:
         output_file(p, args.json, "--json")
@@ -226,6 +229,7 @@ def export_main(argv) -> dict:
     p.add_argument("--prefix", default="", help="write the labels as info / arrays named PREFIX + energy, forces, stress (MACE's "
                    "defaults: --prefix REF_) instead of as ASE calculator results, which ase.io.read returns as "
                    "atoms.get_potential_energy(), get_forces() and get_stress()")
+    add_markdown_help(p)
     args = p.parse_args(argv)
     out = output_file(p, args.out, "--out")
     labels = [(path, read_labels(path)) for path in args.files]  # every input is readable before OUT is written
@@ -457,6 +461,7 @@ def bench_main(argv) -> dict:
     p.add_argument("--repeats", type=positive_int, default=3, help="bare / label.py passes each (alternating); medians are reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of torch teachers")
     p.add_argument("--out", default="labels/bench", help="directory for the bench's labels files, label.log, bench.md and bench.json")
+    add_markdown_help(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

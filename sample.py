@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from models.checkpoint import CheckpointError, load_checkpoint
-from models.cli import PRECISIONS, checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import PRECISIONS, add_markdown_help, checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import all_samplers, domain_of
 from models.fileio import DataError, DiskFull, atomic_write
 from models.precision import backbone_precision
@@ -63,8 +63,8 @@ parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="aut
                     "on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (inductor; about a minute to compile). On this "
                     "CPU, on one thread, kernels/step_bench.py measured sampling 2.0 x faster for the Transformer (in bf16, its default "
-                    "here), and for the EGNN 1.06 x in fp32 (its default), 1.36 x with --precision bf16 (README, \"Where a training "
-                    "step's time goes\"); the samples are the same process's, with other rounding")
+                    "here), and for the EGNN 1.06 x in fp32 (its default), 1.36 x with --precision bf16 (kernels/README.md, "
+                    "\"A step on this CPU\"); the samples are the same process's, with other rounding")
 parser.add_argument("--condition", nargs="+", type=property_value, default=None, metavar="PROP=VALUE", help="a conditional "
                     "checkpoint (train.py --condition): sample every molecule for these values, one for each of its properties, "
                     "in its unit (alpha=80 gap=6000); sizes from the training histogram. Default: EDM's protocol, each molecule an "
@@ -95,6 +95,7 @@ def compositions_to_predict(args, ckpt: dict):
 
 
 def main() -> None:
+    add_markdown_help(parser)
     args = parser.parse_args()
     device = checked_device(parser, args.device)
     try:

@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models.cli import decay, nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import add_markdown_help, decay, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
 from models.fileio import DataError, ExclusiveLock, atomic_write
 
@@ -92,7 +92,7 @@ runs_flags.add_argument("--sample-steps", type=positive_int, default=50, help="s
 runs_flags.add_argument("--ranks", type=positive_int, default=1, help="train each run as this many single-threaded ranks under "
                         "torchrun (gloo on a CPU): the same global batch and noise, so the same run up to float rounding. On "
                         "this machine's 2 cores, --ranks 2 with --train-args='--compile --precision bf16' trained the EGNN 1.6-1.75 x "
-                        "and the Transformer 2.8 x faster than one process in eager fp32 (README, \"The thread layout\")")
+                        "and the Transformer 2.8 x faster than one process in eager fp32 (kernels/README.md, \"The thread layout\")")
 runs_flags.add_argument("--train-args", type=shell_words, default=[], help="more train.py flags for every run, as one string: --train-args='--lr 5e-4 --val-size 500'")
 runs_flags.add_argument("--sample-args", type=shell_words, default=[], help="more sample.py flags for every run, as one string: --sample-args='--time-power 1'")
 runs_flags.add_argument("--eval-args", type=shell_words, default=[], help="more evaluate.py flags, as one string: --eval-args=--no-fcd")
@@ -949,6 +949,7 @@ def plot(plots: list, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    add_markdown_help(parser)
     arguments = parser.parse_args()
     try:
         {"fit": run_fit, "curves": run_curves}.get(arguments.command, run_sweep)(arguments)

@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from models.cli import (PRECISIONS, checked_device, clip_value, decay, float_in, fraction, nonnegative_float, nonnegative_int,
-                        open_unit, positive_float, positive_int, writable_dir)
+from models.cli import (PRECISIONS, add_markdown_help, checked_device, clip_value, decay, float_in, fraction, nonnegative_float,
+                        nonnegative_int, open_unit, positive_float, positive_int, writable_dir)
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES, get_domain
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +126,8 @@ parser.add_argument("--count-flops", action="store_true", help="count the FLOPs 
 parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor; the atom axis symbolic, so size-grouped "
                     "batches compile once per kind of step, in about a minute). On this CPU it pays on one thread and most with bf16: "
                     "kernels/step_bench.py measured the Transformer's step 1.9 x faster (bf16, its default here), the EGNN's 1.2 x in "
-                    "fp32 (its default) and 1.7 x with --precision bf16 (over eager fp32), and no gain on two threads (README, "
-                    "\"Where a training step's time goes\")")
+                    "fp32 (its default) and 1.7 x with --precision bf16 (over eager fp32), and no gain on two threads (kernels/README.md, "
+                    "\"A step on this CPU\")")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--task gen: autocast of the backbone; auto (default): bf16 on "
                     "CUDA, and on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py); "
                     "--task ff trains in fp32 (forces are derivatives)")
@@ -156,6 +156,7 @@ parser.add_argument("--val-size", type=positive_int, help="validation molecules 
 parser.add_argument("--ckpt-every", type=positive_int, default=500, help="steps between checkpoints (also written at the end)")
 parser.add_argument("--stop-after", type=positive_int, default=None, help="run at most this many steps now, checkpoint and exit (time-limited jobs; continue with --resume)")
 parser.add_argument("--wandb", default=None, help="wandb project name (logs there if wandb is installed)")
+add_markdown_help(parser)
 args = parser.parse_args()
 explicit = {k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)}  # set on the command line
 for key, value in PRESETS[args.preset].items():

@@ -83,3 +83,65 @@ def output_file(parser: argparse.ArgumentParser, path, flag: str) -> Path:
         parser.error(f"{flag} {path} is a directory; give a file name")
     writable_dir(parser, path.parent, f"{flag}'s directory")
     return path
+
+
+class MarkdownFlags(argparse.Action):
+    """--help-markdown: print the parser's flags as markdown tables and exit. `python -m models.report` writes them
+    into models/README.md between markers, so the flag reference is the parsers' own text and cannot drift."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(flag_tables(parser), end="")
+        parser.exit()
+
+
+def add_markdown_help(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--help-markdown", action=MarkdownFlags, help="print every flag as markdown tables (the flag "
+                        "reference in models/README.md, written there by python -m models.report) and exit")
+
+
+def _flag_row(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """One table row: the flag (with its choices, or its metavar where one is set), its default, its help."""
+    if action.option_strings:
+        flag = "--[no-]" + action.option_strings[0][2:] if isinstance(action, argparse.BooleanOptionalAction) \
+            else max(action.option_strings, key=len)
+        if action.choices is not None:
+            flag += " {" + ",".join(str(c) for c in action.choices) + "}"
+        elif action.metavar is not None:
+            flag += " " + parser._get_formatter()._format_args(action, action.metavar)
+    else:
+        flag = action.metavar or action.dest.upper()
+    default = action.default
+    shown = "" if default is None or default is False or default is argparse.SUPPRESS or default == [] else \
+        f"`{' '.join(map(str, default)) if isinstance(default, (list, tuple)) else default}`"
+    text = " ".join((action.help or "").split())
+    if "%" in text:
+        text = text % {"default": default, "prog": parser.prog}
+    return f"| `{flag}` | {shown} | {text.replace('|', chr(92) + '|')} |"
+
+
+def _rows(parser: argparse.ArgumentParser) -> list[str]:
+    return [_flag_row(parser, a) for a in parser._actions
+            if not isinstance(a, (argparse._HelpAction, MarkdownFlags, argparse._SubParsersAction))]
+
+
+def flag_tables(parser: argparse.ArgumentParser) -> str:
+    """Markdown: a table of the parser's flags and, for a parser with subcommands, one table per set of subcommands
+    that share rows (the flags every sweep of scale.py takes come once, not once per sweep)."""
+    head = "| flag | default | what it does |\n|---|---|---|\n"
+    out = []
+    if rows := _rows(parser):
+        out.append(f"**{parser.prog}**\n\n{head}" + "".join(r + "\n" for r in rows))
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        holders: dict[str, list[str]] = {}  # row -> the subcommands that take it, in their order
+        for name, subparser in sub.choices.items():
+            for row in _rows(subparser):
+                holders.setdefault(row, []).append(name)
+        groups: dict[tuple, list[str]] = {}
+        for row, names in holders.items():
+            groups.setdefault(tuple(names), []).append(row)
+        for names, rows in groups.items():
+            out.append(f"**{parser.prog} {' | '.join(names)}**\n\n{head}" + "".join(r + "\n" for r in rows))
+    return "\n".join(out)

@@ -12,7 +12,7 @@ Each crystal is read with pymatgen, Niggli-reduced and rebuilt from its six latt
 canonical form: the same cell whatever orientation the CIF had), and parsed once into DATA_DIR/
 cdvae_<set>_<split>.npz; later loads read only that cache.
 
-In the models a batch of crystals is a dense padded tensor set (README.md, "Design", "Data contracts"):
+In the models a batch of crystals is a dense padded tensor set (models/README.md, "Data contracts"):
     types [B, N] long (index into the data set's element vocabulary), frac [B, N, 3] in [0, 1),
     lengths [B, 3] (A), angles [B, 3] (degrees), mask [B, N] bool.
 """

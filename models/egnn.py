@@ -114,7 +114,7 @@ class EGNN(nn.Module):
     # --precision auto on a CPU: fp32 (models/precision.py). On this AMX CPU bf16 speeds its training steps 1.0-1.19 x at
     # 6 x 128 (half the step is elementwise work over B x N x N x F edges, and the coordinate MLP is a float32 island),
     # 1.25 x at 9 x 256; and 800 steps at 6 x 128 in bf16 sampled at lower atom stability than in fp32 (one seed). Wide
-    # EGNNs may take --precision bf16 (README, "Where a training step's time goes").
+    # EGNNs may take --precision bf16 (kernels/README.md, "A step on this CPU").
     CPU_BF16 = False
 
     def __init__(self, config: EGNNConfig):

@@ -1,6 +1,6 @@
 """How good a student force field is against its teacher: accuracy on held-out labelled structures, speed on the
 same device, and molecular dynamics that must stay physical. evaluate.py --task ff runs these and writes the
-JSON and figures; definitions in README.md, "Design", "Metrics".
+JSON and figures; definitions in models/README.md, "Metrics".
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The labels file: teacher energies, forces and stresses of many structures, written by label.py and read by
-its report and merge, the student force field and evaluate.py. Layout in README.md, "Design", "Data contracts".
+its report and merge, the student force field and evaluate.py. Layout in models/README.md, "Data contracts".
 
     per atom, ragged and concatenated in structure order: numbers int16 [A], positions float32 [A, 3],
         forces float32 [A, 3] (eV/A)

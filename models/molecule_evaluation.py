@@ -1,5 +1,5 @@
 """evaluate.py on molecules: generated QM9 molecules, or the real test set as the 'Data' row, scored with the EDM
-protocol plus distribution metrics (models/molecule_metrics.py; README.md, "Design", "Metrics").
+protocol plus distribution metrics (models/molecule_metrics.py; models/README.md, "Metrics").
 
 `score_molecules` writes the metrics JSON, the figures (property histograms, a grid of sampled molecules, training
 curves) and logs the metric table and the throughput, through the `logging` handlers its caller set up.

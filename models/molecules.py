@@ -6,7 +6,7 @@ tar.bz2, plus the list of 3,054 uncharacterised molecules) is downloaded and par
 way the molecules are converted once into a compact .npz cache that later loads read in well under a
 second.
 
-Inside the models a batch is a dense padded tensor set (README.md, "Design", "Data contracts"):
+Inside the models a batch is a dense padded tensor set (models/README.md, "Data contracts"):
     types [B, N] long (index into ATOM_SYMBOLS), pos [B, N, 3] float (centred), mask [B, N] bool.
 """
 from __future__ import annotations

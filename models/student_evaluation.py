@@ -1,6 +1,6 @@
 """evaluate.py --task ff: a student force field against its teacher, on the labelled structures it did not train on:
 accuracy, speed against the teacher on the same device, and NVE molecular dynamics (the measures are in
-models/forcefield_eval.py; definitions in README.md, "Design", "Metrics").
+models/forcefield_eval.py; definitions in models/README.md, "Metrics").
 
 `score_student` writes the metrics JSON and the figures (parity plots, MD energy traces) and logs through the
 `logging` handlers its caller set up.

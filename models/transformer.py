@@ -181,7 +181,7 @@ class Transformer(nn.Module):
     Block = TransformerBlock  # the Pairformer swaps in its own block, which also updates z
     # --precision auto on a CPU: bf16 (models/precision.py). kernels/step_bench.py on this AMX CPU: training steps 1.8 x
     # (1 thread) and 1.55 x (2) faster at 6 x 128, the Pairformer's 1.5 x and 1.25 x; 800 steps of each precision on QM9
-    # reached the same validation loss (README, "Where a training step's time goes").
+    # reached the same validation loss (kernels/README.md, "A step on this CPU").
     CPU_BF16 = True
 
     def __init__(self, config: TransformerConfig):
