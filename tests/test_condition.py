@@ -273,6 +273,17 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
     plain.write_text("3\nProperties=species:S:1:pos:R:3\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n")
     code, message = run("evaluate.py", plain, "--data-dir", qm9_dir, "--no-fcd", "--no-progress", "--oracle", oracle / "ckpt.pt")
     assert code == 1 and f"{plain}: the structures request none of the properties" in message, message[-3000:]
+    # the generator half's predictions are cached under the oracle file's hash, and read back: a cache that holds the
+    # truth gives an L-bound of 0
+    from models.condition_evaluation import score_condition
+    from models.fileio import git_blob_sha1, save_npz
+    cache = qm9_dir / f"oracle_qm9_train_{git_blob_sha1(oracle / 'ckpt.pt')[:16]}_generator_half.npz"
+    assert cache.is_file() and np.load(cache)["predictions"][:, 0] == pytest.approx(own[:, 0])
+    save_npz(cache, {"predictions": half.property_values("alpha")[:, None]})
+    try:
+        assert score_condition(tmp_path / "s" / "samples.extxyz", oracle / "ckpt.pt", ckpt, None, qm9_dir)["properties"]["alpha"]["l_bound"] == 0
+    finally:
+        cache.unlink()
 
 
 def test_a_conditional_crystal_run_trains_on_its_half_and_samples_the_protocols_pairs(tmp_path):
