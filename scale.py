@@ -152,8 +152,13 @@ curves_parser = commands.add_parser("curves", help="validation loss and sample q
                                     "the validation loss and the periodic sample check (train.py --eval-every, --eval-samples) "
                                     "against training FLOPs and wall-clock seconds. Each process's loss has its own scale, so a "
                                     "run's loss is drawn relative to its own last value and compared only with itself; the samples "
-                                    "are compared across runs. Writes DIR/curves.png, DIR/curves.md and DIR/curves.json.")
-curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out), trained with --count-flops")
+                                    "are compared across runs. Runs of one data set and process (a transfer experiment's: from "
+                                    "scratch, fine-tuned, joint) are compared in the loss too, which is then drawn as it is. Runs "
+                                    "without FLOP counts (--count-flops) are drawn against steps instead. Writes DIR/curves.png, "
+                                    "DIR/curves.md and DIR/curves.json.")
+curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out; scale.py's runs count their FLOPs)")
+curves_parser.add_argument("--part", default=None, help="the data set whose records a joint run (train.py --task joint) contributes "
+                           "(its log holds qm9/val_loss, perov5/val_loss, ...); its steps are its total steps, both parts'")
 curves_parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first run's parent)")
 
 fit_parser = commands.add_parser("fit", help="fit scaling laws to sweep results", description="Fit L(N), L(D), L(C) "
@@ -838,32 +843,38 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
 # Training-efficiency curves
 
 
-def run_curve(run_dir: Path) -> dict:
+def run_curve(run_dir: Path, part: str | None = None) -> dict:
     """One run's evaluations (the last record of each step: a resumed run may log a step twice) with their training
-    FLOPs; a run that cannot be drawn ends the program with a message naming it."""
+    FLOPs where the run counted them; of a joint run, the records of its `part`. A run that cannot be drawn ends the
+    program with a message naming it."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         lines = (run_dir / "log.jsonl").read_text().splitlines()
     except (OSError, ValueError) as e:
         sys.exit(f"scale.py curves: {run_dir} is not a train.py run directory ({e})")
     per_step = config.get("train_flops_per_step")
-    if not per_step:
-        sys.exit(f"scale.py curves: {run_dir / 'config.json'} has no FLOPs per step: train the run with --count-flops "
-                 "(scale.py's runs always do)")
+    joint = config.get("task") == "joint"
+    if joint and part not in config["data"]:
+        sys.exit(f"scale.py curves: {run_dir} is a joint run of {' and '.join(config['data'])}: name the part to draw with "
+                 f"--part {config['data'][0]}" + (f" (not {part})" if part else ""))
+    data = part if joint else config.get("data")
     evaluations = {}
     for i, line in enumerate(lines):
         try:
             record = json.loads(line) if line.strip() else {}
         except ValueError:
             sys.exit(f"scale.py curves: {run_dir / 'log.jsonl'}, line {i + 1}, is not JSON")
+        if joint:  # qm9/val_loss -> val_loss, the other part's records dropped
+            record = {k.split("/", 1)[1] if k.startswith(part + "/") else k: v for k, v in record.items() if "/" not in k or k.startswith(part + "/")}
         if "val_loss" in record:
             evaluations[record["step"]] = record
     if not evaluations:
         sys.exit(f"scale.py curves: {run_dir / 'log.jsonl'} holds no evaluation yet (train.py --eval-every)")
-    points = [{**r, "flops": r["step"] * per_step} for _, r in sorted(evaluations.items())]
+    points = [{**r, **({"flops": r["step"] * per_step} if per_step else {})} for _, r in sorted(evaluations.items())]
     metrics = [k for k, v in points[-1].items() if k not in ("step", "val_loss", "time", "flops") and isinstance(v, (int, float))]
-    return {"run": run_dir.name, "path": str(run_dir), "arch": config.get("arch"), "gen": config.get("gen"),
-            "params": config.get("n_params"), "flops_per_step": per_step, "points": points, "metrics": metrics}
+    return {"run": run_dir.name, "path": str(run_dir), "arch": config.get("arch"), "gen": config.get("gen"), "data": data,
+            "csp": bool(config.get("csp")), "params": config.get("n_params"), "flops_per_step": per_step, "points": points,
+            "metrics": metrics}
 
 
 def first_reaching(points: list[dict], key: str, level: float, below: bool) -> dict | None:
@@ -872,8 +883,11 @@ def first_reaching(points: list[dict], key: str, level: float, below: bool) -> d
 
 
 def run_curves(args) -> None:
-    curves = [run_curve(d) for d in args.runs]
+    curves = [run_curve(d, args.part) for d in args.runs]
     out = writable_dir(curves_parser, args.out or args.runs[0].resolve().parent, "--out")
+    x = "flops" if all(c["flops_per_step"] for c in curves) else "step"
+    # one data set and process: the losses share a scale, and are compared as they are
+    same_loss = len({(c["data"], c["gen"], c["csp"]) for c in curves}) == 1
     metrics = [k for k in curves[0]["metrics"] if all(k in c["metrics"] for c in curves)]
     headline = metrics[0] if metrics else None
     level = 0.5 * max(c["points"][-1][headline] for c in curves) if headline else None
@@ -883,43 +897,50 @@ def run_curves(args) -> None:
     # first reached half the best last value of any run, a level every run is measured against.
     md = ["# Training efficiency", "", f"{len(curves)} runs: {', '.join(str(d) for d in args.runs)}. Command: "
           f"`python scale.py {shlex.join(sys.argv[1:])}`.", "",
-          "A run's loss is compared only with itself: 90 % of its drop is where its validation loss first came within 10 % of "
+          ("The runs share a data set and a process, so their validation losses are compared as they are. " if same_loss else
+           "Each process's loss has its own scale, so a run's loss is compared only with itself. ")
+          + "90 % of its drop is where a run's validation loss first came within 10 % of "
           "the way from its first to its last evaluation. Seconds are the run's wall clock at an evaluation, the earlier "
           "evaluations' included."
+          + ("" if x == "flops" else " Not every run counted its FLOPs (train.py --count-flops), so they are drawn against steps.")
           + (f" The samples are compared across runs: the level is half the best last {headline} of any run." if headline else ""), ""]
-    header = "| run | process | params | steps | FLOPs | seconds | val loss | 90 % of its drop at FLOPs | at seconds |"
+    header = f"| run | process | params | steps | FLOPs | seconds | val loss | 90 % of its drop at {'FLOPs' if x == 'flops' else 'step'} | at seconds |"
     if headline:
-        header += f" {headline} | {headline} >= {level:.3g} at FLOPs | at seconds |"
+        header += f" {headline} | {headline} >= {level:.3g} at {'FLOPs' if x == 'flops' else 'step'} | at seconds |"
     md += [header, "|" + "---|" * (header.count("|") - 1)]
     for c in curves:
         first, last = c["points"][0], c["points"][-1]
         reached = first_reaching(c["points"], "val_loss", last["val_loss"] + 0.1 * (first["val_loss"] - last["val_loss"]), below=True)
-        c["loss_90"] = reached and {"flops": reached["flops"], "time": reached.get("time")}
-        cells = [c["run"], c["gen"], f"{c['params']:,}", f"{last['step']:,}", f"{last['flops']:.3g}", f"{last.get('time', float('nan')):,.1f}",
-                 f"{last['val_loss']:.4f}", f"{reached['flops']:.3g}", f"{reached.get('time', float('nan')):,.1f}"]
+        c["loss_90"] = reached and {x: reached[x], "time": reached.get("time")}
+        at = (lambda p: f"{p['flops']:.3g}") if x == "flops" else (lambda p: f"{p['step']:,}")
+        cells = [c["run"], c["gen"], f"{c['params']:,}", f"{last['step']:,}", f"{last['flops']:.3g}" if "flops" in last else "",
+                 f"{last.get('time', float('nan')):,.1f}", f"{last['val_loss']:.4f}", at(reached), f"{reached.get('time', float('nan')):,.1f}"]
         if headline:
             good = first_reaching(c["points"], headline, level, below=False)
-            c[f"{headline}_level"] = {"level": level, "flops": good and good["flops"], "time": good and good.get("time")}
-            cells += [f"{last[headline]:.4f}", f"{good['flops']:.3g}" if good else "not reached",
+            c[f"{headline}_level"] = {"level": level, x: good and good[x], "time": good and good.get("time")}
+            cells += [f"{last[headline]:.4f}", at(good) if good else "not reached",
                       f"{good.get('time', float('nan')):,.1f}" if good else ""]
         md.append("| " + " | ".join(cells) + " |")
-    plot_curves(curves, headline, out / "curves.png")
+    plot_curves(curves, headline, out / "curves.png", x, relative_loss=not same_loss)
     atomic_write(out / "curves.json", lambda tmp: Path(tmp).write_text(json.dumps(curves, indent=1)))
     atomic_write(out / "curves.md", lambda tmp: Path(tmp).write_text("\n".join(md + [""])))
     print(f"wrote {out / 'curves.png'}, {out / 'curves.md'} and {out / 'curves.json'}")
 
 
-def plot_curves(curves: list[dict], headline: str | None, path: Path) -> None:
-    """Loss relative to its own last value, and the headline sample metric, against FLOPs and against seconds."""
+def plot_curves(curves: list[dict], headline: str | None, path: Path, x_resource: str = "flops", relative_loss: bool = True) -> None:
+    """The loss (relative to its own last value where the runs' losses do not share a scale) and the headline sample
+    metric, against FLOPs (or steps) and against seconds."""
     plt = pyplot()
 
-    rows = [("val_loss", "validation loss / its last value")] + ([(headline, headline)] if headline else [])
+    loss_label = "validation loss / its last value" if relative_loss else "validation loss"
+    rows = [("val_loss", loss_label)] + ([(headline, headline)] if headline else [])
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
     for (key, label), row in zip(rows, axes):
-        for ax, (x, xlabel) in zip(row, [("flops", "training FLOPs"), ("time", "training seconds")]):
+        for ax, (x, xlabel) in zip(row, [(x_resource, "training FLOPs" if x_resource == "flops" else "training steps"),
+                                         ("time", "training seconds")]):
             for i, c in enumerate(curves):
                 points = [p for p in c["points"] if key in p and x in p]
-                scale_by = c["points"][-1]["val_loss"] if key == "val_loss" else 1.0
+                scale_by = c["points"][-1]["val_loss"] if key == "val_loss" and relative_loss else 1.0
                 ax.plot([p[x] for p in points], [p[key] / scale_by for p in points], marker="o", ms=3, color=f"C{i}", label=c["run"])
             ax.set(xscale="log", xlabel=xlabel, ylabel=label, yscale="log" if key == "val_loss" else "linear")
             ax.legend(fontsize=7)

@@ -90,6 +90,16 @@ def test_a_joint_run_trains_both_domains_resumes_and_exports_each_part(joint_dat
     assert losses("straight") == losses("resumed") and len(losses("straight")) == 6
     evals = [r for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines()) if "qm9/val_loss" in r]
     assert evals and "perov5/val_loss" in evals[-1]
+    # scale.py curves draws one part of a joint run, against steps (a joint run counts no FLOPs), and asks which part
+    curves = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight", "--part", "perov5", "--out",
+                             tmp_path / "curves"], cwd=ROOT, capture_output=True, text=True)
+    assert curves.returncode == 0, curves.stderr[-3000:]
+    drawn = json.loads((tmp_path / "curves" / "curves.json").read_text())[0]
+    assert drawn["data"] == "perov5" and [p["step"] for p in drawn["points"]] == [r["step"] for r in evals]
+    assert [p["val_loss"] for p in drawn["points"]] == [r["perov5/val_loss"] for r in evals] and "flops" not in drawn["points"][0]
+    assert "drawn against steps" in (tmp_path / "curves" / "curves.md").read_text()
+    unnamed = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight"], cwd=ROOT, capture_output=True, text=True)
+    assert unnamed.returncode == 1 and "is a joint run of qm9 and perov5: name the part to draw with --part qm9" in unnamed.stderr
 
     ckpt = load_checkpoint(tmp_path / "straight" / "ckpt.pt", task="joint")
     from models.joint import build_joint
