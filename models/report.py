@@ -8,10 +8,13 @@ output it is and an end marker, so a table there is that command's output and ca
 
     python -m models.report            # rewrite every block of README.md, models/README.md and kernels/README.md
     python -m models.report --check    # write nothing; list the blocks that differ from their command's output (exit 1)
+    python -m models.report --show out/scale/levers-qm9/results.md    # print the tables of a sweep's or run's report
 
 CI runs the check (tests/test_report.py): a flag added to a script without regenerating its table fails it.
 Commands run from the repository root, without a shell; they must start with `python`, which becomes this
-interpreter.
+interpreter. A results table is the --show of the report a sweep or `scale.py curves` wrote under out/, which
+never ships: where that file is absent (a fresh clone), its block is left as it is and said to be unchecked; the
+command printed beside the table reproduces it.
 """
 from __future__ import annotations
 
@@ -49,6 +52,11 @@ def blocks(text: str, path) -> list[tuple[int, int, str]]:
     return found
 
 
+def absent_runs(command: str, root: Path = ROOT) -> list[str]:
+    """The command's arguments under out/ (runs, sweeps: never shipped) that are not in `root`."""
+    return [a for a in shlex.split(command) if a.startswith("out/") and not (root / a).exists()]
+
+
 def run(command: str, path, root: Path = ROOT) -> str:
     """The stdout of a block's command, run in `root`."""
     argv = shlex.split(command)
@@ -60,17 +68,36 @@ def run(command: str, path, root: Path = ROOT) -> str:
     return done.stdout if done.stdout.endswith("\n") else done.stdout + "\n"
 
 
-def regenerate(path: Path, root: Path = ROOT) -> tuple[str, list[str]]:
-    """The file's text with every block replaced by its command's output, and the commands whose blocks changed."""
+def regenerate(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
+    """The file's text with every block replaced by its command's output, the commands whose blocks changed, and
+    those left as they are because their runs are not here."""
     text = path.read_text()
-    pieces, stale, last = [], [], 0
+    pieces, stale, unchecked, last = [], [], [], 0
     for start, end, command in blocks(text, path):
+        if absent_runs(command, root):
+            unchecked.append(command)
+            continue
         body = run(command, path, root)
         if body != text[start:end]:
             stale.append(command)
         pieces += [text[last:start], body]
         last = end
-    return "".join(pieces) + text[last:], stale
+    return "".join(pieces) + text[last:], stale, unchecked
+
+
+def tables(path: Path) -> str:
+    """The markdown tables of a report file (its lines that start with |), one blank line between tables."""
+    out, previous = [], False
+    for line in Path(path).read_text().splitlines():
+        row = line.startswith("|")
+        if row and not previous and out:
+            out.append("")
+        if row:
+            out.append(line)
+        previous = row
+    if not out:
+        raise ReportError(f"{path} holds no markdown table")
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
@@ -79,16 +106,28 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="*", type=Path, help="markdown files (default: the repository's READMEs)")
     parser.add_argument("--check", action="store_true", help="write nothing: list the blocks whose text differs "
                         "from their command's output, with a diff, and exit 1 if any does")
+    parser.add_argument("--show", type=Path, default=None, metavar="REPORT.md", help="print the markdown tables of a "
+                        "report (a sweep's results.md, scale.py curves' curves.md) and exit: a results block's command")
     args = parser.parse_args(argv)
+    if args.show:
+        try:
+            print(tables(args.show), end="")
+        except (ReportError, OSError) as e:
+            print(f"models.report: {e}", file=sys.stderr)
+            return 2
+        return 0
     paths = args.files or [ROOT / name for name in READMES if (ROOT / name).exists()]
     any_stale = False
     for path in paths:
         try:
-            new, stale = regenerate(path)
+            new, stale, unchecked = regenerate(path)
         except (ReportError, OSError) as e:
             print(f"models.report: {e}", file=sys.stderr)
             return 2
         any_stale |= bool(stale)
+        for command in unchecked:
+            print(f"{path}: the block of '{command}' is unchecked: {', '.join(absent_runs(command))} not here (the command "
+                  "beside it makes it)")
         for command in stale:
             print(f"{path}: the block of '{command}' is {'stale' if args.check else 'rewritten'}")
         if stale and args.check:
