@@ -5,6 +5,7 @@
     python label.py report FILES...                         data-set report and GO / NO-GO over labels files
     python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
     python label.py export FILES... --out labels.extxyz     the labels as extended XYZ (MACE, NequIP)
+    python label.py relax INPUTS... --teacher student:CKPT --out relaxed.extxyz   relax structures (a student: batched)
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
 Output (models/README.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cli import add_markdown_help, checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_int
+from models.cli import (add_markdown_help, checked_device, fraction, nonnegative_float, nonnegative_int, output_file, positive_float,
+                        positive_int)
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.label_report import dataset_report, failures_path, format_number, format_report, read_failed, write_failed
 from models.labels import LabelsError, LabelWriter, read_labels
@@ -241,6 +243,103 @@ def export_main(argv) -> dict:
     atomic_write(out, write)
     print(f"wrote {len(frames)} structures of {', '.join(args.files)} to {out}")
     return {"n_structures": len(frames), "out": str(out)}
+
+
+def relax_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py relax", description="Relax structures (atom positions; a crystal's cell stays "
+                                "fixed) with a student or a teacher, by FIRE as ASE runs it: a student relaxes --batch-size "
+                                "structures at once, one model call per step for all of them (models/batched_md.py, the same "
+                                "path as ASE's FIRE for each alone), a teacher one structure at a time through ASE. Writes "
+                                "every input structure, in input order, with its relaxation in the frame's info: relax_by, "
+                                "relax_converged, relax_steps, relax_fmax (eV/A, after), relax_energy_start and "
+                                "relax_energy_end (eV, the relaxing model's); one that cannot be relaxed (an element the "
+                                "model lacks, non-finite coordinates) is written as it came, with relax_error. evaluate.py "
+                                "scores the output like any samples file: a relaxed row beside the raw one, never instead.")
+    p.add_argument("inputs", nargs="+", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:split]")
+    p.add_argument("--teacher", required=True, type=teacher_name, help=f"what relaxes: {', '.join(sorted(TEACHERS))}, or "
+                   "student:PATH to a train.py --task ff checkpoint")
+    p.add_argument("--out", required=True, help="the .extxyz file to write (atomically)")
+    p.add_argument("--fmax", type=positive_float, default=0.05, help="a structure is relaxed once its largest atomic force "
+                   "is below this (eV/A)")
+    p.add_argument("--steps", type=positive_int, default=200, help="FIRE steps at most per structure")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="student: structures relaxed together")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    add_markdown_help(p)
+    args = p.parse_args(argv)
+    out = output_file(p, args.out, "--out")
+    device = str(checked_device(p, args.device))
+    records = [(key, load()) for key, _, load in iter_records(args.inputs)]
+    if not records:
+        raise InputError(f"{', '.join(args.inputs)}: no structures")
+    from tqdm import tqdm
+
+    from models.batched_md import batched_fire
+    from models.checkpoint import load_student
+
+    student = args.teacher.startswith("student:")
+    if student:
+        model, meta = load_student(args.teacher[len("student:"):], device)
+        model = model.double()  # relaxations in float64, as ASE's are
+        elements, by = set(model.config.elements), f"{args.teacher} (step {meta['step']})"
+    else:
+        teacher = get_teacher(args.teacher, device)
+        elements, by = teacher.elements, teacher.version
+    frames, todo = [], []
+    for key, atoms in records:
+        if isinstance(atoms, Failure):
+            raise InputError(f"{key}: {atoms.reason}: every input structure must be readable, so that the output holds "
+                             "them all in input order")
+        atoms = atoms.copy()
+        atoms.calc = None
+        atoms.info["relax_by"] = by
+        lacking = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if elements is not None and z not in elements})
+        if lacking or not np.isfinite(atoms.positions).all():
+            atoms.info["relax_error"] = f"elements {lacking} unknown to it" if lacking else "non-finite coordinates"
+        else:
+            todo.append(len(frames))
+        frames.append(atoms)
+    t0, n_atom_steps = time.time(), 0
+    chunks = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)] if student else [[i] for i in todo]
+    for chunk in tqdm(chunks, desc=f"relaxing with {args.teacher}", unit="batch" if student else "structure"):
+        if student:
+            result = batched_fire(model, [frames[i] for i in chunk], fmax=args.fmax, steps=args.steps, device=device)
+            for j, i in enumerate(chunk):
+                frames[i].positions = result["positions"][result["batch"] == j]
+                frames[i].info.update(relax_converged=bool(result["converged"][j]), relax_steps=int(result["steps"][j]),
+                                      relax_fmax=float(result["fmax"][j]), relax_energy_start=float(result["energy_ev"][0, j]),
+                                      relax_energy_end=float(result["energy_ev"][1, j]))
+                n_atom_steps += len(frames[i]) * int(result["steps"][j])
+            continue
+        from ase.optimize import FIRE
+
+        atoms = frames[chunk[0]]
+        seen = teacher.as_seen(atoms)  # a molecule for a periodic-only teacher sits in a vacuum box: shifted back after
+        shift = seen.positions[0] - atoms.positions[0]
+        seen.calc = teacher.calc
+        start = float(seen.get_potential_energy())
+        opt = FIRE(seen, logfile=None)
+        converged = opt.run(fmax=args.fmax, steps=args.steps)
+        atoms.positions = seen.positions - shift
+        atoms.info.update(relax_converged=bool(converged), relax_steps=int(opt.nsteps),
+                          relax_fmax=float(np.linalg.norm(seen.get_forces(), axis=1).max()), relax_energy_start=start,
+                          relax_energy_end=float(seen.get_potential_energy()))
+        n_atom_steps += len(atoms) * int(opt.nsteps)
+    seconds = time.time() - t0
+
+    def write(tmp):
+        import ase.io
+        ase.io.write(tmp, frames, format="extxyz")
+    atomic_write(out, write)
+    relaxed = [frames[i] for i in todo]
+    converged = sum(a.info["relax_converged"] for a in relaxed)
+    summary = {"n_structures": len(frames), "n_relaxed": len(relaxed), "n_converged": converged,
+               "median_steps": float(np.median([a.info["relax_steps"] for a in relaxed])) if relaxed else 0.0,
+               "seconds": seconds, "atom_steps_per_s": n_atom_steps / seconds if seconds > 0 else 0.0, "out": str(out)}
+    print(f"relaxed {len(relaxed)} of {len(frames)} structures with {by}: {converged} below {args.fmax:g} eV/A within "
+          f"{args.steps} steps (median {summary['median_steps']:.0f} steps), {seconds:.1f} s "
+          f"({summary['atom_steps_per_s']:,.0f} atom-steps/s); wrote {out}"
+          + (f"; {len(frames) - len(relaxed)} not relaxable, written as they came (relax_error)" if len(relaxed) < len(frames) else ""))
+    return summary
 
 
 def label_frames(lab: dict, prefix: str = "") -> list:
@@ -530,7 +629,7 @@ def _bare_calls(teacher: Teacher, structures: list) -> float:
     return time.perf_counter() - t
 
 
-COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main}
+COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main, "relax": relax_main}
 
 
 def main(argv=None) -> dict:

@@ -167,6 +167,42 @@ def test_student_is_a_calculator_and_a_label_py_teacher(student, labels, tmp_pat
     assert np.isfinite(lab["forces"]).all() and np.isfinite(lab["stress"]).all()
 
 
+def test_label_py_relax_with_the_student_batched_and_with_a_teacher(student, tmp_path):
+    """label.py relax writes every input structure in input order with its relaxation (the student's batches of 2, or
+    EMT one at a time): info kept, energies down, a structure with an element the model lacks written as it came."""
+    import ase.io
+
+    qm9 = read_qm9pack_csv([QM9_FIXTURE])
+    structures = [qm9.to_atoms(i) for i in (0, 3, 54, 12)] + [bulk("Cu", "fcc", a=3.7, cubic=True)]  # 54 holds F
+    rng = np.random.default_rng(1)
+    for k, a in enumerate(structures):
+        a.positions += rng.normal(0, 0.08, a.positions.shape)
+        a.info["condition_alpha"] = 60.0 + k
+    ase.io.write(tmp_path / "in.extxyz", structures, format="extxyz")
+    proc = run("label.py", "relax", tmp_path / "in.extxyz", "--teacher", f"student:{student / 'ckpt.pt'}", "--out",
+               tmp_path / "relaxed.extxyz", "--steps", 30, "--batch-size", 2)
+    assert "relaxed 4 of 5 structures" in proc.stdout and "1 not relaxable" in proc.stdout, proc.stdout
+    out = ase.io.read(tmp_path / "relaxed.extxyz", ":")
+    assert [a.get_chemical_formula() for a in out] == [a.get_chemical_formula() for a in structures]
+    assert [a.info["condition_alpha"] for a in out] == [60.0 + k for k in range(5)]
+    assert "relax_error" in out[2].info and "'F'" in out[2].info["relax_error"]
+    np.testing.assert_allclose(out[2].positions, structures[2].positions, atol=1e-6)  # extxyz keeps 8 decimals
+    for k in (0, 1, 3, 4):
+        info = out[k].info
+        assert info["relax_energy_end"] < info["relax_energy_start"] and 0 < info["relax_steps"] <= 30
+        assert not np.allclose(out[k].positions, structures[k].positions)
+    assert out[4].pbc.all() and np.allclose(out[4].cell.array, structures[4].cell.array)  # the cell stays
+    # a teacher, one structure at a time through ASE's FIRE (EMT knows H, C, N, O and Cu, not F)
+    proc = run("label.py", "relax", tmp_path / "in.extxyz", "--teacher", "emt", "--out", tmp_path / "emt.extxyz", "--steps", 10)
+    by_emt = ase.io.read(tmp_path / "emt.extxyz", ":")
+    assert "ase" in by_emt[0].info["relax_by"] and "relax_error" in by_emt[2].info
+    assert all(by_emt[k].info["relax_energy_end"] < by_emt[k].info["relax_energy_start"] for k in (0, 1, 3, 4))
+    unreadable = tmp_path / "bad.xyz"
+    unreadable.write_text("2\n\nH 0 0 0\n")
+    proc = run("label.py", "relax", unreadable, "--teacher", "emt", "--out", tmp_path / "x.extxyz", check=False)
+    assert proc.returncode == 1 and "every input structure must be readable" in proc.stderr and not (tmp_path / "x.extxyz").exists()
+
+
 def test_evaluate_student_reports_accuracy_speed_and_md(student, labels, tmp_path):
     proc = run("evaluate.py", "--task", "ff", "--ckpt", student / "ckpt.pt", labels, "--json", tmp_path / "ff.json",
                "--speed-structures", "2", "--md-structures", "1", "--md-steps", "20")
