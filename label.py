@@ -6,6 +6,7 @@
     python label.py bench INPUTS... --teachers xtb chgnet   the pipeline's overhead against bare teacher calls
     python label.py export FILES... --out labels.extxyz     the labels as extended XYZ (MACE, NequIP)
     python label.py relax INPUTS... --teacher student:CKPT --out relaxed.extxyz   relax structures (a student: batched)
+    python label.py explore INPUTS... --committee A.pt B.pt C.pt --out picked.extxyz   active learning: what to label next
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
 Output (models/README.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
@@ -342,6 +343,98 @@ def relax_main(argv) -> dict:
     return summary
 
 
+def explore_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py explore", description="One exploration round of active learning "
+                                "(models/active_learning.py): the first committee member runs NVE from every input structure, "
+                                "all in one batch, with snapshots every --every steps; a trajectory that goes unphysical "
+                                "(atoms closer than --min-dist, an atom with no neighbour within --isolated-dist, or past "
+                                "--max-temperature) ends there. The committee's max force deviation is computed on every "
+                                "snapshot, and --n are written to --out: the last physical snapshot of each trajectory that went "
+                                "unphysical first, then the most disputed above --min-deviation. Label them (label.py OUT "
+                                "--teacher ...) and train again with them.")
+    p.add_argument("inputs", nargs="+", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:split]")
+    p.add_argument("--committee", nargs="+", required=True, help="two or more train.py --task ff checkpoints of one recipe, "
+                   "other seeds (the first drives the dynamics)")
+    p.add_argument("--out", required=True, help="the .extxyz file of the picked snapshots (atomically), each with its "
+                   "explore_* info and committee_force_deviation (eV/A)")
+    p.add_argument("--n", type=positive_int, default=500, help="snapshots to pick at most")
+    p.add_argument("--steps", type=positive_int, default=200, help="NVE steps of each trajectory")
+    p.add_argument("--every", type=positive_int, default=10, help="steps between snapshots")
+    p.add_argument("--timestep", type=positive_float, default=0.5, help="fs")
+    p.add_argument("--temperature", type=positive_float, default=300.0, help="K: the initial velocities' temperature")
+    p.add_argument("--max-temperature", type=positive_float, default=None, help="K: a trajectory hotter than this has gone "
+                   "unphysical (default 5 x --temperature)")
+    p.add_argument("--min-deviation", type=nonnegative_float, default=0.05, help="eV/A: snapshots the committee agrees on "
+                   "closer than this are not picked (the unphysical trajectories' ones are)")
+    p.add_argument("--min-dist", type=nonnegative_float, default=MIN_DIST, help="A: closer atoms make a snapshot unphysical "
+                   "(label.py's own check, so every picked snapshot can be labelled)")
+    p.add_argument("--isolated-dist", type=nonnegative_float, default=ISOLATED_DIST, help="A: an atom with no neighbour "
+                   "this close makes a snapshot unphysical (0: off)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="trajectories advanced together")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial velocities")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    add_markdown_help(p)
+    args = p.parse_args(argv)
+    if len(args.committee) < 2:
+        p.error("--committee needs two or more students: their disagreement is what picks the snapshots")
+    for path in args.committee:
+        if not os.path.isfile(path):
+            p.error(f"--committee {path}: no such checkpoint file")
+    out = output_file(p, args.out, "--out")
+    device = str(checked_device(p, args.device))
+    from tqdm import tqdm
+
+    from models.active_learning import committee_deviation, explore, pick
+    from models.checkpoint import load_student
+
+    committee = [load_student(path, device)[0].double() for path in args.committee]
+    known = set(committee[0].config.elements)
+    for path, member in zip(args.committee[1:], committee[1:]):
+        if set(member.config.elements) != known:
+            p.error(f"--committee {path} knows other elements than {args.committee[0]}: the members must share one recipe")
+    structures = []
+    for key, _, load in iter_records(args.inputs):
+        atoms = load()
+        if isinstance(atoms, Failure):
+            raise InputError(f"{key}: {atoms.reason}")
+        if lacking := sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if z not in known}):
+            raise InputError(f"{key}: elements {lacking} unknown to the committee (it knows {sorted(known)})")
+        if why := check_structure(atoms, args.min_dist, args.isolated_dist):
+            raise InputError(f"{key}: {why}: an exploration starts from a physical structure")
+        atoms = atoms.copy()
+        atoms.calc = None
+        atoms.info["explore_input"] = key
+        structures.append(atoms)
+    if not structures:
+        raise InputError(f"{', '.join(args.inputs)}: no structures")
+    max_temperature = args.max_temperature or 5 * args.temperature
+    t0, snapshots = time.time(), []
+    for lo in tqdm(range(0, len(structures), args.batch_size), desc="exploring", unit="batch"):
+        found = explore(committee[0], structures[lo:lo + args.batch_size], args.steps, args.every, args.temperature,
+                        max_temperature, args.timestep, args.seed + lo, args.min_dist, args.isolated_dist, device)
+        for frame in found:
+            frame.info["explore_source"] += lo
+        snapshots += found
+    deviation = committee_deviation(committee, snapshots, device=device)
+    for frame, d in zip(snapshots, deviation):
+        frame.info["committee_force_deviation"] = float(d)
+    picked = [snapshots[i] for i in pick(snapshots, deviation, args.n, args.min_deviation)]
+
+    def write(tmp):
+        import ase.io
+        ase.io.write(tmp, picked, format="extxyz")
+    atomic_write(out, write)
+    unphysical = sum("explore_unphysical" in s.info for s in snapshots)
+    q = np.quantile(deviation, [0.5, 0.9, 1.0])
+    summary = {"n_inputs": len(structures), "n_snapshots": len(snapshots), "n_unphysical_trajectories": unphysical,
+               "deviation_median": float(q[0]), "deviation_p90": float(q[1]), "deviation_max": float(q[2]),
+               "n_picked": len(picked), "seconds": time.time() - t0, "out": str(out)}
+    print(f"explored {len(structures)} structures for {args.steps} steps: {len(snapshots)} snapshots, {unphysical} "
+          f"trajectories went unphysical; committee force deviation median {q[0]:.3f}, 90 % {q[1]:.3f}, max {q[2]:.3f} eV/A; "
+          f"picked {len(picked)} (unphysical first, then deviation >= {args.min_deviation:g}) into {out} in {summary['seconds']:.1f} s")
+    return summary
+
+
 def label_frames(lab: dict, prefix: str = "") -> list:
     """The structures of read_labels' dict as ase.Atoms with their labels: as ASE calculator results (prefix "") or as
     info / arrays PREFIX + energy, forces, stress."""
@@ -629,7 +722,8 @@ def _bare_calls(teacher: Teacher, structures: list) -> float:
     return time.perf_counter() - t
 
 
-COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main, "relax": relax_main}
+COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main, "relax": relax_main,
+            "explore": explore_main}
 
 
 def main(argv=None) -> dict:

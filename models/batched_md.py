@@ -40,11 +40,12 @@ def initial_velocities(atoms, temperature_k: float, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def batched_nve(model, structures: list, steps: int, timestep_fs: float, temperature_k: float, seed: int = 0,
-                device="cpu") -> dict:
+                device="cpu", snapshot_every: int = 0) -> dict:
     """Velocity Verlet of every structure (ase.Atoms) for `steps` steps of timestep_fs, in float64, structure k's
     velocities from seed + k. Returns {"positions": [A, 3] final, "velocities": [A, 3] final (ASE units), "batch": [A]
     structure of each atom, "total_energy_ev": [steps + 1, S] potential + kinetic per structure, "seconds",
-    "atom_steps_per_s"}."""
+    "atom_steps_per_s"}, and with snapshot_every K > 0 "snapshots": [steps // K, A, 3], the positions after steps K,
+    2K, ..., and "temperature_k": [steps // K, S] each structure's kinetic temperature there."""
     from ase import units
 
     if steps < 1:
@@ -66,19 +67,28 @@ def batched_nve(model, structures: list, steps: int, timestep_fs: float, tempera
         kinetic = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, 0.5 * (masses * velocities ** 2).sum(1))
         return (potential + kinetic).cpu().numpy()
 
+    # degrees of freedom per structure, as ASE counts them for its temperature: 3 per atom (ase.Atoms.get_temperature)
+    dof = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, torch.full_like(masses[:, 0], 3.0))
+
     t0 = time.perf_counter()
     forces, potential = forces_and_energy(pos)
-    energies = [total(potential)]
-    for _ in range(steps):
+    energies, snapshots, temperatures = [total(potential)], [], []
+    for step in range(1, steps + 1):
         velocities = velocities + 0.5 * dt * forces / masses
         pos = pos + dt * velocities
         forces, potential = forces_and_energy(pos)
         velocities = velocities + 0.5 * dt * forces / masses
         energies.append(total(potential))
+        if snapshot_every and step % snapshot_every == 0:
+            kinetic = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, 0.5 * (masses * velocities ** 2).sum(1))
+            snapshots.append(pos.cpu().numpy())
+            temperatures.append((2 * kinetic / (dof * units.kB)).cpu().numpy())
     seconds = time.perf_counter() - t0
-    return {"positions": pos.cpu().numpy(), "velocities": velocities.cpu().numpy(), "batch": batch.cpu().numpy(),
-            "total_energy_ev": np.array(energies), "seconds": seconds,
-            "atom_steps_per_s": len(numbers) * steps / seconds}
+    out = {"positions": pos.cpu().numpy(), "velocities": velocities.cpu().numpy(), "batch": batch.cpu().numpy(),
+           "total_energy_ev": np.array(energies), "seconds": seconds, "atom_steps_per_s": len(numbers) * steps / seconds}
+    if snapshot_every:
+        out.update(snapshots=np.array(snapshots).reshape(-1, len(numbers), 3), temperature_k=np.array(temperatures).reshape(-1, n_struct))
+    return out
 
 
 # ASE's FIRE defaults (ase.optimize.FIRE): initial and largest time step, the cap on one step's length (A, over the

@@ -183,21 +183,27 @@ def test_calculator_runs_velocity_verlet(structures):
 @pytest.mark.parametrize("family", ["schnet", "painn"])
 def test_batched_nve_is_ases_velocity_verlet_for_each_structure(structures, family):
     """Three molecules and two crystals advanced in one batch follow, step for step, the trajectories ASE's
-    VelocityVerlet runs for each alone with the student's calculator, from the same initial velocities."""
+    VelocityVerlet runs for each alone with the student's calculator, from the same initial velocities; the snapshots
+    every 5 steps are ASE's positions and temperatures there."""
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
     from models.batched_md import batched_nve, initial_velocities
 
     m = model(family=family)
-    out = batched_nve(m, structures, steps=15, timestep_fs=0.5, temperature_k=300, seed=4)
+    out = batched_nve(m, structures, steps=15, timestep_fs=0.5, temperature_k=300, seed=4, snapshot_every=5)
     assert out["total_energy_ev"].shape == (16, len(structures)) and out["atom_steps_per_s"] > 0
+    assert out["snapshots"].shape == (3, len(out["batch"]), 3) and out["temperature_k"].shape == (3, len(structures))
     for k, atoms in enumerate(structures):
         a = atoms.copy()
         a.calc = student_calculator(m)
         a.set_velocities(initial_velocities(atoms, 300, 4 + k))
-        VelocityVerlet(a, 0.5 * units.fs).run(15)
         mine = out["batch"] == k
+        md = VelocityVerlet(a, 0.5 * units.fs)
+        for snap in range(3):
+            md.run(5)
+            np.testing.assert_allclose(out["snapshots"][snap][mine], a.positions, atol=1e-9)
+            assert out["temperature_k"][snap, k] == pytest.approx(a.get_temperature(), rel=1e-9)
         np.testing.assert_allclose(out["positions"][mine], a.positions, atol=1e-9)
         np.testing.assert_allclose(out["velocities"][mine], a.get_velocities(), atol=1e-9)
         assert out["total_energy_ev"][-1, k] == pytest.approx(a.get_potential_energy() + a.get_kinetic_energy(), abs=1e-8)
@@ -227,3 +233,41 @@ def test_batched_fire_is_ases_fire_for_each_structure(structures, family, fmax, 
         assert out["converged"][k] == converged and out["fmax"][k] == pytest.approx(np.linalg.norm(a.get_forces(), axis=1).max())
     assert out["steps"].tolist() == taken
     assert len(set(taken)) > 1 or fmax < 1e-3, taken  # early stops, one structure at a time
+
+
+def test_committee_deviation_is_the_largest_spread_of_the_members_forces(structures):
+    """Two members: the spread on an atom is half the distance between their forces; identical members agree."""
+    from models.active_learning import committee_deviation
+
+    a, b = model(seed=0), model(seed=1)
+    deviation = committee_deviation([a, b], structures, batch_size=2)
+    for k, atoms in enumerate(structures):
+        fa, fb = (m(*flat_batch([atoms]))[1].detach().numpy() for m in (a, b))
+        assert deviation[k] == pytest.approx(np.linalg.norm(fa - fb, axis=1).max() / 2, rel=1e-9)
+    assert np.all(deviation > 0) and np.all(committee_deviation([a, model(seed=0)], structures) < 1e-12)
+    with pytest.raises(ValueError, match="at least two"):
+        committee_deviation([a], structures)
+
+
+def test_exploration_stops_a_trajectory_where_it_goes_unphysical_and_picks_the_snapshot_before():
+    """A molecule driven hot (a temperature limit it must pass) ends at its first hot snapshot; the one before it is
+    marked and picked before any calmer snapshot, however disputed."""
+    from models.active_learning import explore, pick
+
+    mols = read_qm9pack_csv([QM9_FIXTURE])
+    inputs = [mols.to_atoms(i) for i in (0, 7)]
+    driver = model(seed=0)
+    calm = explore(driver, inputs, steps=20, every=5, temperature_k=300, max_temperature_k=1e9)
+    assert [(f.info["explore_source"], f.info["explore_step"]) for f in calm] == [(k, s) for k in (0, 1) for s in (5, 10, 15, 20)]
+    assert not any("explore_unphysical" in f.info for f in calm)
+    limit = min(f.info["explore_temperature_k"] for f in calm if f.info["explore_source"] == 1 and f.info["explore_step"] > 5)
+    hot = explore(driver, inputs, steps=20, every=5, temperature_k=300, max_temperature_k=limit - 1e-6)
+    second = [f for f in hot if f.info["explore_source"] == 1]
+    assert second[-1].info.get("explore_unphysical", "").startswith("temperature")
+    assert all(f.info["explore_temperature_k"] <= limit for f in second)
+    marked = hot.index(second[-1])
+    deviation = np.linspace(1.0, 2.0, len(hot))
+    deviation[marked] = 0.0  # picked first all the same
+    chosen = pick(hot, deviation, n=3, min_deviation=0.5)
+    assert chosen[0] == marked and len(chosen) == 3 and deviation[chosen[1]] >= deviation[chosen[2]]
+    assert pick(hot, deviation, n=100, min_deviation=10.0) == [i for i in range(len(hot)) if "explore_unphysical" in hot[i].info]

@@ -203,6 +203,31 @@ def test_label_py_relax_with_the_student_batched_and_with_a_teacher(student, tmp
     assert proc.returncode == 1 and "every input structure must be readable" in proc.stderr and not (tmp_path / "x.extxyz").exists()
 
 
+def test_label_py_explore_picks_snapshots_a_committee_disputes(student, labels, tmp_path):
+    """Two students of one recipe (seeds 0 and 1) explore from real molecules and a copper cell: the picked snapshots
+    carry their deviation, highest first, and can be labelled by the teacher as they are."""
+    import ase.io
+
+    other = tmp_path / "seed1"
+    run("train.py", *TINY, "--data", labels, "--seed", 1, "--out", other)
+    qm9 = read_qm9pack_csv([QM9_FIXTURE])
+    inputs = [qm9.to_atoms(i) for i in (0, 3, 12)] + [bulk("Cu", "fcc", a=3.6, cubic=True)]
+    ase.io.write(tmp_path / "in.extxyz", inputs, format="extxyz")
+    proc = run("label.py", "explore", tmp_path / "in.extxyz", "--committee", student / "ckpt.pt", other / "weights.pt",
+               "--steps", 20, "--every", 5, "--n", 6, "--min-deviation", 0, "--batch-size", 3, "--out", tmp_path / "picked.extxyz")
+    assert "explored 4 structures for 20 steps" in proc.stdout, proc.stdout
+    picked = ase.io.read(tmp_path / "picked.extxyz", ":")
+    assert len(picked) == 6 and len({a.info["explore_source"] for a in picked}) > 1
+    calm = [a.info["committee_force_deviation"] for a in picked if "explore_unphysical" not in a.info]
+    assert calm == sorted(calm, reverse=True) and min(calm) > 0
+    assert all(a.info["explore_input"].endswith(f"in.extxyz:{a.info['explore_source']}") for a in picked)
+    run("label.py", tmp_path / "picked.extxyz", "--teacher", "emt", "--out", tmp_path / "round1.h5", "--no-progress")
+    assert len(read_labels(tmp_path / "round1.h5")["key"]) == 6
+    refused = run("label.py", "explore", tmp_path / "in.extxyz", "--committee", student / "ckpt.pt", "--out", tmp_path / "x.extxyz",
+                  check=False)
+    assert refused.returncode == 2 and "needs two or more students" in refused.stderr
+
+
 def test_evaluate_student_reports_accuracy_speed_and_md(student, labels, tmp_path):
     proc = run("evaluate.py", "--task", "ff", "--ckpt", student / "ckpt.pt", labels, "--json", tmp_path / "ff.json",
                "--speed-structures", "2", "--md-structures", "1", "--md-steps", "20")
