@@ -279,8 +279,7 @@ def relax_main(argv) -> dict:
 
     student = args.teacher.startswith("student:")
     if student:
-        model, meta = load_student(args.teacher[len("student:"):], device)
-        model = model.double()  # relaxations in float64, as ASE's are
+        model, meta = load_student(args.teacher[len("student:"):], device)  # in its own precision, as label.py runs it
         elements, by = set(model.config.elements), f"{args.teacher} (step {meta['step']})"
     else:
         teacher = get_teacher(args.teacher, device)
@@ -387,7 +386,7 @@ def explore_main(argv) -> dict:
     from models.active_learning import committee_deviation, explore, pick
     from models.checkpoint import load_student
 
-    committee = [load_student(path, device)[0].double() for path in args.committee]
+    committee = [load_student(path, device)[0] for path in args.committee]
     known = set(committee[0].config.elements)
     for path, member in zip(args.committee[1:], committee[1:]):
         if set(member.config.elements) != known:

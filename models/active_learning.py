@@ -31,7 +31,7 @@ def committee_deviation(models: list, structures: list, batch_size: int = 128, d
     out = np.zeros(len(structures))
     for lo in range(0, len(structures), batch_size):
         chunk = structures[lo:lo + batch_size]
-        numbers, pos, batch, cell, pbc = flat_batch(chunk, device=device, dtype=torch.float64)
+        numbers, pos, batch, cell, pbc = flat_batch(chunk, device=device, dtype=next(models[0].parameters()).dtype)
         forces = []
         for model in models:
             with torch.enable_grad():

@@ -41,8 +41,8 @@ def initial_velocities(atoms, temperature_k: float, seed: int) -> np.ndarray:
 @torch.no_grad()
 def batched_nve(model, structures: list, steps: int, timestep_fs: float, temperature_k: float, seed: int = 0,
                 device="cpu", snapshot_every: int = 0) -> dict:
-    """Velocity Verlet of every structure (ase.Atoms) for `steps` steps of timestep_fs, in float64, structure k's
-    velocities from seed + k. Returns {"positions": [A, 3] final, "velocities": [A, 3] final (ASE units), "batch": [A]
+    """Velocity Verlet of every structure (ase.Atoms) for `steps` steps of timestep_fs, in the model's precision,
+    structure k's velocities from seed + k. Returns {"positions": [A, 3] final, "velocities": [A, 3] final (ASE units), "batch": [A]
     structure of each atom, "total_energy_ev": [steps + 1, S] potential + kinetic per structure, "seconds",
     "atom_steps_per_s"}, and with snapshot_every K > 0 "snapshots": [steps // K, A, 3], the positions after steps K,
     2K, ..., and "temperature_k": [steps // K, S] each structure's kinetic temperature there."""
@@ -63,9 +63,11 @@ def batched_nve(model, structures: list, steps: int, timestep_fs: float, tempera
             energy, forces, _ = model(numbers, x, batch, cell, pbc)
         return forces.detach(), energy.detach()
 
+    def kinetic():  # [S] eV
+        return torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, 0.5 * (masses * velocities ** 2).sum(1))
+
     def total(potential):
-        kinetic = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, 0.5 * (masses * velocities ** 2).sum(1))
-        return (potential + kinetic).cpu().numpy()
+        return (potential + kinetic()).cpu().numpy()
 
     # degrees of freedom per structure, as ASE counts them for its temperature: 3 per atom (ase.Atoms.get_temperature)
     dof = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, torch.full_like(masses[:, 0], 3.0))
@@ -80,14 +82,14 @@ def batched_nve(model, structures: list, steps: int, timestep_fs: float, tempera
         velocities = velocities + 0.5 * dt * forces / masses
         energies.append(total(potential))
         if snapshot_every and step % snapshot_every == 0:
-            kinetic = torch.zeros(n_struct, dtype=dtype, device=device).index_add(0, batch, 0.5 * (masses * velocities ** 2).sum(1))
             snapshots.append(pos.cpu().numpy())
-            temperatures.append((2 * kinetic / (dof * units.kB)).cpu().numpy())
+            temperatures.append((2 * kinetic() / (dof * units.kB)).cpu().numpy())
     seconds = time.perf_counter() - t0
     out = {"positions": pos.cpu().numpy(), "velocities": velocities.cpu().numpy(), "batch": batch.cpu().numpy(),
            "total_energy_ev": np.array(energies), "seconds": seconds, "atom_steps_per_s": len(numbers) * steps / seconds}
     if snapshot_every:
-        out.update(snapshots=np.array(snapshots).reshape(-1, len(numbers), 3), temperature_k=np.array(temperatures).reshape(-1, n_struct))
+        out.update(snapshots=np.array(snapshots).reshape(-1, len(numbers), 3),
+                   temperature_k=np.array(temperatures).reshape(-1, n_struct))
     return out
 
 
@@ -98,7 +100,8 @@ FIRE = dict(dt=0.1, dtmax=1.0, maxstep=0.2, n_min=5, finc=1.1, fdec=0.5, astart=
 
 @torch.no_grad()
 def batched_fire(model, structures: list, fmax: float = 0.05, steps: int = 200, device="cpu") -> dict:
-    """Relax the positions of every structure (ase.Atoms; cells fixed) with FIRE, in float64: at most `steps`
+    """Relax the positions of every structure (ase.Atoms; cells fixed) with FIRE, in the model's precision (the
+    tests run it in float64, where it takes ASE's path to 1e-9; a student trains in float32): at most `steps`
     steps each, a structure stopping once its largest atomic force is below fmax (eV/A). Returns {"positions": [A, 3],
     "batch": [A], "energy_ev": [2, S] before and after, "fmax": [S] largest force after, "converged": [S] bool,
     "steps": [S] steps taken, "seconds"}."""
@@ -133,16 +136,20 @@ def batched_fire(model, structures: list, fmax: float = 0.05, steps: int = 200, 
         if not moving.any():
             break
         if step:  # ASE's first step starts from rest and only accelerates
-            vf, f2, v2 = (per_structure((a * b).sum(1)) for a, b in ((forces, velocities), (forces, forces), (velocities, velocities)))
-            downhill = vf > 0
-            mixed = (1 - mix[batch, None]) * velocities + mix[batch, None] * forces / f2.sqrt()[batch, None] * v2.sqrt()[batch, None]
-            new_velocities = torch.where(downhill[batch, None], mixed, torch.zeros_like(velocities))
+            vf, f2, v2 = (per_structure((a * b).sum(1))
+                          for a, b in ((forces, velocities), (forces, forces), (velocities, velocities)))
+            downhill = vf > 0  # [S]: uphill, a structure stops, its dt is cut and its mixing restarts
+            steer = mix[batch, None] * forces / f2.sqrt()[batch, None] * v2.sqrt()[batch, None]
+            new_velocities = torch.where(downhill[batch, None], (1 - mix[batch, None]) * velocities + steer,
+                                         torch.zeros_like(velocities))
             grow = downhill & (since_uphill > FIRE["n_min"])
-            new_dt = torch.where(grow, torch.clamp(dt * FIRE["finc"], max=FIRE["dtmax"]), torch.where(downhill, dt, dt * FIRE["fdec"]))
+            new_dt = torch.where(grow, torch.clamp(dt * FIRE["finc"], max=FIRE["dtmax"]),
+                                 torch.where(downhill, dt, dt * FIRE["fdec"]))
             new_mix = torch.where(grow, mix * FIRE["fa"], torch.where(downhill, mix, torch.full_like(mix, FIRE["astart"])))
             new_since = torch.where(downhill, since_uphill + 1, torch.zeros_like(since_uphill))
             velocities = torch.where(moving[batch, None], new_velocities, velocities)
-            dt, mix, since_uphill = (torch.where(moving, new, old) for new, old in ((new_dt, dt), (new_mix, mix), (new_since, since_uphill)))
+            dt, mix, since_uphill = (torch.where(moving, new, old)
+                                     for new, old in ((new_dt, dt), (new_mix, mix), (new_since, since_uphill)))
         velocities = torch.where(moving[batch, None], velocities + dt[batch, None] * forces, velocities)
         dr = dt[batch, None] * velocities
         norm = per_structure((dr * dr).sum(1)).sqrt()
