@@ -8,6 +8,7 @@
     python scale.py ablate --variants base= tilt='--time-tilt 1' grid='|--time-power 2'   # one lever at a time
     python scale.py fit out/scale/*/results.json                                     # the laws
     python scale.py curves out/scale/grid-qm9/gnn-*                                  # loss and samples against FLOPs, seconds
+    python scale.py spread out/scale/levers-s*/results.json                          # one sweep run with several seeds
 
 Each point of a sweep is one train.py run in OUT/<run>/ (the same loop, checkpoints and logs as by hand), then
 optionally sample.py and evaluate.py on it (--samples). A finished run is skipped and an interrupted one resumed,
@@ -29,6 +30,10 @@ than --min-steps steps of are left out of that budget.
 `curves` draws finished or running train.py runs (trained with --eval-every) against training FLOPs and seconds:
 each run's validation loss relative to its own last value (the processes' losses have different scales) and its
 periodic sample check, the processes' training efficiency side by side.
+
+`spread` sets the runs of one sweep run with several --seed values (each seed its own --out) side by side: per run,
+each metric's mean and sample standard deviation over the seeds, and each seed's value. The seeds of one run are
+found by its name, so every results.json must come from the same command but for --seed.
 
 `fit` fits L(N) = a N^-alpha + L_inf to the model sweep (N: parameters), L(D) to the data sweep (D: training
 structures), L(C) to the compute sweep (C: training FLOPs), and L(N, D) = E + A N^-alpha + B D^-beta (D:
@@ -160,6 +165,14 @@ curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (
 curves_parser.add_argument("--part", default=None, help="the data set whose records a joint run (train.py --task joint) contributes "
                            "(its log holds qm9/val_loss, perov5/val_loss, ...); its steps are its total steps, both parts'")
 curves_parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first run's parent)")
+
+spread_parser = commands.add_parser("spread", help="one sweep's runs over several seeds: mean, spread and each seed's value",
+                                    description="Print, as markdown, each run of the sweeps' results.json files (one per seed of "
+                                    "the same command) with every metric's mean +- sample standard deviation over the seeds and "
+                                    "the seeds' values.")
+spread_parser.add_argument("results", nargs="+", type=Path, help="results.json files of one sweep command run with other --seed values")
+spread_parser.add_argument("--metrics", nargs="+", default=None, help="metrics to show (default: val_loss and the sample metrics "
+                           "of the data set's table)")
 
 fit_parser = commands.add_parser("fit", help="fit scaling laws to sweep results", description="Fit L(N), L(D), L(C) "
                                  "and L(N, D) with bootstrap intervals; write fit.json, fit.md, fit.png and fit.log.")
@@ -336,7 +349,7 @@ def run_record(run_dir: Path) -> dict:
     steps, batch = config["step"], config["args"]["batch_size"]
     return {"run": run_dir.name, "arch": config["arch"], "gen": config["gen"], "hidden": config["model_config"]["hidden"],
             "n_layers": config["model_config"]["n_layers"], "params": config["n_params"], "train_size": config["n_train"],
-            "steps": steps, "batch_size": batch, "examples_seen": steps * batch,
+            "steps": steps, "batch_size": batch, "examples_seen": steps * batch, "seed": config["args"]["seed"],
             "train_flops": config["train_flops_per_step"] * steps, "val_loss": final[-1]["val_loss"] if final else None,
             "train_per_s": float(np.median(rates)) if rates else None}
 
@@ -651,6 +664,53 @@ def column(runs: list[dict], key: str) -> np.ndarray:
 
 def interval_text(interval) -> str:
     return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+
+
+def run_spread(args) -> None:
+    """The table of `scale.py spread`, on stdout."""
+    sweeps = []
+    for path in args.results:
+        try:
+            sweeps.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            sys.exit(f"scale.py spread: {path}: not a sweep's results.json ({e})")
+    kinds = {(s.get("sweep"), s.get("data"), s.get("csp")) for s in sweeps}
+    if len(kinds) > 1:
+        sys.exit(f"scale.py spread: the files hold different sweeps ({', '.join(map(str, sorted(kinds, key=str)))}): give one "
+                 "sweep command's results over several seeds")
+    by_run: dict[str, list[dict]] = {}
+    for path, sweep in zip(args.results, sweeps):
+        for record in sweep["runs"]:
+            if "seed" not in record:  # a sweep older than the seed in its records: the run's own config has it
+                try:
+                    record["seed"] = json.loads((path.parent / record["run"] / "config.json").read_text())["args"]["seed"]
+                except (OSError, ValueError, KeyError):
+                    sys.exit(f"scale.py spread: {path}: run {record['run']} names no seed, and its config.json is not here")
+            by_run.setdefault(record["run"], []).append(record)
+    sweep = sweeps[0]
+    metrics = args.metrics or ["val_loss", *get_domain(sweep["data"]).quality_keys(sweep.get("csp", False))]
+
+    def value(record, key):
+        return record.get(key, record.get("metrics", {}).get(key))
+
+    lines = ["| run | variant flags | seeds | steps | " + " | ".join(metrics) + " |", "|---" * (4 + len(metrics)) + "|"]
+    for run, records in by_run.items():
+        records = sorted(records, key=lambda r: r.get("seed", 0))
+        cells = []
+        for key in metrics:
+            values = np.array([v for r in records if (v := value(r, key)) is not None], dtype=float)
+            if not len(values):
+                cells.append("")
+                continue
+            each = ", ".join(f"{v:.4g}" for v in values)
+            cells.append(f"{values.mean():.4g} +- {values.std(ddof=1):.2g} ({each})" if len(values) > 1 else f"{values[0]:.4g}")
+        flags = records[0].get("variant") or ""
+        seeds = ", ".join(str(r["seed"]) for r in records)
+        if len(set(seeds.split(", "))) < len(records):
+            sys.exit(f"scale.py spread: run {run} appears twice with one seed ({seeds}): give each seed's results.json once")
+        lines.append(f"| {run} | {('`' + flags + '`') if flags else '(base)'} | {seeds} | {records[0].get('steps', 0):,} | "
+                     + " | ".join(cells) + " |")
+    print("\n".join(lines))
 
 
 def run_fit(args) -> None:
@@ -973,7 +1033,7 @@ if __name__ == "__main__":
     add_markdown_help(parser)
     arguments = parser.parse_args()
     try:
-        {"fit": run_fit, "curves": run_curves}.get(arguments.command, run_sweep)(arguments)
+        {"fit": run_fit, "curves": run_curves, "spread": run_spread}.get(arguments.command, run_sweep)(arguments)
     except DataError as e:  # the data of the runs is missing or unreadable: found before any run starts (grid sizes its cells by it)
         sys.exit(f"scale.py: {e}")
     except KeyboardInterrupt:  # every finished run is in results.json; the same command continues

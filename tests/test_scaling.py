@@ -362,3 +362,32 @@ def test_fit_ends_in_a_fit_or_a_clear_error_on_degenerate_runs(tmp_path, x, loss
                           text=True)
     text = proc.stdout + proc.stderr + ((tmp_path / "fit.log").read_text() if (tmp_path / "fit.log").exists() else "")
     assert proc.returncode == status and "Traceback" not in text and all(w in text for w in words), text[-2000:]
+
+
+def test_spread_sets_one_sweeps_seeds_side_by_side(tmp_path):
+    """Two seeds of one ablation: each run's metrics as mean +- sample sd with the seeds' values; a record without its
+    seed takes it from its run's config.json; a seed given twice, or another sweep, is refused."""
+    def sweep(seed, rates, with_seed=True, data="perov5"):
+        out = tmp_path / f"s{seed}{data}"
+        runs = []
+        for name, rate in zip(("scratch", "qm9"), rates):
+            record = {"run": name, "variant": "" if name == "scratch" else "--init-trunk src.pt", "steps": 3000,
+                      "val_loss": 1.0 + rate, "metrics": {"match_rate@1": rate, "rmse@1": 0.3}}
+            if with_seed:
+                record["seed"] = seed
+            else:
+                (out / name).mkdir(parents=True)
+                (out / name / "config.json").write_text(json.dumps({"args": {"seed": seed}}))
+            runs.append(record)
+        out.mkdir(exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"sweep": "ablate", "data": data, "csp": True, "runs": runs}))
+        return out / "results.json"
+
+    first, second = sweep(0, (0.6, 0.7)), sweep(1, (0.8, 0.75), with_seed=False)
+    table = scale("spread", first, second, "--metrics", "match_rate@1", "val_loss").stdout
+    assert "| scratch | (base) | 0, 1 | 3,000 | 0.7 +- 0.14 (0.6, 0.8) | 1.7 +- 0.14 (1.6, 1.8) |" in table
+    assert "| qm9 | `--init-trunk src.pt` | 0, 1 | 3,000 | 0.725 +- 0.035 (0.7, 0.75) |" in table
+    for files, message in (((first, first), "appears twice with one seed"),
+                           ((first, sweep(2, (0.5, 0.5), data="carbon24")), "hold different sweeps")):
+        proc = subprocess.run([sys.executable, "scale.py", "spread", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
