@@ -164,6 +164,10 @@ curves_parser = commands.add_parser("curves", help="validation loss and sample q
 curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out; scale.py's runs count their FLOPs)")
 curves_parser.add_argument("--part", default=None, help="the data set whose records a joint run (train.py --task joint) contributes "
                            "(its log holds qm9/val_loss, perov5/val_loss, ...); its steps are its total steps, both parts'")
+curves_parser.add_argument("--reference", default=None, metavar="RUN", help="the directory name of one of the runs: every run is "
+                           "measured against this run's last headline sample metric (instead of half the best) and, where the "
+                           "losses share a scale, its last validation loss: how soon a fine-tuned or joint run reaches what "
+                           "training from scratch ends at")
 curves_parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first run's parent)")
 
 spread_parser = commands.add_parser("spread", help="one sweep's runs over several seeds: mean, spread and each seed's value",
@@ -950,9 +954,17 @@ def run_curves(args) -> None:
     same_loss = len({(c["data"], c["gen"], c["csp"]) for c in curves}) == 1
     metrics = [k for k in curves[0]["metrics"] if all(k in c["metrics"] for c in curves)]
     headline = metrics[0] if metrics else None
-    level = 0.5 * max(c["points"][-1][headline] for c in curves) if headline else None
+    reference = None
+    if args.reference:
+        reference = next((c for c in curves if c["run"] == args.reference), None)
+        if reference is None:
+            sys.exit(f"scale.py curves: --reference {args.reference} is none of the runs ({', '.join(c['run'] for c in curves)})")
+        level = reference["points"][-1][headline] if headline else None
+    else:
+        level = 0.5 * max(c["points"][-1][headline] for c in curves) if headline else None
     if not level:  # no run's samples score yet: no level every run can be measured against
         headline = None
+    loss_level = reference["points"][-1]["val_loss"] if reference and same_loss else None
     # The loss: when each run first came within 10 % of its own total drop of its last value. The samples: when each
     # first reached half the best last value of any run, a level every run is measured against.
     md = ["# Training efficiency", "", f"{len(curves)} runs: {', '.join(str(d) for d in args.runs)}. Command: "
@@ -963,8 +975,12 @@ def run_curves(args) -> None:
           "the way from its first to its last evaluation. Seconds are the run's wall clock at an evaluation, the earlier "
           "evaluations' included."
           + ("" if x == "flops" else " Not every run counted its FLOPs (train.py --count-flops), so they are drawn against steps.")
-          + (f" The samples are compared across runs: the level is half the best last {headline} of any run." if headline else ""), ""]
+          + (f" The samples are compared across runs: the level is {'the last ' + headline + ' of ' + reference['run'] if reference else 'half the best last ' + headline + ' of any run'}."
+             if headline else "")
+          + (f" The loss level is {reference['run']}'s last validation loss." if loss_level is not None else ""), ""]
     header = f"| run | process | params | steps | FLOPs | seconds | val loss | 90 % of its drop at {'FLOPs' if x == 'flops' else 'step'} | at seconds |"
+    if loss_level is not None:
+        header += f" val loss <= {loss_level:.4g} at {'FLOPs' if x == 'flops' else 'step'} | at seconds |"
     if headline:
         header += f" {headline} | {headline} >= {level:.3g} at {'FLOPs' if x == 'flops' else 'step'} | at seconds |"
     md += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -972,9 +988,13 @@ def run_curves(args) -> None:
         first, last = c["points"][0], c["points"][-1]
         reached = first_reaching(c["points"], "val_loss", last["val_loss"] + 0.1 * (first["val_loss"] - last["val_loss"]), below=True)
         c["loss_90"] = reached and {x: reached[x], "time": reached.get("time")}
-        at = (lambda p: f"{p['flops']:.3g}") if x == "flops" else (lambda p: f"{p['step']:,}")
+        at = (lambda p: f"{p['flops']:.3g} (step {p['step']:,})") if x == "flops" else (lambda p: f"{p['step']:,}")
         cells = [c["run"], c["gen"], f"{c['params']:,}", f"{last['step']:,}", f"{last['flops']:.3g}" if "flops" in last else "",
                  f"{last.get('time', float('nan')):,.1f}", f"{last['val_loss']:.4f}", at(reached), f"{reached.get('time', float('nan')):,.1f}"]
+        if loss_level is not None:
+            low = first_reaching(c["points"], "val_loss", loss_level, below=True)
+            c["reference_loss_level"] = {"level": loss_level, x: low and low[x], "time": low and low.get("time")}
+            cells += [at(low) if low else "not reached", f"{low.get('time', float('nan')):,.1f}" if low else ""]
         if headline:
             good = first_reaching(c["points"], headline, level, below=False)
             c[f"{headline}_level"] = {"level": level, x: good and good[x], "time": good and good.get("time")}

@@ -98,6 +98,12 @@ def test_a_joint_run_trains_both_domains_resumes_and_exports_each_part(joint_dat
     assert drawn["data"] == "perov5" and [p["step"] for p in drawn["points"]] == [r["step"] for r in evals]
     assert [p["val_loss"] for p in drawn["points"]] == [r["perov5/val_loss"] for r in evals] and "flops" not in drawn["points"][0]
     assert "drawn against steps" in (tmp_path / "curves" / "curves.md").read_text()
+    # two runs of one part share a loss: measured against the reference's last loss (the resumed run is the same run)
+    curves = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight", tmp_path / "resumed", "--part", "qm9",
+                             "--reference", "straight", "--out", tmp_path / "ref"], cwd=ROOT, capture_output=True, text=True)
+    assert curves.returncode == 0, curves.stderr[-3000:]
+    for drawn in json.loads((tmp_path / "ref" / "curves.json").read_text()):
+        assert drawn["reference_loss_level"] == {"level": evals[-1]["qm9/val_loss"], "step": 6, "time": drawn["points"][-1]["time"]}
     unnamed = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight"], cwd=ROOT, capture_output=True, text=True)
     assert unnamed.returncode == 1 and "is a joint run of qm9 and perov5: name the part to draw with --part qm9" in unnamed.stderr
 

@@ -240,6 +240,22 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     assert "| flow | flow |" in (tmp_path / "curves" / "curves.md").read_text()
     refused = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 1 and f"{tmp_path / 'curves'} is not a train.py run directory" in refused.stderr
+    # --reference: the level is that run's last sample metric (set here: tiny runs make no stable molecule), and when
+    # each run first reached it; two processes' losses are not compared with each other
+    for gen, stabilities in (("flow", [0.1, 0.4]), ("diffusion", [0.5, 0.2])):
+        log = tmp_path / gen / "log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        for r in records:
+            if "mol_stability" in r:
+                r["mol_stability"] = stabilities[r["step"] // 2 - 1]
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--reference", "flow", "--out", tmp_path / "ref")
+    flow, diffusion = json.loads((tmp_path / "ref" / "curves.json").read_text())
+    assert flow["mol_stability_level"]["level"] == 0.4 and diffusion["mol_stability_level"]["flops"] == 2 * diffusion["flops_per_step"]
+    assert "reference_loss_level" not in flow and "The loss level" not in (tmp_path / "ref" / "curves.md").read_text()
+    wrong = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "flow"), "--reference", "nope"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert wrong.returncode == 1 and "--reference nope is none of the runs (flow)" in wrong.stderr
 
 
 def scale_module():
