@@ -238,10 +238,7 @@ def export_main(argv) -> dict:
     labels = [(path, read_labels(path)) for path in args.files]  # every input is readable before OUT is written
     frames = [frame for path, lab in labels for frame in label_frames(lab, args.prefix)]
 
-    def write(tmp):
-        import ase.io
-        ase.io.write(tmp, frames, format="extxyz")
-    atomic_write(out, write)
+    write_extxyz(out, frames)
     print(f"wrote {len(frames)} structures of {', '.join(args.files)} to {out}")
     return {"n_structures": len(frames), "out": str(out)}
 
@@ -326,10 +323,7 @@ def relax_main(argv) -> dict:
         n_atom_steps += len(atoms) * int(opt.nsteps)
     seconds = time.time() - t0
 
-    def write(tmp):
-        import ase.io
-        ase.io.write(tmp, frames, format="extxyz")
-    atomic_write(out, write)
+    write_extxyz(out, frames)
     relaxed = [frames[i] for i in todo]
     converged = sum(a.info["relax_converged"] for a in relaxed)
     summary = {"n_structures": len(frames), "n_relaxed": len(relaxed), "n_converged": converged,
@@ -419,10 +413,7 @@ def explore_main(argv) -> dict:
         frame.info["committee_force_deviation"] = float(d)
     picked = [snapshots[i] for i in pick(snapshots, deviation, args.n, args.min_deviation)]
 
-    def write(tmp):
-        import ase.io
-        ase.io.write(tmp, picked, format="extxyz")
-    atomic_write(out, write)
+    write_extxyz(out, picked)
     unphysical = sum("explore_unphysical" in s.info for s in snapshots)
     q = np.quantile(deviation, [0.5, 0.9, 1.0])
     summary = {"n_inputs": len(structures), "n_snapshots": len(snapshots), "n_unphysical_trajectories": unphysical,
@@ -432,6 +423,14 @@ def explore_main(argv) -> dict:
           f"trajectories went unphysical; committee force deviation median {q[0]:.3f}, 90 % {q[1]:.3f}, max {q[2]:.3f} eV/A; "
           f"picked {len(picked)} (unphysical first, then deviation >= {args.min_deviation:g}) into {out} in {summary['seconds']:.1f} s")
     return summary
+
+
+def write_extxyz(path: Path, frames: list) -> None:
+    """ase.Atoms as one extended XYZ file, written atomically (a kill leaves the old file or the new one)."""
+    def write(tmp):
+        import ase.io
+        ase.io.write(tmp, frames, format="extxyz")
+    atomic_write(path, write)
 
 
 def label_frames(lab: dict, prefix: str = "") -> list:
