@@ -708,7 +708,7 @@ def run_spread(args) -> None:
                 continue
             each = ", ".join(f"{v:.4g}" for v in values)
             cells.append(f"{values.mean():.4g} +- {values.std(ddof=1):.2g} ({each})" if len(values) > 1 else f"{values[0]:.4g}")
-        flags = records[0].get("variant") or ""
+        flags = (records[0].get("variant") or "").replace(f"{Path.cwd()}/", "")  # paths as the README's commands give them
         seeds = ", ".join(str(r["seed"]) for r in records)
         if len(set(seeds.split(", "))) < len(records):
             sys.exit(f"scale.py spread: run {run} appears twice with one seed ({seeds}): give each seed's results.json once")
