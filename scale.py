@@ -164,6 +164,8 @@ curves_parser = commands.add_parser("curves", help="validation loss and sample q
 curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out; scale.py's runs count their FLOPs)")
 curves_parser.add_argument("--part", default=None, help="the data set whose records a joint run (train.py --task joint) contributes "
                            "(its log holds qm9/val_loss, perov5/val_loss, ...); its steps are its total steps, both parts'")
+curves_parser.add_argument("--metric", default=None, help="the sample metric the runs are compared by (default: the first "
+                           "of the periodic check's, such as mol_stability; atom_stability where no run makes stable molecules yet)")
 curves_parser.add_argument("--reference", default=None, metavar="RUN", help="the directory name of one of the runs: every run is "
                            "measured against this run's last headline sample metric (instead of half the best) and, where the "
                            "losses share a scale, its last validation loss: how soon a fine-tuned or joint run reaches what "
@@ -953,7 +955,9 @@ def run_curves(args) -> None:
     # one data set and process: the losses share a scale, and are compared as they are
     same_loss = len({(c["data"], c["gen"], c["csp"]) for c in curves}) == 1
     metrics = [k for k in curves[0]["metrics"] if all(k in c["metrics"] for c in curves)]
-    headline = metrics[0] if metrics else None
+    if args.metric and args.metric not in metrics:
+        sys.exit(f"scale.py curves: --metric {args.metric}: not in every run's periodic check ({', '.join(metrics) or 'none'})")
+    headline = args.metric or (metrics[0] if metrics else None)
     reference = None
     if args.reference:
         reference = next((c for c in curves if c["run"] == args.reference), None)

@@ -253,6 +253,8 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     flow, diffusion = json.loads((tmp_path / "ref" / "curves.json").read_text())
     assert flow["mol_stability_level"]["level"] == 0.4 and diffusion["mol_stability_level"]["flops"] == 2 * diffusion["flops_per_step"]
     assert "reference_loss_level" not in flow and "The loss level" not in (tmp_path / "ref" / "curves.md").read_text()
+    scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--metric", "atom_stability", "--out", tmp_path / "atoms")
+    assert "atom_stability_level" in json.loads((tmp_path / "atoms" / "curves.json").read_text())[0]
     wrong = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "flow"), "--reference", "nope"], cwd=ROOT,
                            capture_output=True, text=True)
     assert wrong.returncode == 1 and "--reference nope is none of the runs (flow)" in wrong.stderr
