@@ -32,7 +32,7 @@ PRESETS = {
     # seconds on a CPU: tests and smoke runs
     "tiny": dict(hidden=32, n_layers=2, iters=60, batch_size=16, n_train=256, lr=2e-3, warmup=10,
                  log_every=10, eval_every=0, eval_samples=32, sample_steps=10, val_size=64),
-    # the README's CPU default: about 9 minutes on 2 cores
+    # the README's CPU default: about 7 minutes of training on 2 cores
     "small": dict(hidden=64, n_layers=4, iters=2500, batch_size=64, n_train=None, lr=1e-3, warmup=100,
                   log_every=50, eval_every=500, eval_samples=100, sample_steps=50, val_size=512),
     # a GPU
