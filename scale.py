@@ -1026,7 +1026,9 @@ def plot_curves(curves: list[dict], headline: str | None, path: Path, x_resource
                 points = [p for p in c["points"] if key in p and x in p]
                 scale_by = c["points"][-1]["val_loss"] if key == "val_loss" and relative_loss else 1.0
                 ax.plot([p[x] for p in points], [p[key] / scale_by for p in points], marker="o", ms=3, color=f"C{i}", label=c["run"])
-            ax.set(xscale="log", xlabel=xlabel, ylabel=label, yscale="log" if key == "val_loss" else "linear")
+            # FLOPs and seconds span decades; steps read better evenly spaced, and a loss drawn as it is too
+            ax.set(xscale="linear" if x == "step" else "log", xlabel=xlabel, ylabel=label,
+                   yscale="log" if key == "val_loss" and relative_loss else "linear")
             ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
