@@ -12,9 +12,10 @@ output it is and an end marker, so a table there is that command's output and ca
 
 CI runs the check (tests/test_report.py): a flag added to a script without regenerating its table fails it.
 Commands run from the repository root, without a shell; they must start with `python`, which becomes this
-interpreter. A results table is the --show of the report a sweep or `scale.py curves` wrote under out/, which
-never ships: where that file is absent (a fresh clone), its block is left as it is and said to be unchecked; the
-command printed beside the table reproduces it.
+interpreter. A results table is a command over the reports that sweeps and `scale.py curves` write under out/
+(`scale.py spread` of results.json files, or --show of a results.md or curves.md), which never ships: where such a
+file is absent (a fresh clone), its block is left as it is and said to be unchecked; the commands printed beside the
+table reproduce it.
 """
 from __future__ import annotations
 
