@@ -41,7 +41,7 @@ from models.cli import (add_markdown_help, checked_device, fraction, nonnegative
 from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.label_report import dataset_report, failures_path, format_number, format_report, read_failed, write_failed
 from models.labels import LabelsError, LabelWriter, read_labels
-from models.structures import Failure, InputError, check_structure, iter_records, source_name
+from models.structures import Failure, InputError, check_structure, iter_records, source_name, unknown_elements
 from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher, teacher_name
 
 
@@ -269,6 +269,7 @@ def relax_main(argv) -> dict:
     records = [(key, load()) for key, _, load in iter_records(args.inputs)]
     if not records:
         raise InputError(f"{', '.join(args.inputs)}: no structures")
+    from ase.optimize import FIRE
     from tqdm import tqdm
 
     from models.batched_md import batched_fire
@@ -289,7 +290,7 @@ def relax_main(argv) -> dict:
         atoms = atoms.copy()
         atoms.calc = None
         atoms.info["relax_by"] = by
-        lacking = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if elements is not None and z not in elements})
+        lacking = unknown_elements(atoms, elements) if elements is not None else []
         if lacking or not np.isfinite(atoms.positions).all():
             atoms.info["relax_error"] = f"elements {lacking} unknown to it" if lacking else "non-finite coordinates"
         else:
@@ -307,8 +308,6 @@ def relax_main(argv) -> dict:
                                       relax_energy_end=float(result["energy_ev"][1, j]))
                 n_atom_steps += len(frames[i]) * int(result["steps"][j])
             continue
-        from ase.optimize import FIRE
-
         atoms = frames[chunk[0]]
         seen = teacher.as_seen(atoms)  # a molecule for a periodic-only teacher sits in a vacuum box: shifted back after
         shift = seen.positions[0] - atoms.positions[0]
@@ -390,7 +389,7 @@ def explore_main(argv) -> dict:
         atoms = load()
         if isinstance(atoms, Failure):
             raise InputError(f"{key}: {atoms.reason}")
-        if lacking := sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if z not in known}):
+        if lacking := unknown_elements(atoms, known):
             raise InputError(f"{key}: elements {lacking} unknown to the committee (it knows {sorted(known)})")
         if why := check_structure(atoms, args.min_dist, args.isolated_dist):
             raise InputError(f"{key}: {why}: an exploration starts from a physical structure")

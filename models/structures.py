@@ -307,6 +307,11 @@ def _read_qm9(item: str):
 # Checks (before the teacher is called) and the duplicate fingerprint
 
 
+def unknown_elements(atoms, known) -> list[str]:
+    """The symbols of atoms' elements whose atomic numbers are not in `known` (a teacher's or a student's), sorted."""
+    return sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if z not in known})
+
+
 def check_structure(atoms, min_dist: float = 0.5, isolated_dist: float = 4.0) -> str | None:
     """None if the structure can be labelled, else the reason. Distances include periodic images (minimum
     image and beyond), so a 1-atom unit cell is not 'isolated'."""

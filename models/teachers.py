@@ -50,8 +50,8 @@ class Teacher:
     def label(self, atoms):
         """(energy, forces [n,3], stress [6]) of a copy of atoms; raises on unsupported elements or teacher errors."""
         if self.elements is not None:
-            bad = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers) if z not in self.elements})
-            if bad:
+            from models.structures import unknown_elements
+            if bad := unknown_elements(atoms, self.elements):
                 raise UnsupportedElements(f"teacher {self.name} does not support element(s) {bad}")
         periodic = bool(atoms.pbc.any())
         a = self.as_seen(atoms)
