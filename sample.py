@@ -22,7 +22,7 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.cli import PRECISIONS, add_markdown_help, checked_device, nonnegative_float, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import all_samplers, domain_of
 from models.fileio import DataError, DiskFull, atomic_write
-from models.precision import backbone_precision
+from models.precision import backbone_precision, flush_denormals
 from models.sampling import sample_structures
 
 def property_value(text: str) -> tuple[str, float]:
@@ -185,6 +185,7 @@ def report(out_dir: Path, summary: str, stats: dict) -> None:
 
 
 if __name__ == "__main__":
+    flush_denormals()  # a script's choice, not the library's (models/precision.py says why)
     try:
         main()
     except KeyboardInterrupt:  # samples are written only at the end, atomically: nothing half-written

@@ -285,4 +285,6 @@ def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> 
 
 
 if __name__ == "__main__":
+    from models.precision import flush_denormals
+    flush_denormals()  # as train.py and sample.py run
     main()

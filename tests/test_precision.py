@@ -126,3 +126,24 @@ def test_sampler_under_bf16_autocast_matches_float64(gen, method):
         ref = sample(Float64(model))
     assert out["pos"].dtype == torch.float32
     assert max_error(out["pos"], ref["pos"], out["mask"]) < TOLERANCE
+
+
+def test_flush_denormals_zeroes_denormals_and_nothing_else():
+    """The scripts' startup setting (models.precision.flush_denormals), in a fresh interpreter so this process's
+    numerics stay as they were: denormals read as zero, the smallest normal numbers do not."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json, torch\n"
+            "from models.precision import flush_denormals\n"
+            "x32 = torch.tensor([1e-39, 1.2e-38]); x64 = torch.tensor([1e-310, 2.3e-308], dtype=torch.float64)\n"
+            "before = (x32 * 1).tolist() + (x64 * 1).tolist()\n"
+            "flush_denormals()\n"
+            "print(json.dumps([before, (x32 * 1).tolist() + (x64 * 1).tolist()]))\n")
+    before, after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                              cwd=Path(__file__).resolve().parents[1]).stdout)
+    assert before[0] > 0
+    assert after[0] == 0.0 and after[2] == 0.0
+    assert after[1] == before[1] and after[3] == before[3]
