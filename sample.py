@@ -47,7 +47,7 @@ parser.add_argument("--method", choices=all_samplers(), default=None,
                          "molecules only) or ode")
 parser.add_argument("--time-power", type=positive_float, default=None, help="the sampler's time grid t_i = 1 - (1 - i / steps)^P: "
                     "1 equal steps, > 1 finer steps near the data end (models/time.py). Default 2 for molecules (the recipe "
-                    "ablation's winner), 1 for crystals (on perov-5, P = 2 and 50-200 steps moved validity by under a point: README, Crystals)")
+                    "ablation's winner), 1 for crystals (on perov-5, P = 2 and 50-200 steps moved validity by under a point: models/EXPERIMENTS.md, Crystals)")
 parser.add_argument("--anneal-slope", type=nonnegative_float, default=0.0, help="crystals, flow and interpolant: FlowMM's inference "
                     "anti-annealing, the fractional coordinates' velocity times 1 + SLOPE t (0: off)")
 parser.add_argument("--batch-size", type=positive_int, default=None, help="structures sampled at once (default: 100 on a CPU, where larger batches are slower per structure; 1000 on a GPU)")

@@ -1,6 +1,6 @@
 """evaluate.py on crystals: generated crystals, or the real test set as the reference row, scored with the CDVAE
 protocol (models/crystal_metrics.py) and, when asked, the CHGNet stability proxy (models/crystal_stability.py);
-README.md, "Crystals", "Metrics".
+models/README.md, "Metrics"; the runs in models/EXPERIMENTS.md, "Crystals".
 
 Samples that carry truth_id (sample.py on a structure-prediction model) get match rate and RMSE against their split's
 true crystals. De novo samples get validity, the Wasserstein distances of density and element count and coverage

@@ -6,7 +6,7 @@ every paper since reports on. A file is looked for at DATA_DIR/cdvae/<set>/<spli
 --data-dir, else $MOLGEN_DATA, else ./data) and, when absent, downloaded from the release at a pinned
 commit and checked against that commit's git blob id, so the bytes are exactly the ones the papers used.
 Offline, put the files there yourself; without the train file, `train_split="val"` trains on the
-validation split (README.md, "Crystals").
+validation split (models/EXPERIMENTS.md, "Crystals").
 
 Each crystal is read with pymatgen, Niggli-reduced and rebuilt from its six lattice parameters (CDVAE's
 canonical form: the same cell whatever orientation the CIF had), and parsed once into DATA_DIR/

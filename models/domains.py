@@ -158,8 +158,8 @@ class Molecules(Domain):
              "pairformer": "models.pairformer:Pairformer"}
     PROCESSES = {"flow": "models.molecule_flow:FlowMatching", "diffusion": "models.molecule_diffusion:Diffusion",
                  "interpolant": "models.molecule_interpolant:StochasticInterpolant"}
-    RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (README)
-    TIME_POWER = 2.0  # the recipe ablation found P = 2 better (README)
+    RECIPE = {"time_frequencies": 6, "self_condition": True}  # the recipe ablation's winners (models/EXPERIMENTS.md)
+    TIME_POWER = 2.0  # the recipe ablation found P = 2 better (models/EXPERIMENTS.md)
     FLAGS = ("cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "self_condition", "condition",
              "condition_dropout")
     CONDITIONS = ("alpha", "gap", "homo", "lumo", "mu", "Cv")  # train.py --condition: models/molecules.py's PROPERTIES
@@ -291,7 +291,7 @@ class Crystals(Domain):
     PROCESSES = {"flow": "models.crystal_flow:CrystalFlowMatching", "diffusion": "models.crystal_diffusion:CrystalDiffusion",
                  "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
     RECIPE = {"time_frequencies": 0}  # not ablated for crystals
-    TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (README, Crystals)
+    TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (models/EXPERIMENTS.md, Crystals)
     FLAGS = ("csp", "train_split", "max_atoms", "condition", "condition_dropout")
 
     @property

@@ -25,7 +25,7 @@ def sample_structures(ckpt: dict, n: int, n_steps: int, method: str, batch_size:
     info['truth_id'] (its material_id), info['truth_index'] (its row in the split: truth_rows[i] when the
     compositions are a part of it) and info['sample_index'] (0..n_per_composition-1). Either way the structures come
     in that order. by_size: batches of the jobs in increasing size, each padded only to its largest structure rather
-    than to about the largest of all (1.4 x the molecules/s on QM9 in the README; other noise, the same
+    than to about the largest of all (1.4 x the molecules/s on QM9, models/EXPERIMENTS.md; other noise, the same
     distribution). precision: the backbone's autocast (models/precision.py). condition, guidance: a conditional
     checkpoint's request ({property: value}; None: the protocol's draw) and classifier-free guidance weight
     (models/condition.py), the requested values in info['condition_<property>']. compiled: run the backbone through

@@ -1,5 +1,5 @@
 """The model that ships in models/pretrained/: a fresh clone loads it, samples from it, and gets trained chemistry,
-not noise (the README's "The long run" says how it was trained)."""
+not noise (models/EXPERIMENTS.md, "The long runs", says how it was trained)."""
 import os
 import subprocess
 import sys

@@ -76,7 +76,7 @@ def test_loss_does_not_depend_on_padding(qm9_dir, arch, gen):
 # near t = 1 any error in the molecule is amplified by alpha_t / sigma_t (measured: the loss falls to
 # 0.34 of its start at t = 0.2, to 0.75 at t = 0.8). The interpolant at its default a = 1 keeps
 # sigma_t = sqrt(1 - t), still 0.3 A at t = 0.9, and removing that noise takes longer than 200 steps
-# (trained at t = 0.95 alone, its loss there falls by only 19 %; the full runs in the README learn
+# (trained at t = 0.95 alone, its loss there falls by only 19 %; the full runs in models/EXPERIMENTS.md learn
 # fine), so it is judged at a = 0.1, and at t = 0.8: there the ratio is 0.59 on one thread and 0.63 on two, where at
 # t = 0.9 the two thread counts' float sums sent the same 200 steps to 0.56 and 0.73 (flow 0.51 / 0.55, diffusion
 # 0.33 / 0.33), so a bound of 0.7 at t = 0.9 held on one thread only.

@@ -1,5 +1,6 @@
 """The generated parts of the READMEs (models/report.py) and the flag tables the scripts print (models/cli.py)."""
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,13 +8,49 @@ from pathlib import Path
 import pytest
 
 from models.cli import add_markdown_help, flag_tables
-from models.report import ROOT, ReportError, blocks, main, regenerate
+from models.report import READMES, ROOT, ReportError, blocks, main, regenerate
 
 
 def test_readmes_match_their_commands():
     """Every generated block of the repository's READMEs is its command's output now: a flag added, removed or
     reworded without `python -m models.report` fails here."""
     assert main(["--check"]) == 0
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _outside_code(text: str) -> list[str]:
+    lines, fenced = [], False
+    for line in text.split("\n"):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("doc", READMES)
+def test_links_between_the_documents_resolve(doc):
+    """Every relative link of the READMEs and models/EXPERIMENTS.md names a file that exists and, with #anchor, a
+    heading of that file: the front door's rows link to sections that have moved before."""
+    source = ROOT / doc
+    broken = []
+    for line in _outside_code(source.read_text()):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            file = (source.parent / path).resolve() if path else source
+            if not file.exists():
+                broken.append(f"{target}: no such file")
+            elif anchor and file.suffix == ".md":
+                headings = {_anchor(l.lstrip("#")) for l in _outside_code(file.read_text()) if l.startswith("#")}
+                if anchor not in headings:
+                    broken.append(f"{target}: no such heading")
+    assert not broken, f"{doc}: " + "; ".join(broken)
 
 
 def test_a_stale_block_is_found_and_rewritten(tmp_path, capsys):
