@@ -34,12 +34,12 @@ def _outside_code(text: str) -> list[str]:
 
 @pytest.mark.parametrize("doc", READMES)
 def test_links_between_the_documents_resolve(doc):
-    """Every relative link of the READMEs and models/EXPERIMENTS.md names a file that exists and, with #anchor, a
+    """Every relative link and image of the READMEs and models/EXPERIMENTS.md names a file that exists and, with #anchor, a
     heading of that file: the front door's rows link to sections that have moved before."""
     source = ROOT / doc
     broken = []
     for line in _outside_code(source.read_text()):
-        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line) + re.findall(r'<img src="([^"]+)"', line):
             if re.match(r"[a-z]+:", target):
                 continue  # a web address
             path, _, anchor = target.partition("#")
