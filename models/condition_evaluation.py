@@ -94,13 +94,13 @@ def generator_half_predictions(model, ckpt: dict, oracle_path: Path, generator, 
     return predictions
 
 
-def load_oracle(oracle_path: Path, data: str) -> dict:
-    """The --task oracle checkpoint at oracle_path, which must judge the data set `data`; DataError or CheckpointError
-    naming it otherwise."""
+def load_oracle(oracle_path: Path, data: str | None) -> dict:
+    """The --task oracle checkpoint at oracle_path, which must judge the data set `data` (None: any); DataError or
+    CheckpointError naming it otherwise."""
     from models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(oracle_path, task="oracle")
-    if ckpt["data"] != data:
+    if data is not None and ckpt["data"] != data:
         raise DataError(f"{oracle_path} is an oracle of {ckpt['data']}, and the samples are scored as {data}")
     return ckpt
 
@@ -188,23 +188,96 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     predicted = predict(model, structures, norm, kind, vocabulary)
 
     generator, oracle_half = training_halves(ckpt, data_dir)
-    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
+    bounds = baselines(model, ckpt, oracle_path, properties, data_dir, seed, (generator, oracle_half))
     rng = np.random.default_rng(seed)
     result = {}
     n_all, frames = len(frames), [frames[k] for k in finite]
     for name in properties:
         c = norm.names.index(name)
         asked = np.array([float(atoms.info[f"condition_{name}"]) for _, atoms in frames])
+        result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
+                        "mae": float(np.abs(predicted[:, c] - asked).mean()), **bounds[name]}
+        if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
+            result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
+    return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}
+
+
+def baselines(model, ckpt: dict, oracle_path: Path, properties: list[str], data_dir=None, seed: int = 0,
+              halves=None) -> dict:
+    """EDM's three baselines of each property, with this oracle on the generator's half of the training split:
+    {property: {l_bound, n_atoms, u_bound, n_generator_half}} (the module's docstring defines them). They depend on
+    the oracle and the data, not on any samples. The U-bound's shuffle of each property is seeded by (seed, its index
+    in the oracle's properties), so a property's baselines do not depend on which others are scored beside it.
+    halves: training_halves(ckpt, data_dir), when the caller has them."""
+    from models.condition import Normalisation
+    from models.molecules import ATOMIC_NUMBERS
+
+    kind = ckpt.get("domain", "molecules")
+    norm = Normalisation.from_state(ckpt["condition"])
+    vocabulary = list(ATOMIC_NUMBERS) if kind == "molecules" else list(ckpt["elements"])
+    generator, oracle_half = halves or training_halves(ckpt, data_dir)
+    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
+    result = {}
+    for name in properties:
+        c = norm.names.index(name)
         truth, known = generator.property_values(name), oracle_half.property_values(name)
         by_count = {n: np.median(known[oracle_half.n_atoms == n]) for n in np.unique(oracle_half.n_atoms)}
         fallback = float(np.median(known))
         from_count = np.array([by_count.get(n, fallback) for n in generator.n_atoms])
-        result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
-                        "mae": float(np.abs(predicted[:, c] - asked).mean()),
-                        "l_bound": float(np.abs(on_generator[:, c] - truth).mean()),
+        shuffled = np.random.default_rng([seed, c]).permutation(truth)
+        result[name] = {"l_bound": float(np.abs(on_generator[:, c] - truth).mean()),
                         "n_atoms": float(np.abs(from_count - truth).mean()),
-                        "u_bound": float(np.abs(on_generator[:, c] - rng.permutation(truth)).mean()),
+                        "u_bound": float(np.abs(on_generator[:, c] - shuffled).mean()),
                         "n_generator_half": len(generator)}
-        if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
-            result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
-    return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}
+    return result
+
+
+# EDM's table 3 (Hoogeboom et al. 2022), QM9 in the units of models.molecules.PROPERTIES: its oracle's L-bound,
+# the #Atoms and U-bound baselines, and EDM's conditional generator.
+EDM_QM9 = {"alpha": {"l_bound": 0.10, "n_atoms": 3.86, "u_bound": 9.01, "edm": 2.76},
+           "gap": {"l_bound": 64, "n_atoms": 866, "u_bound": 1470, "edm": 655},
+           "homo": {"l_bound": 39, "n_atoms": 426, "u_bound": 645, "edm": 356},
+           "lumo": {"l_bound": 36, "n_atoms": 813, "u_bound": 1457, "edm": 584},
+           "mu": {"l_bound": 0.043, "n_atoms": 1.053, "u_bound": 1.616, "edm": 1.111},
+           "Cv": {"l_bound": 0.040, "n_atoms": 1.971, "u_bound": 6.857, "edm": 1.101}}
+
+
+def baselines_table(oracle_path: Path, data_dir=None) -> str:
+    """A markdown table of an oracle's baselines for every property it predicts, beside EDM's published ones on
+    QM9: how good a judge the oracle is before it judges anything."""
+    from models.condition import Normalisation
+    from models.oracle import build_oracle
+
+    ckpt = load_oracle(oracle_path, None)
+    norm = Normalisation.from_state(ckpt["condition"])
+    bounds = baselines(build_oracle(ckpt)[0].eval(), ckpt, oracle_path, norm.names, data_dir)
+    qm9 = ckpt["data"] == "qm9"
+    head = "| property | unit | L-bound | #Atoms | U-bound |" + (" EDM's L-bound | L-bound / EDM's |" if qm9 else "")
+    lines = [f"oracle {oracle_path} (step {ckpt['step']}, {ckpt['data']}), on the {bounds[norm.names[0]]['n_generator_half']:,} "
+             "structures of the generator's half", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, unit in zip(norm.names, norm.units):
+        b = bounds[name]
+        row = f"| {name} | {unit} | {b['l_bound']:.4g} | {b['n_atoms']:.4g} | {b['u_bound']:.4g} |"
+        if qm9:
+            edm = EDM_QM9[name]["l_bound"]
+            row += f" {edm:g} | {b['l_bound'] / edm:.1f} x |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m models.condition_evaluation",
+                                     description="An oracle's baselines (EDM's L-bound, #Atoms and U-bound) for every "
+                                     "property it predicts, on the generator's half of its training split, beside EDM's "
+                                     "published ones on QM9.")
+    parser.add_argument("oracle", type=Path, help="a train.py --task oracle checkpoint (ckpt.pt or weights.pt)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default ./data or $MOLGEN_DATA)")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)  # a script's choice (models/precision.py): 3.9 x on a trained oracle
+    from models.checkpoint import CheckpointError
+    try:
+        print(baselines_table(args.oracle, args.data_dir), end="")
+    except (CheckpointError, DataError, OSError) as e:
+        raise SystemExit(f"models.condition_evaluation: {e}")
