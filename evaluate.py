@@ -155,10 +155,11 @@ try:
             write_metrics(out_json, {**json.loads(out_json.read_text()), "condition": conditional})
             log = logging.getLogger("evaluate")
             log.info(f"conditional generation, judged by the oracle {args.oracle} (step {conditional['oracle_step']}):")
-            log.info("| property | unit | samples | MAE | L-bound | #Atoms | U-bound |")
-            log.info("|---|---|---|---|---|---|---|")
+            log.info("| property | unit | samples | MAE | its standard error | L-bound | #Atoms | U-bound |")
+            log.info("|---|---|---|---|---|---|---|---|")
             for name, r in conditional["properties"].items():
-                log.info(f"| {name} | {r['unit']} | {r['n_samples']:,} | {r['mae']:.4g} | {r['l_bound']:.4g} | {r['n_atoms']:.4g} | {r['u_bound']:.4g} |")
+                log.info(f"| {name} | {r['unit']} | {r['n_samples']:,} | {r['mae']:.4g} | {r['mae_se']:.2g} | {r['l_bound']:.4g} | "
+                         f"{r['n_atoms']:.4g} | {r['u_bound']:.4g} |")
             for name, r in conditional["properties"].items():
                 if "chgnet_mae" in r:
                     log.info(f"{name}, judged by CHGNet instead ({r['chgnet']}; its energies shifted by {r['chgnet_offset']:+.4g} "

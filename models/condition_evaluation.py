@@ -137,11 +137,12 @@ def chgnet_check(crystals: list[tuple], asked: np.ndarray, generator, oracle_hal
 
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0) -> dict:
-    """{property: {unit, n_samples, mae, l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's
-    extxyz of a conditional checkpoint: each structure's request in info['condition_<property>']), judged by the
-    --task oracle checkpoint ckpt read from oracle_path (load_oracle). properties: those to score (default: every
-    property the oracle predicts that the samples requested). Raises DataError naming the file and the problem (a
-    structure without its request, an element the oracle does not know, a property the oracle does not predict)."""
+    """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), l_bound, n_atoms, u_bound}} of the
+    structures in samples_path (sample.py's extxyz of a conditional checkpoint: each structure's request in
+    info['condition_<property>']), judged by the --task oracle checkpoint ckpt read from oracle_path (load_oracle).
+    properties: those to score (default: every property the oracle predicts that the samples requested). Raises
+    DataError naming the file and the problem (a structure without its request, an element the oracle does not know, a
+    property the oracle does not predict)."""
     from models.condition import Normalisation
     from models.evaluation import read_frames
     from models.molecules import ATOMIC_NUMBERS
@@ -195,8 +196,11 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     for name in properties:
         c = norm.names.index(name)
         asked = np.array([float(atoms.info[f"condition_{name}"]) for _, atoms in frames])
+        errors = np.abs(predicted[:, c] - asked)
         result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
-                        "mae": float(np.abs(predicted[:, c] - asked).mean()), **bounds[name]}
+                        "mae": float(errors.mean()),
+                        "mae_se": float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else float("nan"),
+                        **bounds[name]}
         if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
             result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
     return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}
