@@ -256,16 +256,14 @@ def baselines_table(oracle_path: Path, data_dir=None) -> str:
     norm = Normalisation.from_state(ckpt["condition"])
     bounds = baselines(build_oracle(ckpt)[0].eval(), ckpt, oracle_path, norm.names, data_dir)
     qm9 = ckpt["data"] == "qm9"
-    head = "| property | unit | L-bound | #Atoms | U-bound |" + (" EDM's L-bound | L-bound / EDM's |" if qm9 else "")
+    theirs = " (EDM's)" if qm9 else ""
+    head = f"| property | unit | L-bound{theirs} | #Atoms{theirs} | U-bound{theirs} |" + (" L-bound / EDM's |" if qm9 else "")
     lines = [f"oracle {oracle_path} (step {ckpt['step']}, {ckpt['data']}), on the {bounds[norm.names[0]]['n_generator_half']:,} "
              "structures of the generator's half", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, unit in zip(norm.names, norm.units):
-        b = bounds[name]
-        row = f"| {name} | {unit} | {b['l_bound']:.4g} | {b['n_atoms']:.4g} | {b['u_bound']:.4g} |"
-        if qm9:
-            edm = EDM_QM9[name]["l_bound"]
-            row += f" {edm:g} | {b['l_bound'] / edm:.1f} x |"
-        lines.append(row)
+        b, edm = bounds[name], EDM_QM9.get(name) if qm9 else None
+        cells = [f"{b[k]:.4g}" + (f" ({edm[k]:g})" if edm else "") for k in ("l_bound", "n_atoms", "u_bound")]
+        lines.append(f"| {name} | {unit} | " + " | ".join(cells) + " |" + (f" {b['l_bound'] / edm['l_bound']:.1f} x |" if edm else ""))
     return "\n".join(lines) + "\n"
 
 

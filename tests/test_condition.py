@@ -258,7 +258,7 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
     # the oracle's baselines alone, from the command line, beside EDM's published ones: the numbers evaluate.py gave
     code, message = run("-m", "models.condition_evaluation", oracle / "ckpt.pt", "--data-dir", qm9_dir)
     assert code == 0, message[-3000:]
-    row = f"| alpha | Bohr^3 | {alpha['l_bound']:.4g} | {alpha['n_atoms']:.4g} | {alpha['u_bound']:.4g} | 0.1 |"
+    row = f"| alpha | Bohr^3 | {alpha['l_bound']:.4g} (0.1) | {alpha['n_atoms']:.4g} (3.86) | {alpha['u_bound']:.4g} (9.01) |"
     assert row in message and f"on the {len(half):,} structures of the generator's half" in message, message[-3000:]
     # a structure with non-finite coordinates is left out of the MAE and counted
     frames = ase.io.read(tmp_path / "s" / "samples.extxyz", ":")
