@@ -794,7 +794,7 @@ def run_fit(args) -> None:
         plot(plots, out / "fit.png")
     atomic_write(out / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     atomic_write(out / "fit.md", lambda tmp: Path(tmp).write_text("\n".join(md)))
-    figures = [out / "fit.png"] * bool(plots) + [out / "isoflop.png"] * ("iso-FLOP" in report["laws"])
+    figures = [out / "fit.png"] * bool(plots) + [out / "isoflop.png"] * ("fit" in report["laws"].get("iso-FLOP", {}))
     log.info(f"wrote {out / 'fit.json'}, {out / 'fit.md'}" + "".join(f", {f}" for f in figures) + f" in {time.time() - t0:.1f} s")
 
 
@@ -805,11 +805,14 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     from models.scaling import bootstrap_iso_flop, held_out_budget
 
     budgets, n, d, loss = (column(runs, key) for key in ("budget", "params", "examples_seen", "loss"))
+    profiles = iso_flop_table(budgets, n, loss)
     try:
         boot = bootstrap_iso_flop(budgets, n, d, loss, args.n_boot, args.seed)
     except ValueError as e:
         log.info(f"iso-FLOP: not fitted: {e}")
-        return []
+        report["laws"]["iso-FLOP"] = {"not_fitted": str(e)}
+        return [f"## Iso-FLOP profiles: {len(runs)} runs at {len(set(budgets))} budgets, not fitted", "", f"Not fitted: {e}.", "",
+                *profiles]
     fit, interval = boot["fit"], boot["interval"]
     for c, why in fit.skipped.items():
         log.info(f"iso-FLOP: {c:.3g} FLOPs left out: {why}")
@@ -833,7 +836,7 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
           f"{interval_text(interval['b'])}.", "",
           "| C (FLOPs) | runs | N* (parameters) | N* 95 % interval | D* (examples) | L* |", "|---|---|---|---|---|---|",
           *[f"| {c:.3g} | {int((budgets == c).sum())} | {p:.3g} | {interval_text(interval[f'n_opt@{c:.3g}'])} | {e:.3g} | {v:.4g} |"
-            for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)], ""]
+            for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)], "", *profiles]
     md += [f"- {c:.3g} FLOPs left out: {why}" for c, why in fit.skipped.items()] + ([""] if fit.skipped else [])
     if held_out:
         predicted, measured, c = held_out["predicted"], held_out["measured"], held_out["flops"]
@@ -865,6 +868,22 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
         md += [line, ""]
     plot_iso_flop(runs, fit, budgets, n, loss, out / "isoflop.png")
     return md
+
+
+def iso_flop_table(budgets, n, loss) -> list[str]:
+    """The runs' losses as a budget x size table (markdown lines), each budget's lowest in bold: the profiles the
+    fit reads, shown whether or not it finds their minima."""
+    sizes = sorted(set(n.tolist()))
+    lines = ["| C (FLOPs) | " + " | ".join(f"N = {p:,.0f}" for p in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for c in sorted(set(budgets.tolist())):
+        at = budgets == c
+        best = loss[at].min()
+        cells = []
+        for p in sizes:
+            hit = loss[at & (n == p)]
+            cells.append("" if not len(hit) else f"**{hit[0]:.4g}**" if hit[0] == best else f"{hit[0]:.4g}")
+        lines.append(f"| {c:.3g} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:

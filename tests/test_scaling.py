@@ -218,6 +218,15 @@ def test_iso_flop_sweep_trains_each_size_for_its_budget_and_fits(qm9_dir, tmp_pa
     assert again.stdout.count("skipped") == 6 and "train.py" not in again.stdout  # probes and runs are kept
     fitted = scale("fit", tmp_path / "iso" / "results.json", "--n-boot", 10)
     assert "iso-FLOP" in fitted.stdout  # a fit, or the reason these noisy tiny runs give none
+    # either way fit.md shows the profiles it read: budgets by sizes, each budget's lowest loss in bold
+    lines = (tmp_path / "iso" / "fit.md").read_text().splitlines()
+    sizes = sorted({r["params"] for r in runs})
+    header = lines.index("| C (FLOPs) | " + " | ".join(f"N = {p:,.0f}" for p in sizes) + " |")
+    for c in (4e8, 1.2e9):
+        at = [r for r in runs if r["budget"] == c]
+        best = min(r["val_loss"] for r in at)
+        row = next(line for line in lines[header:] if line.startswith(f"| {c:.3g} |"))
+        assert f"**{best:.4g}**" in row and all(f"{r['val_loss']:.4g}" in row for r in at)
 
 
 def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
