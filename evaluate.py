@@ -132,7 +132,7 @@ from models.checkpoint import CheckpointError  # noqa: E402
 from models.labels import LabelsError  # noqa: E402
 from models.precision import flush_denormals  # noqa: E402
 
-flush_denormals()  # the oracle and the students run 1.4-2.4 x faster on the CPU
+flush_denormals()  # a trained oracle's and a student's steps: 3.9 x and 1.35 x on this CPU (kernels/README.md)
 
 try:
     if domain is None:
