@@ -136,7 +136,19 @@ def read_source(path: Path, run: str | None = None, step: int | None = None) -> 
             metrics["val_loss"] = found[0]["val_loss"]
         return metrics, found[0].get("samples")
     count = data.get("n_samples", data.get("crystals"))
-    return {k: v for k, v in data.items() if _is_number(v) and not k.endswith("_seconds")}, count
+    return {k: v for k, v in _flat(data).items() if _is_number(v) and not k.endswith("_seconds")}, count
+
+
+def _flat(data: dict, head: str = "") -> dict:
+    """Nested metrics as dotted names: a student's {"accuracy": {"qm9": {"force_mae_mev_per_a": 43.8}}} as
+    accuracy.qm9.force_mae_mev_per_a."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{head}{key}."))
+        else:
+            out[head + key] = value
+    return out
 
 
 def _is_number(value) -> bool:
@@ -144,10 +156,11 @@ def _is_number(value) -> bool:
 
 
 def record(registry: dict, table: str, key: str, sources: list[Path], *, run=None, step=None, prefix: str = "",
-           values: dict | None = None, transcribed: str | None = None, text: dict | None = None,
-           root: Path = ROOT) -> dict:
+           pick: dict | None = None, values: dict | None = None, transcribed: str | None = None,
+           text: dict | None = None, root: Path = ROOT) -> dict:
     """Add or update row `key` of `table`: the metrics of `sources` (seeds: mean and standard error) under `prefix`,
-    or `values` carried over from the write-up at `transcribed`; text fields merged. Returns the row."""
+    only those named in `pick` ({row name: source name}) if given, or `values` carried over from the write-up at
+    `transcribed`; text fields merged. Returns the row."""
     if table not in COLUMNS:
         raise GlanceError(f"unknown table '{table}' (known: {', '.join(COLUMNS)})")
     if bool(sources) == bool(values):
@@ -162,6 +175,11 @@ def record(registry: dict, table: str, key: str, sources: list[Path], *, run=Non
     metrics = {}
     if sources:
         read = [read_source(path, run, step) for path in sources]
+        if pick:
+            for path, (found, _) in zip(sources, read):
+                if missing := [name for name in pick.values() if name not in found]:
+                    raise GlanceError(f"{path}: no metric {', '.join(missing)} (it has {', '.join(sorted(found))})")
+            read = [({name: found[source] for name, source in pick.items()}, count) for found, count in read]
         for name in sorted(set.intersection(*(set(m) for m, _ in read))):
             metrics[prefix + name] = _mean_se([m[name] for m, _ in read])
         counts = {count for _, count in read}
@@ -259,6 +277,9 @@ def main(argv=None) -> int:
         parser.add_argument("--step", type=int, default=None, help="the in-training evaluation of a train.py log.jsonl")
         parser.add_argument("--prefix", default="", help="put the metrics under this prefix (csp: perov5. or carbon24.; "
                             "students: used. or real.), replacing the row's earlier metrics under it")
+        parser.add_argument("--pick", action="append", default=[], metavar="NAME=SOURCE_NAME",
+                            help="record only these metrics, renamed (nested ones dotted: accuracy.qm9.force_mae_mev_per_a; "
+                            "repeatable)")
         parser.add_argument("--value", action="append", default=[], metavar="NAME=NUMBER",
                             help="a metric carried over from a write-up, for a run no longer on disk (repeatable)")
         parser.add_argument("--transcribed", default=None, metavar="WHERE", help="the write-up --value comes from")
@@ -269,7 +290,8 @@ def main(argv=None) -> int:
         try:
             registry = load(args.registry)
             row = record(registry, args.table, args.key, args.sources, run=args.run, step=args.step,
-                         prefix=args.prefix, values=_pairs(args.value, "--value", True), transcribed=args.transcribed,
+                         prefix=args.prefix, pick=_pairs(args.pick, "--pick", False),
+                         values=_pairs(args.value, "--value", True), transcribed=args.transcribed,
                          text=_pairs(args.text, "--text", False))
         except GlanceError as e:
             print(f"models.glance: {e}", file=sys.stderr)

@@ -56,6 +56,20 @@ def test_a_sweep_a_log_and_prefixes_fill_one_row(tmp_path):
         read_source(log, step=200)
 
 
+def test_a_students_nested_metrics_are_picked_and_named(tmp_path):
+    source = tmp_path / "metrics.json"
+    source.write_text(json.dumps({"teacher": "xtb", "accuracy": {"generated": {"force_mae_mev_per_a": 412.3},
+                                                                "qm9": {"force_mae_mev_per_a": 40.2}}}))
+    registry = load(tmp_path / "none.json")
+    record(registry, "students", "mol", [source], prefix="used.",
+           pick={"generated molecules": "accuracy.generated.force_mae_mev_per_a"}, root=tmp_path)
+    record(registry, "students", "mol", [source], prefix="real.", pick={"QM9": "accuracy.qm9.force_mae_mev_per_a"},
+           root=tmp_path)
+    assert "| 412 on generated molecules | 40.2 on QM9 |" in table(registry, "students")
+    with pytest.raises(GlanceError, match=r"metrics.json: no metric accuracy.test.force_mae_mev_per_a \(it has "):
+        record(registry, "students", "mol", [source], pick={"x": "accuracy.test.force_mae_mev_per_a"}, root=tmp_path)
+
+
 def test_a_carried_over_row_is_marked_until_its_run_is_recorded(tmp_path):
     registry = load(tmp_path / "none.json")
     with pytest.raises(GlanceError, match="--transcribed"):
