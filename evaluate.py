@@ -72,6 +72,8 @@ ff.add_argument("--md-steps", type=positive_int, default=2000, help="velocity-Ve
 ff.add_argument("--md-timestep", type=positive_float, default=0.5, help="MD time step (fs)")
 ff.add_argument("--md-temperature", type=positive_float, default=300.0, help="initial Maxwell-Boltzmann temperature of MD (K)")
 ff.add_argument("--no-teacher", action="store_true", help="skip the teacher's speed (no speed-up); accuracy needs only the labels")
+ff.add_argument("--compile", action="store_true", help="run the student through torch.compile (ForceField.compile_inference): "
+                "the same numbers, faster once compiled (kernels/student_bench.py); compiling takes tens of seconds")
 
 
 def fail(message: str):
@@ -98,8 +100,8 @@ if args.task == "ff":
     domain = None
     out_json = output_file(parser, args.json or args.ckpt.parent / "ff_metrics.json", "--json")
 else:
-    if args.ckpt or args.labels or args.teacher:
-        parser.error("--ckpt, --labels and --teacher are options of --task ff")
+    if args.ckpt or args.labels or args.teacher or args.compile:
+        parser.error("--ckpt, --labels, --teacher and --compile are options of --task ff")
     if len(args.inputs) > 1:
         parser.error(f"one SAMPLES file at a time ({len(args.inputs)} given)")
     args.samples = args.inputs[0] if args.inputs else None
@@ -140,7 +142,7 @@ try:
         score_student(args.ckpt, args.inputs, out_json, fig_dir, teacher=args.teacher, time_teacher=not args.no_teacher,
                       device=args.device, speed_structures=args.speed_structures, md_structures=args.md_structures,
                       md_steps=args.md_steps, md_timestep=args.md_timestep, md_temperature=args.md_temperature,
-                      started=started)
+                      compile=args.compile, started=started)
     else:
         if args.oracle:  # an oracle that cannot judge these samples is refused before the scoring's minutes
             from models.condition_evaluation import load_oracle

@@ -65,14 +65,15 @@ def known_elements(held: LabelledStructures, elements: list[int]) -> tuple[Label
 def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: Path, *, teacher: str | None = None,
                   time_teacher: bool = True, device: str = "cpu", speed_structures: int = 24, md_structures: int = 3,
                   md_steps: int = 2000, md_timestep: float = 0.5, md_temperature: float = 300.0,
-                  started: float | None = None) -> dict:
+                  compile: bool = False, started: float | None = None) -> dict:
     """Score the student of the train.py --task ff checkpoint ckpt_path on the held-out structures of the labels
     files; write the metrics to out_json, parity.png and md.png to fig_dir, and return the metrics.
 
     Speed: up to 3 x speed_structures held-out structures of each kind (molecules, crystals), timed against `teacher`
     (default: the one whose labels the student learned; time_teacher False skips it, and a teacher that cannot run
     is a warning). MD: md_structures held-out structures of each kind, md_steps velocity-Verlet steps of md_timestep
-    fs from md_temperature K. device: of the student and of a torch teacher; started: time.time() when the run
+    fs from md_temperature K. device: of the student and of a torch teacher; compile: run the student through
+    ForceField.compile_inference (the same numbers, faster once compiled); started: time.time() when the run
     began, for the total in the last line (default: now). Raises CheckpointError for a checkpoint that is not a
     student, LabelsError for labels that cannot be used (see LabelledStructures.load), of another teacher, with nothing
     held out or only elements the student never saw, OSError when the metrics cannot be written.
@@ -85,6 +86,8 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
     for warning in data.warnings:
         log.warning(warning)
     model = model.to(device).eval()
+    if compile:
+        model.compile_inference()
     files = ", ".join(map(str, labels))
     if (data.teacher, data.teacher_version) != (ckpt["teacher"], ckpt["teacher_version"]):
         raise LabelsError(f"{files} hold labels of {data.teacher} ({data.teacher_version}); the student {ckpt_path} "
@@ -107,7 +110,7 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
     result = {"checkpoint": str(ckpt_path), "step": ckpt["step"], "teacher": data.teacher,
               "teacher_version": data.teacher_version, "labels": [str(p) for p in labels], "held_out": len(held),
               "held_out_by": "assumed: the training side of its split" if assumed else "the keys it trained on",
-              "held_out_unknown_elements": n_held - len(held),
+              "held_out_unknown_elements": n_held - len(held), "compiled": compile,
               "accuracy": forcefield_eval.accuracy(pred, held), "accuracy_seconds": time.time() - t0}
     for group, row in result["accuracy"].items():
         log.info(f"{group:<10} {row['structures']:>7} structures  energy MAE {row.get('energy_mae_mev_per_atom', float('nan')):8.2f} "

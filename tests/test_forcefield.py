@@ -271,3 +271,21 @@ def test_exploration_stops_a_trajectory_where_it_goes_unphysical_and_picks_the_s
     chosen = pick(hot, deviation, n=3, min_deviation=0.5)
     assert chosen[0] == marked and len(chosen) == 3 and deviation[chosen[1]] >= deviation[chosen[2]]
     assert pick(hot, deviation, n=100, min_deviation=10.0) == [i for i in range(len(hot)) if "explore_unphysical" in hot[i].info]
+
+
+def test_compiled_inference_is_the_eager_model(structures):
+    """compile_inference changes how the layers run, not what they compute: energies, forces and stresses of
+    molecules and crystals, one at a time and batched (other atom and edge counts than the first call's), and an
+    isolated atom (no edges: the eager layers) match the eager model's in float64. Training's path (create_graph)
+    stays eager. (A compiled PaiNN student runs in tests/test_student_bench.py.)"""
+    eager = model()
+    compiled = model().compile_inference()
+    lonely = structures[0].copy()
+    lonely.positions[0] += 50.0  # one atom far beyond the cutoff of every other
+    for group in ([structures[0]], structures, [lonely]):
+        batch = flat_batch(group)
+        for got, want in zip(compiled(*batch, stress=True), eager(*batch, stress=True)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    batch = flat_batch(structures)
+    _, forces, _ = compiled(*batch, create_graph=True)
+    assert forces.requires_grad  # the forces of a loss are still differentiable

@@ -1,0 +1,33 @@
+"""kernels/student_bench.py end to end: a small PaiNN student of EMT labels, eager and compiled, beside its teacher;
+the table has a row per size group with every column filled. Its times mean nothing here."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, env=ENV):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_student_bench_times_eager_compiled_and_teacher(qm9_dir, tmp_path):
+    run("label.py", "qm9:valid", "--limit", 12, "--teacher", "emt", "--out", tmp_path / "labels.h5",
+        env={**ENV, "MOLGEN_DATA": str(qm9_dir)})
+    run("train.py", "--task", "ff", "--data", tmp_path / "labels.h5", "--preset", "tiny", "--student", "painn",
+        "--iters", 4, "--out", tmp_path / "ff")
+    out = run("kernels/student_bench.py", tmp_path / "ff/weights.pt", tmp_path / "labels.h5", "--structures", 2,
+              "--repeats", 1)
+    assert "painn student of emt" in out
+    rows = [line for line in out.splitlines() if line.startswith("| molecules")]
+    assert len(rows) == 3, out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 7 and float(cells[1].replace(",", "")) > 0
+        for cell in cells[2:6]:
+            assert " / " in cell and "(x" in cell
+        assert cells[6].startswith("x") and " / x" in cells[6]
