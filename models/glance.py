@@ -180,7 +180,8 @@ def record(registry: dict, table: str, key: str, sources: list[Path], *, run=Non
                 if missing := [name for name in pick.values() if name not in found]:
                     raise GlanceError(f"{path}: no metric {', '.join(missing)} (it has {', '.join(sorted(found))})")
             read = [({name: found[source] for name, source in pick.items()}, count) for found, count in read]
-        for name in sorted(set.intersection(*(set(m) for m, _ in read))):
+        shared = set.intersection(*(set(m) for m, _ in read))
+        for name in list(pick) if pick else sorted(shared):  # picked ones in the order given
             metrics[prefix + name] = _mean_se([m[name] for m, _ in read])
         counts = {count for _, count in read}
         if len(counts) == 1 and None not in counts and not prefix and "samples" not in (text or {}):
@@ -189,7 +190,8 @@ def record(registry: dict, table: str, key: str, sources: list[Path], *, run=Non
         for path in sources:
             path = Path(path).resolve()
             where.append(str(path.relative_to(root)) if path.is_relative_to(root) else str(path))
-        row["sources"][prefix] = where + ([f"--run {run}"] if run else []) + ([f"--step {step}"] if step is not None else [])
+        row["sources"][prefix] = {"files": where, **({"run": run} if run else {}),
+                                  **({"step": step} if step is not None else {}), **({"pick": pick} if pick else {})}
         row.get("transcribed", {}).pop(prefix, None)
     else:
         metrics = {prefix + name: {"mean": value, "se": None, "n": 1} for name, value in values.items()}

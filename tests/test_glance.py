@@ -24,7 +24,7 @@ def test_seeds_are_averaged_with_their_standard_error(tmp_path):
     assert stab["n"] == 3 and stab["mean"] == pytest.approx(0.23)
     assert stab["se"] == pytest.approx(math.sqrt(((0.03 ** 2) + (0.03 ** 2)) / 2 / 3))
     assert "eval_seconds" not in row["metrics"] and "fcd" not in row["metrics"]  # timings and nulls are not results
-    assert row["samples"] == "1,000" and row["sources"][""] == ["s0.json", "s1.json", "s2.json"]
+    assert row["samples"] == "1,000" and row["sources"][""] == {"files": ["s0.json", "s1.json", "s2.json"]}
     line = table(registry, "qm9").splitlines()[2]
     assert line.startswith("| my model | 1,000 |") and "| 23.0 ± 1.7 |" in line and "‡" not in line
     assert "EDM (published)" in table(registry, "qm9")
@@ -102,13 +102,12 @@ def test_recorded_rows_match_their_runs_where_the_runs_are_here():
     checked = 0
     for name, rows in load(REGISTRY).items():
         for row in rows:
-            for prefix, where in row["sources"].items():
-                files = [ROOT / w for w in where if not w.startswith("--")]
+            for prefix, source in row["sources"].items():
+                files = [ROOT / f for f in source["files"]]
                 if not all(f.exists() for f in files):
                     continue
-                flags = dict(w.split(" ", 1) for w in where if w.startswith("--"))
-                again = record(load(ROOT / "absent.json"), name, row["key"], files, run=flags.get("--run"),
-                               step=int(flags["--step"]) if "--step" in flags else None, prefix=prefix)
+                again = record(load(ROOT / "absent.json"), name, row["key"], files, run=source.get("run"),
+                               step=source.get("step"), pick=source.get("pick"), prefix=prefix)
                 for metric, value in again["metrics"].items():
                     assert row["metrics"][metric]["mean"] == pytest.approx(value["mean"]), (name, row["key"], metric)
                 checked += 1
