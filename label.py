@@ -261,9 +261,13 @@ def relax_main(argv) -> dict:
                    "is below this (eV/A)")
     p.add_argument("--steps", type=positive_int, default=200, help="FIRE steps at most per structure")
     p.add_argument("--batch-size", type=positive_int, default=256, help="student: structures relaxed together")
+    p.add_argument("--compile", action="store_true", help="student: run it through torch.compile (the same relaxation, "
+                   "faster once compiled: kernels/README.md; compiling takes tens of seconds)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     add_markdown_help(p)
     args = p.parse_args(argv)
+    if args.compile and not args.teacher.startswith("student:"):
+        p.error("--compile compiles a student (--teacher student:PATH)")
     out = output_file(p, args.out, "--out")
     device = str(checked_device(p, args.device))
     records = [(key, load()) for key, _, load in iter_records(args.inputs)]
@@ -278,6 +282,8 @@ def relax_main(argv) -> dict:
     student = args.teacher.startswith("student:")
     if student:
         model, meta = load_student(args.teacher[len("student:"):], device)  # in its own precision, as label.py runs it
+        if args.compile:
+            model.compile_inference()
         elements, by = set(model.config.elements), f"{args.teacher} (step {meta['step']})"
     else:
         teacher = get_teacher(args.teacher, device)
