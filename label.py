@@ -318,9 +318,14 @@ def relax_main(argv) -> dict:
         seen = teacher.as_seen(atoms)  # a molecule for a periodic-only teacher sits in a vacuum box: shifted back after
         shift = seen.positions[0] - atoms.positions[0]
         seen.calc = teacher.calc
-        start = float(seen.get_potential_energy())
-        opt = FIRE(seen, logfile=None)
-        converged = opt.run(fmax=args.fmax, steps=args.steps)
+        try:
+            start = float(seen.get_potential_energy())
+            opt = FIRE(seen, logfile=None)
+            converged = opt.run(fmax=args.fmax, steps=args.steps)
+        except Exception as e:  # a teacher's own failure (xtb's SCF, say) ends this structure's relaxation, not the run
+            atoms.info["relax_error"] = f"{teacher.name} failed: {type(e).__name__}: {e}"[:300]
+            todo.remove(chunk[0])
+            continue
         atoms.positions = seen.positions - shift
         atoms.info.update(relax_converged=bool(converged), relax_steps=int(opt.nsteps),
                           relax_fmax=float(np.linalg.norm(seen.get_forces(), axis=1).max()), relax_energy_start=start,
@@ -337,7 +342,7 @@ def relax_main(argv) -> dict:
     print(f"relaxed {len(relaxed)} of {len(frames)} structures with {by}: {converged} below {args.fmax:g} eV/A within "
           f"{args.steps} steps (median {summary['median_steps']:.0f} steps), {seconds:.1f} s "
           f"({summary['atom_steps_per_s']:,.0f} atom-steps/s); wrote {out}"
-          + (f"; {len(frames) - len(relaxed)} not relaxable, written as they came (relax_error)" if len(relaxed) < len(frames) else ""))
+          + (f"; {len(frames) - len(relaxed)} not relaxable or failed, written as they came (relax_error)" if len(relaxed) < len(frames) else ""))
     return summary
 
 

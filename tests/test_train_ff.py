@@ -1,6 +1,7 @@
 """The distillation loop end to end on real teacher labels: ASE's EMT labels rattled QM9 fixture molecules and
 strained copper crystals into a labels file; train.py --task ff trains a tiny student on it (exact resume, DDP),
 evaluate.py --task ff scores it, and label.py runs it as a teacher. Bad labels files give clear errors."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -206,6 +207,23 @@ def test_label_py_relax_with_the_student_batched_and_with_a_teacher(student, tmp
     unreadable.write_text("2\n\nH 0 0 0\n")
     proc = run("label.py", "relax", unreadable, "--teacher", "emt", "--out", tmp_path / "x.extxyz", check=False)
     assert proc.returncode == 1 and "every input structure must be readable" in proc.stderr and not (tmp_path / "x.extxyz").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tblite") is None, reason="tblite (xtb) not installed")
+def test_label_py_relax_records_a_teachers_failure_and_goes_on(tmp_path):
+    """A generated molecule on which GFN2-xTB's SCF does not converge (tests/data/xtb_scf_fails.extxyz) is written as
+    it came, with the teacher's error, and the next structure is relaxed: one failure does not end the run."""
+    import ase.io
+
+    bad = ase.io.read(ROOT / "tests/data/xtb_scf_fails.extxyz")
+    ase.io.write(tmp_path / "in.extxyz", [bad, read_qm9pack_csv([QM9_FIXTURE]).to_atoms(3)], format="extxyz")
+    proc = run("label.py", "relax", tmp_path / "in.extxyz", "--teacher", "xtb", "--out", tmp_path / "out.extxyz",
+               "--steps", 3)
+    assert "relaxed 1 of 2 structures" in proc.stdout and "1 not relaxable or failed" in proc.stdout, proc.stdout
+    out = ase.io.read(tmp_path / "out.extxyz", ":")
+    assert out[0].info["relax_error"].startswith("xtb failed: CalculationFailed")
+    np.testing.assert_allclose(out[0].positions, bad.positions, atol=1e-6)
+    assert "relax_error" not in out[1].info and out[1].info["relax_steps"] > 0
 
 
 def test_label_py_explore_picks_snapshots_a_committee_disputes(student, labels, tmp_path):
