@@ -22,6 +22,14 @@ from models.molecules import read_qm9pack_csv, save_cache  # noqa: E402
 QM9_FIXTURE = ROOT / "tests" / "data" / "qm9_sample.csv"
 
 
+def run_script(*args, env=None) -> str:
+    """stdout of `python ARGS...` run from the repository root on one thread; a failure shows its output."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="session")
 def qm9_dir(tmp_path_factory) -> Path:
     """A data dir whose qm9.npz holds the fixture molecules; pass it as --data-dir / data_dir."""

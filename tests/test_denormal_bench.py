@@ -1,18 +1,6 @@
 """kernels/denormal_bench.py end to end on the QM9 fixture: a generator's, an oracle's and a student's step are timed
 with denormals kept and flushed, and the table names each. Its times mean nothing here."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run(*args, env=ENV):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+from conftest import run_script as run
 
 
 def test_denormal_bench_times_each_kind_of_checkpoint(qm9_dir, tmp_path):
@@ -20,7 +8,7 @@ def test_denormal_bench_times_each_kind_of_checkpoint(qm9_dir, tmp_path):
     run("train.py", "--task", "oracle", "--condition", "alpha", "mu", "--preset", "tiny", "--iters", 4, "--data-dir", qm9_dir,
         "--out", tmp_path / "oracle")
     run("label.py", "qm9:valid", "--limit", 12, "--teacher", "emt", "--out", tmp_path / "labels.h5",
-        env={**ENV, "MOLGEN_DATA": str(qm9_dir)})
+        env={"MOLGEN_DATA": str(qm9_dir)})
     run("train.py", "--task", "ff", "--data", tmp_path / "labels.h5", "--preset", "tiny", "--iters", 4, "--out", tmp_path / "ff")
     out = run("kernels/denormal_bench.py", tmp_path / "gen/ckpt.pt", tmp_path / "oracle/weights.pt", tmp_path / "ff/weights.pt",
               "--batch", 8, "--repeats", 1, "--data-dir", qm9_dir)

@@ -1,23 +1,11 @@
 """kernels/student_bench.py end to end: a small PaiNN student of EMT labels, eager and compiled, beside its teacher;
 the table has a row per size group with every column filled. Its times mean nothing here."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run(*args, env=ENV):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+from conftest import run_script as run
 
 
 def test_student_bench_times_eager_compiled_and_teacher(qm9_dir, tmp_path):
     run("label.py", "qm9:valid", "--limit", 12, "--teacher", "emt", "--out", tmp_path / "labels.h5",
-        env={**ENV, "MOLGEN_DATA": str(qm9_dir)})
+        env={"MOLGEN_DATA": str(qm9_dir)})
     run("train.py", "--task", "ff", "--data", tmp_path / "labels.h5", "--preset", "tiny", "--student", "painn",
         "--iters", 4, "--out", tmp_path / "ff")
     out = run("kernels/student_bench.py", tmp_path / "ff/weights.pt", tmp_path / "labels.h5", "--structures", 2,
