@@ -118,13 +118,15 @@ def read_source(path: Path, run: str | None = None, step: int | None = None) -> 
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise GlanceError(f"{path}, line {number}: not JSON") from None
-            if record.get("step") == step and "val_loss" in record:
+            if isinstance(record, dict) and record.get("step") == step and "val_loss" in record:
                 return {k: v for k, v in record.items() if _is_number(v) and k not in ("step", "time")}, None
         raise GlanceError(f"{path}: no evaluation at step {step}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise GlanceError(f"{path}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise GlanceError(f"{path}: a JSON {type(data).__name__}, not the object of metrics evaluate.py or scale.py write")
     if "runs" in data:
         if run is None:
             raise GlanceError(f"{path}: a sweep's results need --run (one of {', '.join(r['run'] for r in data['runs'])})")

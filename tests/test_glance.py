@@ -91,6 +91,9 @@ def test_the_command_line_records_atomically_and_names_bad_input(tmp_path, capsy
     (tmp_path / "bad.json").write_text("{")
     assert main(["record", "qm9", "mine", str(tmp_path / "bad.json"), "--registry", str(registry)]) == 2
     assert "bad.json: not JSON" in capsys.readouterr().err and registry.read_text() == before
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert main(["record", "qm9", "mine", str(tmp_path / "list.json"), "--registry", str(registry)]) == 2
+    assert "list.json: a JSON list, not the object of metrics" in capsys.readouterr().err
     assert main(["record", "qm9", "x", "--value", "mol_stability=high", "--transcribed", "w", "--registry",
                  str(registry)]) == 2
     assert "'high' is not a number" in capsys.readouterr().err
