@@ -35,25 +35,25 @@ class GlanceError(ValueError):
     """A source that cannot be read or lacks what was asked: the message names the file and the problem."""
 
 
-# The published rows, as their papers print them (percentages; RMSE in the CDVAE normalised units). Each table's
-# columns are (header, what fills it): a text field of the row, or a metric of it.
+# The published rows, as their papers print them (percentages; RMSE in the CDVAE normalised units), each cell under
+# its column's header.
 PUBLISHED = {
     "qm9": [
-        {"label": "EDM (published)", "samples": "10,000", "sampler": "1,000 steps", "atom stab.": "98.7",
-         "mol. stab.": "82.0", "valid": "91.9", "V x U": "90.7", "trained_on": "GPU, about 3,000 epochs"},
-        {"label": "GeoLDM (published)", "samples": "10,000", "sampler": "1,000 steps", "atom stab.": "98.9",
-         "mol. stab.": "89.4", "valid": "93.8", "V x U": "92.7", "trained_on": "GPU"},
-        {"label": "GeoBFN (published)", "samples": "10,000", "sampler": "50 / 100 / 1,000 steps",
-         "mol. stab.": "85.1 / 87.2 / 90.9", "trained_on": "GPU"},
-        {"label": "MolFLAE (published)", "sampler": "50 steps", "mol. stab.": "90.4", "trained_on": "GPU"},
+        {"model": "EDM (published)", "samples": "10,000", "sampler (NFE)": "1,000 steps", "atom stab.": "98.7",
+         "mol. stab.": "82.0", "valid": "91.9", "V x U": "90.7", "trained on": "GPU, about 3,000 epochs"},
+        {"model": "GeoLDM (published)", "samples": "10,000", "sampler (NFE)": "1,000 steps", "atom stab.": "98.9",
+         "mol. stab.": "89.4", "valid": "93.8", "V x U": "92.7", "trained on": "GPU"},
+        {"model": "GeoBFN (published)", "samples": "10,000", "sampler (NFE)": "50 / 100 / 1,000 steps",
+         "mol. stab.": "85.1 / 87.2 / 90.9", "trained on": "GPU"},
+        {"model": "MolFLAE (published)", "sampler (NFE)": "50 steps", "mol. stab.": "90.4", "trained on": "GPU"},
     ],
     "csp": [
-        {"label": "CDVAE (published)", "perov-5": "45.31 / 0.1138", "carbon-24": "17.09 / 0.2969",
-         "trained_on": "train split, GPU"},
-        {"label": "DiffCSP (published)", "perov-5": "52.02 / 0.0760", "carbon-24": "17.54 / 0.2759",
-         "trained_on": "train split, GPU"},
-        {"label": "FlowMM (published)", "perov-5": "53.15 / 0.0992", "carbon-24": "23.47 / 0.4122",
-         "trained_on": "train split, GPU"},
+        {"model": "CDVAE (published)", "perov-5 match / RMSE": "45.31 / 0.1138",
+         "carbon-24 match / RMSE": "17.09 / 0.2969", "trained on": "train split, GPU"},
+        {"model": "DiffCSP (published)", "perov-5 match / RMSE": "52.02 / 0.0760",
+         "carbon-24 match / RMSE": "17.54 / 0.2759", "trained on": "train split, GPU"},
+        {"model": "FlowMM (published)", "perov-5 match / RMSE": "53.15 / 0.0992",
+         "carbon-24 match / RMSE": "23.47 / 0.4122", "trained on": "train split, GPU"},
     ],
     "students": [],
 }
@@ -67,6 +67,7 @@ def _number(name, digits):
     return ("number", name, digits)
 
 
+# Each table's columns: (header, what fills a recorded row's cell: a text field of the row, or a metric of it).
 COLUMNS = {
     "qm9": [("model", "label"), ("samples", "samples"), ("sampler (NFE)", "sampler"),
             ("atom stab.", _percent("atom_stability")), ("mol. stab.", _percent("mol_stability")),
@@ -78,9 +79,6 @@ COLUMNS = {
     "students": [("student", "label"), ("force MAE where it is used, meV/Å", ("listing", "used.")),
                  ("on real structures, meV/Å", ("listing", "real.")), ("speed against its teacher", "speed")],
 }
-# A published row's cell is looked up by the column's header's first words (before " (" or " match").
-_SHORT = {"model": "label", "samples": "samples", "sampler (NFE)": "sampler", "trained on": "trained_on",
-          "perov-5 match / RMSE": "perov-5", "carbon-24 match / RMSE": "carbon-24"}
 
 
 def load(path: Path = REGISTRY) -> dict:
@@ -246,7 +244,7 @@ def table(registry: dict, name: str) -> str:
             marked = True
         lines.append("| " + " | ".join(cells) + " |")
     for row in PUBLISHED[name]:
-        lines.append("| " + " | ".join(row.get(_SHORT.get(header, header), "") for header, _ in columns) + " |")
+        lines.append("| " + " | ".join(row.get(header, "") for header, _ in columns) + " |")
     if marked:
         lines += ["", f"{TRANSCRIBED} carried over from its write-up: the run behind it is no longer on disk "
                       "(`models/glance.json` says where)."]
