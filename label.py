@@ -266,7 +266,8 @@ def relax_main(argv) -> dict:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     add_markdown_help(p)
     args = p.parse_args(argv)
-    if args.compile and not args.teacher.startswith("student:"):
+    student = args.teacher.startswith("student:")
+    if args.compile and not student:
         p.error("--compile compiles a student (--teacher student:PATH)")
     out = output_file(p, args.out, "--out")
     device = str(checked_device(p, args.device))
@@ -279,7 +280,6 @@ def relax_main(argv) -> dict:
     from models.batched_md import batched_fire
     from models.checkpoint import load_student
 
-    student = args.teacher.startswith("student:")
     if student:
         model, meta = load_student(args.teacher[len("student:"):], device)  # in its own precision, as label.py runs it
         if args.compile:
