@@ -14,7 +14,7 @@ Each point of a sweep is one train.py run in OUT/<run>/ (the same loop, checkpoi
 optionally sample.py and evaluate.py on it (--samples). A finished run is skipped and an interrupted one resumed,
 so a sweep killed at any point continues where it stopped when the same command is run again. OUT/results.json
 (rewritten after every run) holds one record per run: parameters, training structures, examples seen, training
-FLOPs (counted by train.py), the final validation loss, training and sampling throughput and the sample metrics;
+FLOPs (counted by train.py), the final validation loss and the lowest along the way, training and sampling throughput and the sample metrics;
 OUT/results.md is the table, OUT/scale.log the log, and the grid adds OUT/grid.png.
 
 `ablate` runs named variants of one recipe side by side, each NAME=TRAIN_FLAGS[|SAMPLE_FLAGS]: train.py flags
@@ -120,7 +120,9 @@ model_parser = commands.add_parser("model", parents=[runs_flags, one_cell], help
 model_parser.add_argument("--widths", nargs="+", type=positive_int, required=True, help="hidden widths (--hidden)")
 model_parser.add_argument("--depths", nargs="+", type=positive_int, default=None, help="depths (--n-layers; default: --n-layers)")
 data_parser = commands.add_parser("data", parents=[runs_flags, one_cell], help="L(D): a sweep over training-set size",
-                                  description="Runs over --sizes (train.py --n-train) at fixed model and steps.")
+                                  description="Runs over --sizes (train.py --n-train) at fixed model and steps. A small set "
+                                  "is overfitted long before the last step, so evaluate the validation loss along the way "
+                                  "(--train-args='--eval-every 500 --eval-samples 0') and fit --loss-key best_val_loss.")
 data_parser.add_argument("--sizes", nargs="+", type=positive_int, required=True, help="training structures (the first N of the split)")
 data_parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of every run")
 compute_parser = commands.add_parser("compute", parents=[runs_flags, one_cell], help="L(C): a sweep over training steps",
@@ -186,7 +188,9 @@ fit_parser.add_argument("results", nargs="+", type=Path, help="results JSON file
 fit_parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first RESULTS file's directory)")
 fit_parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples per law")
 fit_parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-fit_parser.add_argument("--loss-key", default="val_loss", help="the record key of the loss to fit")
+fit_parser.add_argument("--loss-key", default="val_loss", help="the record key of the loss to fit: val_loss (the run's last) or "
+                        "best_val_loss (its lowest over the --eval-every evaluations: early stopping, for a data sweep whose small "
+                        "sets are overfitted by the end)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,13 +354,16 @@ def run_record(run_dir: Path) -> dict:
     """What fit and the tables need, from the run's config.json and log.jsonl."""
     config = json.loads((run_dir / "config.json").read_text())
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    final = [r for r in records if "val_loss" in r and r["step"] == config["step"]]
+    evaluated = [r for r in records if "val_loss" in r]
+    final = [r for r in evaluated if r["step"] == config["step"]]
+    best = min(evaluated, key=lambda r: r["val_loss"], default=None)  # early stopping: what a run on little data is worth
     rates = [v for r in records for k, v in r.items() if k.endswith("_per_s")]
     steps, batch = config["step"], config["args"]["batch_size"]
     return {"run": run_dir.name, "arch": config["arch"], "gen": config["gen"], "hidden": config["model_config"]["hidden"],
             "n_layers": config["model_config"]["n_layers"], "params": config["n_params"], "train_size": config["n_train"],
             "steps": steps, "batch_size": batch, "examples_seen": steps * batch, "seed": config["args"]["seed"],
             "train_flops": config["train_flops_per_step"] * steps, "val_loss": final[-1]["val_loss"] if final else None,
+            "best_val_loss": best["val_loss"] if best else None, "best_val_step": best["step"] if best else None,
             "train_per_s": float(np.median(rates)) if rates else None}
 
 

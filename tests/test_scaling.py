@@ -185,6 +185,27 @@ def test_three_point_compute_sweep_runs_skips_when_done_and_fits(qm9_dir, tmp_pa
     assert "L(C)" in json.loads((tmp_path / "sweep" / "fit.json").read_text())["laws"]
 
 
+def test_data_sweep_trains_each_subset_keeps_its_best_loss_and_fits(qm9_dir, tmp_path):
+    """L(D): one model on the first 16, 32, 64 and 128 fixture molecules, the validation loss evaluated every 3 of 9
+    steps; each record keeps the lowest of those losses beside the last, and fit reads either."""
+    sweep = ["data", "--sizes", 64, 16, 128, 32, "--iters", 9, "--batch-size", 8, "--n-layers", 2, "--hidden", 16,
+             "--data-dir", qm9_dir, "--train-args", "--preset tiny --val-size 16 --eval-every 3 --eval-samples 0",
+             "--out", tmp_path / "data"]
+    scale(*sweep)
+    runs = json.loads((tmp_path / "data" / "results.json").read_text())["runs"]
+    assert [r["train_size"] for r in runs] == [16, 32, 64, 128] and len({r["params"] for r in runs}) == 1
+    for r in runs:
+        losses = {e["step"]: e["val_loss"] for e in map(json.loads, (tmp_path / "data" / r["run"] / "log.jsonl").read_text().splitlines())
+                  if "val_loss" in e}
+        assert sorted(losses) == [3, 6, 9] and r["steps"] == 9 and r["val_loss"] == losses[9]
+        assert r["best_val_loss"] == min(losses.values()) and losses[r["best_val_step"]] == r["best_val_loss"]
+    assert scale(*sweep).stdout.count("skipped") == 4
+    for key in ("val_loss", "best_val_loss"):
+        scale("fit", tmp_path / "data" / "results.json", "--n-boot", 20, "--loss-key", key)
+        fitted = json.loads((tmp_path / "data" / "fit.json").read_text())
+        assert fitted["loss_key"] == key and "L(D)" in fitted["laws"]
+
+
 def test_runs_on_two_ranks_are_the_runs_on_one(qm9_dir, tmp_path):
     """--ranks 2 trains each run under torchrun, two processes splitting the global batch: the same run up to float
     rounding (the batches and noise are drawn for the global batch)."""
