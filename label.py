@@ -42,7 +42,7 @@ from models.fileio import Busy, DiskFull, ExclusiveLock, atomic_write
 from models.label_report import dataset_report, failures_path, format_number, format_report, read_failed, write_failed
 from models.labels import LabelsError, LabelWriter, read_labels
 from models.structures import Failure, InputError, check_structure, iter_records, source_name, unknown_elements
-from models.teachers import TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher, teacher_name
+from models.teachers import STUDENT_PREFIX, TEACHERS, Teacher, TeacherError, UnsupportedElements, get_teacher, teacher_name
 
 
 MIN_DIST, ISOLATED_DIST = 0.5, 4.0  # A: default structure checks (models.structures.check_structure)
@@ -266,7 +266,7 @@ def relax_main(argv) -> dict:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     add_markdown_help(p)
     args = p.parse_args(argv)
-    student = args.teacher.startswith("student:")
+    student = args.teacher.startswith(STUDENT_PREFIX)
     if args.compile and not student:
         p.error("--compile compiles a student (--teacher student:PATH)")
     out = output_file(p, args.out, "--out")
@@ -281,7 +281,7 @@ def relax_main(argv) -> dict:
     from models.checkpoint import load_student
 
     if student:
-        model, meta = load_student(args.teacher[len("student:"):], device)  # in its own precision, as label.py runs it
+        model, meta = load_student(args.teacher[len(STUDENT_PREFIX):], device)  # in its own precision, as label.py runs it
         if args.compile:
             model.compile_inference()
         elements, by = set(model.config.elements), f"{args.teacher} (step {meta['step']})"
