@@ -3,6 +3,7 @@
     python kernels/step_bench.py                                   # every backbone at 6 x 128, fp32 and bf16, 1 and 2 threads
     python kernels/step_bench.py --archs gnn --sizes 6x128 9x256 --compile --profile
     python kernels/step_bench.py --data perov5 --compile                  # crystals (de novo): the same, per crystal
+    python kernels/step_bench.py --ckpt models/pretrained/qm9_gnn_flow.pt   # a trained model's own weights
 
 For each backbone x size x thread count x precision (x eager / torch.compile): the flow-matching training
 step as train.py takes it (size-grouped batches of --batch molecules, or crystals with --data, from the training split, the recipe's
@@ -19,7 +20,10 @@ variant runs the same batches and the same noise. Reported:
     products, elementwise work, reductions and indexing, and the rest, and the ten most expensive operators.
 
 Each (backbone, size) starts from a one-step train.py run (its recipe, its checkpoint), so what is timed is the
-model train.py builds. Writes OUT/step_bench.md and OUT/step_bench.json. Times are this machine's: the table
+model train.py builds. Young weights time differently from trained ones (a trained network's small activations
+and gradients reach float32's denormal range, which this machine's CPU handles slowly unless flushed, as the scripts
+do): --ckpt times checkpoints instead, each with its own backbone, size, process, data and weights (the EMA weights
+for the training step too where the file holds only those, as an exported weights.pt does). Writes OUT/step_bench.md and OUT/step_bench.json. Times are this machine's: the table
 names its CPU and torch version. Run it on idle cores.
 """
 from __future__ import annotations
@@ -93,6 +97,16 @@ def seed_run(arch: str, hidden: int, n_layers: int, data: str, train_split: str,
     return load_checkpoint(out / "ckpt.pt")
 
 
+def trained(path: Path) -> dict:
+    """A train.py checkpoint (ckpt.pt or an exported weights.pt) of a generative model, to time with its weights."""
+    from models.checkpoint import CheckpointError, load_checkpoint
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        sys.exit(f"step_bench: --ckpt {e}")
+    return {**ckpt, "path": path}
+
+
 class Workload:
     """The batches and noise every variant of one (backbone, size) runs: train.py's size-grouped batches of the
     training split, and the noise of its (seed, step) generators."""
@@ -105,7 +119,7 @@ class Workload:
         self.ckpt, self.batch = ckpt, batch
         args = argparse.Namespace(**{**ckpt["args"], "n_train": None})
         self.data = domain_of(ckpt).load_training(args, ckpt, progress=False)
-        _, self.process = build_model(ckpt, weights="model")
+        _, self.process = build_model(ckpt)  # the process needs no weights; every checkpoint holds the EMA ones
         schedule = BatchSchedule(len(self.data.train), batch, 0, self.data.train.mask.sum(1))
         self.steps = []
         for step in range(n_steps):
@@ -117,8 +131,10 @@ class Workload:
         self.sample_sizes = sizes[16 * batch - batch // 2: 16 * batch + batch - batch // 2]  # a typical size-sorted batch
 
     def model(self, weights: str):
+        """The backbone with the checkpoint's 'model' or 'ema' weights; an export holds only the EMA ones, which then
+        stand in for the training weights (the same network, trained)."""
         from models.checkpoint import build_model
-        return build_model(self.ckpt, weights=weights)[0]
+        return build_model(self.ckpt, weights=weights if weights in self.ckpt else "ema")[0]
 
 
 def autocast(precision: str):
@@ -220,6 +236,8 @@ def main() -> None:
     parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to draw "
                         "batches from (val where the train file is not at hand)")
     parser.add_argument("--data-dir", default=None, help="data directory (default ./data or $MOLGEN_DATA)")
+    parser.add_argument("--ckpt", nargs="+", type=Path, default=None, help="train.py checkpoints to time instead of one-step "
+                        "runs of --archs x --sizes: each its own backbone, size, process and data, with its trained weights")
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="where step_bench.md and step_bench.json go")
     args = parser.parse_args()
     if any(t < 1 for t in args.threads) or min(args.batch, args.steps, args.sample_steps) < 1 or args.warmup < 0:
@@ -235,25 +253,28 @@ def main() -> None:
     peaks = {(t, p): matmul_peak(t, PRECISIONS[p] or torch.float32) for t in args.threads for p in args.precisions}
     rows, profiles = [], {}
     with tempfile.TemporaryDirectory() as workdir:
-        for arch in args.archs:
-            for n_layers, hidden in sizes:
-                work = Workload(seed_run(arch, hidden, n_layers, args.data, args.train_split, args.batch, args.data_dir, Path(workdir)), args.batch,
-                                args.warmup + args.steps)
-                n_params = work.ckpt["n_params"]
-                if args.profile:
-                    torch.set_num_threads(max(args.threads))
-                    profiles[f"{arch} {n_layers}x{hidden}"] = profile_steps(work)
-                for threads in args.threads:
-                    torch.set_num_threads(threads)
-                    for precision in args.precisions:
-                        for compiled in (False, True) if args.compile else (False,):
-                            row = {"arch": arch, "size": f"{n_layers}x{hidden}", "params": n_params, "threads": threads,
-                                   "precision": precision, "compiled": compiled}
-                            row.update(time_training(work, precision, compiled, args.warmup))
-                            row.update(time_sampling(work, precision, compiled, args.sample_steps))
-                            row["of_peak"] = row["train_gflops"] / peaks[threads, precision]
-                            rows.append(row)
-                            print(format_row(row), flush=True)
+        checkpoints = (map(trained, args.ckpt) if args.ckpt else
+                       (seed_run(arch, hidden, n_layers, args.data, args.train_split, args.batch, args.data_dir, Path(workdir))
+                        for arch in args.archs for n_layers, hidden in sizes))
+        for ckpt in checkpoints:
+            ckpt["args"]["data_dir"] = args.data_dir  # this machine's data, not the directory the checkpoint was trained from
+            work = Workload(ckpt, args.batch, args.warmup + args.steps)
+            arch, size = ckpt["arch"], f"{ckpt['model_config']['n_layers']}x{ckpt['model_config']['hidden']}"
+            if args.profile:
+                torch.set_num_threads(max(args.threads))
+                profiles[f"{arch} {size}"] = profile_steps(work)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for precision in args.precisions:
+                    for compiled in (False, True) if args.compile else (False,):
+                        row = {"arch": arch, "size": size, "params": ckpt["n_params"], "threads": threads, "precision": precision,
+                               "compiled": compiled, "gen": ckpt["gen"], "data": ckpt["data"],
+                               "ckpt": str(ckpt["path"]) if "path" in ckpt else None}
+                        row.update(time_training(work, precision, compiled, args.warmup))
+                        row.update(time_sampling(work, precision, compiled, args.sample_steps))
+                        row["of_peak"] = row["train_gflops"] / peaks[threads, precision]
+                        rows.append(row)
+                        print(format_row(row), flush=True)
     write(args, machine, peaks, rows, profiles)
 
 
@@ -266,8 +287,10 @@ def format_row(r: dict) -> str:
 def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python kernels/step_bench.py " + " ".join(sys.argv[1:])
-    lines = [f"# Training and sampling steps on {machine}", "", f"`{command}`: {args.data}, flow matching, batches of {args.batch} "
-             f"molecules; training timed over {args.steps} steps after {args.warmup}; sampling at {SAMPLE_STEPS_REPORTED} "
+    lines = [f"# Training and sampling steps on {machine}", "", f"`{command}`: "
+             + (", ".join(f"{r['ckpt']} ({r['arch']} x {r['gen']}, {r['data']})" for r in {r["ckpt"]: r for r in rows}.values())
+                + ", their trained weights" if args.ckpt else f"{args.data}, flow matching")
+             + f", batches of {args.batch} structures; training timed over {args.steps} steps after {args.warmup}; sampling at {SAMPLE_STEPS_REPORTED} "
              f"steps from {args.sample_steps} timed steps.", "",
              "Matrix-product peak (2048 x 2048 torch.mm): " + ", ".join(f"{t} thread(s) {p} {g:.0f} GFLOP/s" for (t, p), g in peaks.items()),
              "", "| backbone | size | params | threads | precision | mode | train ms/step | train mol/s | GFLOP/s | of peak | "

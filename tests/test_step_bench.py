@@ -1,10 +1,13 @@
 """kernels/step_bench.py end to end on the QM9 fixture: every variant runs, counts the same FLOPs for the same batches
 whatever its precision, and the profile's split covers the step's time. Its times mean nothing here."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +42,35 @@ def test_step_bench_times_crystal_batches(tmp_path):
     (row,) = report["rows"]
     assert row["flops_per_step"] > 0 and row["train_mol_s"] > 0 and row["sample_mol_s"] > 0
     assert "perov5, flow matching" in (tmp_path / "out" / "step_bench.md").read_text()
+
+
+def test_step_bench_times_trained_checkpoints_with_their_own_weights(qm9_dir, tmp_path):
+    """--ckpt: a run's ckpt.pt and its exported weights.pt are timed as their own backbone, size and process; an
+    export's EMA weights stand in for the training weights it does not hold; a file that is no checkpoint is refused."""
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--arch", "transformer", "--gen", "diffusion", "--hidden", "16",
+                            "--n-layers", "2", "--iters", "2", "--data-dir", str(qm9_dir), "--out", str(run)],
+                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    bench = [sys.executable, "kernels/step_bench.py", "--threads", "1", "--precisions", "fp32", "--steps", "1", "--warmup", "0",
+             "--sample-steps", "1", "--batch", "8", "--data-dir", str(qm9_dir), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(bench + ["--ckpt", str(run / "ckpt.pt"), str(run / "weights.pt")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "step_bench.json").read_text())["rows"]
+    n_params = json.loads((run / "config.json").read_text())["n_params"]
+    assert [r["ckpt"] for r in rows] == [str(run / "ckpt.pt"), str(run / "weights.pt")]
+    assert all((r["arch"], r["gen"], r["size"], r["params"]) == ("transformer", "diffusion", "2x16", n_params) for r in rows)
+    assert f"{run / 'weights.pt'} (transformer x diffusion, qm9)" in (tmp_path / "out" / "step_bench.md").read_text()
+
+    spec = importlib.util.spec_from_file_location("step_bench", ROOT / "kernels" / "step_bench.py")
+    step_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_bench)  # defines its functions; runs nothing
+    export = step_bench.trained(run / "weights.pt")
+    export["args"]["data_dir"] = str(qm9_dir)
+    weights = step_bench.Workload(export, 8, 1).model("model").state_dict()
+    assert "model" not in export and all(torch.equal(weights[k], v) for k, v in export["ema"].items())
+
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    refused = subprocess.run(bench + ["--ckpt", str(tmp_path / "junk.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and f"--ckpt {tmp_path / 'junk.pt'}" in refused.stderr
