@@ -167,6 +167,14 @@ try:
                     log.info(f"{name}, judged by CHGNet instead ({r['chgnet']}; its energies shifted by {r['chgnet_offset']:+.4g} "
                              f"{r['unit']} to the data's zero on the oracle's half): MAE {r['chgnet_mae']:.4g}, CHGNet's own L-bound "
                              f"{r['chgnet_l_bound']:.4g}" + (f"; CHGNet failed on {r['chgnet_failed']} samples" if r["chgnet_failed"] else ""))
+                if "xtb_mae" in r:
+                    log.info(f"{name}, judged by xtb instead ({r['xtb']}, each sample relaxed with it, its values mapped to the "
+                             f"data's by a line fitted on the oracle's half): MAE {r['xtb_mae']:.4g} {r['unit']} on all samples, {r['xtb_mae_stable']:.4g} on the "
+                             f"{r['xtb_n_stable']:,} stable ones, mean signed error {r['xtb_bias']:+.4g} (the oracle's "
+                             f"{r['oracle_bias']:+.4g}; xtb's on the samples as generated {r['xtb_bias_as_generated']:+.4g}); xtb's own L-bound "
+                             f"{r['xtb_l_bound']:.4g}. The two judges lie {r['judges_apart_real']:.4g} apart on real molecules of "
+                             f"the generator's half and {r['judges_apart_samples']:.4g} apart on the samples"
+                             + (f"; xtb failed on {r['xtb_failed']} samples" if r["xtb_failed"] else ""))
 except (CheckpointError, LabelsError, DataError, OSError) as e:
     fail(str(e))
 except KeyboardInterrupt:  # metrics are written only at the end; the crystal caches keep what finished

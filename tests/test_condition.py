@@ -467,3 +467,51 @@ def test_chgnet_judges_carbon24_energies_beside_the_oracle(tmp_path):
     assert energy["chgnet_failed"] == 0 and -150 < energy["chgnet_offset"] < -140
     assert energy["chgnet_mae"] == pytest.approx(energy["chgnet_l_bound"], rel=1e-9)
     assert 0 < energy["chgnet_mae"] < 1.0 and np.isfinite(energy["mae"])
+
+
+def test_xtb_judges_qm9_electronic_properties_beside_the_oracle(tmp_path):
+    """gap and mu get a second judge: GFN2-xTB, mapped to QM9's values by a line fitted on the oracle's half. Scored on
+    the generator half's own molecules, each requesting its own values, xtb's MAE is its L-bound and the judges lie as
+    far apart on the samples as on real molecules. xtb's gap (read from its orbital occupations) and dipole follow
+    the data's closely on real molecules; a judge that read the wrong orbitals would not. The fixture's first 120
+    molecules (46 in each half), since xtb relaxes every molecule it judges."""
+    from ase import Atoms
+
+    from conftest import QM9_FIXTURE
+    from models.molecules import read_qm9pack_csv, save_cache
+
+    from models.condition import Normalisation
+    from models.condition_evaluation import predict, score_condition, training_halves, xtb_properties
+    from models.molecules import ATOMIC_NUMBERS
+    from models.oracle import build_oracle
+
+    qm9_dir = tmp_path / "qm9"
+    qm9_dir.mkdir()
+    (qm9_dir / "first.csv").write_text("".join(QM9_FIXTURE.read_text().splitlines(keepends=True)[:121]))
+    save_cache(read_qm9pack_csv([qm9_dir / "first.csv"]), qm9_dir / "qm9.npz")
+    code, message = run("train.py", "--task", "oracle", "--condition", "gap", "mu", "--preset", "tiny", "--iters", 4,
+                        "--data-dir", qm9_dir, "--out", tmp_path / "oracle")
+    assert code == 0, message[-3000:]
+    oracle = load_checkpoint(tmp_path / "oracle" / "ckpt.pt", task="oracle")
+    generator, _ = training_halves(oracle, qm9_dir)
+    frames = []
+    for i in range(len(generator)):
+        numbers, positions = generator[i]
+        atoms = Atoms(numbers=numbers, positions=positions)
+        atoms.info.update(condition_gap=float(generator.property_values("gap")[i]), condition_mu=float(generator.property_values("mu")[i]))
+        frames.append(atoms)
+    ase.io.write(tmp_path / "samples.extxyz", frames)
+    molecules = [(a.numbers, a.positions) for a in ase.io.read(tmp_path / "samples.extxyz", ":")]
+    result = score_condition(tmp_path / "samples.extxyz", tmp_path / "oracle" / "ckpt.pt", oracle, None, qm9_dir)["properties"]
+    for name, least_corr in (("gap", 0.8), ("mu", 0.95)):
+        judged = result[name]
+        assert judged["xtb_failed"] == 0 and judged["xtb_corr_reference"] > least_corr
+        assert judged["xtb_mae"] == pytest.approx(judged["xtb_l_bound"], rel=1e-6)  # extxyz rounds the positions
+        assert judged["judges_apart_samples"] == pytest.approx(judged["judges_apart_real"], rel=1e-4)
+        assert judged["xtb_n_stable"] > 0.9 * len(frames) and abs(judged["xtb_bias"]) < judged["xtb_mae"]
+        said = predict(build_oracle(oracle)[0].eval(), molecules, Normalisation.from_state(oracle["condition"]), "molecules",
+                       list(ATOMIC_NUMBERS))[:, ["gap", "mu"].index(name)]
+        assert judged["oracle_bias"] == pytest.approx(np.mean(said - generator.property_values(name)), rel=1e-4, abs=1e-6)
+    assert result["gap"]["xtb_mae"] < 0.7 * np.abs(generator.property_values("gap") - np.median(generator.property_values("gap"))).mean()
+    # two atoms on top of each other: xtb fails on that molecule alone, which is counted
+    assert np.isnan(xtb_properties([(np.array([6, 6]), np.zeros((2, 3))), generator[0]])).tolist()[0] == [True] * 4
