@@ -163,6 +163,9 @@ try:
                 log.info(f"| {name} | {r['unit']} | {r['n_samples']:,} | {r['mae']:.4g} | {r['mae_se']:.2g} | {r['l_bound']:.4g} | "
                          f"{r['n_atoms']:.4g} | {r['u_bound']:.4g} |")
             for name, r in conditional["properties"].items():
+                log.info(f"{name}: among samples of one size, the oracle's value follows the requested one with slope "
+                         f"{r['within_size_slope']:.3g} (correlation {r['within_size_corr']:.3g}; 1 follows it exactly, the #Atoms "
+                         "baseline 0)")
                 if "chgnet_mae" in r:
                     log.info(f"{name}, judged by CHGNet instead ({r['chgnet']}; its energies shifted by {r['chgnet_offset']:+.4g} "
                              f"{r['unit']} to the data's zero on the oracle's half): MAE {r['chgnet_mae']:.4g}, CHGNet's own L-bound "

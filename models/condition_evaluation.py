@@ -238,9 +238,30 @@ def _tblite_version() -> str:
         return "unknown"
 
 
+def within_size_response(asked: np.ndarray, judged: np.ndarray, n_atoms: np.ndarray) -> dict:
+    """How the judged property follows the requested one among samples of one size: the slope and correlation of
+    judged on asked after each atom count's mean is taken from both. An MAE mixes how far a generator follows its
+    condition with how widely its structures scatter around it; the #Atoms baseline, by construction, follows
+    nothing beyond size (slope 0), so a slope above 0 is conditioning on more than size even where the MAE is not
+    below that baseline's. NaN where no size has two samples with different requests (and the correlation where
+    the judged values vary with size alone)."""
+    a, j = asked.astype(float).copy(), judged.astype(float).copy()
+    for n in np.unique(n_atoms):
+        same = n_atoms == n
+        a[same] -= a[same].mean()
+        j[same] -= j[same].mean()
+    spread = (a * a).sum()
+    if spread == 0:
+        return {"within_size_slope": float("nan"), "within_size_corr": float("nan")}
+    if (j * j).sum() <= 1e-24 * (judged.astype(float) ** 2).sum():  # judged varies with size alone, up to rounding
+        return {"within_size_slope": 0.0, "within_size_corr": float("nan")}
+    return {"within_size_slope": float((a * j).sum() / spread), "within_size_corr": float((a * j).sum() / np.sqrt(spread * (j * j).sum()))}
+
+
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0) -> dict:
-    """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), l_bound, n_atoms, u_bound}} of the
+    """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), within_size_slope and _corr
+    (within_size_response), l_bound, n_atoms, u_bound}} of the
     structures in samples_path (sample.py's extxyz of a conditional checkpoint: each structure's request in
     info['condition_<property>']), judged by the --task oracle checkpoint ckpt read from oracle_path (load_oracle).
     properties: those to score (default: every property the oracle predicts that the samples requested). Raises
@@ -313,7 +334,7 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
         result[name] = {"unit": norm.units[c], "n_samples": len(frames), "n_non_finite": n_all - len(frames),
                         "mae": float(errors.mean()),
                         "mae_se": float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else float("nan"),
-                        **bounds[name]}
+                        **within_size_response(asked, predicted[:, c], np.array([len(s[0]) for s in structures])), **bounds[name]}
         if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
             result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
         if name in xtb_checked:

@@ -515,3 +515,20 @@ def test_xtb_judges_qm9_electronic_properties_beside_the_oracle(tmp_path):
     assert result["gap"]["xtb_mae"] < 0.7 * np.abs(generator.property_values("gap") - np.median(generator.property_values("gap"))).mean()
     # two atoms on top of each other: xtb fails on that molecule alone, which is counted
     assert np.isnan(xtb_properties([(np.array([6, 6]), np.zeros((2, 3))), generator[0]])).tolist()[0] == [True] * 4
+
+
+def test_within_size_response_reads_conditioning_beyond_size():
+    """A judged property that follows half of each request beyond its size's mean has slope 0.5 and correlation 1;
+    one that is a function of size alone (the #Atoms baseline's) has slope 0, whatever the size effect."""
+    from models.condition_evaluation import within_size_response
+
+    rng = np.random.default_rng(0)
+    n_atoms = rng.integers(9, 20, 400)
+    asked = 3.0 * n_atoms + rng.normal(0, 2, 400)
+    follows = within_size_response(asked, 0.5 * asked + 10.0 * n_atoms, n_atoms)
+    assert follows["within_size_slope"] == pytest.approx(0.5) and follows["within_size_corr"] == pytest.approx(1.0)
+    by_size = within_size_response(asked, 3.0 * n_atoms + np.sin(n_atoms), n_atoms)
+    assert by_size["within_size_slope"] == pytest.approx(0.0, abs=1e-12) and np.isnan(by_size["within_size_corr"])
+    noisy = within_size_response(asked, 0.5 * asked + rng.normal(0, 4, 400), n_atoms)
+    assert 0.3 < noisy["within_size_slope"] < 0.7 and 0 < noisy["within_size_corr"] < 0.5
+    assert np.isnan(within_size_response(np.ones(3), np.arange(3.0), np.array([9, 10, 11]))["within_size_slope"])
