@@ -201,12 +201,13 @@ def xtb_reference(generator, oracle_half, rng) -> dict:
 def xtb_check(name: str, asked: np.ndarray, oracle_said: np.ndarray, stable: np.ndarray, on_samples: np.ndarray,
               as_generated: np.ndarray, reference: dict, generator, oracle_half, on_generator: np.ndarray) -> dict:
     """xtb's judgement of `name` for samples that requested `asked` (the oracle said `oracle_said`; `stable`: the
-    evaluator's molecule stability of each; on_samples: their xtb_properties relaxed, as_generated: unrelaxed): its MAE after the straight line to the
-    data's values (fitted on the oracle half's reference molecules), on all samples and on the stable ones, its mean
-    signed error (beside the oracle's, and its own on the samples unrelaxed), and its own L-bound (the same MAE on the generator half's reference molecules). Beside them, how far
-    the two judges lie apart, on those real molecules (on_generator: the oracle's predictions on the generator's half)
-    and on the samples: where they part far more on samples than on real molecules, at least one of them misreads
-    generated molecules."""
+    evaluator's molecule stability of each; on_samples and as_generated: their xtb_properties relaxed and unrelaxed):
+    its MAE after the straight line to the data's values (fitted on the oracle half's reference molecules), on all
+    samples and on the stable ones; its mean signed error, beside the oracle's and its own on the unrelaxed samples;
+    and its own L-bound (the same MAE on the generator half's reference molecules). Beside them, how far the two
+    judges lie apart on those real molecules (on_generator: the oracle's predictions on the generator's half) and on
+    the samples: where they part far more on samples than on real molecules, at least one of them misreads generated
+    molecules."""
     column = XTB_CHECKED.index(name)
     rows, on_reference = reference["oracle"]
     fits = np.isfinite(on_reference[:, column])
@@ -255,16 +256,17 @@ def within_size_response(asked: np.ndarray, judged: np.ndarray, n_atoms: np.ndar
         return {"within_size_slope": float("nan"), "within_size_corr": float("nan")}
     if (j * j).sum() <= 1e-24 * (judged.astype(float) ** 2).sum():  # judged varies with size alone, up to rounding
         return {"within_size_slope": 0.0, "within_size_corr": float("nan")}
-    return {"within_size_slope": float((a * j).sum() / spread), "within_size_corr": float((a * j).sum() / np.sqrt(spread * (j * j).sum()))}
+    return {"within_size_slope": float((a * j).sum() / spread),
+            "within_size_corr": float((a * j).sum() / np.sqrt(spread * (j * j).sum()))}
 
 
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0) -> dict:
     """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), within_size_slope and _corr
-    (within_size_response), l_bound, n_atoms, u_bound}} of the
-    structures in samples_path (sample.py's extxyz of a conditional checkpoint: each structure's request in
-    info['condition_<property>']), judged by the --task oracle checkpoint ckpt read from oracle_path (load_oracle).
-    properties: those to score (default: every property the oracle predicts that the samples requested). Raises
+    (within_size_response), l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's extxyz of a
+    conditional checkpoint: each structure's request in info['condition_<property>']), judged by the --task oracle
+    checkpoint ckpt read from oracle_path (load_oracle). properties: those to score (default: every property the
+    oracle predicts that the samples requested). Raises
     DataError naming the file and the problem (a structure without its request, an element the oracle does not know, a
     property the oracle does not predict). A second judge adds its keys where it applies: CHGNet's (chgnet_*) for
     carbon-24's energy, xtb's (xtb_*, judges_apart_*) for QM9's homo, lumo, gap and mu."""
