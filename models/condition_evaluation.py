@@ -138,8 +138,8 @@ def chgnet_check(crystals: list[tuple], asked: np.ndarray, generator, oracle_hal
 # QM9's electronic properties that GFN2-xTB computes as well: a second judge of these, independent of the oracle (xtb
 # never saw QM9). Its orbital energies and dipoles are not B3LYP's, so each is mapped to the data's by a straight line
 # fitted on molecules of the oracle's half (the generator never trains on them); its error on molecules of the
-# generator's half is its L-bound. On 300 molecules of each half (2026-12-06): correlation 0.89 for the gap, 0.91 homo,
-# 0.92 lumo, 0.98 mu. QM9's molecules are DFT minima, a sample is not quite a minimum, and orbital energies are
+# generator's half is its L-bound. On 300 molecules of each half as QM9 has them (2026-12-06): correlation 0.89 for the
+# gap, 0.91 homo, 0.92 lumo, 0.98 mu. QM9's molecules are DFT minima, a sample is not quite a minimum, and orbital energies are
 # sensitive to bond lengths: unrelaxed, 150 stable generated molecules read 800 meV too small a gap to xtb and 90 meV
 # to the oracle; relaxed with xtb, 5 and 97. So xtb judges every molecule, sample or reference, at its nearest xtb
 # minimum (BFGS), and reports the samples as generated beside it.
