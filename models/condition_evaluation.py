@@ -208,6 +208,8 @@ def xtb_check(name: str, asked: np.ndarray, oracle_said: np.ndarray, stable: np.
     judges lie apart on those real molecules (on_generator: the oracle's predictions on the generator's half) and on
     the samples: where they part far more on samples than on real molecules, at least one of them misreads generated
     molecules."""
+    from models.teachers import package_version
+
     column = XTB_CHECKED.index(name)
     rows, on_reference = reference["oracle"]
     fits = np.isfinite(on_reference[:, column])
@@ -228,15 +230,7 @@ def xtb_check(name: str, asked: np.ndarray, oracle_said: np.ndarray, stable: np.
             "xtb_corr_reference": float(np.corrcoef(on_reference[fits, column], truth)[0, 1]),
             "judges_apart_real": float(np.nanmean(np.abs(on_generator[rows] - real))),
             "judges_apart_samples": float(np.abs(oracle_said[ok] - said[ok]).mean()) if ok.any() else float("nan"),
-            "xtb_failed": int((~ok).sum()), "xtb": f"tblite {_tblite_version()} GFN2-xTB"}
-
-
-def _tblite_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("tblite")
-    except PackageNotFoundError:
-        return "unknown"
+            "xtb_failed": int((~ok).sum()), "xtb": f"tblite {package_version('tblite')} GFN2-xTB"}
 
 
 def within_size_response(asked: np.ndarray, judged: np.ndarray, n_atoms: np.ndarray) -> dict:
@@ -316,7 +310,8 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     predicted = predict(model, structures, norm, kind, vocabulary)
 
     generator, oracle_half = training_halves(ckpt, data_dir)
-    bounds = baselines(model, ckpt, oracle_path, properties, data_dir, seed, (generator, oracle_half))
+    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
+    bounds = baselines(model, ckpt, oracle_path, properties, data_dir, seed, (generator, oracle_half), on_generator)
     rng = np.random.default_rng(seed)
     xtb_checked = [n for n in properties if n in XTB_CHECKED] if kind == "molecules" else []
     if xtb_checked:  # xtb once per molecule for every checked property
@@ -340,19 +335,19 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
         if kind == "crystals" and CHGNET_CHECKED.get(ckpt["data"]) == name:
             result[name].update(chgnet_check(structures, asked, generator, oracle_half, name, rng))
         if name in xtb_checked:
-            on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)[:, c]
             result[name].update(xtb_check(name, asked, predicted[:, c], stable, on_samples, as_generated, reference, generator,
-                                          oracle_half, on_generator))
+                                          oracle_half, on_generator[:, c]))
     return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}
 
 
 def baselines(model, ckpt: dict, oracle_path: Path, properties: list[str], data_dir=None, seed: int = 0,
-              halves=None) -> dict:
+              halves=None, on_generator=None) -> dict:
     """EDM's three baselines of each property, with this oracle on the generator's half of the training split:
     {property: {l_bound, n_atoms, u_bound, n_generator_half}} (the module's docstring defines them). They depend on
     the oracle and the data, not on any samples. The U-bound's shuffle of each property is seeded by (seed, its index
     in the oracle's properties), so a property's baselines do not depend on which others are scored beside it.
-    halves: training_halves(ckpt, data_dir), when the caller has them."""
+    halves: training_halves(ckpt, data_dir), and on_generator: the oracle's predictions [S, C] on the generator's half
+    (generator_half_predictions), when the caller has them."""
     from models.condition import Normalisation
     from models.molecules import ATOMIC_NUMBERS
 
@@ -360,7 +355,8 @@ def baselines(model, ckpt: dict, oracle_path: Path, properties: list[str], data_
     norm = Normalisation.from_state(ckpt["condition"])
     vocabulary = list(ATOMIC_NUMBERS) if kind == "molecules" else list(ckpt["elements"])
     generator, oracle_half = halves or training_halves(ckpt, data_dir)
-    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
+    if on_generator is None:
+        on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
     result = {}
     for name in properties:
         c = norm.names.index(name)

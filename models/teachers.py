@@ -23,7 +23,8 @@ class UnsupportedElements(ValueError):
     """The structure has elements the teacher has no parameters for (a recorded failure, not a crash)."""
 
 
-def _version(pkg: str) -> str:
+def package_version(pkg: str) -> str:
+    """The installed version of a package, or "unknown"."""
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
@@ -67,7 +68,7 @@ def _emt(device: str) -> Teacher:
     from ase.data import atomic_numbers
 
     # EMT has parameters for a handful of metals plus H, C, N, O only; others are reported as failures.
-    return Teacher("emt", f"ase {_version('ase')}", EMT(), elements={atomic_numbers[s] for s in parameters})
+    return Teacher("emt", f"ase {package_version('ase')}", EMT(), elements={atomic_numbers[s] for s in parameters})
 
 
 def _xtb(device: str) -> Teacher:
@@ -76,7 +77,7 @@ def _xtb(device: str) -> Teacher:
     except ImportError as e:
         raise TeacherError(f"teacher xtb needs tblite: `pip install tblite` ({e})") from None
     # verbosity 0: tblite otherwise prints an SCF log for every structure. CPU only (device is ignored).
-    return Teacher("xtb", f"tblite {_version('tblite')} GFN2-xTB", TBLite(method="GFN2-xTB", verbosity=0))
+    return Teacher("xtb", f"tblite {package_version('tblite')} GFN2-xTB", TBLite(method="GFN2-xTB", verbosity=0))
 
 
 def _chgnet(device: str) -> Teacher:
@@ -87,7 +88,7 @@ def _chgnet(device: str) -> Teacher:
     calc = CHGNetCalculator(use_device=device)
     model_version = getattr(calc.model, "version", None) or "unknown"
     # CHGNet is trained on periodic crystals: a molecule is labelled in a box with 10 A of vacuum.
-    return Teacher("chgnet", f"chgnet {_version('chgnet')} model {model_version}", calc, molecule_vacuum=10.0)
+    return Teacher("chgnet", f"chgnet {package_version('chgnet')} model {model_version}", calc, molecule_vacuum=10.0)
 
 
 def _missing(name: str, pkg: str, weights: str) -> TeacherError:
@@ -103,7 +104,7 @@ def _sevennet(device: str) -> Teacher:
         calc = SevenNetCalculator("7net-0", device=device)
     except Exception as e:
         raise TeacherError(f"teacher sevennet: cannot load the 7net-0 weights ({type(e).__name__}: {e})") from None
-    return Teacher("sevennet", f"sevenn {_version('sevenn')} 7net-0", calc, molecule_vacuum=10.0)
+    return Teacher("sevennet", f"sevenn {package_version('sevenn')} 7net-0", calc, molecule_vacuum=10.0)
 
 
 def _orb_v2(device: str) -> Teacher:
@@ -117,7 +118,7 @@ def _orb_v2(device: str) -> Teacher:
     except Exception as e:
         raise TeacherError(f"teacher orb-v2: cannot load the orb-v2 weights; they download on first use into the torch hub "
                            f"cache, so run once with internet or copy that cache here ({type(e).__name__}: {e})") from None
-    return Teacher("orb-v2", f"orb-models {_version('orb-models')} orb-v2", ORBCalculator(model, device=device), molecule_vacuum=10.0)
+    return Teacher("orb-v2", f"orb-models {package_version('orb-models')} orb-v2", ORBCalculator(model, device=device), molecule_vacuum=10.0)
 
 
 def _mace_mp(device: str) -> Teacher:
@@ -130,7 +131,7 @@ def _mace_mp(device: str) -> Teacher:
     except Exception as e:
         raise TeacherError(f"teacher mace-mp: cannot load the MACE-MP medium weights; they download on first use into "
                            f"~/.cache/mace, so run once with internet or copy that file here ({type(e).__name__}: {e})") from None
-    return Teacher("mace-mp", f"mace-torch {_version('mace-torch')} mace-mp medium", calc, molecule_vacuum=10.0)
+    return Teacher("mace-mp", f"mace-torch {package_version('mace-torch')} mace-mp medium", calc, molecule_vacuum=10.0)
 
 
 def _student(path: str, device: str) -> Teacher:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +49,11 @@ def test_step_bench_times_trained_checkpoints_with_their_own_weights(qm9_dir, tm
     """--ckpt: a run's ckpt.pt and its exported weights.pt are timed as their own backbone, size and process; an
     export's EMA weights stand in for the training weights it does not hold; a file that is no checkpoint is refused."""
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--arch", "transformer", "--gen", "diffusion", "--hidden", "16",
-                            "--n-layers", "2", "--iters", "2", "--data-dir", str(qm9_dir), "--out", str(run)],
-                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    bench = [sys.executable, "kernels/step_bench.py", "--threads", "1", "--precisions", "fp32", "--steps", "1", "--warmup", "0",
+    run_script("train.py", "--preset", "tiny", "--arch", "transformer", "--gen", "diffusion", "--hidden", 16, "--n-layers", 2,
+               "--iters", 2, "--data-dir", qm9_dir, "--out", run)
+    bench = ["kernels/step_bench.py", "--threads", "1", "--precisions", "fp32", "--steps", "1", "--warmup", "0",
              "--sample-steps", "1", "--batch", "8", "--data-dir", str(qm9_dir), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(bench + ["--ckpt", str(run / "ckpt.pt"), str(run / "weights.pt")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script(*bench, "--ckpt", run / "ckpt.pt", run / "weights.pt")
     rows = json.loads((tmp_path / "out" / "step_bench.json").read_text())["rows"]
     n_params = json.loads((run / "config.json").read_text())["n_params"]
     assert [r["ckpt"] for r in rows] == [str(run / "ckpt.pt"), str(run / "weights.pt")]
@@ -72,5 +69,5 @@ def test_step_bench_times_trained_checkpoints_with_their_own_weights(qm9_dir, tm
     assert "model" not in export and all(torch.equal(weights[k], v) for k, v in export["ema"].items())
 
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    refused = subprocess.run(bench + ["--ckpt", str(tmp_path / "junk.pt")], cwd=ROOT, capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, *bench, "--ckpt", str(tmp_path / "junk.pt")], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode != 0 and f"--ckpt {tmp_path / 'junk.pt'}" in refused.stderr
