@@ -1031,6 +1031,18 @@ def run_curves(args) -> None:
             cells += [f"{last[headline]:.4f}", at(good) if good else "not reached",
                       f"{good.get('time', float('nan')):,.1f}" if good else ""]
         md.append("| " + " | ".join(cells) + " |")
+    if headline:  # every evaluation side by side, so the runs can be read at equal steps as well as at one level
+        md += ["", f"{headline} at each evaluation ({'training FLOPs, ' if x == 'flops' else ''}seconds):", "",
+               "| step | " + " | ".join(c["run"] for c in curves) + " |", "|---|" + "---|" * len(curves)]
+        by_step = [{p["step"]: p for p in c["points"]} for c in curves]
+
+        def cell(p: dict | None) -> str:
+            if not p or headline not in p:
+                return ""
+            return f"{p[headline]:.4f} ({f'{p[x]:.3g}, ' if x == 'flops' else ''}{p.get('time', float('nan')):,.0f} s)"
+
+        for step in sorted(set().union(*by_step)):
+            md.append(f"| {step:,} | " + " | ".join(cell(points.get(step)) for points in by_step) + " |")
     plot_curves(curves, headline, out / "curves.png", x, relative_loss=not same_loss)
     atomic_write(out / "curves.json", lambda tmp: Path(tmp).write_text(json.dumps(curves, indent=1)))
     atomic_write(out / "curves.md", lambda tmp: Path(tmp).write_text("\n".join(md + [""])))

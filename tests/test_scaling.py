@@ -283,6 +283,9 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     flow, diffusion = json.loads((tmp_path / "ref" / "curves.json").read_text())
     assert flow["mol_stability_level"]["level"] == 0.4 and diffusion["mol_stability_level"]["flops"] == 2 * diffusion["flops_per_step"]
     assert "reference_loss_level" not in flow and "The loss level" not in (tmp_path / "ref" / "curves.md").read_text()
+    # every evaluation side by side: step 4 holds each run's own value at its own FLOPs
+    row = next(line for line in (tmp_path / "ref" / "curves.md").read_text().splitlines() if line.startswith("| 4 |"))
+    assert row.startswith(f"| 4 | 0.4000 ({4 * flow['flops_per_step']:.3g}, ") and f"| 0.2000 ({4 * diffusion['flops_per_step']:.3g}, " in row
     scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--metric", "atom_stability", "--out", tmp_path / "atoms")
     assert "atom_stability_level" in json.loads((tmp_path / "atoms" / "curves.json").read_text())[0]
     wrong = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "flow"), "--reference", "nope"], cwd=ROOT,
