@@ -6,9 +6,8 @@ import sys
 
 import ase.io
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from conftest import ROOT
 from models.checkpoint import load_checkpoint
