@@ -60,7 +60,8 @@ parser.add_argument("--weights", choices=["ema", "model"], default="ema", help="
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of sizes and noise")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of the backbone; auto (default): bf16 on CUDA, and "
-                    "on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py)")
+                    "on a CPU with AMX bf16 only for the backbones kernels/step_bench.py measured faster in it; fp32 on a CPU "
+                    "without AMX (models/precision.py)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (inductor; about a minute to compile). On this "
                     "CPU, on one thread, kernels/step_bench.py measured sampling 2.0 x faster for the Transformer (in bf16, its default "
                     "here), and for the EGNN 1.06 x in fp32 (its default), 1.36 x with --precision bf16 (kernels/README.md, "

@@ -129,8 +129,8 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
                     "fp32 (its default) and 1.7 x with --precision bf16 (over eager fp32), and no gain on two threads (kernels/README.md, "
                     "\"A step on this CPU\")")
 parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="--task gen: autocast of the backbone; auto (default): bf16 on "
-                    "CUDA, and on a CPU bf16 only for the backbones kernels/step_bench.py measured faster in it (models/precision.py); "
-                    "--task ff trains in fp32 (forces are derivatives)")
+                    "CUDA, and on a CPU with AMX bf16 only for the backbones kernels/step_bench.py measured faster in it; fp32 on a "
+                    "CPU without AMX (models/precision.py); --task ff trains in fp32 (forces are derivatives)")
 parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
 parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of data order, noise and initialisation")
 parser.add_argument("--out", default=None, help="output directory (default: out/<data>[_csp]_<arch>_<gen>_<preset>)")

@@ -147,3 +147,22 @@ def test_flush_denormals_zeroes_denormals_and_nothing_else():
     assert before[0] > 0
     assert after[0] == 0.0 and after[2] == 0.0
     assert after[1] == before[1] and after[3] == before[3]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_takes_bf16_on_a_cpu_only_with_amx(amx, monkeypatch):
+    """--precision auto: on a CPU, bf16 for the backbones that set CPU_BF16 only where AMX multiplies bf16 (without
+    it bf16 products run several times slower than float32); the EGNN stays fp32 either way; explicit choices and
+    CUDA are not second-guessed."""
+    from models import precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    domain = Molecules("qm9")
+    transformer, egnn = domain.arch_class("transformer"), domain.arch_class("gnn")
+    assert transformer.CPU_BF16 and not egnn.CPU_BF16
+    assert precision.backbone_precision(cpu, "auto", transformer) == ("bf16" if amx else "fp32")
+    assert precision.backbone_precision(cpu, "auto", egnn) == "fp32"
+    assert precision.backbone_precision(cuda, "auto", egnn) == "bf16"
+    assert precision.backbone_precision(cpu, "bf16", egnn) == "bf16"
+    assert precision.backbone_precision(cpu, "fp32", transformer) == "fp32"
