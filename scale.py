@@ -161,7 +161,9 @@ curves_parser = commands.add_parser("curves", help="validation loss and sample q
                                     "run's loss is drawn relative to its own last value and compared only with itself; the samples "
                                     "are compared across runs. Runs of one data set and process (a transfer experiment's: from "
                                     "scratch, fine-tuned, joint) are compared in the loss too, which is then drawn as it is. Runs "
-                                    "without FLOP counts (--count-flops) are drawn against steps instead. Writes DIR/curves.png, "
+                                    "without FLOP counts (--count-flops) are drawn against steps instead. Runs of one recipe with other --seed values "
+                                    "(every train.py flag the same but the seed and the bookkeeping) share a colour, and curves.md adds "
+                                    "the sample metric's mean and spread over their seeds at each evaluation. Writes DIR/curves.png, "
                                     "DIR/curves.md and DIR/curves.json.")
 curves_parser.add_argument("runs", nargs="+", type=Path, help="run directories (train.py --out; scale.py's runs count their FLOPs)")
 curves_parser.add_argument("--part", default=None, help="the data set whose records a joint run (train.py --task joint) contributes "
@@ -935,6 +937,11 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
 # Training-efficiency curves
 
 
+# train.py flags that do not change what a run learns (where it writes, how often it logs), and the seed
+CURVE_BOOKKEEPING = {"seed", "out", "resume", "overwrite", "override", "device", "data_dir", "log_every", "ckpt_every",
+                     "stop_after", "wandb"}
+
+
 def run_curve(run_dir: Path, part: str | None = None) -> dict:
     """One run's evaluations (the last record of each step: a resumed run may log a step twice) with their training
     FLOPs where the run counted them; of a joint run, the records of its `part`. A run that cannot be drawn ends the
@@ -964,9 +971,12 @@ def run_curve(run_dir: Path, part: str | None = None) -> dict:
         sys.exit(f"scale.py curves: {run_dir / 'log.jsonl'} holds no evaluation yet (train.py --eval-every)")
     points = [{**r, **({"flops": r["step"] * per_step} if per_step else {})} for _, r in sorted(evaluations.items())]
     metrics = [k for k, v in points[-1].items() if k not in ("step", "val_loss", "time", "flops") and isinstance(v, (int, float))]
+    args = config.get("args", {})
+    # the recipe: every flag but the seed and the bookkeeping, so that runs of one recipe with other seeds are pooled
+    recipe = json.dumps({k: v for k, v in args.items() if k not in CURVE_BOOKKEEPING}, sort_keys=True)
     return {"run": run_dir.name, "path": str(run_dir), "arch": config.get("arch"), "gen": config.get("gen"), "data": data,
             "csp": bool(config.get("csp")), "params": config.get("n_params"), "flops_per_step": per_step, "points": points,
-            "metrics": metrics}
+            "metrics": metrics, "seed": args.get("seed"), "recipe": recipe}
 
 
 def first_reaching(points: list[dict], key: str, level: float, below: bool) -> dict | None:
@@ -976,6 +986,19 @@ def first_reaching(points: list[dict], key: str, level: float, below: bool) -> d
 
 def run_curves(args) -> None:
     curves = [run_curve(d, args.part) for d in args.runs]
+    if len({c["run"] for c in curves}) < len(curves):  # one recipe's seeds in folders of the same name: name those by parent
+        names = [c["run"] for c in curves]
+        for c, d in zip(curves, args.runs):
+            if names.count(d.name) > 1:
+                c["run"] = f"{d.resolve().parent.name}/{d.name}"
+        if len({c["run"] for c in curves}) < len(curves):
+            sys.exit("scale.py curves: two runs have the same directory and parent names: give each run once")
+    seed_groups: dict[str, list[dict]] = {}  # one recipe, several seeds
+    for c in curves:
+        seed_groups.setdefault(c["recipe"], []).append(c)
+    for i, group in enumerate(seed_groups.values()):
+        for c in group:
+            c["group"] = i
     out = writable_dir(curves_parser, args.out or args.runs[0].resolve().parent, "--out")
     x = "flops" if all(c["flops_per_step"] for c in curves) else "step"
     # one data set and process: the losses share a scale, and are compared as they are
@@ -1043,10 +1066,31 @@ def run_curves(args) -> None:
 
         for step in sorted(set().union(*by_step)):
             md.append(f"| {step:,} | " + " | ".join(cell(points.get(step)) for points in by_step) + " |")
+        pooled = [g for g in seed_groups.values() if len(g) > 1]
+        if pooled:
+            md += seed_spread_table(pooled, headline)
     plot_curves(curves, headline, out / "curves.png", x, relative_loss=not same_loss)
     atomic_write(out / "curves.json", lambda tmp: Path(tmp).write_text(json.dumps(curves, indent=1)))
     atomic_write(out / "curves.md", lambda tmp: Path(tmp).write_text("\n".join(md + [""])))
     print(f"wrote {out / 'curves.png'}, {out / 'curves.md'} and {out / 'curves.json'}")
+
+
+def seed_spread_table(groups: list[list[dict]], headline: str) -> list[str]:
+    """Markdown: the headline metric of each recipe run with several seeds, at every step all its seeds evaluated,
+    as mean +- sample standard deviation over the seeds, each seed's value after it."""
+    names = [" / ".join(sorted({c["run"].split("/")[-1] for c in g})) for g in groups]
+    md = ["", f"{headline} over seeds (mean +- sample standard deviation; each seed's value):", "",
+          "| step | " + " | ".join(f"{n} (seeds {', '.join(str(c['seed']) for c in g)})" for n, g in zip(names, groups)) + " |",
+          "|---|" + "---|" * len(groups)]
+    by_step = [[{p["step"]: p[headline] for p in c["points"] if headline in p} for c in g] for g in groups]
+    for step in sorted(set().union(*(s for g in by_step for s in g))):
+        cells = []
+        for seeds in by_step:
+            values = np.array([s[step] for s in seeds if step in s])
+            cells.append(f"{values.mean():.4f} +- {values.std(ddof=1):.4f} ({', '.join(f'{v:.4f}' for v in values)})"
+                         if len(values) == len(seeds) else "")
+        md.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return md
 
 
 def plot_curves(curves: list[dict], headline: str | None, path: Path, x_resource: str = "flops", relative_loss: bool = True) -> None:
@@ -1060,10 +1104,13 @@ def plot_curves(curves: list[dict], headline: str | None, path: Path, x_resource
     for (key, label), row in zip(rows, axes):
         for ax, (x, xlabel) in zip(row, [(x_resource, "training FLOPs" if x_resource == "flops" else "training steps"),
                                          ("time", "training seconds")]):
-            for i, c in enumerate(curves):
+            for c in curves:
                 points = [p for p in c["points"] if key in p and x in p]
                 scale_by = c["points"][-1]["val_loss"] if key == "val_loss" and relative_loss else 1.0
-                ax.plot([p[x] for p in points], [p[key] / scale_by for p in points], marker="o", ms=3, color=f"C{i}", label=c["run"])
+                # one colour per recipe, one line style per seed of it
+                style = ["-", "--", ":", "-."][[d["run"] for d in curves if d["group"] == c["group"]].index(c["run"]) % 4]
+                ax.plot([p[x] for p in points], [p[key] / scale_by for p in points], marker="o", ms=3, color=f"C{c['group']}",
+                        ls=style, label=c["run"])
             # FLOPs and seconds span decades; steps read better evenly spaced, and a loss drawn as it is too
             ax.set(xscale="linear" if x == "step" else "log", xlabel=xlabel, ylabel=label,
                    yscale="log" if key == "val_loss" and relative_loss else "linear")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -291,6 +292,25 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     wrong = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "flow"), "--reference", "nope"], cwd=ROOT,
                            capture_output=True, text=True)
     assert wrong.returncode == 1 and "--reference nope is none of the runs (flow)" in wrong.stderr
+    # a second seed of the flow recipe (its log edited, so the spread is known) in a folder of the same name: the runs
+    # are named by their parents, share a group, and curves.md gives the mean and spread over the two seeds per step
+    seed1 = tmp_path / "seed1" / "flow"
+    shutil.copytree(tmp_path / "flow", seed1)
+    config = json.loads((seed1 / "config.json").read_text())
+    config["args"].update(seed=1, out=str(seed1))
+    (seed1 / "config.json").write_text(json.dumps(config))
+    log = seed1 / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for r in records:
+        if "mol_stability" in r:
+            r["mol_stability"] = [0.3, 0.6][r["step"] // 2 - 1]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scale("curves", tmp_path / "flow", seed1, tmp_path / "diffusion", "--out", tmp_path / "seeds")
+    curves = json.loads((tmp_path / "seeds" / "curves.json").read_text())
+    assert [(c["run"], c["group"]) for c in curves] == [(f"{tmp_path.name}/flow", 0), ("seed1/flow", 0), ("diffusion", 1)]
+    md = (tmp_path / "seeds" / "curves.md").read_text()
+    assert "| flow (seeds 0, 1) |" in md and "diffusion (seeds" not in md
+    assert f"| 4 | {0.5:.4f} +- {0.1 * 2 ** 0.5:.4f} (0.4000, 0.6000) |" in md
 
 
 def scale_module():
