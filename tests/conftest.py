@@ -57,35 +57,30 @@ def kernels(test):
 
 
 @pytest.fixture(scope="session")
-def run_kernel_tests_in_interpreter(request, tmp_path_factory):
+def run_kernel_tests_in_interpreter(tmp_path_factory):
     """check(test_file): asserts that the file's `kernels` tests all passed in a child pytest whose triton was
     imported under TRITON_INTERPRET=1.
 
     Triton reads the variable when @triton.jit decorates a function (its own tl.* helpers included, at import), so
-    it cannot be switched on inside a process that has already imported triton. One child serves every test file
-    whose launcher (a test taking this fixture) this session selected, so torch and triton are imported once, not
-    once per file: the first launcher pays for all of them, and each launcher reports its own file's results."""
+    it cannot be switched on inside a process that has already imported triton. One child per launcher file (a test
+    file whose tests take this fixture), started by that file's launcher: under pytest-xdist each worker runs only the
+    files it was given, so no kernel test runs twice, at the cost of one torch and triton import (about 3 s) a file."""
     if INTERPRETER:
         pytest.skip("this process is the interpreter run")
-    files = sorted({item.path for item in request.session.items
-                    if "run_kernel_tests_in_interpreter" in getattr(item, "fixturenames", ())})
-    report = tmp_path_factory.mktemp("interpreter") / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "kernels", "--rootdir", str(ROOT),
-           f"--junitxml={report}", *map(str, files)]
-    run = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
-                         timeout=1800)
-    output = run.stdout[-6000:] + run.stderr[-3000:]
-    # Per module (junit's classname: its path from --rootdir, dotted, e.g. tests.test_radius_graph), per test: why
-    # it did not pass, or "". A skip counts: there every kernel test must run.
-    results: dict[str, list[str]] = {}
-    if run.returncode in (0, 1):  # the tests ran (1: some failed); any other code stopped the whole run: see output
-        for case in ElementTree.parse(report).iter("testcase"):
-            why = [f"{case.get('name')}: {e.tag} {e.get('message', '')}\n{(e.text or '')[-3000:]}"
-                   for e in case if e.tag in ("failure", "error", "skipped")]
-            results.setdefault(case.get("classname"), []).append("\n".join(why))
 
     def check(test_file: str) -> None:
-        mine = results.get(".".join(Path(test_file).resolve().relative_to(ROOT).with_suffix("").parts))
+        report = tmp_path_factory.mktemp("interpreter") / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "kernels", "--rootdir", str(ROOT),
+               f"--junitxml={report}", str(test_file)]
+        run = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                             timeout=1800)
+        output = run.stdout[-6000:] + run.stderr[-3000:]
+        # Per test: why it did not pass, or "". A skip counts: there every kernel test must run.
+        mine: list[str] = []
+        if run.returncode in (0, 1):  # the tests ran (1: some failed); any other code stopped the whole run: see output
+            for case in ElementTree.parse(report).iter("testcase"):
+                mine.append("\n".join(f"{case.get('name')}: {e.tag} {e.get('message', '')}\n{(e.text or '')[-3000:]}"
+                                      for e in case if e.tag in ("failure", "error", "skipped")))
         assert mine, f"no kernel test of {test_file} ran in the interpreter (exit code {run.returncode}):\n{output}"
         bad = [line for line in mine if line]
         assert not bad, f"{len(bad)} of {len(mine)} kernel tests in the interpreter:\n\n" + "\n\n".join(bad)
