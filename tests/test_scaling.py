@@ -458,6 +458,13 @@ def test_spread_sets_one_sweeps_seeds_side_by_side(tmp_path):
     table = scale("spread", first, second, "--metrics", "match_rate@1", "val_loss").stdout
     assert "| scratch | (base) | 0, 1 | 3,000 | 0.7 +- 0.14 (0.6, 0.8) | 1.7 +- 0.14 (1.6, 1.8) |" in table
     assert "| qm9 | `--init-trunk src.pt` | 0, 1 | 3,000 | 0.725 +- 0.035 (0.7, 0.75) |" in table
+    # a data sweep's runs read by training-set size, whatever order they were made in (two sweeps on one OUT)
+    data = tmp_path / "data" / "results.json"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"sweep": "data", "data": "qm9", "csp": False, "runs": [
+        {"run": f"n{n}", "train_size": n, "steps": 10, "seed": 0, "val_loss": 1.0} for n in (2000, 100, 32000)]}))
+    rows = [line.split(" | ")[0] for line in scale("spread", data, "--metrics", "val_loss").stdout.splitlines()[2:]]
+    assert rows == ["| n100", "| n2000", "| n32000"]
     for files, message in (((first, first), "appears twice with one seed"),
                            ((first, sweep(2, (0.5, 0.5), data="carbon24")), "hold different sweeps")):
         proc = subprocess.run([sys.executable, "scale.py", "spread", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
