@@ -420,9 +420,9 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
             cells = [r["run"]] + ([f"`{r['variant']}`" if r["variant"] else "(base)"] if sweep == "ablate" else []) + \
                 ([f"{r['train_flops']:.3g}"] if sweep == "isoflop" else []) + [f"{r['params']:,}", f"{r['train_size']:,}", f"{r['steps']:,}",
                      f"{r['train_per_s']:,.0f}" if r["train_per_s"] else "", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""]
-            if keys:
-                cells.append(f"{r['sample_per_s']:,.1f}")
-                cells += [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
+            if keys:  # a run of the sweep that was never sampled (a later --samples run sampled others) has blanks
+                cells.append(f"{r['sample_per_s']:,.1f}" if r.get("sample_per_s") else "")
+                cells += [f"{r['metrics'][k]:.4f}" if k in r.get("metrics", {}) else "" for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
         title = f"# scale.py {sweep} on {args.data}{' (structure prediction)' if args.csp else ''}"
         note = (f"{args.batch_size} structures per step" + (f"; {args.samples} samples per run, {args.sample_steps} sampling steps"

@@ -469,3 +469,21 @@ def test_spread_sets_one_sweeps_seeds_side_by_side(tmp_path):
                            ((first, sweep(2, (0.5, 0.5), data="carbon24")), "hold different sweeps")):
         proc = subprocess.run([sys.executable, "scale.py", "spread", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+
+
+def test_results_table_of_a_sweep_sampled_in_part(tmp_path):
+    """A sweep whose later command sampled some of its runs (`--samples` on sizes already trained) writes results.md
+    with blank sample cells for the runs never sampled, instead of failing after results.json."""
+    import argparse
+
+    script = scale_module()
+    args = argparse.Namespace(command="data", data="qm9", csp=False, batch_size=64, samples=500, sample_steps=50)
+    base = {"arch": "gnn", "gen": "flow", "params": 1000, "steps": 10, "train_per_s": 50.0, "val_loss": 6.0}
+    (tmp_path / "results.json").write_text(json.dumps({"sweep": "data", "data": "qm9", "csp": False, "runs": [
+        {**base, "run": "n100000", "train_size": 100000, "sweep": "data"}]}))
+    script.write_results(args, tmp_path, "data", [{**base, "run": "n100", "train_size": 100, "sample_per_s": 9.0,
+                                                   "metrics": {"mol_stability": 0.25}}])
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| n")}
+    assert "| 9.0 | " in rows["| n100"] and "0.2500" in rows["| n100"]
+    assert "0.2500" not in rows["| n100000"] and rows["| n100000"].count("|") == rows["| n100"].count("|")
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 2
