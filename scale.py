@@ -720,8 +720,7 @@ def run_spread(args) -> None:
             if not len(values):
                 cells.append("")
                 continue
-            each = ", ".join(f"{v:.4g}" for v in values)
-            cells.append(f"{values.mean():.4g} +- {values.std(ddof=1):.2g} ({each})" if len(values) > 1 else f"{values[0]:.4g}")
+            cells.append(seed_cell(values, ".4g", ".2g"))
         flags = (records[0].get("variant") or "").replace(f"{Path.cwd()}/", "")  # paths as the README's commands give them
         seeds = ", ".join(str(r["seed"]) for r in records)
         if len(set(seeds.split(", "))) < len(records):
@@ -729,6 +728,15 @@ def run_spread(args) -> None:
         lines.append(f"| {run} | {('`' + flags + '`') if flags else '(base)'} | {seeds} | {records[0].get('steps', 0):,} | "
                      + " | ".join(cells) + " |")
     print("\n".join(lines))
+
+
+def seed_cell(values: np.ndarray, value_format: str, sd_format: str) -> str:
+    """One table cell over a run's seeds: 'mean +- sample standard deviation (each seed's value)', or the value alone
+    for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:{value_format}}"
+    each = ", ".join(f"{v:{value_format}}" for v in values)
+    return f"{values.mean():{value_format}} +- {values.std(ddof=1):{sd_format}} ({each})"
 
 
 def run_fit(args) -> None:
@@ -1090,8 +1098,7 @@ def seed_spread_table(groups: list[list[dict]], headline: str) -> list[str]:
         cells = []
         for seeds in by_step:
             values = np.array([s[step] for s in seeds if step in s])
-            cells.append(f"{values.mean():.4f} +- {values.std(ddof=1):.4f} ({', '.join(f'{v:.4f}' for v in values)})"
-                         if len(values) == len(seeds) else "")
+            cells.append(seed_cell(values, ".4f", ".4f") if len(values) == len(seeds) else "")
         md.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return md
 
