@@ -709,8 +709,8 @@ def run_spread(args) -> None:
         return record.get(key, record.get("metrics", {}).get(key))
 
     lines = ["| run | variant flags | seeds | steps | " + " | ".join(metrics) + " |", "|---" * (4 + len(metrics)) + "|"]
-    resource = {"model": "params", "data": "train_size", "compute": "steps"}.get(sweep["sweep"])
-    if resource:  # a one-resource sweep reads in the order of its resource, whatever order its runs were made in
+    if sweep["sweep"] in LAWS:  # a one-resource sweep reads in its resource's order, whatever order its runs were made in
+        resource = LAWS[sweep["sweep"]][0]
         by_run = dict(sorted(by_run.items(), key=lambda item: item[1][0].get(resource) or 0))
     for run, records in by_run.items():
         records = sorted(records, key=lambda r: r.get("seed", 0))
