@@ -8,7 +8,8 @@ for crystals):
   - the student one structure at a time through its ASE calculator, and all of a group as one flat batch;
   - the student's NVE molecular dynamics, one structure at a time (ASE's VelocityVerlet) and all at once
     (models/batched_md.py), in atom-steps per second;
-  - the teacher one structure at a time, as label.py calls it (once: it is slow), unless --no-teacher.
+  - the teacher one structure at a time, as label.py calls it (once: it is slow), and all of a group in one call
+    where it can batch (CHGNet), unless --no-teacher.
 The eager and compiled students are timed alternately, --repeats times, the median counting, on one thread of the
 same process; the compiled one's compilation happens in an untimed warm-up. Run it on idle cores.
 """
@@ -79,19 +80,21 @@ def main() -> None:
           f"{next(eager.parameters()).dtype}; one thread, torch {torch.__version__}; median of {args.repeats} "
           "alternating passes; atoms/s (MD: atom-steps/s)")
     print()
-    header = ["structures", "teacher one at a time"] + [f"{label}: eager / compiled" for label in COLUMNS.values()] \
-        + ["compiled against the teacher: one at a time / batched"]
+    header = ["structures", "teacher: one at a time / batched"] + [f"{label}: eager / compiled" for label in COLUMNS.values()] \
+        + ["compiled against the teacher: one at a time / batched / batched against batched"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for g, name in enumerate(groups):
         cells = [f"{name} ({len(groups[name])})"]
         taught = teacher_rows[g]["teacher_atoms_per_s"] if teacher_rows else None
-        cells.append(f"{taught:,.0f}" if taught else "–")
+        taught_batched = teacher_rows[g].get("teacher_batched_atoms_per_s") if teacher_rows else None  # CHGNet batches
+        cells.append(f"{taught:,.0f} / {f'{taught_batched:,.0f}' if taught_batched else '–'}" if taught else "–")
         for key in COLUMNS:
             e, c = median("eager", g, key), median("compiled", g, key)
             cells.append(f"{e:,.0f} / {c:,.0f} (x{c / e:.2f})")
-        cells.append(f"x{median('compiled', g, 'student_single_atoms_per_s') / taught:.1f} / "
-                     f"x{median('compiled', g, 'student_batched_atoms_per_s') / taught:.1f}" if taught else "–")
+        batched = median("compiled", g, "student_batched_atoms_per_s")
+        cells.append(f"x{median('compiled', g, 'student_single_atoms_per_s') / taught:.1f} / x{batched / taught:.1f} / "
+                     + (f"x{batched / taught_batched:.1f}" if taught_batched else "–") if taught else "–")
         print("| " + " | ".join(cells) + " |")
 
 

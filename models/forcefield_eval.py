@@ -83,7 +83,8 @@ MD_SPEED_STEPS = 5  # velocity-Verlet steps of the student's MD speed rows
 def speed(model: ForceField, teacher, groups: dict[str, list], device="cpu", repeats: int = 3) -> list[dict]:
     """Atom-steps per second (one energy + forces (+ stress for crystals) evaluation of every atom) of the teacher and
     the student on the same structures and device: the teacher one structure at a time through ASE (how label.py
-    calls it), the student both one at a time through its ASE calculator and as one flat batch; and the student's
+    calls it) and, where it can batch (CHGNet), all of a group in one call; the student both one at a time through
+    its ASE calculator and as one flat batch; and the student's
     NVE molecular dynamics (forces only), one structure at a time through ASE's VelocityVerlet and all at once
     (models/batched_md.py). groups: name -> ase.Atoms list. Median of `repeats` passes (the teacher: one pass when it
     takes over 30 s; the batched MD: one run)."""
@@ -135,6 +136,11 @@ def speed(model: ForceField, teacher, groups: dict[str, list], device="cpu", rep
             row.update(teacher_atoms_per_s=atoms / t,
                        speedup_single=row["student_single_atoms_per_s"] * t / atoms,
                        speedup_batched=row["student_batched_atoms_per_s"] * t / atoms)
+            if teacher.batch is not None:  # like for like: the student batched against the teacher batched
+                teacher.label_many(structures[:2])  # warm-up
+                t = _median_seconds(lambda: teacher.label_many(structures), repeats)
+                row.update(teacher_batched_atoms_per_s=atoms / t,
+                           speedup_batched_vs_batched=row["student_batched_atoms_per_s"] * t / atoms)
         rows.append(row)
     return rows
 

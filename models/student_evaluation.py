@@ -131,7 +131,9 @@ def score_student(ckpt_path: Path, labels: list[Path], out_json: Path, fig_dir: 
                  f"{row['student_batched_atoms_per_s']:>10,.0f} batched; MD {row['student_md_single_atom_steps_per_s']:,.0f} "
                  f"atom-steps/s one at a time, {row['student_md_batched_atom_steps_per_s']:,.0f} batched" +
                  (f"; teacher {row['teacher_atoms_per_s']:>8,.0f}: speed-up x{row['speedup_single']:.1f} / x{row['speedup_batched']:.1f}"
-                  if "teacher_atoms_per_s" in row else ""))
+                  if "teacher_atoms_per_s" in row else "") +
+                 (f"; teacher batched {row['teacher_batched_atoms_per_s']:,.0f}: x{row['speedup_batched_vs_batched']:.1f}"
+                  if "teacher_batched_atoms_per_s" in row else ""))
 
     calc = student_calculator(model, device)
     result["md"] = []

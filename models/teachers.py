@@ -4,11 +4,13 @@ TEACHERS maps a name to a factory(device) -> Teacher; `student:PATH` names a stu
 train.py --task ff (so label.py and its bench run a student exactly as they run its teacher). A Teacher wraps an
 ase Calculator with its name, version, the elements it supports and whether molecules must be put in a periodic
 vacuum box. `Teacher.label(atoms)` returns (energy eV, forces eV/A [n,3], stress eV/A^3 Voigt [6], NaN for
-molecules).
+molecules); `Teacher.label_many(structures)` the same for a list, in one batched call where the teacher can batch
+(CHGNet), one structure at a time otherwise.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -39,6 +41,9 @@ class Teacher:
     elements: set[int] | None = None  # supported atomic numbers; None: all
     molecule_vacuum: float | None = None  # periodic-only models: molecules go in a box with this much vacuum
     meta: dict = field(default_factory=dict)
+    # list of structures as the calculator sees them (as_seen) -> [(energy, forces, stress [3, 3] or Voigt [6])], one
+    # batched forward; None: the teacher labels one structure at a time.
+    batch: Callable[[list], list] | None = None
 
     def as_seen(self, atoms):
         """A copy of atoms as the calculator gets it: a molecule for a periodic-only model is boxed in vacuum."""
@@ -61,6 +66,26 @@ class Teacher:
         forces = np.asarray(a.get_forces(), dtype=np.float64)
         stress = np.asarray(a.get_stress(voigt=True), dtype=np.float64) if periodic else np.full(6, np.nan)
         return energy, forces, stress
+
+    def label_many(self, structures: list) -> list[tuple]:
+        """label() of each structure, in one batched call where the teacher batches; the first unsupported element
+        raises, as label() does."""
+        if self.batch is None:
+            return [self.label(a) for a in structures]
+        if self.elements is not None:
+            from models.structures import unknown_elements
+            for atoms in structures:
+                if bad := unknown_elements(atoms, self.elements):
+                    raise UnsupportedElements(f"teacher {self.name} does not support element(s) {bad}")
+        from ase.stress import full_3x3_to_voigt_6_stress
+
+        labels = []
+        for atoms, (energy, forces, stress) in zip(structures, self.batch([self.as_seen(a) for a in structures])):
+            stress = np.asarray(stress, dtype=np.float64)
+            stress = full_3x3_to_voigt_6_stress(stress) if stress.shape == (3, 3) else stress
+            labels.append((float(energy), np.asarray(forces, dtype=np.float64),
+                           stress if atoms.pbc.any() else np.full(6, np.nan)))
+        return labels
 
 
 def _emt(device: str) -> Teacher:
@@ -87,8 +112,21 @@ def _chgnet(device: str) -> Teacher:
         raise TeacherError(f"teacher chgnet needs chgnet: `pip install chgnet` (weights ship in the wheel) ({e})") from None
     calc = CHGNetCalculator(use_device=device)
     model_version = getattr(calc.model, "version", None) or "unknown"
+
+    def batch(structures: list) -> list[tuple]:
+        """CHGNet's own batching (one graph per structure, one forward for all), converted as its ASE calculator
+        converts: energy per atom -> eV, stress GPa -> eV/A^3."""
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        predictions = calc.model.predict_structure([AseAtomsAdaptor.get_structure(a) for a in structures], task="efs",
+                                                   batch_size=len(structures))
+        predictions = [predictions] if isinstance(predictions, dict) else predictions  # one structure: a dict
+        return [(p["e"] * (len(a) if calc.model.is_intensive else 1), p["f"], p["s"] * calc.stress_weight)
+                for a, p in zip(structures, predictions)]
+
     # CHGNet is trained on periodic crystals: a molecule is labelled in a box with 10 A of vacuum.
-    return Teacher("chgnet", f"chgnet {package_version('chgnet')} model {model_version}", calc, molecule_vacuum=10.0)
+    return Teacher("chgnet", f"chgnet {package_version('chgnet')} model {model_version}", calc, molecule_vacuum=10.0,
+                   batch=batch)
 
 
 def _missing(name: str, pkg: str, weights: str) -> TeacherError:

@@ -1,6 +1,7 @@
 """The student force field (models/forcefield.py) on real structures: QM9 molecules and perov-5 / carbon-24
 crystals from the fixtures. Forces and stress against finite differences, symmetries, ASE's stress sign,
 reference energies, overfitting, and molecular dynamics through the ASE calculator."""
+import importlib.util
 from pathlib import Path
 
 import ase
@@ -289,3 +290,19 @@ def test_compiled_inference_is_the_eager_model(structures):
     batch = flat_batch(structures)
     _, forces, _ = compiled(*batch, create_graph=True)
     assert forces.requires_grad  # the forces of a loss are still differentiable
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("chgnet"), reason="chgnet not installed (pip install chgnet)")
+def test_speed_times_a_teacher_that_batches_batched_too(structures):
+    """forcefield_eval.speed beside CHGNet: the teacher one at a time and in one batched call, and the student's
+    batched speed against each; a teacher that cannot batch (EMT) gets no batched columns. Its times mean nothing here."""
+    from models.forcefield_eval import speed
+    from models.teachers import get_teacher
+
+    groups = {"crystals": structures[3:], "molecules": structures[:1]}
+    chgnet, emt = speed(model(), get_teacher("chgnet"), groups, repeats=1), speed(model(), get_teacher("emt"), {"metal": [bulk("Cu")]}, repeats=1)
+    for row in chgnet:
+        assert row["teacher_atoms_per_s"] > 0 and row["teacher_batched_atoms_per_s"] > 0
+        assert row["speedup_batched_vs_batched"] == pytest.approx(
+            row["student_batched_atoms_per_s"] / row["teacher_batched_atoms_per_s"])
+    assert emt[0]["teacher_atoms_per_s"] > 0 and "teacher_batched_atoms_per_s" not in emt[0]

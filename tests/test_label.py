@@ -414,6 +414,41 @@ def test_chgnet_crystals_and_a_boxed_molecule(tmp_path):
     assert np.all(lab["cell"][~crystal] == 0)  # the vacuum box is the teacher's business, not stored
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("chgnet"), reason="chgnet not installed (pip install chgnet)")
+def test_chgnet_batched_labels_are_its_one_at_a_time_labels():
+    """CHGNet's own batching (label_many: one forward for all) gives what its ASE calculator gives one structure at a
+    time, for crystals of different sizes, a rattled supercell and a boxed molecule, in any order."""
+    teacher = get_teacher("chgnet", "cpu")
+    assert teacher.batch is not None
+    crystals = [a for _, _, a in iter_structures([str(CARBON)])][:2] + [a for _, _, a in iter_structures([str(PEROV)])][:2]
+    supercell = crystals[2].repeat((2, 1, 1))
+    supercell.positions += np.random.default_rng(0).normal(0, 0.05, supercell.positions.shape)
+    structures = [*crystals, qm9_molecules(1)[0], supercell]
+    one_at_a_time = [teacher.label(a) for a in structures]
+    for order in (range(len(structures)), reversed(range(len(structures)))):
+        order = list(order)
+        batched = teacher.label_many([structures[i] for i in order])
+        for i, (energy, forces, stress) in zip(order, batched):
+            e, f, s = one_at_a_time[i]
+            assert energy == pytest.approx(e, abs=1e-4 * len(structures[i]))
+            assert forces.shape == f.shape and np.allclose(forces, f, atol=1e-4)
+            assert stress.shape == (6,) and np.allclose(stress, s, atol=1e-5, equal_nan=True)  # the molecule: NaN
+    assert len(teacher.label_many(structures[:1])) == 1  # one structure: CHGNet answers a dict, not a list
+
+
+def test_a_teacher_that_cannot_batch_labels_many_one_at_a_time():
+    """label_many without a batched call is label() of each structure; unsupported elements raise as in label()."""
+    teacher = get_teacher("emt")
+    assert teacher.batch is None
+    structures = metals(3)
+    for (energy, forces, stress), a in zip(teacher.label_many(structures), structures):
+        e, f, s = teacher.label(a)
+        assert energy == e and np.array_equal(forces, f) and np.array_equal(stress, s)
+    from models.teachers import UnsupportedElements
+    with pytest.raises(UnsupportedElements, match="does not support"):
+        teacher.label_many([*structures, bulk("Si")])
+
+
 @pytest.mark.skipif(not importlib.util.find_spec("sevenn"), reason="sevenn not installed (pip install sevenn)")
 def test_sevennet_crystals_and_a_boxed_molecule(tmp_path):
     """SevenNet-0 (weights in the sevenn wheel): the stored labels equal a direct call on the stored geometry."""
