@@ -117,6 +117,11 @@ parser.add_argument("--max-force", type=positive_float, default=100.0, help="ff:
 parser.add_argument("--student", choices=["schnet", "painn"], default="schnet", help="ff: the student's layers: schnet "
                     "(invariant continuous filters over distances; the fused Triton kernel's form) or painn (equivariant vector "
                     "features, so directions and angles enter every layer; models/forcefield.py)")
+parser.add_argument("--repulsion", type=float_in(0, 1, "a fraction in [0, 1]"), default=0.0, help="ff: add the ZBL nuclear "
+                    "repulsion of pairs closer than this fraction of their covalent-radii sum (0: none; models/forcefield.py). At "
+                    "0.6 no perov-5 or carbon-24 crystal holds such a pair, so it changes nothing the labels show and stops "
+                    "relaxations from pulling atoms onto each other (models/EXPERIMENTS.md: it does not stop them into the "
+                    "learnt part's spurious basins)")
 parser.add_argument("--energy-weight", type=nonnegative_float, default=1.0, help="ff: weight of the energy-per-atom loss")
 parser.add_argument("--force-weight", type=nonnegative_float, default=10.0, help="ff: weight of the force loss")
 parser.add_argument("--stress-weight", type=nonnegative_float, default=1.0, help="ff: weight of the stress loss (crystals)")
@@ -162,7 +167,7 @@ explicit = {k for k, v in vars(args).items() if v is not None and v != parser.ge
 for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
-FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force", "student")
+FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force", "student", "repulsion")
 GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
             "time_tilt", "time_frequencies", "self_condition", "precision", "condition", "condition_dropout")
 

@@ -166,7 +166,7 @@ class Student:
         from models.forcefield import ForceField, ForceFieldConfig, ForceFieldObjective, fit_reference_energies
 
         model = ForceField(ForceFieldConfig(elements=self.elements, hidden=args.hidden, n_layers=args.n_layers, cutoff=args.cutoff,
-                                            family=args.student))
+                                            family=args.student, repulsion=args.repulsion))
         with torch.no_grad():  # per-element energies by least squares and the force scale: the network learns the rest
             e0 = fit_reference_energies(self.train.structure_numbers(), self.train.c["energy"], model.config.elements)
             model.reference_energy.copy_(torch.from_numpy(e0))

@@ -306,3 +306,53 @@ def test_speed_times_a_teacher_that_batches_batched_too(structures):
         assert row["speedup_batched_vs_batched"] == pytest.approx(
             row["student_batched_atoms_per_s"] / row["teacher_batched_atoms_per_s"])
     assert emt[0]["teacher_atoms_per_s"] > 0 and "teacher_batched_atoms_per_s" not in emt[0]
+
+
+def test_repulsion_changes_nothing_at_data_distances_and_pushes_overlapping_atoms_apart(structures):
+    """The ZBL term (ForceFieldConfig.repulsion): on the fixture's molecules and crystals, whose every pair lies beyond
+    0.6 of its covalent-radii sum, a student with it gives exactly what the same weights give without it. Squeezed
+    below that, a pair's energy rises as it closes, zero slope where it switches on, and forces and stress stay the
+    derivatives of the energy (finite differences)."""
+    from ase.data import covalent_radii
+
+    plain, repelled = model(), model(repulsion=0.6)
+    repelled.load_state_dict(plain.state_dict())
+    for atoms in structures:
+        args = flat_batch([atoms])
+        for a, b in zip(plain(*args, stress=True), repelled(*args, stress=True)):
+            assert torch.equal(a, b)
+
+    crystal = structures[3].copy()  # a perov-5 cell: push atom 1 toward atom 0 along their (minimum-image) bond
+    z0, z1 = crystal.numbers[:2]
+    r_off = 0.6 * (covalent_radii[z0] + covalent_radii[z1])
+    bond = crystal.get_distance(0, 1, mic=True, vector=True)
+    added = []
+    for r in (1.2 * r_off, 0.999 * r_off, 0.9 * r_off, 0.6 * r_off, 0.3 * r_off):
+        squeezed = crystal.copy()
+        squeezed.positions[1] = squeezed.positions[0] + bond / np.linalg.norm(bond) * r
+        args = flat_batch([squeezed])
+        added.append((repelled.energy(*args) - plain.energy(*args)).item())
+    assert added[0] == 0 and 0 < added[1] < 1e-3 * added[2] and added[2] < added[3] < added[4]
+
+    numbers, pos, batch, cell, pbc = args  # the pair at 0.3 of r_off: the repulsion dominates the forces
+    e, f, s = repelled(numbers, pos.clone(), batch, cell, pbc, stress=True)
+    h = 1e-6
+    for a, x in [(0, 0), (1, 2)]:
+        p1, p2 = pos.clone(), pos.clone()
+        p1[a, x] += h
+        p2[a, x] -= h
+        fd = -(repelled.energy(numbers, p1, batch, cell, pbc) - repelled.energy(numbers, p2, batch, cell, pbc)) / (2 * h)
+        assert f[a, x].item() == pytest.approx(fd.item(), rel=1e-5)
+    eps = torch.zeros(3, 3, dtype=torch.float64)
+    eps[0, 0] = h
+    energies = [repelled.energy(numbers, pos @ (torch.eye(3, dtype=torch.float64) + sign * eps), batch,
+                                cell @ (torch.eye(3, dtype=torch.float64) + sign * eps), pbc) for sign in (1, -1)]
+    fd = (energies[0] - energies[1]) / (2 * h) / abs(np.linalg.det(squeezed.cell.array))
+    assert s[0, 0, 0].item() == pytest.approx(fd.item(), rel=1e-4)
+
+
+def test_repulsion_must_lie_within_the_cutoff():
+    with pytest.raises(ValueError, match="beyond the cutoff"):
+        ForceFieldConfig(elements=[55, 7], cutoff=2.0, repulsion=0.6)  # Cs: 2 x 2.44 A x 0.6 = 2.9 A
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ForceFieldConfig(repulsion=1.5)
