@@ -29,8 +29,8 @@ E_rep (`repulsion` > 0, off by default): the ZBL screened nuclear repulsion of e
 times the sum of the two atoms' covalent radii, switched off smoothly at that distance. Training structures hold
 no pair that close (at 0.6 not one of perov-5's or carbon-24's 11,634 test and validation crystals does; their
 closest pair is a Cs-N at 0.667 of the sum), so the learnt part is unchanged where it was trained; the term only
-stops a relaxation or a trajectory from pulling atoms onto each other, into a basin of the learnt part that no
-data ever contradicted.
+keeps atoms from overlapping in a relaxation or a trajectory. It does not remove a spurious basin of the learnt
+part just outside its reach, which only data can (models/EXPERIMENTS.md, "The shipped students").
 """
 from __future__ import annotations
 
