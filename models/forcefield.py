@@ -79,8 +79,13 @@ def zbl_repulsion(z_i: torch.Tensor, z_j: torch.Tensor, d: torch.Tensor, r_off: 
     zi, zj = z_i.to(d.dtype), z_j.to(d.dtype)
     x = d * (zi ** 0.23 + zj ** 0.23) / 0.46850
     phi = sum(c * torch.exp(-k * x) for c, k in zip(ZBL_C, ZBL_D))
-    switch = torch.where(d < r_off, 0.5 * (1 + torch.cos(torch.pi * (d / r_off).clamp(max=1))), torch.zeros_like(d))
+    switch = torch.where(d < r_off, 0.5 * (1 + torch.cos(torch.pi * d / r_off)), torch.zeros_like(d))
     return COULOMB * zi * zj / d.clamp(min=1e-6) * phi * switch
+
+
+def edge_vectors(pos, batch, cell, i, j, shift) -> torch.Tensor:
+    """The vectors [E, 3] of neighbour_edges' pairs, pos[j] - pos[i] + shift @ cell, differentiable in pos and cell."""
+    return pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
 
 
 def neighbour_edges(pos: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float):
@@ -263,15 +268,14 @@ class ForceField(nn.Module):
 
     def _repulsion(self, numbers, pos, batch, cell, i, j, shift, n_struct: int) -> torch.Tensor:
         """E_rep [S] (eV, float64) over the edge list, which holds each pair twice (i -> j and j -> i)."""
-        vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
-        d = vec.norm(dim=-1).double()
+        d = edge_vectors(pos, batch, cell, i, j, shift).norm(dim=-1).double()
         r_off = self.config.repulsion * (self.covalent_radius[numbers[i]] + self.covalent_radius[numbers[j]])
         pair = 0.5 * zbl_repulsion(numbers[i], numbers[j], d, r_off)
         return torch.zeros(n_struct, dtype=torch.float64, device=pos.device).index_add(0, batch[i], pair)
 
     def _edge_energy(self, h, t, pos, batch, cell, i, j, shift, n_struct: int) -> torch.Tensor:
         """The layers over the edge list and the readout: what compile_inference compiles."""
-        vec = pos[j] - pos[i] + torch.einsum("ea,eab->eb", shift, cell[batch[i]]) if len(i) else pos[:0]
+        vec = edge_vectors(pos, batch, cell, i, j, shift)
         d = vec.norm(dim=-1)
         basis = cosine_envelope(d, self.config.cutoff)[:, None] * gaussian_rbf(d, self.config.cutoff, self.config.n_rbf)
         layer_class = LAYERS[self.config.family]

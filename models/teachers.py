@@ -53,12 +53,16 @@ class Teacher:
             a.pbc = True
         return a
 
-    def label(self, atoms):
-        """(energy, forces [n,3], stress [6]) of a copy of atoms; raises on unsupported elements or teacher errors."""
+    def check_elements(self, atoms) -> None:
+        """Raises UnsupportedElements where atoms hold an element the teacher has no parameters for."""
         if self.elements is not None:
             from models.structures import unknown_elements
             if bad := unknown_elements(atoms, self.elements):
                 raise UnsupportedElements(f"teacher {self.name} does not support element(s) {bad}")
+
+    def label(self, atoms):
+        """(energy, forces [n,3], stress [6]) of a copy of atoms; raises on unsupported elements or teacher errors."""
+        self.check_elements(atoms)
         periodic = bool(atoms.pbc.any())
         a = self.as_seen(atoms)
         a.calc = self.calc
@@ -72,11 +76,8 @@ class Teacher:
         raises, as label() does."""
         if self.batch is None:
             return [self.label(a) for a in structures]
-        if self.elements is not None:
-            from models.structures import unknown_elements
-            for atoms in structures:
-                if bad := unknown_elements(atoms, self.elements):
-                    raise UnsupportedElements(f"teacher {self.name} does not support element(s) {bad}")
+        for atoms in structures:
+            self.check_elements(atoms)
         from ase.stress import full_3x3_to_voigt_6_stress
 
         labels = []
