@@ -24,8 +24,8 @@ QM9_FIXTURE = ROOT / "tests" / "data" / "qm9_sample.csv"
 
 def run_script(*args, env=None) -> str:
     """stdout of `python ARGS...` run from the repository root on one thread; a failure shows its output."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    from forkserver import run_python
+    proc = run_python(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from forkserver import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--iters", "4", "--ckpt-every", "2", "--eval-samples", "2"]
 HAS_UNSHARE = shutil.which("unshare") is not None and subprocess.run(
@@ -38,7 +40,10 @@ def run_case(case, world: Path, qm9_dir: Path):
             return "needs `unshare -rm` (a private mount namespace) for a read-only or full disk"
         argv = ["unshare", "-rm", "sh", "-c", MOUNTS[needs].format(d=world / "mnt") + ' && exec "$@"', "sh", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": str(world / "mnt" if needs and "qm9" in needs else qm9_dir)}
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    if argv[0] == sys.executable:  # no mount namespace to enter: forked from the warm server (tests/forkserver.py)
+        proc = run_python(argv[1:], cwd=ROOT, env=env, timeout=300)
+    else:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -3,8 +3,6 @@ EDM protocol's halves, what a backbone sees of a condition, classifier-free guid
 end on the QM9 fixture."""
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import ase.io
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from forkserver import run_python
 from models.checkpoint import build_model, load_checkpoint
 from models.condition import condition_features, guide, protocol_halves
 from models.domains import get_domain
@@ -148,8 +147,7 @@ def test_condition_dropout_trains_the_unconditional_model_in_the_same_weights(qm
 
 
 def run(script, *args):
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python([script, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -5,14 +5,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from forkserver import run_python
 from models.domains import Crystals
 from models.crystal_metrics import (_first_matches, composition_valid, coverage, csp_metrics, density, fingerprints,
                                     is_valid, structure_valid, uniqueness_novelty, wasserstein_distances)
@@ -32,7 +31,7 @@ CARBON = ROOT / "tests" / "data" / "carbon24_sample.csv"
 def run(*args, check=True):
     # downloads go to a mirror that does not exist: nothing is downloaded at test time, online or not
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_CDVAE_URL": f"file://{ROOT}/tests/data/no-such-mirror/{{folder}}/{{split}}.csv"}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = run_python(args, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -5,12 +5,11 @@ that are damaged or cannot be written. The runner and its conventions are in tes
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from forkserver import run_python
 from hostile import ROOT, hostile_table
 
 CARBON_RUN = "--data carbon24 --stability --relax-steps 5 --n-unique 3 --no-coverage --workers 1 --no-progress"
@@ -120,9 +119,8 @@ def world(tmp_path_factory):
     (seed / "cdvae" / "carbon_24").mkdir(parents=True)
     for split in ("val", "test"):
         shutil.copy(ROOT / "tests" / "data" / "carbon24_sample.csv", seed / "cdvae" / "carbon_24" / f"{split}.csv")
-    subprocess.run([sys.executable, "evaluate.py", *REFERENCE.split(), "--hull", "relaxed", "--data-dir", str(seed),
-                    "--json", str(w / "seed_out" / "metrics.json")], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_python(["evaluate.py", *REFERENCE.split(), "--hull", "relaxed", "--data-dir", seed, "--json", w / "seed_out" / "metrics.json"],
+               cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def data_dir(path, leave_out=(), damage=None):
         """A copy of the seed's data and caches at path, without the caches leave_out, with damage {name: bytes}."""

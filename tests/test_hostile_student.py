@@ -5,8 +5,6 @@ flags out of range. The runner and its conventions are in tests/hostile.py."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from ase.build import bulk
 
 from hostile import ROOT, hostile_table
+from forkserver import run_python
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.labels import LabelWriter
 from test_train_ff import emt_rows
@@ -91,16 +90,14 @@ def world(tmp_path_factory):
 
     write("emt.h5", rows)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, *train("student", "{w}/emt.h5").format(w=w).split()], cwd=ROOT, check=True,
-                   capture_output=True, env=env)
+    run_python(train("student", "{w}/emt.h5").format(w=w).split(), cwd=ROOT, check=True, env=env)
     ckpt = load_checkpoint(w / "student" / "ckpt.pt", task="ff")
     ckpt.pop("format")
     save_checkpoint(w / "old.pt", {k: v for k, v in ckpt.items() if k != "trained_key_hashes"})
     (w / "elsewhere").mkdir()
     shutil.copyfile(w / "emt.h5", w / "elsewhere" / "copy.h5")
     write("extra.h5", emt_rows(6, 0, seed=1, prefix="x")[1])
-    subprocess.run([sys.executable, "label.py", "merge", str(w / "emt.h5"), str(w / "extra.h5"), "--out", str(w / "merged.h5")],
-                   cwd=ROOT, check=True, capture_output=True, env=env)
+    run_python(["label.py", "merge", w / "emt.h5", w / "extra.h5", "--out", w / "merged.h5"], cwd=ROOT, check=True, env=env)
 
     def variant(name, change):
         """Six of the structures under other keys ('v' + key), one of them changed."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from forkserver import run_python
 from models.crystals import read_cdvae_csv
 from models.molecules import load_qm9, write_sdf
 
@@ -22,8 +23,7 @@ SCORED = {"molecules": ("atom_stability", "mol_stability", "validity", "uniquene
 
 
 def evaluate(*args):
-    proc = subprocess.run([sys.executable, "evaluate.py", *map(str, args), "--no-progress"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(["evaluate.py", *args, "--no-progress"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from forkserver import run_python
 from models.domains import get_domain
 from models.scaling import (JointLaw, PowerLaw, bootstrap, bootstrap_iso_flop, budget_minimum, fit_joint_law, fit_power_law,
                             held_out_budget)
@@ -124,7 +125,7 @@ def test_iso_flop_minimum_is_refused_outside_the_sizes_run_and_the_largest_budge
 
 def run_fit(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "scale.py", "fit", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    return run_python(["scale.py", "fit", *args], cwd=ROOT, env=env)
 
 
 def test_fit_command_writes_report_json_and_plot(tmp_path):
@@ -160,7 +161,7 @@ def test_unusable_results_name_file_and_run(tmp_path, record, message):
 
 def scale(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "scale.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = run_python(["scale.py", *args], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -255,10 +256,9 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     """Two processes evaluated every 2 steps: their curves put each evaluation at step x FLOPs per step and at the
     run's seconds, and a directory that is no run is refused naming it."""
     for gen in ("flow", "diffusion"):
-        proc = subprocess.run([sys.executable, "train.py", "--gen", gen, *TINY_RUN.split(), "--iters", "4", "--batch-size", "8",
-                               "--eval-every", "2", "--eval-samples", "4", "--sample-steps", "2", "--count-flops",
-                               "--data-dir", str(qm9_dir), "--out", str(tmp_path / gen)], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = run_python(["train.py", "--gen", gen, *TINY_RUN.split(), "--iters", "4", "--batch-size", "8", "--eval-every", "2",
+                           "--eval-samples", "4", "--sample-steps", "2", "--count-flops", "--data-dir", qm9_dir,
+                           "--out", tmp_path / gen], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
     scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--out", tmp_path / "curves")
     curves = json.loads((tmp_path / "curves" / "curves.json").read_text())

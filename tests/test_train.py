@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +9,7 @@ import ase.io
 import pytest
 import torch
 
+from forkserver import run_python
 from models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from models.domains import Molecules
 
@@ -20,7 +19,7 @@ TINY = ["--preset", "tiny", "--iters", "24", "--log-every", "1", "--ckpt-every",
 
 def run(*args, env=None, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = run_python(args, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

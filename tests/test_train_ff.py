@@ -4,8 +4,6 @@ evaluate.py --task ff scores it, and label.py runs it as a teacher. Bad labels f
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,6 +13,7 @@ import torch
 from ase.build import bulk
 
 from conftest import QM9_FIXTURE
+from forkserver import run_python
 from models.checkpoint import CheckpointError, load_checkpoint, load_student
 from models.forcefield import student_calculator
 from models.molecules import read_qm9pack_csv
@@ -29,7 +28,7 @@ TINY = ["--task", "ff", "--preset", "tiny", "--iters", "30", "--batch-size", "8"
 
 def run(*args, check=True, cwd=ROOT):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env)
+    proc = run_python(args, cwd=cwd, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,0 +1,165 @@
+"""The tests' way to run a script as a process: `run_python(args)` forks it from a warm server instead of starting an
+interpreter that imports torch again.
+
+Most of a short script run in the tests is start-up (importing torch and torch._dynamo, which the first optimiser
+step imports, about 5 s on one core here), and the suite runs a few hundred of them. A server process (this file run as a script) imports the third-party libraries once,
+then for each request forks a child that runs the script with runpy as `python SCRIPT ARGS` would: its own argv, cwd,
+environment, stdin at /dev/null, stdout and stderr to files, and the interpreter's own ending, so an uncaught exception
+prints its traceback and exits 1, `sys.exit("message")` prints the message, atexit handlers and threads finish. The
+child imports the repository's own modules itself. The preloaded libraries may read the environment as they load, so
+the server starts with OMP_NUM_THREADS=1 (as every script the tests start runs) and a request whose load-time
+variables (LOAD_TIME_PREFIXES) differ from the server's, or that passes interpreter flags, starts a plain process, and tests that signal or time a process (tests/test_crash_safety.py) start their own.
+
+tests/test_forkserver.py checks that a forked run and a fresh process agree: exit status, stdout, stderr.
+"""
+import atexit
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+# Imported once by the server. torch._dynamo is the largest part (about 2.7 s on one core here, more than torch
+# itself): torch.optim imports it at the first optimiser step, so every training run pays it.
+PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.spatial", "scipy.optimize", "h5py", "ase.io", "tqdm", "rdkit.Chem",
+           "matplotlib.pyplot", "pymatgen.core")
+SERVER_ENV = {"OMP_NUM_THREADS": "1"}
+# Variables the preloaded libraries may read as they load (OpenMP's thread count, dynamo's and inductor's settings,
+# matplotlib's backend): a request must agree with the server on every one of them, or it runs as a plain process.
+LOAD_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "TRITON", "CUDA", "MPL", "PYTHON", "LD_")
+
+
+# ---- the server (this file run as a script) ----
+
+def _serve() -> None:
+    """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout}), with a JSON line
+    ({returncode, timed_out}) on the pipe that was stdout when the server started."""
+    import importlib
+    import signal
+    import time
+    for name in PRELOAD:
+        importlib.import_module(name)
+    replies = os.fdopen(os.dup(1), "w")
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            replies.close()
+            _run_child(request)  # never returns: the child ends as the interpreter ends a script
+        deadline = time.monotonic() + request["timeout"] if request["timeout"] else None
+        timed_out = False
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                timed_out = True
+            time.sleep(0.005)
+        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
+        replies.flush()
+
+
+def _run_child(request: dict) -> None:
+    """In the forked child: become `python ARGV` in request's cwd and environment, with stdout and stderr in files.
+    The script's SystemExit or exception leaves through here to the interpreter, which ends the process as it ends
+    any script (a str exit code printed, a traceback printed and status 1, atexit handlers run)."""
+    import runpy
+    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_TRUNC),
+                            (2, request["stderr"], os.O_WRONLY | os.O_TRUNC)):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    import numpy
+    numpy.random.seed()  # a fresh process draws numpy's global seed from the OS; forked children would share one
+    argv = request["argv"]
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
+    sys.exit(0)
+
+
+# ---- the client (imported by the tests) ----
+
+class _Server:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, **SERVER_ENV}, text=True)
+
+    def run(self, argv: list[str], cwd: str, env: dict, timeout: float | None) -> tuple[int, bool, str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            out.touch()
+            err.touch()
+            self.proc.stdin.write(json.dumps(dict(argv=argv, cwd=cwd, env=env, stdout=str(out), stderr=str(err),
+                                                  timeout=timeout)) + "\n")
+            self.proc.stdin.flush()
+            reply = self.proc.stdout.readline()
+            if not reply:
+                raise RuntimeError(f"the test fork server (pid {self.proc.pid}) stopped")
+            reply = json.loads(reply)
+            decode = dict(encoding="utf-8", errors="backslashreplace")
+            return reply["returncode"], reply["timed_out"], out.read_text(**decode), err.read_text(**decode)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+_idle: queue.SimpleQueue = queue.SimpleQueue()  # servers not running a request; one more starts when none is idle
+_all: list[_Server] = []
+_lock = threading.Lock()
+
+
+@atexit.register
+def _close_servers():
+    for server in _all:
+        server.close()
+
+
+def _forkable(argv: list[str], env: dict) -> bool:
+    server_env = {**os.environ, **SERVER_ENV}
+    load_time = {k for k in {*env, *server_env} if k.startswith(LOAD_TIME_PREFIXES)}
+    return (bool(argv) and (argv[0] == "-m" or not argv[0].startswith("-"))
+            and all(env.get(k) == server_env.get(k) for k in load_time))
+
+
+def run_python(args, *, cwd, env: dict | None = None, timeout: float | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """`subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    check=check)`, forked from a warm server when it can stand in for a fresh interpreter (the module's docstring)."""
+    argv = [str(a) for a in args]
+    env = dict(os.environ if env is None else env)
+    if not _forkable(argv, env):
+        return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=check)
+    try:
+        server = _idle.get_nowait()
+    except queue.Empty:
+        server = _Server()
+        with _lock:
+            _all.append(server)
+    returncode, timed_out, stdout, stderr = server.run(argv, str(cwd), env, timeout)
+    _idle.put(server)
+    if timed_out:
+        raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)
+    if check and returncode != 0:
+        raise subprocess.CalledProcessError(returncode, [sys.executable, *argv], stdout, stderr)
+    return subprocess.CompletedProcess([sys.executable, *argv], returncode, stdout, stderr)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,64 @@
+"""tests/forkserver.py stands in for a fresh interpreter: a script forked from the warm server and the same script in a
+new process end alike (exit status, stdout, stderr), however the script ends."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from forkserver import _forkable, run_python
+
+SCRIPTS = {
+    "prints and returns": "import sys\nprint('out', sys.argv[1:])\nprint('err', file=sys.stderr)\n",
+    "exits with a message": "import sys\nprint('partial')\nsys.exit('stopped: a clear message')\n",
+    "exits with a status": "import sys\nsys.exit(3)\n",
+    "raises": "def f():\n    raise ValueError('boom')\nf()\n",
+    "reads its environment and directory": "import os, sys\nprint(os.environ['MOLGEN_DATA'], os.getcwd(), sys.argv[0], sys.path[0])\n",
+    "ends its threads and atexit handlers": ("import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
+                                              "threading.Thread(target=lambda: (time.sleep(0.2), print('thread ran'))).start()\n"),
+    "uses torch on one thread": "import torch\nprint(torch.get_num_threads(), torch.ones(3).sum().item())\n",
+    "is run as __main__": "print(__name__)\nif __name__ == '__main__':\n    print('main ran')\n",
+}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_forked_script_ends_as_a_fresh_process_does(name, tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPTS[name])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": str(tmp_path / "data")}
+    assert _forkable(["script.py"], env)
+    forked = run_python(["script.py", "a", "b c"], cwd=tmp_path, env=env)
+    fresh = subprocess.run([sys.executable, "script.py", "a", "b c"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
+    if name == "raises":  # the same traceback's end; the forked one also lists the server's frames above the script's
+        assert fresh.stderr.splitlines()[-1] == forked.stderr.splitlines()[-1] == "ValueError: boom"
+        assert "Traceback" in forked.stderr and 'script.py", line 2, in f' in forked.stderr
+    else:
+        assert forked.stderr == fresh.stderr
+
+
+def test_a_module_runs_with_dash_m_and_timeouts_stop_the_child(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "tool.py").write_text("import sys\nprint(__name__, sys.argv)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    forked = run_python(["-m", "pkg.tool", "x"], cwd=tmp_path, env=env)
+    fresh = subprocess.run([sys.executable, "-m", "pkg.tool", "x"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert forked.returncode == fresh.returncode == 0 and forked.stdout == fresh.stdout
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python(["slow.py"], cwd=tmp_path, env=env, timeout=0.5)
+    assert run_python(["pkg/tool.py"], cwd=tmp_path, env=env).returncode == 0  # the server still answers
+
+
+def test_numpy_draws_a_fresh_seed_in_each_child(tmp_path):
+    (tmp_path / "draw.py").write_text("import numpy\nprint(numpy.random.rand())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    draws = {run_python(["draw.py"], cwd=tmp_path, env=env).stdout for _ in range(3)}
+    assert len(draws) == 3
+
+
+def test_another_thread_count_starts_a_plain_process(tmp_path):
+    assert not _forkable(["x.py"], {**os.environ, "OMP_NUM_THREADS": "2"})
+    assert not _forkable(["-c", "pass"], {**os.environ, "OMP_NUM_THREADS": "1"})
+    (tmp_path / "threads.py").write_text("import torch\nprint(torch.get_num_threads())\n")
+    assert run_python(["threads.py"], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip() == "2"
