@@ -39,7 +39,6 @@ def _serve() -> None:
     ({returncode, timed_out}) on the pipe that was stdout when the server started."""
     import importlib
     import signal
-    import time
     for name in PRELOAD:
         importlib.import_module(name)
     replies = os.fdopen(os.dup(1), "w")
@@ -51,17 +50,16 @@ def _serve() -> None:
         if pid == 0:
             replies.close()
             _run_child(request)  # never returns: the child ends as the interpreter ends a script
-        deadline = time.monotonic() + request["timeout"] if request["timeout"] else None
-        timed_out = False
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                timed_out = True
-            time.sleep(0.005)
-        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
+        killed = []  # the timer's thread has ended (joined below) before the next fork
+        timer = threading.Timer(request["timeout"], lambda: killed.append(os.kill(pid, signal.SIGKILL))) \
+            if request["timeout"] else None
+        if timer:
+            timer.start()
+        _, status = os.waitpid(pid, 0)
+        if timer:
+            timer.cancel()
+            timer.join()
+        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "timed_out": bool(killed)}) + "\n")
         replies.flush()
 
 
