@@ -85,7 +85,8 @@ def triangle_implementations(smoke: bool) -> dict:
 
 def measure(fn, make_inputs, backward: bool) -> tuple[float, float | None]:
     """(median ms, peak MiB allocated beyond the inputs) of fn, forward or forward + backward.
-    On the CPU (--smoke): the time of one call after a warm-up, and no memory figure."""
+    On the CPU (--smoke): the time of a single call, no warm-up (in the interpreter a call costs seconds and its time
+    means nothing), and no memory figure."""
     from triton.testing import do_bench
 
     inputs = make_inputs()
@@ -96,11 +97,11 @@ def measure(fn, make_inputs, backward: bool) -> tuple[float, float | None]:
         if backward:
             torch.autograd.grad(out, grads, torch.ones_like(out))
 
-    step()  # compile / autotune outside the timing
     if not grads[0].is_cuda:
         start = time.perf_counter()
         step()
         return (time.perf_counter() - start) * 1e3, None
+    step()  # compile / autotune outside the timing
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
