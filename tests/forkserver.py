@@ -23,9 +23,11 @@ import threading
 from pathlib import Path
 
 # Imported once by the server. torch._dynamo is the largest part (about 2.7 s on one core here, more than torch
-# itself): torch.optim imports it at the first optimiser step, so every training run pays it.
+# itself): torch.optim imports it at the first optimiser step, so every training run pays it. CHGNet (about 1.5 s
+# more) judges and labels crystals; smact and pymatgen's StructureMatcher score every crystal sample file.
 PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.spatial", "scipy.optimize", "h5py", "ase.io", "tqdm", "rdkit.Chem",
-           "matplotlib.pyplot", "pymatgen.core")
+           "matplotlib.pyplot", "pymatgen.core", "pymatgen.analysis.structure_matcher", "smact", "smact.screening",
+           "chgnet.model", "chgnet.model.dynamics")
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 # Variables the preloaded libraries may read as they load (OpenMP's thread count, dynamo's and inductor's settings,
 # matplotlib's backend): a request must agree with the server on every one of them, or it runs as a plain process.
@@ -39,9 +41,10 @@ def _serve() -> None:
     ({returncode, timed_out}) on the pipe that was stdout when the server started."""
     import importlib
     import signal
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the server itself prints (a library's notice at import) stays out of the replies
     for name in PRELOAD:
         importlib.import_module(name)
-    replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:
         request = json.loads(line)
         sys.stdout.flush()
