@@ -23,8 +23,9 @@ import threading
 from pathlib import Path
 
 # Imported once by the server. torch._dynamo is the largest part (about 2.7 s on one core here, more than torch
-# itself): torch.optim imports it at the first optimiser step, so every training run pays it. CHGNet (about 1.5 s
-# more) judges and labels crystals; smact and pymatgen's StructureMatcher score every crystal sample file.
+# itself): torch.optim imports it at the first optimiser step, so every training run pays it. CHGNet (about 4 s
+# more, pymatgen's modules with it) judges and labels crystals; smact and pymatgen's StructureMatcher score every
+# crystal sample file.
 PRELOAD = ("torch", "torch._dynamo", "numpy", "scipy.spatial", "scipy.optimize", "h5py", "ase.io", "tqdm", "rdkit.Chem",
            "matplotlib.pyplot", "pymatgen.core", "pymatgen.analysis.structure_matcher", "smact", "smact.screening",
            "chgnet.model", "chgnet.model.dynamics")
