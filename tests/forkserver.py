@@ -12,12 +12,18 @@ tests start runs) and a request whose load-time variables (LOAD_TIME_PREFIXES) d
 passes interpreter flags, starts a plain process, and tests that signal or time a process (tests/test_crash_safety.py)
 start their own.
 
+A script that starts python scripts of its own (scale.py runs train.py, sample.py and evaluate.py for each point) would
+pay the imports again in each of them, so every child forks a helper from the warm state before its script runs, and
+its `subprocess.run([sys.executable, SCRIPT, ...], stdout=FILE, ...)` calls are forked by that helper (the same rules:
+no interpreter flags, the same load-time variables; a call with a timeout, input or captured output runs as it would).
+
 tests/test_forkserver.py checks that a forked run and a fresh process agree: exit status, stdout, stderr.
 """
 import atexit
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,15 +76,27 @@ def _serve() -> None:
 
 
 def _run_child(request: dict) -> None:
-    """In the forked child: become `python ARGV` in request's cwd and environment, with stdout and stderr in files.
-    The script's SystemExit or exception leaves through here to the interpreter, which ends the process as it ends
-    any script (a str exit code printed, a traceback printed and status 1, atexit handlers run)."""
-    import runpy
+    """In the forked child: become `python ARGV` in request's cwd and environment, with stdout and stderr in files."""
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_TRUNC),
                             (2, request["stderr"], os.O_WRONLY | os.O_TRUNC)):
         opened = os.open(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
+    _become(request)
+
+
+def _become(request: dict) -> None:
+    """Run request's script as `python ARGV` in its cwd and environment (stdin, stdout and stderr already in place),
+    with a helper forked first for the script's own python children. The script's SystemExit or exception leaves
+    through here to the interpreter, which ends the process as it ends any script (a str exit code printed, a
+    traceback printed and status 1, atexit handlers run)."""
+    import runpy
+    ours, helpers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if os.fork() == 0:
+        ours.close()
+        _fork_children(helpers)  # never returns
+    helpers.close()
+    _forward_python_children(ours)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -94,6 +112,74 @@ def _run_child(request: dict) -> None:
         sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
         runpy.run_path(argv[0], run_name="__main__")
     sys.exit(0)
+
+
+# ---- a script's own python children ----
+
+_MESSAGE_BYTES = 1 << 20  # one request: argv, cwd and the environment as JSON
+
+
+def _fork_children(sock: socket.socket) -> None:
+    """The helper: still in the warm state the script started from, it forks one child per request that arrives with
+    its stdout and stderr descriptors, and answers with the child's exit status; it ends when the script does."""
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, _MESSAGE_BYTES, 2)
+        if not message:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            for fd in (*fds, devnull):
+                os.close(fd)
+            _become(json.loads(message))  # never returns
+        for fd in fds:
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        try:
+            sock.send(str(os.waitstatus_to_exitcode(status)).encode())
+        except OSError:  # the script has ended while its child ran
+            os._exit(0)
+
+
+def _forward_python_children(sock: socket.socket) -> None:
+    """Patch subprocess.run in the script's process: a call that starts this python on a script, with its output in
+    files or inherited and no timeout, input or capture, is sent to the helper; any other call runs as it would."""
+    plain_run = subprocess.run
+    lock = threading.Lock()
+
+    def descriptor(stream, inherited: int) -> int | None:
+        if stream is None:
+            return inherited
+        if isinstance(stream, int):
+            return stream if stream >= 0 else None  # PIPE, DEVNULL and STDOUT are negative
+        if hasattr(stream, "fileno"):
+            return stream.fileno()  # not flushed first: subprocess does not flush it either
+        return None
+
+    def run(args, **kwargs):
+        forwardable = (isinstance(args, (list, tuple)) and len(args) > 1 and str(args[0]) == sys.executable
+                       and set(kwargs) <= {"cwd", "env", "stdout", "stderr", "check"})
+        if forwardable:
+            argv = [os.fspath(a) for a in args[1:]]
+            env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+            out = descriptor(kwargs.get("stdout"), 1)
+            err = out if kwargs.get("stderr") == subprocess.STDOUT else descriptor(kwargs.get("stderr"), 2)
+            forwardable = None not in (out, err) and _forkable(argv, env)
+        if not forwardable:
+            return plain_run(args, **kwargs)
+        request = dict(argv=argv, cwd=os.path.abspath(kwargs.get("cwd") or os.getcwd()), env=env)
+        with lock:
+            socket.send_fds(sock, [json.dumps(request).encode()], [out, err])
+            returncode = int(sock.recv(64))
+        if kwargs.get("check") and returncode != 0:
+            raise subprocess.CalledProcessError(returncode, args)
+        return subprocess.CompletedProcess(args, returncode)
+
+    subprocess.run = run
 
 
 # ---- the client (imported by the tests) ----
@@ -135,6 +221,8 @@ def _close_servers():
 
 
 def _forkable(argv: list[str], env: dict) -> bool:
+    """Whether a forked child can stand in for `python ARGV` in env: no interpreter flags, and the server's values of
+    the load-time variables (in the server's children, os.environ already holds them)."""
     server_env = {**os.environ, **SERVER_ENV}
     load_time = {k for k in {*env, *server_env} if k.startswith(LOAD_TIME_PREFIXES)}
     return (bool(argv) and (argv[0] == "-m" or not argv[0].startswith("-"))

@@ -62,3 +62,45 @@ def test_another_thread_count_starts_a_plain_process(tmp_path):
     assert not _forkable(["-c", "pass"], {**os.environ, "OMP_NUM_THREADS": "1"})
     (tmp_path / "threads.py").write_text("import torch\nprint(torch.get_num_threads())\n")
     assert run_python(["threads.py"], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip() == "2"
+
+
+PARENT = """import subprocess, sys
+with open("child.log", "a") as f:
+    f.write("first line\\n")
+    f.flush()
+    code = subprocess.run([sys.executable, "child.py", "to a file"], stdout=f, stderr=subprocess.STDOUT).returncode
+print("file child exit", code)
+print("inherited child exit", subprocess.run([sys.executable, "child.py", "inherited"], cwd="sub").returncode)
+captured = subprocess.run([sys.executable, "child.py", "captured"], capture_output=True, text=True)
+print("captured child exit", captured.returncode, repr(captured.stdout))
+try:
+    subprocess.run([sys.executable, "child.py", "checked"], check=True, stdout=subprocess.DEVNULL)
+except subprocess.CalledProcessError as e:
+    print("checked child raised", e.returncode)
+"""
+CHILD = """import os, sys
+print("child", sys.argv[1:], os.path.basename(os.getcwd()), os.environ["MOLGEN_DATA"])
+print("child err", file=sys.stderr)
+sys.exit(5)
+"""
+
+
+def test_a_scripts_own_python_children_are_forked_and_end_as_fresh_ones_do(tmp_path):
+    """scale.py starts train.py for each point: those children are forked from the warm state too (they find torch
+    imported), and the script sees what it would see from fresh processes: exit status, output in its files."""
+    (tmp_path / "sub").mkdir()
+    for where in (tmp_path, tmp_path / "sub"):
+        (where / "child.py").write_text(CHILD)
+    (tmp_path / "parent.py").write_text(PARENT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": "d"}
+    fresh = subprocess.run([sys.executable, "parent.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    fresh_log = (tmp_path / "child.log").read_text()
+    (tmp_path / "child.log").unlink()
+    forked = run_python(["parent.py"], cwd=tmp_path, env=env)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert fresh.returncode == 0 and "checked child raised 5" in fresh.stdout
+    assert (tmp_path / "child.log").read_text() == fresh_log  # the child's lines in their buffered order
+    assert sorted(fresh_log.splitlines()) == ["child ['to a file'] " + tmp_path.name + " d", "child err", "first line"]
+    (tmp_path / "child.py").write_text("import sys\nprint('torch' in sys.modules)\n")
+    (tmp_path / "parent.py").write_text("import subprocess, sys\nsubprocess.run([sys.executable, 'child.py'])\n")
+    assert run_python(["parent.py"], cwd=tmp_path, env=env).stdout == "True\n"  # forked from the warm state
