@@ -16,6 +16,8 @@ A script that starts python scripts of its own (scale.py runs train.py, sample.p
 pay the imports again in each of them, so every child forks a helper from the warm state before its script runs, and
 its `subprocess.run([sys.executable, SCRIPT, ...], stdout=FILE, ...)` calls are forked by that helper (the same rules:
 no interpreter flags, the same load-time variables; a call with a timeout, input or captured output runs as it would).
+The hostile tables' read-only and full disks are mounts in a private namespace: the child enters one itself
+(`private_mounts`), as `unshare -rm` would, before its script runs.
 
 tests/test_forkserver.py checks that a forked run and a fresh process agree: exit status, stdout, stderr.
 """
@@ -46,7 +48,7 @@ LOAD_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "TRITON", "CUD
 # ---- the server (this file run as a script) ----
 
 def _serve() -> None:
-    """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout}), with a JSON line
+    """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout, private_mounts}), with a JSON line
     ({returncode, timed_out}) on the pipe that was stdout when the server started."""
     import importlib
     import signal
@@ -82,7 +84,23 @@ def _run_child(request: dict) -> None:
         opened = os.open(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
+    if request.get("private_mounts"):
+        _enter_private_mounts(request["private_mounts"])
     _become(request)
+
+
+def _enter_private_mounts(shell: str) -> None:
+    """What `unshare -rm sh -c SHELL` does before it runs a command: a user namespace where this user is root and a
+    mount namespace of this process's own (a forked child has one thread, as unshare(2) requires), then SHELL's
+    mounts in it; the script and its children see them, nothing outside does."""
+    import ctypes
+    uid, gid = os.getuid(), os.getgid()
+    clone_newns, clone_newuser = 0x00020000, 0x10000000
+    if ctypes.CDLL(None, use_errno=True).unshare(clone_newuser | clone_newns) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER | CLONE_NEWNS) failed")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        Path("/proc/self", name).write_text(text)
+    subprocess.run(["sh", "-c", "mount --make-rprivate / && " + shell], check=True)
 
 
 def _become(request: dict) -> None:
@@ -189,13 +207,14 @@ class _Server:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, **SERVER_ENV}, text=True)
 
-    def run(self, argv: list[str], cwd: str, env: dict, timeout: float | None) -> tuple[int, bool, str, str]:
+    def run(self, argv: list[str], cwd: str, env: dict, timeout: float | None,
+            private_mounts: str | None) -> tuple[int, bool, str, str]:
         with tempfile.TemporaryDirectory() as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             out.touch()
             err.touch()
             self.proc.stdin.write(json.dumps(dict(argv=argv, cwd=cwd, env=env, stdout=str(out), stderr=str(err),
-                                                  timeout=timeout)) + "\n")
+                                                  timeout=timeout, private_mounts=private_mounts)) + "\n")
             self.proc.stdin.flush()
             reply = self.proc.stdout.readline()
             if not reply:
@@ -229,22 +248,26 @@ def _forkable(argv: list[str], env: dict) -> bool:
             and all(env.get(k) == server_env.get(k) for k in load_time))
 
 
-def run_python(args, *, cwd, env: dict | None = None, timeout: float | None = None,
-               check: bool = False) -> subprocess.CompletedProcess:
+def run_python(args, *, cwd, env: dict | None = None, timeout: float | None = None, check: bool = False,
+               private_mounts: str | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    check=check)`, forked from a warm server when it can stand in for a fresh interpreter (the module's docstring)."""
+    check=check)`, forked from a warm server when it can stand in for a fresh interpreter (the module's docstring).
+    private_mounts: shell commands (mounts) to run first in a private mount namespace, as
+    `unshare -rm sh -c 'PRIVATE_MOUNTS && exec python ARGS'` would."""
     argv = [str(a) for a in args]
     env = dict(os.environ if env is None else env)
     if not _forkable(argv, env):
-        return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                              check=check)
+        command = [sys.executable, *argv]
+        if private_mounts:
+            command = ["unshare", "-rm", "sh", "-c", private_mounts + ' && exec "$@"', "sh", *command]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=check)
     try:
         server = _idle.get_nowait()
     except queue.Empty:
         server = _Server()
         with _lock:
             _all.append(server)
-    returncode, timed_out, stdout, stderr = server.run(argv, str(cwd), env, timeout)
+    returncode, timed_out, stdout, stderr = server.run(argv, str(cwd), env, timeout, private_mounts)
     _idle.put(server)
     if timed_out:
         raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, stdout, stderr)

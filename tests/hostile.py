@@ -2,12 +2,12 @@
 and the words its message must contain. A clear error names the file, record or flag and the problem, and never
 shows a traceback.
 
-Read-only and full disks are real: the command runs in a private mount namespace (`unshare -rm`) over a tmpfs
-mounted read-only, or 64 KiB small, on the world's mnt/ directory."""
+Read-only and full disks are real: the command runs in a private mount namespace (as `unshare -rm` gives; the forked
+child enters it itself, tests/forkserver.py) over a tmpfs mounted read-only, or 64 KiB small, on the world's mnt/
+directory."""
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,16 +34,14 @@ def run_case(case, world: Path, qm9_dir: Path):
     name, command, status, words, needs = case
     if needs == "no-gpu" and torch.cuda.is_available():
         return "a GPU is visible"
-    argv = [sys.executable, *command.format(w=world, data=qm9_dir, tiny=" ".join(TINY)).split()]
+    argv = command.format(w=world, data=qm9_dir, tiny=" ".join(TINY)).split()
+    mounts = None
     if needs in MOUNTS:
         if not HAS_UNSHARE:
             return "needs `unshare -rm` (a private mount namespace) for a read-only or full disk"
-        argv = ["unshare", "-rm", "sh", "-c", MOUNTS[needs].format(d=world / "mnt") + ' && exec "$@"', "sh", *argv]
+        mounts = MOUNTS[needs].format(d=world / "mnt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_DATA": str(world / "mnt" if needs and "qm9" in needs else qm9_dir)}
-    if argv[0] == sys.executable:  # no mount namespace to enter: forked from the warm server (tests/forkserver.py)
-        proc = run_python(argv[1:], cwd=ROOT, env=env, timeout=300)
-    else:
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_python(argv, cwd=ROOT, env=env, timeout=300, private_mounts=mounts)  # forked (tests/forkserver.py)
     return proc.returncode, proc.stdout + proc.stderr
 
 

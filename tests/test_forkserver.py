@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from forkserver import _forkable, run_python
+from hostile import HAS_UNSHARE
 
 SCRIPTS = {
     "prints and returns": "import sys\nprint('out', sys.argv[1:])\nprint('err', file=sys.stderr)\n",
@@ -104,3 +105,18 @@ def test_a_scripts_own_python_children_are_forked_and_end_as_fresh_ones_do(tmp_p
     (tmp_path / "child.py").write_text("import sys\nprint('torch' in sys.modules)\n")
     (tmp_path / "parent.py").write_text("import subprocess, sys\nsubprocess.run([sys.executable, 'child.py'])\n")
     assert run_python(["parent.py"], cwd=tmp_path, env=env).stdout == "True\n"  # forked from the warm state
+
+
+@pytest.mark.skipif(not HAS_UNSHARE, reason="needs `unshare -rm` (a private mount namespace)")
+def test_private_mounts_are_seen_by_the_script_alone(tmp_path):
+    """The hostile tables' read-only and full disks: a forked script (and a plain one, when the environment sends it
+    to a fresh interpreter) runs over a read-only tmpfs that nothing outside it sees."""
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "write.py").write_text("import sys\ntry:\n    open('mnt/f', 'w')\nexcept OSError as e:\n"
+                                       "    sys.exit(f'refused: {e.strerror}')\nprint('written')\n")
+    read_only = f"mount -t tmpfs -o ro tmpfs {tmp_path / 'mnt'}"
+    for threads in ("1", "2"):  # forked, then a plain process under `unshare`
+        proc = run_python(["write.py"], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": threads},
+                          private_mounts=read_only)
+        assert (proc.returncode, proc.stderr) == (1, "refused: Read-only file system\n")
+    assert run_python(["write.py"], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout == "written\n"
