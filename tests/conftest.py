@@ -17,17 +17,20 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import models/ the way the scripts do: from the repository root
 
+from forkserver import run_python  # noqa: E402
 from models.molecules import read_qm9pack_csv, save_cache  # noqa: E402
 
 QM9_FIXTURE = ROOT / "tests" / "data" / "qm9_sample.csv"
 
 
-def run_script(*args, env=None) -> str:
-    """stdout of `python ARGS...` run from the repository root on one thread; a failure shows its output."""
-    from forkserver import run_python
-    proc = run_python(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def run_script(*args, env: dict | None = None, check: bool = True, cwd: Path = ROOT,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS...` run from the repository root (or cwd) on one thread, with env's variables added, forked from
+    a warm server (tests/forkserver.py); with check, a failure raises with the command's output."""
+    proc = run_python(args, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="session")

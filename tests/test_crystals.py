@@ -3,7 +3,6 @@ backbones' invariances, every backbone overfitting a few crystals in both tasks,
 broken crystals, and train -> sample -> CIF -> evaluate end to end."""
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from forkserver import run_python
+from conftest import run_script
 from models.domains import Crystals
 from models.crystal_metrics import (_first_matches, composition_valid, coverage, csp_metrics, density, fingerprints,
                                     is_valid, structure_valid, uniqueness_novelty, wasserstein_distances)
@@ -30,11 +29,7 @@ CARBON = ROOT / "tests" / "data" / "carbon24_sample.csv"
 
 def run(*args, check=True):
     # downloads go to a mirror that does not exist: nothing is downloaded at test time, online or not
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOLGEN_CDVAE_URL": f"file://{ROOT}/tests/data/no-such-mirror/{{folder}}/{{split}}.csv"}
-    proc = run_python(args, cwd=ROOT, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script(*args, check=check, env={"MOLGEN_CDVAE_URL": f"file://{ROOT}/tests/data/no-such-mirror/{{folder}}/{{split}}.csv"})
 
 
 @pytest.fixture(scope="module")

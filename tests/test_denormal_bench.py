@@ -11,7 +11,7 @@ def test_denormal_bench_times_each_kind_of_checkpoint(qm9_dir, tmp_path):
         env={"MOLGEN_DATA": str(qm9_dir)})
     run("train.py", "--task", "ff", "--data", tmp_path / "labels.h5", "--preset", "tiny", "--iters", 4, "--out", tmp_path / "ff")
     out = run("kernels/denormal_bench.py", tmp_path / "gen/ckpt.pt", tmp_path / "oracle/weights.pt", tmp_path / "ff/weights.pt",
-              "--batch", 8, "--repeats", 1, "--data-dir", qm9_dir)
+              "--batch", 8, "--repeats", 1, "--data-dir", qm9_dir).stdout
     rows = [line for line in out.splitlines() if line.startswith("| `")]
     assert len(rows) == 3, out
     assert "gen step, 8 molecules" in rows[0] and "oracle step, 8 molecules" in rows[1]

@@ -2,14 +2,12 @@
 damaged checkpoints and samples). The runner and its conventions are in tests/hostile.py; kills are in
 test_crash_safety.py."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
 from hostile import ROOT, TINY, hostile_table
 from models.checkpoint import load_checkpoint
 
@@ -138,8 +136,7 @@ def world(qm9_dir, tmp_path_factory):
     from models.labels import LabelWriter
 
     w = tmp_path_factory.mktemp("world")
-    subprocess.run([sys.executable, "train.py", *TINY, "--data-dir", str(qm9_dir), "--out", str(w / "run")], cwd=ROOT,
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_script("train.py", *TINY, "--data-dir", qm9_dir, "--out", w / "run")
     ckpt = load_checkpoint(w / "run" / "ckpt.pt")
     ckpt.pop("format")
     save_checkpoint(w / "nan.pt", {**ckpt, "ema": {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v

@@ -4,14 +4,12 @@ checkpoint that sample.py reads and that computes what the part computes; a resu
 uninterrupted one takes."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import QM9_FIXTURE, ROOT
+from conftest import QM9_FIXTURE, ROOT, run_script
 from forkserver import run_python
 from models.checkpoint import build_model, load_checkpoint
 from models.crystal_backbones import PeriodicTransformer
@@ -92,20 +90,17 @@ def test_a_joint_run_trains_both_domains_resumes_and_exports_each_part(joint_dat
     evals = [r for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines()) if "qm9/val_loss" in r]
     assert evals and "perov5/val_loss" in evals[-1]
     # scale.py curves draws one part of a joint run, against steps (a joint run counts no FLOPs), and asks which part
-    curves = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight", "--part", "perov5", "--out",
-                             tmp_path / "curves"], cwd=ROOT, capture_output=True, text=True)
-    assert curves.returncode == 0, curves.stderr[-3000:]
+    run_script("scale.py", "curves", tmp_path / "straight", "--part", "perov5", "--out", tmp_path / "curves")
     drawn = json.loads((tmp_path / "curves" / "curves.json").read_text())[0]
     assert drawn["data"] == "perov5" and [p["step"] for p in drawn["points"]] == [r["step"] for r in evals]
     assert [p["val_loss"] for p in drawn["points"]] == [r["perov5/val_loss"] for r in evals] and "flops" not in drawn["points"][0]
     assert "drawn against steps" in (tmp_path / "curves" / "curves.md").read_text()
     # two runs of one part share a loss: measured against the reference's last loss (the resumed run is the same run)
-    curves = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight", tmp_path / "resumed", "--part", "qm9",
-                             "--reference", "straight", "--out", tmp_path / "ref"], cwd=ROOT, capture_output=True, text=True)
-    assert curves.returncode == 0, curves.stderr[-3000:]
+    run_script("scale.py", "curves", tmp_path / "straight", tmp_path / "resumed", "--part", "qm9", "--reference", "straight",
+               "--out", tmp_path / "ref")
     for drawn in json.loads((tmp_path / "ref" / "curves.json").read_text()):
         assert drawn["reference_loss_level"] == {"level": evals[-1]["qm9/val_loss"], "step": 6, "time": drawn["points"][-1]["time"]}
-    unnamed = subprocess.run([sys.executable, "scale.py", "curves", tmp_path / "straight"], cwd=ROOT, capture_output=True, text=True)
+    unnamed = run_script("scale.py", "curves", tmp_path / "straight", check=False)
     assert unnamed.returncode == 1 and "is a joint run of qm9 and perov5: name the part to draw with --part qm9" in unnamed.stderr
 
     ckpt = load_checkpoint(tmp_path / "straight" / "ckpt.pt", task="joint")

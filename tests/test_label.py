@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 
-from conftest import QM9_FIXTURE, ROOT
+from conftest import QM9_FIXTURE, ROOT, run_script
 from models.molecules import read_qm9pack_csv
 from models.structures import check_structure, iter_structures
 from models.labels import FORMAT_V1, LabelWriter, LabelsError, read_labels
@@ -311,8 +311,7 @@ def test_refuses_file_of_another_teacher(tmp_path):
     run_label(tmp_path / "m.extxyz", "--teacher", "emt", "--out", out)
     with pytest.raises(LabelsError, match=r"labels\.h5.*'emt'.*'xtb'"):
         LabelWriter(out, "xtb", "tblite 0")
-    proc = subprocess.run([sys.executable, "label.py", str(tmp_path / "m.extxyz"), "--teacher", "xtb", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("label.py", tmp_path / "m.extxyz", "--teacher", "xtb", "--out", out, check=False)
     if importlib.util.find_spec("tblite"):
         assert proc.returncode != 0 and "emt" in proc.stderr and "xtb" in proc.stderr and "labels.h5" in proc.stderr
     assert len(read_labels(out)["key"]) == 1
@@ -621,8 +620,7 @@ def test_failures_are_shown_and_a_verdict_that_cannot_be_computed_is_no(tmp_path
     and n/a fails its check."""
     (tmp_path / "overlap.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nH 0 0 0\nH 0 0 0.1\n")
     out = tmp_path / "labels.h5"
-    proc = subprocess.run([sys.executable, "label.py", str(tmp_path / "overlap.xyz"), "--teacher", "emt", "--out", str(out),
-                           "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("label.py", tmp_path / "overlap.xyz", "--teacher", "emt", "--out", out, "--no-progress", check=False)
     assert proc.returncode == 0
     assert "failed overlap.xyz:0 (check): overlapping atoms" in proc.stderr
     assert "failed overlap.xyz:0 (check): overlapping atoms" in (tmp_path / "label.log").read_text()

@@ -6,8 +6,6 @@ data set; its EDM-style split gives 229 train, 41 valid and 30 test molecules.
 """
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import ase
@@ -15,6 +13,7 @@ import ase.io
 import numpy as np
 import pytest
 
+from conftest import run_script
 from models import molecule_metrics as metrics
 from models.fileio import DataError
 from models.molecule_evaluation import read_samples, score_molecules
@@ -170,8 +169,7 @@ def test_frechet_distance_matches_fcd_package():
 
 
 def run_evaluate(*args):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args), "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_script("evaluate.py", *args, "--no-progress", check=False, timeout=300)
 
 
 def test_evaluate_end_to_end(mols, qm9_dir, tmp_path):

@@ -3,8 +3,6 @@
 structure that cannot be read is named with its file and record."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import ase
@@ -12,7 +10,7 @@ import ase.io
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from forkserver import run_python
 from models.crystals import read_cdvae_csv
 from models.molecules import load_qm9, write_sdf
@@ -123,9 +121,8 @@ def test_cdvae_and_diffcsp_sample_files_convert_without_unpickling(perov_dir, tm
     evaluate.py scores: as structure prediction of the test compositions, every crystal matches its truth."""
     test = read_cdvae_csv(PEROV, progress=False)
     cdvae_file(tmp_path / "eval_diff.pt", test, lattices)
-    proc = subprocess.run([sys.executable, "-m", "models.convert", "cdvae", tmp_path / "eval_diff.pt", "--csp", "perov5",
-                           "--data-dir", perov_dir, "--out", tmp_path / "csp" / "samples.extxyz"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("-m", "models.convert", "cdvae", tmp_path / "eval_diff.pt", "--csp", "perov5", "--data-dir", perov_dir,
+               "--out", tmp_path / "csp" / "samples.extxyz")
     code, message = evaluate(tmp_path / "csp" / "samples.extxyz", "--data", "perov5", "--data-dir", perov_dir, "--workers", 1)
     assert code == 0, message[-3000:]
     m = metrics(tmp_path / "csp" / "metrics.json")
@@ -142,7 +139,6 @@ def test_a_sample_file_with_pickled_objects_is_refused(tmp_path):
     data = torch.load(tmp_path / "eval_gen.pt", weights_only=True)
     # an object in place of DiffCSP's torch_geometric batch, which only its own environment can unpickle
     torch.save({**data, "input_data_batch": SimpleNamespace(x=1)}, tmp_path / "pickled.pt")
-    proc = subprocess.run([sys.executable, "-m", "models.convert", "cdvae", tmp_path / "pickled.pt", "--out", tmp_path / "x.extxyz"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("-m", "models.convert", "cdvae", tmp_path / "pickled.pt", "--out", tmp_path / "x.extxyz", check=False)
     assert proc.returncode == 1 and "can be read without unpickling" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "x.extxyz").exists()

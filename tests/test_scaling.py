@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_script
 from forkserver import run_python
 from models.domains import get_domain
 from models.scaling import (JointLaw, PowerLaw, bootstrap, bootstrap_iso_flop, budget_minimum, fit_joint_law, fit_power_law,
@@ -160,10 +161,7 @@ def test_unusable_results_name_file_and_run(tmp_path, record, message):
 
 
 def scale(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = run_python(["scale.py", *args], cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("scale.py", *args)
 
 
 TINY_RUN = "--preset tiny --val-size 16 --n-train 64"
@@ -269,7 +267,7 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
         assert c["points"][0]["time"] < c["points"][1]["time"]
     assert (tmp_path / "curves" / "curves.png").stat().st_size > 0
     assert "| flow | flow |" in (tmp_path / "curves" / "curves.md").read_text()
-    refused = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True, text=True)
+    refused = run_script("scale.py", "curves", tmp_path / "curves", check=False)
     assert refused.returncode == 1 and f"{tmp_path / 'curves'} is not a train.py run directory" in refused.stderr
     # --reference: the level is that run's last sample metric (set here: tiny runs make no stable molecule), and when
     # each run first reached it; two processes' losses are not compared with each other
@@ -289,8 +287,7 @@ def test_curves_draw_each_process_against_flops_and_seconds(qm9_dir, tmp_path):
     assert row.startswith(f"| 4 | 0.4000 ({4 * flow['flops_per_step']:.3g}, ") and f"| 0.2000 ({4 * diffusion['flops_per_step']:.3g}, " in row
     scale("curves", tmp_path / "flow", tmp_path / "diffusion", "--metric", "atom_stability", "--out", tmp_path / "atoms")
     assert "atom_stability_level" in json.loads((tmp_path / "atoms" / "curves.json").read_text())[0]
-    wrong = subprocess.run([sys.executable, "scale.py", "curves", str(tmp_path / "flow"), "--reference", "nope"], cwd=ROOT,
-                           capture_output=True, text=True)
+    wrong = run_script("scale.py", "curves", tmp_path / "flow", "--reference", "nope", check=False)
     assert wrong.returncode == 1 and "--reference nope is none of the runs (flow)" in wrong.stderr
     # a second seed of the flow recipe (its log edited, so the spread is known) in a folder of the same name: the runs
     # are named by their parents, share a group, and curves.md gives the mean and spread over the two seeds per step
@@ -371,7 +368,7 @@ def test_ablation_shares_runs_between_sampler_variants_and_skips_when_done(qm9_d
     assert "| gnn-flow-tilt | `--time-tilt 1` |" in (tmp_path / "ablate" / "results.md").read_text()
     again = scale(*ablate)  # nothing is trained or sampled again
     assert again.stdout.count("skipped") == 3 and "sampling" not in again.stdout
-    bad = subprocess.run([sys.executable, "scale.py", "ablate", "--variants", "no_equals_sign"], cwd=ROOT, capture_output=True, text=True)
+    bad = run_script("scale.py", "ablate", "--variants", "no_equals_sign", check=False)
     assert bad.returncode != 0 and "NAME=TRAIN_FLAGS" in bad.stderr
 
 
@@ -411,8 +408,7 @@ def test_sweeps_merge_their_records_and_refuse_a_run_of_other_flags(qm9_dir, tmp
     assert [r["run"] for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]] == ["s4", "s6"]
     other = [str(a) for a in base]
     other[other.index("--batch-size") + 1] = "4"
-    refused = subprocess.run([sys.executable, "scale.py", *other, "--iters-list", "4"], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = run_script("scale.py", *other, "--iters-list", "4", check=False)
     assert refused.returncode == 1 and "s4 holds the run of other train.py flags" in refused.stderr
     assert "--batch-size 8" in refused.stderr and "--batch-size 4" in refused.stderr
     assert [r["run"] for r in json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]] == ["s4", "s6"]
@@ -429,8 +425,7 @@ def test_fit_ends_in_a_fit_or_a_clear_error_on_degenerate_runs(tmp_path, x, loss
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"sweep": "model", "runs": [{"run": f"r{i}", "params": n, "val_loss": v}
                                                               for i, (n, v) in enumerate(zip(x, loss))]}))
-    proc = subprocess.run([sys.executable, "scale.py", "fit", str(results), "--n-boot", "10"], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = run_script("scale.py", "fit", results, "--n-boot", "10", check=False)
     text = proc.stdout + proc.stderr + ((tmp_path / "fit.log").read_text() if (tmp_path / "fit.log").exists() else "")
     assert proc.returncode == status and "Traceback" not in text and all(w in text for w in words), text[-2000:]
 
@@ -467,7 +462,7 @@ def test_spread_sets_one_sweeps_seeds_side_by_side(tmp_path):
     assert rows == ["| n100", "| n2000", "| n32000"]
     for files, message in (((first, first), "appears twice with one seed"),
                            ((first, sweep(2, (0.5, 0.5), data="carbon24")), "hold different sweeps")):
-        proc = subprocess.run([sys.executable, "scale.py", "spread", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
+        proc = run_script("scale.py", "spread", *files, check=False)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
 
 

@@ -2,9 +2,6 @@
 whatever its precision, and the profile's split covers the step's time. Its times mean nothing here."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -14,10 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_step_bench_times_every_variant_on_the_same_batches(qm9_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "kernels/step_bench.py", "--archs", "gnn", "transformer", "--sizes", "2x16", "--threads", "1",
-                           "--steps", "1", "--warmup", "1", "--sample-steps", "1", "--batch", "16", "--profile", "--data-dir", str(qm9_dir),
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("kernels/step_bench.py", "--archs", "gnn", "transformer", "--sizes", "2x16", "--threads", "1", "--steps", "1",
+               "--warmup", "1", "--sample-steps", "1", "--batch", "16", "--profile", "--data-dir", qm9_dir, "--out", tmp_path)
     report = json.loads((tmp_path / "step_bench.json").read_text())
     rows = {(r["arch"], r["precision"]): r for r in report["rows"]}
     assert sorted(rows) == [("gnn", "bf16"), ("gnn", "fp32"), ("transformer", "bf16"), ("transformer", "fp32")]
@@ -34,11 +29,9 @@ def test_step_bench_times_crystal_batches(tmp_path):
     """--data perov5: the crystal backbones' steps on the fixture's validation crystals, timed the same way."""
     (tmp_path / "data" / "cdvae" / "perov_5").mkdir(parents=True)
     (tmp_path / "data" / "cdvae" / "perov_5" / "val.csv").write_bytes((ROOT / "tests" / "data" / "perov5_val_sample.csv").read_bytes())
-    proc = subprocess.run([sys.executable, "kernels/step_bench.py", "--data", "perov5", "--train-split", "val", "--archs", "transformer",
-                           "--sizes", "2x16", "--threads", "1", "--precisions", "fp32", "--steps", "1", "--warmup", "1",
-                           "--sample-steps", "1", "--batch", "16", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("kernels/step_bench.py", "--data", "perov5", "--train-split", "val", "--archs", "transformer", "--sizes", "2x16",
+               "--threads", "1", "--precisions", "fp32", "--steps", "1", "--warmup", "1", "--sample-steps", "1", "--batch", "16",
+               "--data-dir", tmp_path / "data", "--out", tmp_path / "out")
     report = json.loads((tmp_path / "out" / "step_bench.json").read_text())
     (row,) = report["rows"]
     assert row["flops_per_step"] > 0 and row["train_mol_s"] > 0 and row["sample_mol_s"] > 0
@@ -69,5 +62,5 @@ def test_step_bench_times_trained_checkpoints_with_their_own_weights(qm9_dir, tm
     assert "model" not in export and all(torch.equal(weights[k], v) for k, v in export["ema"].items())
 
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    refused = subprocess.run([sys.executable, *bench, "--ckpt", str(tmp_path / "junk.pt")], cwd=ROOT, capture_output=True, text=True)
+    refused = run_script(*bench, "--ckpt", tmp_path / "junk.pt", check=False)
     assert refused.returncode != 0 and f"--ckpt {tmp_path / 'junk.pt'}" in refused.stderr

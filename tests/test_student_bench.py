@@ -9,7 +9,7 @@ def test_student_bench_times_eager_compiled_and_teacher(qm9_dir, tmp_path):
     run("train.py", "--task", "ff", "--data", tmp_path / "labels.h5", "--preset", "tiny", "--student", "painn",
         "--iters", 4, "--out", tmp_path / "ff")
     out = run("kernels/student_bench.py", tmp_path / "ff/weights.pt", tmp_path / "labels.h5", "--structures", 2,
-              "--repeats", 1)
+              "--repeats", 1).stdout
     assert "painn student of emt" in out
     rows = [line for line in out.splitlines() if line.startswith("| molecules")]
     assert len(rows) == 3, out

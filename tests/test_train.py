@@ -1,6 +1,5 @@
 """train.py and sample.py end to end on the real QM9 fixture: tiny runs, exact resume, DDP, bad checkpoints."""
 import json
-import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,20 +8,12 @@ import ase.io
 import pytest
 import torch
 
-from forkserver import run_python
+from conftest import run_script as run
 from models.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from models.domains import Molecules
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--iters", "24", "--log-every", "1", "--ckpt-every", "8", "--eval-samples", "8"]
-
-
-def run(*args, env=None, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = run_python(args, cwd=ROOT, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def losses(out_dir: Path) -> dict[int, float]:

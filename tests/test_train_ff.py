@@ -3,7 +3,6 @@ strained copper crystals into a labels file; train.py --task ff trains a tiny st
 evaluate.py --task ff scores it, and label.py runs it as a teacher. Bad labels files give clear errors."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -12,8 +11,7 @@ import pytest
 import torch
 from ase.build import bulk
 
-from conftest import QM9_FIXTURE
-from forkserver import run_python
+from conftest import QM9_FIXTURE, run_script as run
 from models.checkpoint import CheckpointError, load_checkpoint, load_student
 from models.forcefield import student_calculator
 from models.molecules import read_qm9pack_csv
@@ -24,14 +22,6 @@ from models.teachers import get_teacher
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--task", "ff", "--preset", "tiny", "--iters", "30", "--batch-size", "8", "--log-every", "5", "--eval-every", "15",
         "--ckpt-every", "10", "--val-fraction", "0.2"]
-
-
-def run(*args, check=True, cwd=ROOT):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = run_python(args, cwd=cwd, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def emt_rows(n_molecules=40, n_crystals=20, seed=0, prefix=""):
