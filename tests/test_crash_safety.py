@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forkserver import run_python
+from conftest import run_script
 
 from models.labels import LabelsError, LabelWriter, journal_dir, read_labels
 from models.teachers import get_teacher
@@ -172,11 +172,10 @@ def test_second_writer_is_refused_naming_the_first(tmp_path):
             LabelWriter(out, "emt", version)
         for cmd in (["label.py", tmp_path / "m.xyz", "--teacher", "emt", "--out", out],
                     ["label.py", tmp_path / "m.xyz", "--teacher", "emt", "--out", out, "--no-resume"]):
-            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+            proc = run_script(*cmd, check=False)
             assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
         assert len(read_labels(out)["key"]) == 0
-    proc = subprocess.run([sys.executable, "label.py", str(tmp_path / "m.xyz"), "--teacher", "emt", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("label.py", tmp_path / "m.xyz", "--teacher", "emt", "--out", out, check=False)
     assert proc.returncode == 0 and len(read_labels(out)["key"]) == 1  # the lock went with its holder
 
 
@@ -191,7 +190,7 @@ def test_training_killed_between_checkpoints_resumes_exactly(qm9_dir, tmp_path):
              "--eval-every", "0", "--data-dir", str(qm9_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "train.py", *flags, "--out", str(full)], cwd=ROOT, env=env, check=True, capture_output=True)
+    run_script("train.py", *flags, "--out", full)
     out = tmp_path / "killed"
     for kill_after, resume in ((6, False), (11, True), (14, True)):
         proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", str(out), *(["--resume"] if resume else [])],
@@ -206,8 +205,7 @@ def test_training_killed_between_checkpoints_resumes_exactly(qm9_dir, tmp_path):
         proc.kill()
         proc.wait()
         assert load_checkpoint(out / "ckpt.pt")["step"] % 4 == 0
-    subprocess.run([sys.executable, "train.py", *flags, "--out", str(out), "--resume"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    run_script("train.py", *flags, "--out", out, "--resume")
 
     def losses(d):
         return [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]
@@ -224,8 +222,8 @@ def test_second_training_run_on_one_directory_is_refused(qm9_dir, tmp_path):
     from models.fileio import ExclusiveLock
 
     with ExclusiveLock(tmp_path / "run" / "train"):  # what a running train.py holds
-        proc = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--iters", "2", "--data-dir", str(qm9_dir),
-                               "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+        proc = run_script("train.py", "--preset", "tiny", "--iters", "2", "--data-dir", qm9_dir, "--out", tmp_path / "run",
+                          check=False)
     assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "train.log").exists()
 
@@ -291,8 +289,7 @@ def test_concurrent_sweeps_one_killed_lose_no_run_and_merge_their_records(qm9_di
     first.wait()
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
-    again = subprocess.run(first_command, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = run_script(*first_command[1:])
     assert "s4: trained (4 steps), skipped" in again.stdout and "s40: trained (40 steps), skipped" in again.stdout
 
     runs = json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"]
@@ -363,7 +360,6 @@ def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(
     references = crystal_stability.elemental_references([6], steps=20, workers=1, progress=False)
     np.savez(template / "chgnet_elements.npz", version=np.array(crystal_stability.chgnet_version()), z=np.array([6]),
              energy=np.array([references[6][0]]), prototype=np.array([references[6][1]]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_evaluate = tmp_path / "killed_evaluate.py"
     killed_evaluate.write_text(KILLED_EVALUATE)
 
@@ -374,10 +370,10 @@ def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(
         if not d.exists():
             shutil.copytree(template, d)
         # forked from the warm server (tests/forkserver.py): the script kills itself, and CHGNet is loaded already
-        return run_python([*([killed_evaluate, relaxed, *killer] if killer else ["evaluate.py"]),
-                           "--reference", "carbon24", "--stability", "--hull", "relaxed", "--relax-steps", "5",
-                           "--n-unique", "2", "--no-coverage", "--workers", "1", "--no-progress", "--data-dir", str(d),
-                           "--json", str(tmp_path / f"{name}_out" / "metrics.json")], cwd=ROOT, env=env, timeout=300)
+        return run_script(*([killed_evaluate, relaxed, *killer] if killer else ["evaluate.py"]), "--reference", "carbon24",
+                          "--stability", "--hull", "relaxed", "--relax-steps", "5", "--n-unique", "2", "--no-coverage",
+                          "--workers", "1", "--no-progress", "--data-dir", d, "--json", tmp_path / f"{name}_out" / "metrics.json",
+                          check=False, timeout=300)
 
     def cache(name):
         with np.load(tmp_path / name / relaxed) as z:
