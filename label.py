@@ -7,6 +7,8 @@
     python label.py export FILES... --out labels.extxyz     the labels as extended XYZ (MACE, NequIP)
     python label.py relax INPUTS... --teacher student:CKPT --out relaxed.extxyz   relax structures (a student: batched)
     python label.py explore INPUTS... --committee A.pt B.pt C.pt --out picked.extxyz   active learning: what to label next
+    python label.py perturb INPUTS... --out perturbed.extxyz   compressed and rattled copies, to label where a student
+                                                            has seen no data (closer atoms than any minimum holds)
 
 INPUTS: extxyz/xyz, SDF, CIF, CDVAE CSV (`cif` column) or qm9pack CSV files, directories of them, or `qm9[:split]`.
 Output (models/README.md, "Data contracts"): OUT (HDF5: energy, forces, stress per structure, written through a
@@ -344,6 +346,71 @@ def relax_main(argv) -> dict:
           f"({summary['atom_steps_per_s']:,.0f} atom-steps/s); wrote {out}"
           + (f"; {len(frames) - len(relaxed)} not relaxable or failed, written as they came (relax_error)" if len(relaxed) < len(frames) else ""))
     return summary
+
+
+def perturb(atoms, scale: float, rattle: float, rng: np.random.Generator):
+    """A copy of atoms compressed or stretched by `scale` (a crystal: its cell, fractional coordinates kept; a molecule:
+    its positions about their centroid), then every coordinate moved by a Gaussian of standard deviation `rattle` (A)."""
+    atoms = atoms.copy()
+    atoms.calc = None
+    # the input's labels (an exported labels file's energy, forces, stress) are not the copy's
+    for name in set(atoms.arrays) - {"numbers", "positions"}:
+        del atoms.arrays[name]
+    atoms.info = {k: v for k, v in atoms.info.items() if not any(w in k.lower() for w in ("energy", "force", "stress", "virial"))}
+    if atoms.pbc.any():
+        atoms.set_cell(atoms.cell * scale, scale_atoms=True)
+    else:
+        centre = atoms.positions.mean(0)
+        atoms.positions = centre + scale * (atoms.positions - centre)
+    atoms.positions = atoms.positions + rng.normal(0.0, rattle, atoms.positions.shape)
+    return atoms
+
+
+def perturb_main(argv) -> dict:
+    p = argparse.ArgumentParser(prog="label.py perturb", description="Write --copies perturbed copies of every input "
+                                "structure: each compressed or stretched by a factor drawn uniformly from --scale (a crystal's "
+                                "cell with its fractional coordinates; a molecule's positions about their centroid), then "
+                                "rattled (every coordinate moved by a Gaussian of --rattle A). A student trained on minima only "
+                                "knows nothing of atoms pushed closer than any minimum holds them, and relaxes or runs into "
+                                "spurious basins there; label these copies with the teacher (label.py OUT --teacher ...) and "
+                                "train on them beside the minima. Each copy's info holds perturbed_from (the input's key, as label.py "
+                                "keys it beside OUT), "
+                                "perturb_scale and perturb_rattle; the draws follow --seed, so a command writes the same file "
+                                "again.")
+    p.add_argument("inputs", nargs="+", help="structure files (extxyz, xyz, sdf, cif, csv), directories of them, or qm9[:split]")
+    p.add_argument("--out", required=True, help="the .extxyz file to write (atomically)")
+    p.add_argument("--copies", type=positive_int, default=4, help="perturbed copies of each input structure")
+    p.add_argument("--scale", type=positive_float, nargs=2, default=[0.85, 1.0], metavar=("LOW", "HIGH"),
+                   help="the linear compression factor's range (below 1 compresses)")
+    p.add_argument("--rattle", type=nonnegative_float, default=0.05, help="A: standard deviation of each coordinate's move")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the draws")
+    add_markdown_help(p)
+    args = p.parse_args(argv)
+    low, high = args.scale
+    if low > high:
+        p.error(f"--scale {low:g} {high:g}: LOW must not exceed HIGH")
+    out = output_file(p, args.out, "--out")
+    rng = np.random.default_rng(args.seed)
+    frames, n_inputs = [], 0
+    for key, _, load in iter_records(args.inputs, anchor=out.parent):  # keys as label.py gives them for OUT
+        atoms = load()
+        if isinstance(atoms, Failure):
+            raise InputError(f"{key}: {atoms.reason}: every input structure must be readable")
+        if not np.isfinite(atoms.positions).all():
+            raise InputError(f"{key}: non-finite coordinates")
+        n_inputs += 1
+        for _ in range(args.copies):
+            scale = float(rng.uniform(low, high))
+            copy = perturb(atoms, scale, args.rattle, rng)
+            copy.info.update(perturbed_from=key, perturb_scale=scale, perturb_rattle=args.rattle)
+            frames.append(copy)
+    if not frames:
+        raise InputError(f"{', '.join(args.inputs)}: no structures")
+
+    write_extxyz(out, frames)
+    print(f"wrote {len(frames)} perturbed copies of {n_inputs} structures (scale {low:g}-{high:g}, rattle {args.rattle:g} A, "
+          f"seed {args.seed}) to {out}")
+    return {"n_inputs": n_inputs, "n_structures": len(frames), "out": str(out)}
 
 
 def explore_main(argv) -> dict:
@@ -731,7 +798,7 @@ def _bare_calls(teacher: Teacher, structures: list) -> float:
 
 
 COMMANDS = {"merge": merge_main, "report": report_main, "bench": bench_main, "export": export_main, "relax": relax_main,
-            "explore": explore_main}
+            "explore": explore_main, "perturb": perturb_main}
 
 
 def main(argv=None) -> dict:

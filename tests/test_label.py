@@ -127,6 +127,45 @@ def test_emt_round_trip_all_formats(tmp_path):
     assert (out.parent / "label.log").read_text().count("committed block") >= S // 7
 
 
+def test_perturb_writes_compressed_and_rattled_copies_without_the_inputs_labels(tmp_path):
+    """label.py perturb: --copies copies of each input, a crystal's cell (fractional coordinates kept) or a molecule's
+    positions about their centroid scaled by a factor from --scale, then rattled; the inputs' labels are not carried
+    over; the same seed writes the same file; the teacher labels the copies, and compressed metals cost it energy."""
+    originals = qm9_molecules(2) + metals(2)
+    ase.io.write(tmp_path / "in.extxyz", originals, format="extxyz")
+    run_label(tmp_path / "in.extxyz", "--teacher", "emt", "--out", tmp_path / "labels.h5")
+    label.main(["export", tmp_path / "labels.h5", "--out", tmp_path / "labelled.extxyz"])  # inputs that carry labels
+    perturb = ["perturb", tmp_path / "labelled.extxyz", "--copies", 3, "--scale", 0.8, 0.9, "--rattle", 0.02, "--seed", 1]
+    result = label.main([*perturb, "--out", tmp_path / "p.extxyz"])
+    frames = ase.io.read(tmp_path / "p.extxyz", ":")
+    assert result["n_inputs"] == 4 and result["n_structures"] == len(frames) == 12
+    for i, atoms in enumerate(frames):
+        source, scale = originals[i // 3], atoms.info["perturb_scale"]
+        assert 0.8 <= scale <= 0.9 and atoms.info["perturbed_from"] == f"labelled.extxyz:{i // 3}"
+        assert atoms.info["perturb_rattle"] == 0.02 and np.array_equal(atoms.numbers, source.numbers)
+        if source.pbc.any():
+            np.testing.assert_allclose(atoms.cell.array, scale * source.cell.array, atol=1e-6)
+            moved = atoms.positions - scale * source.positions
+        else:
+            centre = source.positions.mean(0)
+            moved = atoms.positions - (centre + scale * (source.positions - centre))
+        assert 0.005 < moved.std() < 0.05  # the rattle, 0.02 A, and nothing more
+        assert atoms.calc is None and "energy" not in atoms.info and set(atoms.arrays) == {"numbers", "positions"}
+    assert len({f.info["perturb_scale"] for f in frames}) == 12
+    label.main([*perturb, "--out", tmp_path / "again.extxyz"])
+    assert (tmp_path / "again.extxyz").read_bytes() == (tmp_path / "p.extxyz").read_bytes()
+    label.main(["perturb", tmp_path / "in.extxyz", "--scale", 1, 1, "--rattle", 0, "--copies", 1, "--out", tmp_path / "same.extxyz"])
+    for atoms, source in zip(ase.io.read(tmp_path / "same.extxyz", ":"), originals):
+        np.testing.assert_allclose(atoms.positions, source.positions, atol=1e-6)  # extxyz keeps 8 decimals
+    run_label(tmp_path / "p.extxyz", "--teacher", "emt", "--out", tmp_path / "perturbed.h5")
+    lab, ref = read_labels(tmp_path / "perturbed.h5"), read_labels(tmp_path / "labels.h5")
+    assert len(lab["key"]) == 12
+    for k in range(2, 4):  # the metals: squeezed by 10-20 %, each copy above its input's energy
+        assert all(lab["energy"][3 * k + c] > ref["energy"][k] for c in range(3))
+    with pytest.raises(SystemExit):
+        label.main(["perturb", tmp_path / "in.extxyz", "--scale", 0.9, 0.8, "--out", tmp_path / "x.extxyz"])
+
+
 @pytest.mark.parametrize("prefix", ["", "REF_"])
 def test_export_writes_extxyz_that_reads_back_as_the_labels(tmp_path, prefix):
     """label.py export: every structure of the labels file as an extended XYZ frame whose energy, forces and (crystals)
