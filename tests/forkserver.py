@@ -48,8 +48,8 @@ LOAD_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "TRITON", "CUD
 # ---- the server (this file run as a script) ----
 
 def _serve() -> None:
-    """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout, private_mounts}), with a JSON line
-    ({returncode, timed_out}) on the pipe that was stdout when the server started."""
+    """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout, private_mounts}),
+    with a JSON line ({returncode, timed_out}) on the pipe that was stdout when the server started."""
     import importlib
     import signal
     replies = os.fdopen(os.dup(1), "w")
