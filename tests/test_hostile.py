@@ -52,6 +52,13 @@ CASES = [
     ("label: --commit-seconds -1", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --commit-seconds -1", 2, ["--commit-seconds", ">= 0"], None),
     ("label: --n-generate 0", "label.py --generate {w}/run/ckpt.pt --n-generate 0 --teacher emt --out {w}/l.h5", 2, ["--n-generate", "integer > 0"], None),
     ("label: --min-success 2", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --min-success 2", 2, ["--min-success", "[0, 1]"], None),
+    ("label perturb: --scale LOW above HIGH", "label.py perturb {w}/m.xyz --scale 0.9 0.8 --out {w}/p.extxyz", 2,
+     ["--scale 0.9 0.8", "LOW must not exceed HIGH"], None),
+    ("label perturb: --copies 0", "label.py perturb {w}/m.xyz --copies 0 --out {w}/p.extxyz", 2, ["--copies", "integer > 0"], None),
+    ("label perturb: an unreadable input", "label.py perturb {w}/garbage.extxyz --out {w}/p.extxyz", 1,
+     ["garbage.extxyz", "record 0", "cannot parse extxyz", "every input structure must be readable"], None),
+    ("label perturb: a NaN coordinate", "label.py perturb {w}/nan/samples.extxyz --out {w}/p.extxyz", 1,
+     ["samples.extxyz:1", "non-finite coordinates"], None),
     ("label: --shard 3/2", "label.py {w}/m.xyz --teacher emt --out {w}/l.h5 --shard 3/2", 2, ["--shard 3/2", "0 <= I < N"], None),
     ("label bench: --n 0", "label.py bench {w}/m.xyz --teachers emt --n 0", 2, ["--n", "integer > 0"], None),
     ("evaluate: --n-ref -1", "evaluate.py {w}/nan/samples.extxyz --n-ref -1", 2, ["--n-ref", "integer >= 0"], None),
@@ -198,11 +205,16 @@ def _labels_untouched(w):
     assert read_labels(w / "good.h5")["key"].tolist() == ["a"] and read_labels(w / "oldversion.h5")["key"].tolist() == ["b"]
 
 
+def _no_perturbed_file(w):
+    assert not (w / "p.extxyz").exists()  # refused before anything is written
+
+
 THEN = {  # what must hold on disk after a case, beyond its exit status and message
     "train: existing run without --resume": _run_intact, "train: --resume with another --lr": _run_intact,
     "train: --resume with another width": _run_intact, "train: --resume and --overwrite": _run_intact,
     "train: --lr 1e6 diverges": _no_checkpoint_written, "evaluate: a NaN structure is counted": _nan_counted,
     "label: another teacher's file": _labels_untouched, "label: another teacher version": _labels_untouched,
+    "label perturb: an unreadable input": _no_perturbed_file, "label perturb: a NaN coordinate": _no_perturbed_file,
 }
 
 
