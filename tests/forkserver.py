@@ -111,9 +111,8 @@ def _enter_private_mounts(shell: str) -> None:
 
 def _become(request: dict) -> None:
     """Run request's script as `python ARGV` in its cwd and environment (stdin, stdout and stderr already in place),
-    with a helper forked first for the script's own python children. The script's SystemExit or exception leaves
-    through here to the interpreter, which ends the process as it ends any script (a str exit code printed, a
-    traceback printed and status 1, atexit handlers run)."""
+    with a helper forked first for the script's own python children; then end as the script would (_end: a str exit
+    code printed, an exception's traceback printed and status 1, atexit handlers run)."""
     import runpy
     ours, helpers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if os.fork() == 0:

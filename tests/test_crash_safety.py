@@ -348,7 +348,7 @@ def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(
     """evaluate.py --hull relaxed SIGKILLed inside its second write of the relaxed-hull cache (the temporary file half
     written), then, resumed, right after its third write is in place: each run resumes from what the cache holds and
     relaxes only the rest, no CHGNet worker outlives a kill, and the end is the cache and the metrics of a run never
-    killed. CHGNet at its cheapest: carbon-24's six fixture crystals as the hull's split, 5 FIRE steps each; the
+    killed. CHGNet at its cheapest: carbon-24's six fixture crystals as the hull's split, 2 FIRE steps each; the
     elemental references, which are not under test, relaxed for 20 steps in this process and given to every run."""
     from models import crystal_stability
 
@@ -371,7 +371,7 @@ def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(
             shutil.copytree(template, d)
         # forked from the warm server (tests/forkserver.py): the script kills itself, and CHGNet is loaded already
         return run_script(*([killed_evaluate, relaxed, *killer] if killer else ["evaluate.py"]), "--reference", "carbon24",
-                          "--stability", "--hull", "relaxed", "--relax-steps", "5", "--n-unique", "2", "--no-coverage",
+                          "--stability", "--hull", "relaxed", "--relax-steps", "2", "--n-unique", "2", "--no-coverage",
                           "--workers", "1", "--no-progress", "--data-dir", d, "--json", tmp_path / f"{name}_out" / "metrics.json",
                           check=False, timeout=300)
 

@@ -12,8 +12,8 @@ import pytest
 from forkserver import run_python
 from hostile import ROOT, hostile_table
 
-CARBON_RUN = "--data carbon24 --stability --relax-steps 5 --n-unique 3 --no-coverage --workers 1 --no-progress"
-REFERENCE = "--reference carbon24 --stability --relax-steps 5 --n-unique 2 --no-coverage --workers 1 --no-progress"
+CARBON_RUN = "--data carbon24 --stability --relax-steps 2 --n-unique 3 --no-coverage --workers 1 --no-progress"
+REFERENCE = "--reference carbon24 --stability --relax-steps 2 --n-unique 2 --no-coverage --workers 1 --no-progress"
 RELAXED = "cdvae_carbon24_val_chgnet_relaxed.npz"
 # (id, command (placeholders: {w} the prepared world, {data} the QM9 fixture cache dir), exit status, words that the
 #  message must contain, mount over {w}/mnt or None)
@@ -34,7 +34,7 @@ CASES = [
      ["fingerprints: 1 of 2 not computed (1 over the time limit of 3 s per structure (--structure-timeout))",
       "they count as uncovered"], None),
     ("evaluate --stability: a relaxation past --structure-timeout", "evaluate.py {w}/squeezed.extxyz "
-     f"{CARBON_RUN.replace('--relax-steps 5', '--relax-steps 500')} --structure-timeout 0.5 --data-dir {{w}}/stability "
+     f"{CARBON_RUN.replace('--relax-steps 2', '--relax-steps 500')} --structure-timeout 0.5 --data-dir {{w}}/stability "
      "--json {w}/slow_relax/metrics.json", 0,
      ["relaxations: 1 of 1 not computed (1 over the time limit of 0.5 s per structure", "they count as not stable"], None),
     ("evaluate: --structure-timeout 0", "evaluate.py {w}/thin.extxyz --data perov5 --structure-timeout 0", 2,
