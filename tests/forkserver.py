@@ -5,8 +5,8 @@ Most of a short script run in the tests is start-up (importing torch and torch._
 imports, about 5 s on one core here), and the suite runs a few hundred of them. A server process (this file run as a
 script) imports the third-party libraries once, then for each request forks a child that runs the script with runpy as
 `python SCRIPT ARGS` would: its own argv, cwd, environment, stdin at /dev/null, stdout and stderr to files, and the
-interpreter's own ending, so an uncaught exception prints its traceback and exits 1, `sys.exit("message")` prints the
-message, atexit handlers and threads finish. The child imports the repository's own modules itself. The preloaded
+interpreter's ending (_end), so an uncaught exception prints its traceback and exits 1, `sys.exit("message")` prints
+the message, atexit handlers and threads finish; only the teardown of modules is skipped. The child imports the repository's own modules itself. The preloaded
 libraries may read the environment as they load, so the server starts with OMP_NUM_THREADS=1 (as every script the
 tests start runs) and a request whose load-time variables (LOAD_TIME_PREFIXES) differ from the server's, or that
 passes interpreter flags, starts a plain process, and tests that signal or time a process (tests/test_crash_safety.py)
