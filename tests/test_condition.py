@@ -2,7 +2,6 @@
 EDM protocol's halves, what a backbone sees of a condition, classifier-free guidance, and a conditional run end to
 end on the QM9 fixture."""
 import json
-import os
 from dataclasses import asdict
 
 import ase.io
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from forkserver import run_python
+from conftest import run_script
 from models.checkpoint import build_model, load_checkpoint
 from models.condition import condition_features, guide, protocol_halves
 from models.domains import get_domain
@@ -147,7 +146,7 @@ def test_condition_dropout_trains_the_unconditional_model_in_the_same_weights(qm
 
 
 def run(script, *args):
-    proc = run_python([script, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script(script, *args, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

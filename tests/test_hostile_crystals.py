@@ -2,13 +2,12 @@
 hold crystals out, sites that are not one whole atom (partial, negative or mixed occupancy), two records with one
 material_id, a CSV that is not UTF-8, and label.py --generate with crystal checkpoints. The runner and its conventions are in tests/hostile.py."""
 import json
-import os
 
 import ase.io
 import pytest
 
+from conftest import run_script
 from hostile import ROOT, hostile_table
-from forkserver import run_python
 from models.labels import read_labels
 
 TRAIN = "train.py --preset tiny --iters 2 --eval-samples 2 --data perov5 --train-split val"
@@ -114,8 +113,7 @@ def world(tmp_path_factory):
     (w / "perov" / "cdvae" / "perov_5").mkdir(parents=True)
     (w / "perov" / "cdvae" / "perov_5" / "val.csv").write_text(perov)
     for run, flags in (("denovo", []), ("csp", ["--csp"])):
-        run_python(["train.py", *TRAIN.split()[1:], *flags, "--data-dir", w / "perov", "--out", w / run], cwd=ROOT, check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run_script("train.py", *TRAIN.split()[1:], *flags, "--data-dir", w / "perov", "--out", w / run)
     return w
 
 

@@ -3,13 +3,12 @@ finish), structures past the per-structure time limit, frames of no atoms or wit
 that are damaged or cannot be written. The runner and its conventions are in tests/hostile.py; the kill of a
 --hull relaxed run is in test_crash_safety.py."""
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 
-from forkserver import run_python
+from conftest import run_script
 from hostile import ROOT, hostile_table
 
 CARBON_RUN = "--data carbon24 --stability --relax-steps 2 --n-unique 3 --no-coverage --workers 1 --no-progress"
@@ -121,8 +120,7 @@ def world(tmp_path_factory):
     (seed / "cdvae" / "carbon_24").mkdir(parents=True)
     for split in ("val", "test"):
         shutil.copy(ROOT / "tests" / "data" / "carbon24_sample.csv", seed / "cdvae" / "carbon_24" / f"{split}.csv")
-    run_python(["evaluate.py", *REFERENCE.split(), "--hull", "relaxed", "--data-dir", seed, "--json", w / "seed_out" / "metrics.json"],
-               cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_script("evaluate.py", *REFERENCE.split(), "--hull", "relaxed", "--data-dir", seed, "--json", w / "seed_out" / "metrics.json")
 
     def data_dir(path, leave_out=(), damage=None):
         """A copy of the seed's data and caches at path, without the caches leave_out, with damage {name: bytes}."""

@@ -3,7 +3,6 @@ decided by key however the training file is copied or merged, labels no teacher 
 counts that do not tile the atoms, forces of 1e30 eV/A), files given twice, elements the student never saw, and
 flags out of range. The runner and its conventions are in tests/hostile.py."""
 import json
-import os
 import shutil
 
 import h5py
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from hostile import ROOT, hostile_table
-from forkserver import run_python
+from conftest import run_script
+from hostile import hostile_table
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.labels import LabelWriter
 from test_train_ff import emt_rows
@@ -89,15 +88,14 @@ def world(tmp_path_factory):
             lw.append(rows, 1.0)
 
     write("emt.h5", rows)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run_python(train("student", "{w}/emt.h5").format(w=w).split(), cwd=ROOT, check=True, env=env)
+    run_script(*train("student", "{w}/emt.h5").format(w=w).split())
     ckpt = load_checkpoint(w / "student" / "ckpt.pt", task="ff")
     ckpt.pop("format")
     save_checkpoint(w / "old.pt", {k: v for k, v in ckpt.items() if k != "trained_key_hashes"})
     (w / "elsewhere").mkdir()
     shutil.copyfile(w / "emt.h5", w / "elsewhere" / "copy.h5")
     write("extra.h5", emt_rows(6, 0, seed=1, prefix="x")[1])
-    run_python(["label.py", "merge", w / "emt.h5", w / "extra.h5", "--out", w / "merged.h5"], cwd=ROOT, check=True, env=env)
+    run_script("label.py", "merge", w / "emt.h5", w / "extra.h5", "--out", w / "merged.h5")
 
     def variant(name, change):
         """Six of the structures under other keys ('v' + key), one of them changed."""

@@ -2,7 +2,6 @@
 (multi-block, or a directory of files) for crystals. The same structures score the same in every format, and a
 structure that cannot be read is named with its file and record."""
 import json
-import os
 from pathlib import Path
 
 import ase
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
-from forkserver import run_python
 from models.crystals import read_cdvae_csv
 from models.molecules import load_qm9, write_sdf
 
@@ -21,7 +19,7 @@ SCORED = {"molecules": ("atom_stability", "mol_stability", "validity", "uniquene
 
 
 def evaluate(*args):
-    proc = run_python(["evaluate.py", *args, "--no-progress"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("evaluate.py", *args, "--no-progress", check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -1,14 +1,12 @@
 """The generators that ship in models/pretrained/: a fresh clone loads each, samples from it, and gets trained
 chemistry, not noise (models/EXPERIMENTS.md, "The long runs", says how they were trained)."""
-import os
 
 import ase.io
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from forkserver import run_python
+from conftest import ROOT, run_script
 from models.checkpoint import load_checkpoint
 from models.molecule_metrics import stability
 from models.domains import Molecules
@@ -47,8 +45,6 @@ def test_shipped_model_samples_stable_atoms(pretrained):
 
 
 def test_sample_py_runs_on_the_quick_start_model(tmp_path):
-    proc = run_python(["sample.py", "--ckpt", GENERATORS[-1], "--n", "3", "--steps", "4", "--out", tmp_path], cwd=ROOT,
-                      env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("sample.py", "--ckpt", GENERATORS[-1], "--n", "3", "--steps", "4", "--out", tmp_path)
     molecules = ase.io.read(tmp_path / "samples.extxyz", ":")
     assert len(molecules) == 3 and all(np.isfinite(m.positions).all() for m in molecules)
