@@ -159,6 +159,8 @@ def _end(code) -> None:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    import ctypes
+    ctypes.CDLL(None).fflush(None)  # what C code wrote through stdio (a Fortran or C library's prints), as exit(3) does
     os._exit(code & 0xFF)
 
 

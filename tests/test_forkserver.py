@@ -17,6 +17,8 @@ SCRIPTS = {
     "reads its environment and directory": "import os, sys\nprint(os.environ['MOLGEN_DATA'], os.getcwd(), sys.argv[0], sys.path[0])\n",
     "ends its threads and atexit handlers": ("import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
                                               "threading.Thread(target=lambda: (time.sleep(0.2), print('thread ran'))).start()\n"),
+    # C's stdout into a file is buffered until exit(3) flushes it, unless python runs unbuffered (-u, PYTHONUNBUFFERED)
+    "prints through C's stdio": "import ctypes\nctypes.CDLL(None).printf(b'from C')\nprint('from python')\n",
     "uses torch on one thread": "import torch\nprint(torch.get_num_threads(), torch.ones(3).sum().item())\n",
     "is run as __main__": "print(__name__)\nif __name__ == '__main__':\n    print('main ran')\n",
 }
