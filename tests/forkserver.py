@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -56,7 +57,6 @@ def _serve() -> None:
     """Answer requests from stdin, one JSON line each ({argv, cwd, env, stdout, stderr, timeout, private_mounts}),
     with a JSON line ({returncode, timed_out}) on the pipe that was stdout when the server started."""
     import importlib
-    import signal
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the server itself prints (a library's notice at import) stays out of the replies
     for name in PRELOAD:
@@ -138,15 +138,16 @@ def _become(request: dict) -> None:
         code = 0
     except SystemExit as stop:
         code = stop.code
-    except BaseException:
+    except BaseException as error:
         sys.excepthook(*sys.exc_info())
-        code = 1
+        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
     _end(code)
 
 
 def _end(code) -> None:
     """End the child as the interpreter ends a script, short of tearing its modules down: a SystemExit's code as
-    Python reads it, threads joined, atexit handlers run, the standard streams flushed. The teardown is skipped
+    Python reads it (-SIGINT: end by SIGINT, as python does after an uncaught KeyboardInterrupt), threads joined,
+    atexit handlers run, the standard streams flushed. The teardown is skipped
     because it touches every object the child holds, and with them the server's, at a cost of 0.4 s a child (FREEZE);
     only a finaliser of an object still referenced at the end would have run in it (an unclosed file's buffer flushed
     at exit, say), and a script that needs one has a bug the forked run then shows."""
@@ -161,6 +162,9 @@ def _end(code) -> None:
         stream.flush()
     import ctypes
     ctypes.CDLL(None).fflush(None)  # what C code wrote through stdio (a Fortran or C library's prints), as exit(3) does
+    if code == -signal.SIGINT:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
 
 

@@ -1,6 +1,7 @@
 """tests/forkserver.py stands in for a fresh interpreter: a script forked from the warm server and the same script in a
 new process end alike (exit status, stdout, stderr), however the script ends."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ SCRIPTS = {
     "exits with a message": "import sys\nprint('partial')\nsys.exit('stopped: a clear message')\n",
     "exits with a status": "import sys\nsys.exit(3)\n",
     "raises": "def f():\n    raise ValueError('boom')\nf()\n",
+    "is interrupted": "print('before')\nraise KeyboardInterrupt\n",
     "reads its environment and directory": "import os, sys\nprint(os.environ['MOLGEN_DATA'], os.getcwd(), sys.argv[0], sys.path[0])\n",
     "ends its threads and atexit handlers": ("import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
                                               "threading.Thread(target=lambda: (time.sleep(0.2), print('thread ran'))).start()\n"),
@@ -35,6 +37,8 @@ def test_a_forked_script_ends_as_a_fresh_process_does(name, tmp_path):
     if name == "raises":  # the same traceback's end; the forked one also lists the server's frames above the script's
         assert fresh.stderr.splitlines()[-1] == forked.stderr.splitlines()[-1] == "ValueError: boom"
         assert "Traceback" in forked.stderr and 'script.py", line 2, in f' in forked.stderr
+    elif name == "is interrupted":  # ended by SIGINT in both
+        assert forked.returncode == -signal.SIGINT and fresh.stderr.splitlines()[-1] == forked.stderr.splitlines()[-1] == "KeyboardInterrupt"
     else:
         assert forked.stderr == fresh.stderr
 
