@@ -6,11 +6,11 @@ imports, about 5 s on one core here), and the suite runs a few hundred of them. 
 script) imports the third-party libraries once, then for each request forks a child that runs the script with runpy as
 `python SCRIPT ARGS` would: its own argv, cwd, environment, stdin at /dev/null, stdout and stderr to files, and the
 interpreter's ending (_end), so an uncaught exception prints its traceback and exits 1, `sys.exit("message")` prints
-the message, atexit handlers and threads finish; only the teardown of modules is skipped. The child imports the repository's own modules itself. The preloaded
-libraries may read the environment as they load, so the server starts with OMP_NUM_THREADS=1 (as every script the
-tests start runs) and a request whose load-time variables (LOAD_TIME_PREFIXES) differ from the server's, or that
-passes interpreter flags, starts a plain process, and tests that signal or time a process (tests/test_crash_safety.py)
-start their own.
+the message, atexit handlers and threads finish; only the teardown of modules is skipped. The child imports the
+repository's own modules itself. The preloaded libraries may read the environment as they load, so the server starts
+with OMP_NUM_THREADS=1 (as every script the tests start runs) and a request whose load-time variables
+(LOAD_TIME_PREFIXES) differ from the server's, or that passes interpreter flags, starts a plain process, and tests
+that signal or time a process (tests/test_crash_safety.py) start their own.
 
 A script that starts python scripts of its own (scale.py runs train.py, sample.py and evaluate.py for each point) would
 pay the imports again in each of them, so every child forks a helper from the warm state before its script runs, and
@@ -135,20 +135,20 @@ def _become(request: dict) -> None:
             sys.argv = list(argv)
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
             runpy.run_path(argv[0], run_name="__main__")
-        code = 0
+        code, interrupted = 0, False
     except SystemExit as stop:
-        code = stop.code
+        code, interrupted = stop.code, False
     except BaseException as error:
         sys.excepthook(*sys.exc_info())
-        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
-    _end(code)
+        code, interrupted = 1, isinstance(error, KeyboardInterrupt)
+    _end(code, interrupted)
 
 
-def _end(code) -> None:
+def _end(code, interrupted: bool) -> None:
     """End the child as the interpreter ends a script, short of tearing its modules down: a SystemExit's code as
-    Python reads it (-SIGINT: end by SIGINT, as python does after an uncaught KeyboardInterrupt), threads joined,
-    atexit handlers run, the standard streams flushed. The teardown is skipped
-    because it touches every object the child holds, and with them the server's, at a cost of 0.4 s a child (FREEZE);
+    Python reads it, threads joined, atexit handlers run, the standard streams flushed, and after an uncaught
+    KeyboardInterrupt (interrupted) a SIGINT, as python ends then. The teardown is skipped because it touches
+    every object the child holds, and with them the server's, at a cost of 0.4 s a child (FREEZE);
     only a finaliser of an object still referenced at the end would have run in it (an unclosed file's buffer flushed
     at exit, say), and a script that needs one has a bug the forked run then shows."""
     if code is None:
@@ -162,7 +162,7 @@ def _end(code) -> None:
         stream.flush()
     import ctypes
     ctypes.CDLL(None).fflush(None)  # what C code wrote through stdio (a Fortran or C library's prints), as exit(3) does
-    if code == -signal.SIGINT:
+    if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(code & 0xFF)
