@@ -44,7 +44,8 @@ parser.add_argument("--stable-threshold", type=nonnegative_float, default=0.1, h
 parser.add_argument("--structure-timeout", type=positive_float, default=600.0, help="crystals: seconds at most for one structure's CrystalNN fingerprint, primitive cell, StructureMatcher comparison or CHGNet relaxation (a CDVAE crystal's fingerprint takes about a second, a relaxation 4-45 s); a structure past it is stopped, scored as if that work had failed (uncovered, matching nothing, not stable), and counted in the log and the JSON")
 parser.add_argument("--no-coverage", action="store_true", help="crystals: skip coverage (CrystalNN fingerprints take minutes per thousand crystals)")
 parser.add_argument("--json", type=Path, default=None, help="metrics output (default: SAMPLES' directory/"
-                    "metrics.json, or out/reference-<data>/metrics.json); evaluate.log goes next to it")
+                    "metrics.json, or out/reference-<data>/metrics.json; --task ff: the checkpoint's directory/ff_metrics.json, or "
+                    "out/<its name>/ff_metrics.json for one shipped in models/pretrained); evaluate.log goes next to it")
 parser.add_argument("--figures", type=Path, default=None,
                     help="directory for the PNG figures (default: next to --json)")
 parser.add_argument("--log", type=Path, default=None, help="training log.jsonl to plot (default: log.jsonl next to "
@@ -98,7 +99,11 @@ if args.task == "ff":
         except argparse.ArgumentTypeError as e:
             parser.error(f"--teacher: {e}")
     domain = None
-    out_json = output_file(parser, args.json or args.ckpt.parent / "ff_metrics.json", "--json")
+    # Beside the checkpoint, except one that ships in models/pretrained: its report goes to out/<its name>/, so that
+    # scoring a shipped student leaves the package as it was and the two students' reports apart.
+    shipped = args.ckpt.resolve().parent == Path(__file__).resolve().parent / "models" / "pretrained"
+    out_json = output_file(parser, args.json or (Path("out") / args.ckpt.stem if shipped else args.ckpt.parent) / "ff_metrics.json",
+                           "--json")
 else:
     if args.ckpt or args.labels or args.teacher or args.compile:
         parser.error("--ckpt, --labels, --teacher and --compile are options of --task ff")

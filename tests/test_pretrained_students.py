@@ -2,7 +2,9 @@
 conserve energy, and gets its teacher's forces, not an untrained model's (models/EXPERIMENTS.md, "Distilling a
 student force field", says how they were trained)."""
 import importlib.util
+import json
 
+import ase.io
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from ase import units
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
-from conftest import QM9_FIXTURE, ROOT
+from conftest import QM9_FIXTURE, ROOT, run_script
 from models.checkpoint import load_student
 from models.forcefield import ForceField, load_student_calculator, student_calculator
 from models.molecules import read_qm9pack_csv
@@ -71,3 +73,23 @@ def test_shipped_student_has_its_teachers_forces(name):
     # The shipped students score 44-120 meV/A on real held-out structures (EXPERIMENTS.md); 150 leaves room for
     # these few structures and another machine's arithmetic.
     assert trained < 0.15 and trained < 0.5 * untrained_error, (trained, untrained_error)
+
+
+def test_scoring_a_shipped_student_writes_nothing_into_the_package(tmp_path):
+    """evaluate.py --task ff on a shipped student writes its report to out/<student>/ of the working directory, not
+    beside the checkpoint: models/pretrained is tracked by a clone and shared by both students."""
+    if importlib.util.find_spec("tblite") is None:
+        pytest.skip("teacher xtb not installed")
+    molecules = _structures("molecules")[:3]
+    rng = np.random.default_rng(0)
+    for atoms in molecules:  # moved off QM9's geometries, so that none is a structure the student trained on
+        atoms.positions += rng.normal(0, 0.02, atoms.positions.shape)
+    ase.io.write(tmp_path / "molecules.extxyz", molecules)
+    run_script(ROOT / "label.py", tmp_path / "molecules.extxyz", "--teacher", "xtb", "--out", tmp_path / "labels.h5", "--quiet")
+    before = sorted(p.name for p in PRETRAINED.iterdir())
+    run_script(ROOT / "evaluate.py", "--task", "ff", "--ckpt", PRETRAINED / "qm9_student_xtb.pt", tmp_path / "labels.h5",
+               "--no-teacher", "--speed-structures", "1", "--md-structures", "0", cwd=tmp_path)
+    assert sorted(p.name for p in PRETRAINED.iterdir()) == before
+    report = tmp_path / "out" / "qm9_student_xtb"
+    assert json.loads((report / "ff_metrics.json").read_text())["held_out"] == 3
+    assert (report / "evaluate.log").exists()
