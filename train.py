@@ -54,6 +54,7 @@ parser.add_argument("--gen", choices=sorted(PROCESS_NAMES), default=None, help="
 parser.add_argument("--data", nargs="+", default=None, help="--task gen: the data set: qm9 (default), or the CDVAE crystal sets perov5, carbon24, mp20; --task joint: a molecule "
                     "set and a crystal set (qm9 perov5); --task ff: label.py's labels files (.h5) of one teacher")
 parser.add_argument("--csp", action="store_true", help="crystals: structure prediction (the composition is given; lattice and coordinates are generated) instead of de novo generation")
+parser.add_argument("--lattice-per-atom", action="store_true", help="crystals: generate the cell's lengths per atom (divided by N^(1/3) before standardising), so that its volume follows its atom count by construction rather than being learnt")
 parser.add_argument("--train-split", choices=["train", "val"], default="train", help="crystals: the CDVAE split to train on; val where the train file cannot be had (offline), with 5 %% of it (by a hash of material_id) held out for validation")
 parser.add_argument("--max-atoms", type=positive_int, default=32, help="crystals: refuse training or validation data that "
                     "hold a crystal of more atoms than this, naming the largest (a batch is padded to its largest crystal, and "
@@ -168,7 +169,7 @@ for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 FF_ONLY = ("cutoff", "energy_weight", "force_weight", "stress_weight", "val_fraction", "max_force", "student", "repulsion")
-GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "batching",
+GEN_ONLY = ("arch", "gen", "cfconv_cutoff", "ot_align", "discrete_types", "distance_loss", "min_one_minus_t", "gamma_scale", "csp", "train_split", "max_atoms", "lattice_per_atom", "batching",
             "time_tilt", "time_frequencies", "self_condition", "precision", "condition", "condition_dropout")
 
 

@@ -37,6 +37,9 @@ class CrystalProcessConfig:
     lattice_loss_weight: float = 1.0
     lattice_mean: list = field(default_factory=lambda: [0.0] * 6)  # LatticeScaler of the training set
     lattice_std: list = field(default_factory=lambda: [1.0] * 6)
+    # The lengths are generated per atom, divided by N^(1/3) before standardising, so that a cell's volume follows
+    # its atom count by construction instead of being learnt from it (off in checkpoints from before the option).
+    lattice_per_atom: bool = False
     time_tilt: float = 0.0  # training times drawn with density proportional to time_weight^tilt (models/time.py)
     condition_dropout: float = 0.0  # of a conditional model's training crystals, the share seen without their condition
 
@@ -62,6 +65,22 @@ class CrystalProcess(Process):
             noise["drop_condition"] = torch.rand(batch_size, **kw) < self.config.condition_dropout
         return noise
 
+    def length_scale(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, 1]: what the lengths of crystals with atoms `mask` [B, N] are divided by before standardising: N^(1/3)
+        with lattice_per_atom, else 1."""
+        if not self.config.lattice_per_atom:
+            return torch.ones(len(mask), 1, device=mask.device)
+        return mask.sum(1, keepdim=True).clamp(min=1).float().pow(1 / 3)
+
+    def normalised_lattice(self, lengths: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Lengths [B, 3] (A) and angles [B, 3] (degrees) -> the standardised lattice y [B, 6] the process moves."""
+        return self.scaler.normalise(lengths / self.length_scale(mask).to(lengths.dtype), angles)
+
+    def lattice(self, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The standardised lattice y [B, 6] of crystals with atoms `mask` [B, N] -> (lengths [B, 3] A, angles [B, 3])."""
+        lengths, angles = self.scaler.lattice(y)
+        return lengths * self.length_scale(mask).to(lengths.dtype), angles
+
     def one_hot(self, types: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.one_hot(types, self.config.n_types).float() * self.config.type_scale * mask.unsqueeze(-1)
 
@@ -72,7 +91,7 @@ class CrystalProcess(Process):
         if noise is None:
             noise = self.draw_noise(*types.shape, device=f1.device)
         noise = {k: v.to(f1.device) for k, v in noise.items()}
-        y1 = self.scaler.normalise(batch["lengths"], batch["angles"])
+        y1 = self.normalised_lattice(batch["lengths"], batch["angles"], mask)
         condition = batch.get("condition")
         if condition is not None and "drop_condition" in noise:
             condition = drop(condition, noise["drop_condition"])
@@ -82,7 +101,7 @@ class CrystalProcess(Process):
         """The backbone on a state: lattice given as standardised y, converted to lengths and angles here; a
         conditional one also sees the condition [B, C] (None: dropped), guided with weight `guidance` unless it is 1
         (models/condition.py)."""
-        lengths, angles = self.scaler.lattice(y)
+        lengths, angles = self.lattice(y, mask)
         return guided(lambda c: model(h, f, lengths, angles, t, mask, **({} if c is None else {"condition": c})), condition, guidance)
 
     def type_loss(self, logits, types, mask) -> torch.Tensor:
@@ -149,6 +168,6 @@ class CrystalProcess(Process):
         return self.result(types, logits, f, y, mask)
 
     def result(self, types, logits, f, y, mask) -> dict[str, torch.Tensor]:
-        lengths, angles = self.scaler.lattice(y)
+        lengths, angles = self.lattice(y, mask)
         out_types = types if self.config.csp else logits.argmax(-1) * mask
         return {"types": out_types, "frac": f, "lengths": lengths, "angles": angles, "mask": mask}

@@ -292,7 +292,7 @@ class Crystals(Domain):
                  "interpolant": "models.crystal_interpolant:CrystalInterpolant"}
     RECIPE = {"time_frequencies": 0}  # not ablated for crystals
     TIME_POWER = 1.0  # on perov-5, P = 2 and 50-200 steps moved validity by under a point (models/EXPERIMENTS.md, Crystals)
-    FLAGS = ("csp", "train_split", "max_atoms", "condition", "condition_dropout")
+    FLAGS = ("csp", "train_split", "max_atoms", "lattice_per_atom", "condition", "condition_dropout")
 
     @property
     def CONDITIONS(self) -> tuple[str, ...]:  # noqa: N802 (a class attribute of Molecules, a per-set one here)
@@ -402,8 +402,10 @@ class Crystals(Domain):
 
     def process_options(self, args, data: TrainingData) -> dict:
         from models.geometry import LatticeScaler
-        scaler = LatticeScaler.fit(data.train.lengths, data.train.angles).state()
-        return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"],
+        per_atom = bool(getattr(args, "lattice_per_atom", False))
+        scale = data.train.mask.sum(1, keepdim=True).float().pow(1 / 3) if per_atom else 1.0  # as CrystalProcess.length_scale
+        scaler = LatticeScaler.fit(data.train.lengths / scale, data.train.angles).state()
+        return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"], "lattice_per_atom": per_atom,
                 **({"condition_dropout": args.condition_dropout} if getattr(args, "condition", None) else {})}
 
     def train_flags(self, args) -> list:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import run_script
+from models.checkpoint import load_checkpoint
 from models.domains import Crystals
 from models.crystal_metrics import (_first_matches, composition_valid, coverage, csp_metrics, density, fingerprints,
                                     is_valid, structure_valid, uniqueness_novelty, wasserstein_distances)
@@ -396,16 +397,19 @@ def test_annealed_flow_sampler_lands_on_the_predicted_crystal(slope):
     assert torch.allclose(shift, shift[:, :1], atol=1e-5)
 
 
-@pytest.mark.parametrize("arch, gen", [("gnn", "flow"), ("gnn", "diffusion"), ("gnn", "interpolant"), ("transformer", "flow"),
-                                       ("pairformer", "flow")])
-def test_loss_does_not_depend_on_padding(arch, gen):
-    # train.py --batching size pads a batch only to its largest crystal: same loss as padding to n_max
+@pytest.mark.parametrize("arch, gen, per_atom", [("gnn", "flow", False), ("gnn", "diffusion", False), ("gnn", "interpolant", False),
+                                                 ("transformer", "flow", False), ("pairformer", "flow", False),
+                                                 ("gnn", "flow", True), ("gnn", "diffusion", True)])
+def test_loss_does_not_depend_on_padding(arch, gen, per_atom):
+    # train.py --batching size pads a batch only to its largest crystal: same loss as padding to n_max (with the
+    # lattice per atom, the atom count is read from the mask, whose padding must not count)
     crystals = read_cdvae_csv(CARBON, progress=False)
     n_max, width = int(crystals.n_atoms.max()) + 5, int(crystals.n_atoms.max())
     padded = PaddedCrystals(crystals, crystals.elements(), n_max=n_max)
     scaler = LatticeScaler.fit(padded.lengths, padded.angles)
     proc_cls, cls = CRYSTAL_PROCESSES[gen], CRYSTAL_ARCHS[arch]
-    process = proc_cls(proc_cls.Config(n_types=1, lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"]))
+    process = proc_cls(proc_cls.Config(n_types=1, lattice_mean=scaler.state()["mean"], lattice_std=scaler.state()["std"],
+                                       lattice_per_atom=per_atom))
     torch.manual_seed(0)
     model = cls(cls.Config(n_types=1, hidden=32, n_layers=2))
     idx = torch.arange(len(padded))
@@ -413,6 +417,54 @@ def test_loss_does_not_depend_on_padding(arch, gen):
     trimmed = {k: v[:, :width] if v.dim() > 1 and v.shape[1] == n_max else v for k, v in noise.items()}
     full = process.loss(model, padded.batch(idx), noise)
     assert torch.allclose(process.loss(model, padded.batch(idx, width=width), trimmed), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gen", ["flow", "diffusion", "interpolant"])
+def test_lattice_per_atom_puts_a_supercell_where_its_cell_is(gen):
+    """With lattice_per_atom a cell and its 2 x 2 x 2 supercell (8 times the atoms, twice the lengths) are one point of
+    the process's lattice space, so the volume a crystal is generated with follows its atom count without being
+    learnt; without it they lie log(2) / std apart. Either way the lattice comes back exactly, padding or not."""
+    crystals = read_cdvae_csv(CARBON, progress=False)
+    lengths, angles = torch.tensor(crystals.lengths[:3]).float(), torch.tensor(crystals.angles[:3]).float()  # as batches hold them
+    n = torch.tensor(crystals.n_atoms[:3])
+    n_max = int(8 * n.max()) + 3
+    mask = torch.arange(n_max)[None, :] < torch.cat([n, 8 * n])[:, None]  # [6, n_max]: the cells, then their supercells
+    both_lengths, both_angles = torch.cat([lengths, 2 * lengths]), torch.cat([angles, angles])
+    proc_cls = CRYSTAL_PROCESSES[gen]
+    for per_atom in (False, True):
+        process = proc_cls(proc_cls.Config(n_types=1, lattice_mean=[1.0, 1.0, 1.0, 0.0, 0.0, 0.0], lattice_std=[0.3] * 6,
+                                           lattice_per_atom=per_atom))
+        y = process.normalised_lattice(both_lengths, both_angles, mask)
+        gap = (y[3:] - y[:3]).abs()
+        if per_atom:
+            torch.testing.assert_close(y[3:], y[:3])
+        else:
+            torch.testing.assert_close(gap[:, :3], torch.full((3, 3), float(np.log(2) / 0.3)))
+        back_lengths, back_angles = process.lattice(y, mask)
+        torch.testing.assert_close(back_lengths, both_lengths)
+        torch.testing.assert_close(back_angles, both_angles)
+
+
+def test_train_py_fits_the_per_atom_lattice_and_samples_with_it(tmp_path):
+    """train.py --lattice-per-atom on carbon-24 (cells of 6 to 16 atoms in the fixture): the checkpoint's process
+    standardises log(length / N^(1/3)) with the training crystals' own statistics, and sample.py draws crystals of
+    the sizes asked with it."""
+    import ase.io
+
+    (tmp_path / "cdvae" / "carbon_24").mkdir(parents=True)
+    shutil.copy(CARBON, tmp_path / "cdvae" / "carbon_24" / "val.csv")
+    out = tmp_path / "run"
+    run("train.py", "--data", "carbon24", "--train-split", "val", "--data-dir", tmp_path, "--preset", "tiny", "--lattice-per-atom",
+        "--iters", "3", "--batch-size", "4", "--eval-every", "0", "--out", out)
+    config = load_checkpoint(out / "ckpt.pt")["process_config"]
+    train = load_crystals("carbon24", "val", tmp_path, progress=False)
+    train = train.subset(np.flatnonzero(~holdout_mask(train.ids, 0.05)))  # --train-split val holds 5 % out
+    per_atom = np.log(train.lengths / train.n_atoms[:, None] ** (1 / 3))
+    assert config["lattice_per_atom"] is True
+    np.testing.assert_allclose(config["lattice_mean"][:3], per_atom.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(config["lattice_std"][:3], np.maximum(per_atom.std(0, ddof=1), 0.02), rtol=1e-4)
+    run("sample.py", "--ckpt", out / "ckpt.pt", "--n", "4", "--steps", "3", "--out", out / "samples")
+    assert len(ase.io.read(out / "samples" / "samples.extxyz", ":")) == 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,6 +608,7 @@ def test_de_novo_crystals_sample_to_cif(crystal_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--data", "qm9", "--csp"], "--csp: not an option for molecules"),
     (["--data", "perov5", "--cfconv-cutoff", "4"], "--cfconv-cutoff: not an option for crystals"),
+    (["--data", "qm9", "--lattice-per-atom"], "--lattice-per-atom: not an option for molecules"),
     (["--data", "mp21"], "--task gen trains on one of qm9, perov5, carbon24, mp20"),
     (["--task", "ff", "--data", "x.h5", "--csp"], "--csp: options of --task gen"),
 ])
