@@ -139,7 +139,7 @@ def check_generative(ckpt: dict, path, arch: str | None, gen: str | None) -> Non
 def fill_older_defaults(ckpt: dict) -> None:
     """Give a checkpoint from before a key was kept what it did then, once, here at load: a generative one is of
     molecules (before crystals) on QM9, and its flags are those from before batching by size, Fourier time features,
-    self-conditioning, --train-split, --distance-loss, --min-one-minus-t, --condition and --discrete-types."""
+    self-conditioning, --train-split, --distance-loss, --min-one-minus-t, --condition, --discrete-types and --lattice-per-atom."""
     if ckpt.get("task", "gen") == "gen":
         ckpt.setdefault("domain", Molecules.kind)
         ckpt.setdefault("data", "qm9")
@@ -149,7 +149,7 @@ def fill_older_defaults(ckpt: dict) -> None:
         for key, before_the_flag in (("batching", "random"), ("time_frequencies", 0), ("self_condition", False),
                                      ("train_split", "train"), ("distance_loss", 0.0), ("min_one_minus_t", None),
                                      ("condition", None), ("condition_dropout", 0.1), ("init_trunk", None),
-                                     ("discrete_types", False)):
+                                     ("discrete_types", False), ("lattice_per_atom", False)):
             ckpt["args"].setdefault(key, before_the_flag)
 
 

@@ -447,16 +447,20 @@ def test_lattice_per_atom_puts_a_supercell_where_its_cell_is(gen):
 
 def test_train_py_fits_the_per_atom_lattice_and_samples_with_it(tmp_path):
     """train.py --lattice-per-atom on carbon-24 (cells of 6 to 16 atoms in the fixture): the checkpoint's process
-    standardises log(length / N^(1/3)) with the training crystals' own statistics, and sample.py draws crystals of
-    the sizes asked with it."""
+    standardises log(length / N^(1/3)) with the training crystals' own statistics, a resumed run keeps it, and
+    sample.py samples with it."""
     import ase.io
 
     (tmp_path / "cdvae" / "carbon_24").mkdir(parents=True)
     shutil.copy(CARBON, tmp_path / "cdvae" / "carbon_24" / "val.csv")
     out = tmp_path / "run"
-    run("train.py", "--data", "carbon24", "--train-split", "val", "--data-dir", tmp_path, "--preset", "tiny", "--lattice-per-atom",
-        "--iters", "3", "--batch-size", "4", "--eval-every", "0", "--out", out)
-    config = load_checkpoint(out / "ckpt.pt")["process_config"]
+    flags = ["--data", "carbon24", "--train-split", "val", "--data-dir", tmp_path, "--preset", "tiny", "--iters", "4",
+             "--batch-size", "4", "--eval-every", "0", "--ckpt-every", "2", "--out", out]
+    run("train.py", *flags, "--lattice-per-atom", "--stop-after", "2")
+    run("train.py", *flags, "--resume")  # the flag left out: the checkpoint's process is kept, not switched off
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    config = ckpt["process_config"]
+    assert ckpt["step"] == 4 and ckpt["args"]["lattice_per_atom"] is True
     train = load_crystals("carbon24", "val", tmp_path, progress=False)
     train = train.subset(np.flatnonzero(~holdout_mask(train.ids, 0.05)))  # --train-split val holds 5 % out
     per_atom = np.log(train.lengths / train.n_atoms[:, None] ** (1 / 3))

@@ -28,7 +28,7 @@ def test_every_data_set_has_its_domain_and_unknown_names_are_refused():
 
 
 def test_each_domain_refuses_the_other_kinds_flags_only():
-    assert set(get_domain("qm9").foreign_flags()) == set(Crystals.FLAGS) - set(Molecules.FLAGS) == {"csp", "train_split", "max_atoms"}
+    assert set(get_domain("qm9").foreign_flags()) == set(Crystals.FLAGS) - set(Molecules.FLAGS) == {"csp", "train_split", "max_atoms", "lattice_per_atom"}
     assert set(get_domain("perov5").foreign_flags()) == set(Molecules.FLAGS) - set(Crystals.FLAGS)
     assert {"condition", "condition_dropout"} <= set(Molecules.FLAGS) & set(Crystals.FLAGS)  # both domains condition
 
