@@ -43,8 +43,8 @@ def test_both_domains_name_the_same_backbones_and_processes_with_their_own_class
 
 def test_a_checkpoint_from_before_domains_is_filled_in_once_at_load(tmp_path):
     """A molecule checkpoint written before crystals has no domain or data, and flags from before size batching,
-    time features, self-conditioning, --train-split, --distance-loss, --min-one-minus-t, --condition and
-    --discrete-types: load_checkpoint gives it what it did then."""
+    time features, self-conditioning, --train-split, --distance-loss, --min-one-minus-t, --condition,
+    --discrete-types and --lattice-per-atom: load_checkpoint gives it what it did then."""
     from models.egnn import EGNN, EGNNConfig
     from models.molecule_flow import FlowConfig
 
@@ -56,12 +56,13 @@ def test_a_checkpoint_from_before_domains_is_filled_in_once_at_load(tmp_path):
     assert ckpt["domain"] == "molecules" and ckpt["data"] == "qm9" and isinstance(domain_of(ckpt), Molecules)
     assert ckpt["args"] == {"lr": 1e-3, "batching": "random", "time_frequencies": 0, "self_condition": False,
                             "train_split": "train", "distance_loss": 0.0, "min_one_minus_t": None, "condition": None,
-                            "condition_dropout": 0.1, "init_trunk": None, "discrete_types": False}
+                            "condition_dropout": 0.1, "init_trunk": None, "discrete_types": False, "lattice_per_atom": False}
     newer = {"task": "gen", "domain": "crystals", "data": "perov5", "args": {"batching": "size", "time_frequencies": 2,
                                                                              "self_condition": False, "train_split": "val",
                                                                              "distance_loss": 0.0, "min_one_minus_t": None,
                                                                              "condition": None, "condition_dropout": 0.0,
-                                                                             "init_trunk": None, "discrete_types": False}}
+                                                                             "init_trunk": None, "discrete_types": False,
+                                                                             "lattice_per_atom": True}}
     before = {**newer, "args": dict(newer["args"])}
     fill_older_defaults(newer)  # what a checkpoint holds is never overwritten
     assert newer == before and domain_of(newer).name == "perov5"
