@@ -28,6 +28,12 @@ from models.time import time_grid
 UNIFORM_VARIANCE = 1 / 12  # variance of a component of a uniform point on the unit torus
 
 
+def per_atom_length_scale(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: N^(1/3) of crystals with atoms `mask` [B, N], what lattice_per_atom divides their lengths by (the fit of
+    the lattice statistics and the process alike)."""
+    return mask.sum(1, keepdim=True).clamp(min=1).float().pow(1 / 3)
+
+
 @dataclass
 class CrystalProcessConfig:
     n_types: int = 1
@@ -68,9 +74,7 @@ class CrystalProcess(Process):
     def length_scale(self, mask: torch.Tensor) -> torch.Tensor:
         """[B, 1]: what the lengths of crystals with atoms `mask` [B, N] are divided by before standardising: N^(1/3)
         with lattice_per_atom, else 1."""
-        if not self.config.lattice_per_atom:
-            return torch.ones(len(mask), 1, device=mask.device)
-        return mask.sum(1, keepdim=True).clamp(min=1).float().pow(1 / 3)
+        return per_atom_length_scale(mask) if self.config.lattice_per_atom else torch.ones(len(mask), 1, device=mask.device)
 
     def normalised_lattice(self, lengths: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Lengths [B, 3] (A) and angles [B, 3] (degrees) -> the standardised lattice y [B, 6] the process moves."""

@@ -401,9 +401,10 @@ class Crystals(Domain):
                         f"the memory allows")
 
     def process_options(self, args, data: TrainingData) -> dict:
+        from models.crystal_process import per_atom_length_scale
         from models.geometry import LatticeScaler
         per_atom = bool(getattr(args, "lattice_per_atom", False))
-        scale = data.train.mask.sum(1, keepdim=True).float().pow(1 / 3) if per_atom else 1.0  # as CrystalProcess.length_scale
+        scale = per_atom_length_scale(data.train.mask) if per_atom else 1.0
         scaler = LatticeScaler.fit(data.train.lengths / scale, data.train.angles).state()
         return {"csp": args.csp, "lattice_mean": scaler["mean"], "lattice_std": scaler["std"], "lattice_per_atom": per_atom,
                 **({"condition_dropout": args.condition_dropout} if getattr(args, "condition", None) else {})}
