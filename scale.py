@@ -366,7 +366,7 @@ def run_record(run_dir: Path) -> dict:
             "steps": steps, "batch_size": batch, "examples_seen": steps * batch, "seed": config["args"]["seed"],
             "train_flops": config["train_flops_per_step"] * steps, "val_loss": final[-1]["val_loss"] if final else None,
             "best_val_loss": best["val_loss"] if best else None, "best_val_step": best["step"] if best else None,
-            "train_per_s": float(np.median(rates)) if rates else None}
+            "train_per_s": float(np.median(rates)) if rates else None, "hardware": config.get("hardware")}
 
 
 def sample_and_evaluate(args, run_dir: Path, step: int, log, sample_flags: tuple = (), samples_name: str = "samples") -> dict:
@@ -427,6 +427,9 @@ def write_results(args, out: Path, sweep: str, runs: list[dict]) -> None:
         title = f"# scale.py {sweep} on {args.data}{' (structure prediction)' if args.csp else ''}"
         note = (f"{args.batch_size} structures per step" + (f"; {args.samples} samples per run, {args.sample_steps} sampling steps"
                                                               if args.samples else "") + f"; command: `python scale.py {shlex.join(sys.argv[1:])}`")
+        machines = list(dict.fromkeys(h for r in runs for h in r.get("hardware") or ()))  # runs before it was kept have none
+        if machines:
+            note += "\n\nTrained on: " + "; ".join(machines)
         atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join([title, "", note, "", *lines, ""])))
 
 

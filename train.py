@@ -284,7 +284,7 @@ from models.fileio import is_disk_full  # noqa: E402
 from models.precision import flush_denormals  # noqa: E402
 from models.tasks import TASKS, TaskError  # noqa: E402
 from models.training import (AdaptiveClip, Prefetcher, RunDirectory, cosine_schedule,  # noqa: E402
-                             step_generator, train_step_flops, update_ema)
+                             hardware_description, step_generator, train_step_flops, update_ema)
 
 flush_denormals()  # float32 denormals cost the CPU ~100 cycles each: 2.4 x on the QM9 oracle's step
 
@@ -455,6 +455,10 @@ if resume_ckpt is not None:
     if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"], device)
     log(f"resumed from {resume_path} at step {start_step}")
+# Every machine the run has trained on, in order (a resumed run may go on elsewhere): its speeds are theirs
+hardware = list(resume_ckpt.get("hardware", [])) if resume_ckpt is not None else []
+if hardware_description(device, world) not in hardware[-1:]:
+    hardware.append(hardware_description(device, world))
 
 if args.compile and ddp:
     # One graph, not dynamo's split at DDP's gradient buckets: the split hands the EGNN's float constants (pi of the
@@ -500,7 +504,7 @@ def save(step: int, flops_per_step: float | None, seconds: float) -> None:
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "log_bytes": run.log_sizes(),  # a resumed run cuts its logs back to these sizes
-        "run_seconds": seconds,
+        "run_seconds": seconds, "hardware": hardware,
         **({"clip_history": adaptive_clip.history} if adaptive_clip else {}),
     }
     save_checkpoint(run.ckpt, state, keep_previous=run.prev_ckpt)
@@ -513,7 +517,7 @@ def save(step: int, flops_per_step: float | None, seconds: float) -> None:
 # Loop
 
 log(f"training {task.what}: steps {start_step} -> {args.iters}, global batch {args.batch_size} "
-    f"on {world} process(es), device {device} ({precision}), out {out_dir}")
+    f"on {world} process(es), device {device} ({precision}), out {out_dir}; {hardware[-1]}")
 flops_per_step = None
 if args.count_flops:
     flops_per_step = train_step_flops(model, objective, lambda width: step_inputs(start_step, width), schedule.width_counts(),

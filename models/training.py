@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import platform
 import queue
 import sys
 import threading
@@ -19,6 +20,23 @@ import torch
 from tqdm import tqdm
 
 from models.fileio import Busy, ExclusiveLock, remove_stale_temporaries
+
+
+def hardware_description(device: torch.device, world: int) -> str:
+    """What trains a run, in words: the processor (the GPU on CUDA), the processes and each one's threads, and the
+    torch version. A run's speeds (its log's molecules/s, a sweep's tables) mean nothing without it, and a resumed run
+    may go on elsewhere, so the checkpoint keeps every description it was trained under."""
+    if device.type == "cuda":
+        processor = torch.cuda.get_device_name(device)
+    else:
+        processor = platform.processor() or platform.machine()
+        try:  # Linux names the model; platform.processor() there is only the architecture
+            processor = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                             if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        processor += f" ({os.cpu_count()} cores)"
+    return f"{processor}; {world} process(es) x {torch.get_num_threads()} thread(s); torch {torch.__version__}"
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:

@@ -176,6 +176,7 @@ def test_three_point_compute_sweep_runs_skips_when_done_and_fits(qm9_dir, tmp_pa
     assert runs[0]["train_flops"] > 0 and runs[2]["train_flops"] == pytest.approx(2 * runs[0]["train_flops"])
     assert len({r["params"] for r in runs}) == 1 and all(np.isfinite(r["val_loss"]) for r in runs)
     assert "| s8 |" in (tmp_path / "sweep" / "results.md").read_text()
+    assert all(len(r["hardware"]) == 1 for r in runs) and f"Trained on: {runs[0]['hardware'][0]}" in (tmp_path / "sweep" / "results.md").read_text()
     again = scale(*sweep)  # finished runs are not trained again
     assert again.stdout.count("skipped") == 3
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["runs"] == runs

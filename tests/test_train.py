@@ -62,6 +62,8 @@ def test_resume_reproduces_uninterrupted_losses(trained, qm9_dir, tmp_path):
     # the logged time is the run's, over both sessions: it goes on from the checkpoint's, not from 0
     times = [json.loads(line)["time"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert times == sorted(times) and b["run_seconds"] >= times[-1]
+    # the machine it trained on is named once: the resumed session ran where the first did
+    assert len(a["hardware"]) == 1 and b["hardware"] == a["hardware"] and "process(es)" in a["hardware"][0]
 
 
 def test_size_grouped_batches_pad_less_resume_exactly_and_match_ddp(qm9_dir, tmp_path):
