@@ -57,7 +57,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models.cli import add_markdown_help, decay, nonnegative_int, positive_float, positive_int, writable_dir
+from models.cli import above_one, add_markdown_help, decay, nonnegative_int, positive_float, positive_int, writable_dir
 from models.domains import ARCH_NAMES, DATA_SETS, PROCESS_NAMES as GEN_NAMES, get_domain
 from models.fileio import DataError, ExclusiveLock, atomic_write
 
@@ -193,6 +193,9 @@ fit_parser.add_argument("--seed", type=int, default=0, help="seed of the bootstr
 fit_parser.add_argument("--loss-key", default="val_loss", help="the record key of the loss to fit: val_loss (the run's last) or "
                         "best_val_loss (its lowest over the --eval-every evaluations: early stopping, for a data sweep whose small "
                         "sets are overfitted by the end)")
+fit_parser.add_argument("--window", type=above_one, default=None, help="iso-FLOP: fit each budget's parabola through the sizes "
+                        "within this factor of its best size (lowest loss, averaged over seeds) only, e.g. 4; default: every size. A "
+                        "parabola holds near a minimum; a sweep reaching far further on one side pulls it off (models/scaling.py)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,12 +828,15 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     """The iso-FLOP study: each budget's best size, N*(C) and D*(C) with bootstrap intervals, the largest budget
     predicted from the smaller ones, and the comparison with the joint law fitted to the same runs. Adds to
     report["laws"], draws OUT/isoflop.png and returns fit.md's section."""
-    from models.scaling import bootstrap_iso_flop, held_out_budget
+    from models.scaling import bootstrap_iso_flop, held_out_budget, near_best_sizes
 
     budgets, n, d, loss = (column(runs, key) for key in ("budget", "params", "examples_seen", "loss"))
-    profiles = iso_flop_table(budgets, n, loss)
+    fitted = near_best_sizes(budgets, n, loss, args.window) if args.window else np.ones(len(loss), dtype=bool)
+    profiles = iso_flop_table(budgets, n, loss, fitted)
+    window = (f"; each budget's parabola through its sizes within a factor {args.window:g} of its best size ({fitted.sum()} of "
+              f"{len(runs)} runs)" if args.window else "")
     try:
-        boot = bootstrap_iso_flop(budgets, n, d, loss, args.n_boot, args.seed)
+        boot = bootstrap_iso_flop(budgets[fitted], n[fitted], d[fitted], loss[fitted], args.n_boot, args.seed)
     except ValueError as e:
         log.info(f"iso-FLOP: not fitted: {e}")
         report["laws"]["iso-FLOP"] = {"not_fitted": str(e)}
@@ -839,26 +845,26 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     fit, interval = boot["fit"], boot["interval"]
     for c, why in fit.skipped.items():
         log.info(f"iso-FLOP: {c:.3g} FLOPs left out: {why}")
-    held_out = held_out_budget(fit, budgets, n, d, loss)
+    held_out = held_out_budget(fit, budgets[fitted], n[fitted], d[fitted], loss[fitted])
     report["laws"]["iso-FLOP"] = {
         "form": "N*(C) = n_coef C^a, D*(C) = d_coef C^b (D: examples seen), through each budget's parabola minimum",
         "fit": {"a": fit.a, "b": fit.b, "n_coef": fit.n_coef, "d_coef": fit.d_coef}, "interval": interval,
         "bootstrap": {"n_boot": boot["n_boot"], "failed": boot["failed"]},
-        "budgets": [{"flops": c, "params": p, "examples": e, "loss": v, "runs": int((budgets == c).sum())}
+        "window": args.window, "budgets": [{"flops": c, "params": p, "examples": e, "loss": v, "runs": int((fitted & (budgets == c)).sum())}
                     for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)],
         "left_out": {f"{c:.3g}": why for c, why in fit.skipped.items()}, "held_out": held_out}
     noise = "" if boot["n_boot"] else " (3 sizes per budget: the parabolas pass through every run, nothing measures the noise, no interval)"
     log.info(f"iso-FLOP: N*(C) ~ C^{fit.a:.3f} {interval_text(interval['a'])}, D*(C) ~ C^{fit.b:.3f} {interval_text(interval['b'])} "
-             f"from {len(fit.budgets)} budgets, {len(runs)} runs{noise}; {boot['failed']} of {boot['n_boot']} resamples moved a minimum "
+             f"from {len(fit.budgets)} budgets, {len(runs)} runs{window}{noise}; {boot['failed']} of {boot['n_boot']} resamples moved a minimum "
              "outside its sizes")
     md = [f"## Iso-FLOP profiles: {len(runs)} runs at {len(set(budgets))} budgets", "",
           "Each budget's runs trained for exactly its FLOPs; the minimum of a parabola of log L in log N gives its N*, D* and L* "
-          f"(Hoffmann et al. 2022, approach 2). 95 % intervals from {boot['n_boot']} residual-bootstrap resamples of the parabolas"
+          f"(Hoffmann et al. 2022, approach 2){window}. 95 % intervals from {boot['n_boot']} residual-bootstrap resamples of the parabolas"
           f"{noise}; {boot['failed']} resamples moved a minimum outside its sizes and were dropped.", "",
           f"N*(C) = {fit.n_coef:.3g} C^{fit.a:.3f} {interval_text(interval['a'])}; D*(C) = {fit.d_coef:.3g} C^{fit.b:.3f} "
           f"{interval_text(interval['b'])}.", "",
           "| C (FLOPs) | runs | N* (parameters) | N* 95 % interval | D* (examples) | L* |", "|---|---|---|---|---|---|",
-          *[f"| {c:.3g} | {int((budgets == c).sum())} | {p:.3g} | {interval_text(interval[f'n_opt@{c:.3g}'])} | {e:.3g} | {v:.4g} |"
+          *[f"| {c:.3g} | {int((fitted & (budgets == c)).sum())} | {p:.3g} | {interval_text(interval[f'n_opt@{c:.3g}'])} | {e:.3g} | {v:.4g} |"
             for c, p, e, v in zip(fit.budgets, fit.n_opt, fit.d_opt, fit.l_opt)], "", *profiles]
     md += [f"- {c:.3g} FLOPs left out: {why}" for c, why in fit.skipped.items()] + ([""] if fit.skipped else [])
     if held_out:
@@ -889,29 +895,35 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
         log.info(f"iso-FLOP: {line}")
         report["laws"]["iso-FLOP"]["joint_law_agrees"] = bool(agree)
         md += [line, ""]
-    plot_iso_flop(runs, fit, budgets, n, loss, out / "isoflop.png")
+    plot_iso_flop(runs, fit, budgets, n, loss, fitted, out / "isoflop.png")
     return md
 
 
-def iso_flop_table(budgets, n, loss) -> list[str]:
-    """The runs' losses as a budget x size table (markdown lines), each budget's lowest in bold: the profiles the
-    fit reads, shown whether or not it finds their minima."""
+def iso_flop_table(budgets, n, loss, fitted) -> list[str]:
+    """The runs' losses as a budget x size table (markdown lines): the profiles the fit reads, shown whether or not it
+    finds their minima. A size run with several seeds shows their mean and, after it, how many; each budget's lowest
+    is in bold, and a size outside the fit's window in italics."""
     sizes = sorted(set(n.tolist()))
     lines = ["| C (FLOPs) | " + " | ".join(f"N = {p:,.0f}" for p in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
     for c in sorted(set(budgets.tolist())):
         at = budgets == c
-        best = loss[at].min()
+        means = {p: loss[at & (n == p)].mean() for p in sizes if (at & (n == p)).any()}
         cells = []
         for p in sizes:
-            hit = loss[at & (n == p)]
-            cells.append("" if not len(hit) else f"**{hit[0]:.4g}**" if hit[0] == best else f"{hit[0]:.4g}")
+            if p not in means:
+                cells.append("")
+                continue
+            runs = at & (n == p)
+            cell = f"{means[p]:.4g}" + (f" ({runs.sum()})" if runs.sum() > 1 else "")
+            cells.append(f"**{cell}**" if means[p] == min(means.values()) else cell if fitted[runs].all() else f"*{cell}*")
         lines.append(f"| {c:.3g} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
-    """The loss against N at each budget with its parabola and minimum; N*(C) and D*(C) with their fits; and,
-    where the runs were sampled, their first two sample metrics against training FLOPs."""
+def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, fitted, path: Path) -> None:
+    """The loss against N at each budget with its parabola (through the `fitted` runs; the others hollow) and
+    minimum; N*(C) and D*(C) with their fits; and, where the runs were sampled, their first two sample metrics
+    against training FLOPs."""
     plt = pyplot()
 
     from models.scaling import iso_flop_parabola
@@ -921,8 +933,10 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, path: Path) -> None:
     ax = axes[0][0]
     for i, c in enumerate(sorted(set(budgets))):
         at = budgets == c
-        ax.scatter(n[at], loss[at], color=f"C{i}", label=f"{c:.3g} FLOPs")
+        ax.scatter(n[at & fitted], loss[at & fitted], color=f"C{i}", label=f"{c:.3g} FLOPs")
+        ax.scatter(n[at & ~fitted], loss[at & ~fitted], facecolors="none", edgecolors=f"C{i}")
         if c in fit.budgets:
+            at = at & fitted
             grid = np.logspace(np.log10(n[at].min()), np.log10(n[at].max()), 50)
             ax.plot(grid, np.exp(np.polyval(iso_flop_parabola(n[at], loss[at]), np.log(grid))), color=f"C{i}")
             j = fit.budgets.index(c)

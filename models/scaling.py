@@ -234,6 +234,23 @@ def budget_minimum(n, d, loss) -> tuple[float, float, float]:
     return float(np.exp(u)), float(np.exp(intercept + slope * u)), float(np.exp(c0 + c1 * u + c2 * u * u))
 
 
+def near_best_sizes(budgets, n, loss, factor: float) -> np.ndarray:
+    """The runs (a boolean mask) whose size lies within `factor` of their budget's best size, the size of lowest loss
+    (averaged over its seeds). A parabola of log L in log N describes a profile near its minimum only: further out the
+    profile is lopsided (it climbs steeply where a model too large for its budget trains few steps), and a sweep whose
+    sizes reach much further on one side than the other pulls a parabola through all of them off its minimum."""
+    budgets, n, loss = (np.asarray(c, dtype=float) for c in (budgets, n, loss))
+    if not factor > 1:
+        raise ValueError(f"a window of sizes needs a factor above 1, not {factor}")
+    keep = np.zeros(len(loss), dtype=bool)
+    for c in np.unique(budgets):
+        at = budgets == c
+        sizes = np.unique(n[at])
+        best = sizes[np.argmin([loss[at & (n == size)].mean() for size in sizes])]
+        keep |= at & (n >= best / factor) & (n <= best * factor)
+    return keep
+
+
 def fit_iso_flop(budgets, n, d, loss) -> IsoFlopFit:
     """The iso-FLOP fit of runs at two or more budgets (each run's budget as asked: runs of one budget share it)."""
     budgets, n, d, loss = _check(budgets, n, d, loss)

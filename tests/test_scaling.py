@@ -16,6 +16,7 @@ import pytest
 from conftest import run_script
 from models.domains import get_domain
 from models.scaling import (JointLaw, PowerLaw, bootstrap, bootstrap_iso_flop, budget_minimum, fit_joint_law, fit_power_law,
+                            near_best_sizes,
                             held_out_budget)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +124,55 @@ def test_iso_flop_minimum_is_refused_outside_the_sizes_run_and_the_largest_budge
     assert held_out["predicted"]["loss"] == pytest.approx(truth(n_opt, 3e14 / (6 * n_opt)), rel=0.03)  # L* is no pure power law
 
 
+def lopsided_profiles(truth: JointLaw, seeds=(0,), noise=0.0, k=6.0, budgets=(1e13, 1e14)):
+    """Nine sizes a factor 2 apart from a quarter of each budget's optimum to 60 times it, as a sweep that extends its
+    sizes upwards does; each size once per seed, its loss off the law by a log-normal `noise`."""
+    rows, rng = [], np.random.default_rng(0)
+    for c in budgets:
+        for n in truth.compute_optimal(c, k)[0] * np.logspace(-0.6, 1.8, 9):
+            rows += [(c, n, c / (k * n), truth(n, c / (k * n)) * np.exp(noise * rng.normal())) for _ in seeds]
+    return [np.array(col) for col in zip(*rows)]
+
+
+def test_a_window_of_sizes_keeps_a_lopsided_profiles_parabola_on_its_minimum():
+    """Far from its minimum an iso-FLOP profile is no parabola; sizes reaching 60 x above the optimum and 4 x below pull
+    a parabola through all of them 14 % below N*, while the sizes within a factor 4 of the best run find it."""
+    truth = JointLaw(e=0.0, a=400.0, alpha=0.6, b=1000.0, beta=0.6)
+    budgets, n, d, loss = lopsided_profiles(truth)
+    window = near_best_sizes(budgets, n, loss, 4.0)
+    for c in (1e13, 1e14):
+        at, n_opt = budgets == c, truth.compute_optimal(c, 6.0)[0]
+        assert window[at].sum() == 5  # the best size and two each side, a factor 2 apart
+        assert budget_minimum(n[at], d[at], loss[at])[0] < 0.9 * n_opt
+        assert budget_minimum(n[at & window], d[at & window], loss[at & window])[0] == pytest.approx(n_opt, rel=0.02)
+    # the best size is the one of lowest mean over its seeds, not the single lowest run
+    mask = near_best_sizes([1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 8, 8], [5.0, 3.0, 3.9, 3.9, 4.5, 4.5], 2.0)
+    assert mask.tolist() == [True, True, True, True, False, False]  # best: size 2 (mean 3.9 < 4.0); size 8 is 4 x off
+    with pytest.raises(ValueError, match="above 1"):
+        near_best_sizes([1], [1], [1.0], 1.0)
+
+
 def run_fit(*args):
     return run_script("scale.py", "fit", *args, check=False)
+
+
+def test_fit_command_fits_a_window_of_each_profile_and_shows_every_run(tmp_path):
+    truth = JointLaw(e=0.0, a=400.0, alpha=0.6, b=1000.0, beta=0.6)
+    budgets, n, d, loss = lopsided_profiles(truth, seeds=(0, 1), noise=0.003, budgets=(1e13, 1e14, 1e15))
+    runs = [{"run": f"r{i}", "sweep": "isoflop", "budget": c, "params": p, "examples_seen": e, "train_size": 1e6, "train_flops": c,
+             "val_loss": v} for i, (c, p, e, v) in enumerate(zip(budgets, n, d, loss))]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    proc = run_fit(tmp_path / "results.json", "--n-boot", "20", "--window", "4", "--out", tmp_path / "fit")
+    assert proc.returncode == 0, proc.stderr
+    iso = json.loads((tmp_path / "fit" / "fit.json").read_text())["laws"]["iso-FLOP"]
+    assert iso["window"] == 4 and [b["runs"] for b in iso["budgets"]] == [10, 10, 10]  # 5 sizes x 2 seeds of 18 runs each
+    for b in iso["budgets"]:
+        assert b["params"] == pytest.approx(truth.compute_optimal(b["flops"], 6.0)[0], rel=0.05)
+    md = (tmp_path / "fit" / "fit.md").read_text()
+    assert "within a factor 4 of its best size (30 of 54 runs)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 1e+13 |") and "N*" not in line and line.count("|") > 8)
+    assert row.count(" (2)") == 9 and row.count("*") == 4 + 2 * 4  # every size of two seeds; the best bold, 4 italic
+    assert run_fit(tmp_path / "results.json", "--window", "1").returncode == 2  # a window needs a factor above 1
 
 
 def test_fit_command_writes_report_json_and_plot(tmp_path):
