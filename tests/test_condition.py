@@ -462,7 +462,9 @@ def test_chgnet_judges_carbon24_energies_beside_the_oracle(tmp_path):
     result = score_condition(tmp_path / "samples.extxyz", tmp_path / "oracle" / "ckpt.pt", oracle, None, tmp_path / "data")
     energy = result["properties"]["energy_per_atom"]
     assert energy["chgnet_failed"] == 0 and -150 < energy["chgnet_offset"] < -140
-    assert energy["chgnet_mae"] == pytest.approx(energy["chgnet_l_bound"], rel=1e-9)
+    # the same crystals, up to the rounding of their trip through the extxyz file: CHGNet's energies of them agree to
+    # about 1e-9 on one CPU and 2e-5 on another (AVX2 against AVX-512 kernels), a misaligned value or offset by far more
+    assert energy["chgnet_mae"] == pytest.approx(energy["chgnet_l_bound"], rel=1e-3)
     assert 0 < energy["chgnet_mae"] < 1.0 and np.isfinite(energy["mae"])
 
 
