@@ -457,8 +457,9 @@ if resume_ckpt is not None:
     log(f"resumed from {resume_path} at step {start_step}")
 # Every machine the run has trained on, in order (a resumed run may go on elsewhere): its speeds are theirs
 hardware = list(resume_ckpt.get("hardware", [])) if resume_ckpt is not None else []
-if hardware_description(device, world) not in hardware[-1:]:
-    hardware.append(hardware_description(device, world))
+here = hardware_description(device, world)
+if here not in hardware[-1:]:
+    hardware.append(here)
 
 if args.compile and ddp:
     # One graph, not dynamo's split at DDP's gradient buckets: the split hands the EGNN's float constants (pi of the
