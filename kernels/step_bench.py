@@ -15,7 +15,8 @@ variant runs the same batches and the same noise. Reported:
   - sampling molecules/s at 50 steps of the process's default sampler, timed over --sample-steps steps on a
     batch of --batch molecules of typical sizes (a sampler's steps cost the same, so 50 steps take 50 /
     --sample-steps times as long);
-  - the matrix-product peak: the best of a few torch.mm of 2048 x 2048 at each thread count and precision;
+  - the matrix-product peak: the best of a few torch.mm of 2048 x 2048 at each thread count and precision
+    (smaller where one product takes over a quarter of a second: bf16 on a CPU that emulates it);
   - with --profile, torch.profiler's split of eager fp32 training steps' and sampler steps' CPU time into matrix
     products, elementwise work, reductions and indexing, and the rest, and the ten most expensive operators.
 
@@ -68,17 +69,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def matmul_peak(threads: int, dtype: torch.dtype) -> float:
-    """GFLOP/s of the best of five 2048 x 2048 matrix products (after one to warm up)."""
+def matmul_peak(threads: int, dtype: torch.dtype) -> tuple[float, int]:
+    """GFLOP/s of the best of five n x n matrix products (after one to warm up), and n: 2048, or the first size from 256
+    up whose product takes a quarter of a second. A CPU without native bf16 (no AVX-512 BF16 or AMX) emulates it at
+    about 1 GFLOP/s, where one 2048 x 2048 product takes 20 s; its peak is as flat at 512."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
-    torch.mm(a, b)
+    n = 256
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if n == 2048 or time.perf_counter() - t0 > 0.25:
+            break
+        n *= 2
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / best / 1e9
+    return 2 * n ** 3 / best / 1e9, n
 
 
 def seed_run(arch: str, hidden: int, n_layers: int, data: str, train_split: str, batch: int, data_dir: str | None, workdir: Path) -> dict:
@@ -272,7 +281,7 @@ def main() -> None:
                                "ckpt": str(ckpt["path"]) if "path" in ckpt else None}
                         row.update(time_training(work, precision, compiled, args.warmup))
                         row.update(time_sampling(work, precision, compiled, args.sample_steps))
-                        row["of_peak"] = row["train_gflops"] / peaks[threads, precision]
+                        row["of_peak"] = row["train_gflops"] / peaks[threads, precision][0]
                         rows.append(row)
                         print(format_row(row), flush=True)
     write(args, machine, peaks, rows, profiles)
@@ -292,7 +301,7 @@ def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> 
                 + ", their trained weights" if args.ckpt else f"{args.data}, flow matching")
              + f", batches of {args.batch} structures; training timed over {args.steps} steps after {args.warmup}; sampling at {SAMPLE_STEPS_REPORTED} "
              f"steps from {args.sample_steps} timed steps.", "",
-             "Matrix-product peak (2048 x 2048 torch.mm): " + ", ".join(f"{t} thread(s) {p} {g:.0f} GFLOP/s" for (t, p), g in peaks.items()),
+             "Matrix-product peak (torch.mm of n x n): " + ", ".join(f"{t} thread(s) {p} {g:.0f} GFLOP/s (n = {n})" for (t, p), (g, n) in peaks.items()),
              "", "| backbone | size | params | threads | precision | mode | train ms/step | train mol/s | GFLOP/s | of peak | "
              "sample mol/s (50 steps) |", "|---|---|---|---|---|---|---|---|---|---|---|", *map(format_row, rows)]
     for name, steps in profiles.items():
@@ -302,7 +311,8 @@ def write(args, machine: str, peaks: dict, rows: list[dict], profiles: dict) -> 
                       "|---|---|", *[f"| {k} | {100 * v:.1f} % |" for k, v in prof["top"]]]
     (args.out / "step_bench.md").write_text("\n".join(lines) + "\n")
     (args.out / "step_bench.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows,
-                                                          "peaks": {f"{t} {p}": g for (t, p), g in peaks.items()},
+                                                          "peaks": {f"{t} {p}": g for (t, p), (g, _) in peaks.items()},
+                                                          "peak_sizes": {f"{t} {p}": n for (t, p), (_, n) in peaks.items()},
                                                           "profiles": profiles}, indent=1))
     print(f"wrote {args.out / 'step_bench.md'} and {args.out / 'step_bench.json'}")
 
