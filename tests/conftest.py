@@ -48,14 +48,15 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
 
 
 # The test files that take longest, longest first: `pytest -p no:cacheprovider tests --durations=0` on one core, summed
-# per file (2026-12-06, 1,532 s in all, d8581cf). Under `-n 2 --dist loadfile` every file runs whole on one worker, and a
-# worker takes the next file when it runs low, so starting with the long ones leaves short ones to even out the end;
-# xdist's own order (most tests first) could leave a long file for last, one worker busy while the other idles.
-SLOWEST_FILES = ("test_scaling.py", "test_crystals.py", "test_crash_safety.py", "test_train.py", "test_hostile.py",
-                 "test_hostile_evaluation.py", "test_train_ff.py", "test_condition.py", "test_processes.py",
-                 "test_triangle_attention.py", "test_step_bench.py", "test_hostile_student.py", "test_outside_samples.py",
-                 "test_forkserver.py", "test_radius_graph.py", "test_label.py", "test_hostile_scale.py",
-                 "test_hostile_crystals.py", "test_report.py")
+# per file (2026-12-07, 1,020 s in all on the AMD EPYC machine, after 82ce97f). Under `-n 2 --dist loadfile` every file
+# runs whole on one worker, and a worker takes the next file when it runs low, so starting with the long ones leaves
+# short ones to even out the end; xdist's own order (most tests first) could leave a long file for last, one worker
+# busy while the other idles.
+SLOWEST_FILES = ("test_crystals.py", "test_crash_safety.py", "test_scaling.py", "test_triangle_attention.py",
+                 "test_processes.py", "test_hostile_evaluation.py", "test_train.py", "test_condition.py", "test_step_bench.py",
+                 "test_radius_graph.py", "test_train_ff.py", "test_report.py", "test_hostile.py", "test_label.py",
+                 "test_pretrained.py", "test_pretrained_students.py", "test_outside_samples.py", "test_forcefield.py",
+                 "test_kernels_compile.py", "test_pairformer.py")
 
 
 def pytest_configure(config):
