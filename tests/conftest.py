@@ -41,6 +41,26 @@ def qm9_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def carbon_reference_cache():
+    """write(data_dir): puts CHGNet's carbon reference where chgnet_hull reads it (data_dir/chgnet_elements.npz), for
+    the tests whose hull needs one but which do not test how it is computed. chgnet_hull relaxes six prototypes for up
+    to 300 FIRE steps (half a minute on a slow core) and keeps the lowest, diamond, which converges in 7: relaxing
+    diamond alone gives the same reference to the bit."""
+    import numpy as np
+
+    from models import crystal_stability
+
+    diamond = dict(crystal_stability.element_prototypes(6))["diamond"]
+    _, energy, _, converged = crystal_stability.relax([diamond], steps=300, workers=1, progress=False)[0]
+    assert converged
+
+    def write(data_dir: Path) -> None:
+        np.savez(data_dir / "chgnet_elements.npz", version=np.array(crystal_stability.chgnet_version()), z=np.array([6]),
+                 energy=np.array([energy]), prototype=np.array(["diamond"]))
+    return write
+
+
 # Kernel tests (`kernels`): on a GPU they run in the test process; without one, in a child process started with
 # TRITON_INTERPRET=1 (run_kernel_tests_in_interpreter), where they run on the CPU in Triton's interpreter.
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"

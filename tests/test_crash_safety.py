@@ -344,22 +344,18 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(tmp_path):
+def test_relaxed_hull_killed_while_writing_its_cache_resumes_to_the_same_result(tmp_path, carbon_reference_cache):
     """evaluate.py --hull relaxed SIGKILLed inside its second write of the relaxed-hull cache (the temporary file half
     written), then, resumed, right after its third write is in place: each run resumes from what the cache holds and
     relaxes only the rest, no CHGNet worker outlives a kill, and the end is the cache and the metrics of a run never
     killed. CHGNet at its cheapest: carbon-24's six fixture crystals as the hull's split, 2 FIRE steps each; the
-    elemental references, which are not under test, relaxed for 3 steps in this process and given to every run."""
-    from models import crystal_stability
-
+    elemental references, which are not under test, given to every run (carbon_reference_cache)."""
     relaxed = "cdvae_carbon24_val_chgnet_relaxed.npz"
     template = tmp_path / "template"
     (template / "cdvae" / "carbon_24").mkdir(parents=True)
     for split in ("val", "test"):
         (template / "cdvae" / "carbon_24" / f"{split}.csv").write_bytes((ROOT / "tests" / "data" / "carbon24_sample.csv").read_bytes())
-    references = crystal_stability.elemental_references([6], steps=3, workers=1, progress=False)
-    np.savez(template / "chgnet_elements.npz", version=np.array(crystal_stability.chgnet_version()), z=np.array([6]),
-             energy=np.array([references[6][0]]), prototype=np.array([references[6][1]]))
+    carbon_reference_cache(template)
     killed_evaluate = tmp_path / "killed_evaluate.py"
     killed_evaluate.write_text(KILLED_EVALUATE)
 

@@ -88,9 +88,10 @@ def big_crystal() -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, carbon_reference_cache):
     """Sample files and data directories: perov-5's fixture for the cases without CHGNet; for the rest, carbon-24's,
-    with the caches of one real --hull relaxed run copied in, whole, damaged or left out."""
+    with the caches of one real --hull relaxed run copied in, whole, damaged or left out (its carbon reference given,
+    carbon_reference_cache: the case of a damaged one relaxes them again)."""
     import ase.io
 
     from models.crystals import read_cdvae_csv
@@ -120,6 +121,7 @@ def world(tmp_path_factory):
     (seed / "cdvae" / "carbon_24").mkdir(parents=True)
     for split in ("val", "test"):
         shutil.copy(ROOT / "tests" / "data" / "carbon24_sample.csv", seed / "cdvae" / "carbon_24" / f"{split}.csv")
+    carbon_reference_cache(seed)
     run_script("evaluate.py", *REFERENCE.split(), "--hull", "relaxed", "--data-dir", seed, "--json", w / "seed_out" / "metrics.json")
 
     def data_dir(path, leave_out=(), damage=None):
