@@ -68,7 +68,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
 
 
 # The test files that take longest, longest first: `pytest -p no:cacheprovider tests --durations=0` on one core, summed
-# per file (2026-12-07, 1,020 s in all on the AMD EPYC machine, after 82ce97f). Under `-n 2 --dist loadfile` every file
+# per file (2026-12-07 on the AMD EPYC machine, 1,418 s in all, 433 of them step_bench's peak until 82ce97f). Under `-n 2 --dist loadfile` every file
 # runs whole on one worker, and a worker takes the next file when it runs low, so starting with the long ones leaves
 # short ones to even out the end; xdist's own order (most tests first) could leave a long file for last, one worker
 # busy while the other idles.
