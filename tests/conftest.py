@@ -68,10 +68,10 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETER else "cpu"
 
 
 # The test files that take longest, longest first: `pytest -p no:cacheprovider tests --durations=0` on one core, summed
-# per file (2026-12-07 on the AMD EPYC machine, 1,418 s in all, 433 of them step_bench's peak until 82ce97f). Under `-n 2 --dist loadfile` every file
-# runs whole on one worker, and a worker takes the next file when it runs low, so starting with the long ones leaves
-# short ones to even out the end; xdist's own order (most tests first) could leave a long file for last, one worker
-# busy while the other idles.
+# per file (2026-12-07 on the AMD EPYC machine, 1,418 s in all, 433 of them step_bench's peak until 82ce97f). Under
+# `-n 2 --dist loadfile` every file runs whole on one worker, and a worker takes the next file when it runs low, so
+# starting with the long ones leaves short ones to even out the end; xdist's own order (most tests first) could leave
+# a long file for last, one worker busy while the other idles.
 SLOWEST_FILES = ("test_crystals.py", "test_crash_safety.py", "test_scaling.py", "test_triangle_attention.py",
                  "test_processes.py", "test_hostile_evaluation.py", "test_train.py", "test_condition.py", "test_step_bench.py",
                  "test_radius_graph.py", "test_train_ff.py", "test_report.py", "test_hostile.py", "test_label.py",
