@@ -256,6 +256,13 @@ def _write_cache(cache: Path, fields: tuple[str, ...], build) -> None:
         save_npz(cache, build(read_npz_cache(cache, fields, log)))
 
 
+def element_cache_record(references: dict[int, tuple[float, str]], version: str) -> dict:
+    """The arrays of chgnet_elements.npz: elemental_references' {z: (energy per atom, prototype)} under CHGNet's version."""
+    zs = sorted(references)
+    return dict(version=version, z=np.array(zs, dtype=int), energy=np.array([references[a][0] for a in zs]),
+                prototype=np.array([references[a][1] for a in zs]))
+
+
 def chgnet_hull(name: str, split: str, training: list, scored: list, data_dir: Path, relaxed_hull: bool = False,
                 relax_steps: int = 500, workers: int | None = None, progress: bool = True,
                 seconds: float | None = None) -> Hull:
@@ -305,9 +312,7 @@ def chgnet_hull(name: str, split: str, training: list, scored: list, data_dir: P
             if on_disk is not None and str(on_disk["version"]) == version:
                 for a, e, p in zip(on_disk["z"], on_disk["energy"], on_disk["prototype"]):
                     references.setdefault(int(a), (float(e), str(p)))
-            zs = sorted(references)
-            return dict(version=version, z=np.array(zs, dtype=int), energy=np.array([references[a][0] for a in zs]),
-                        prototype=np.array([references[a][1] for a in zs]))
+            return element_cache_record(references, version)
 
         _write_cache(element_cache, fields, merge)
     hull = Hull(training, energies, references)

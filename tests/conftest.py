@@ -55,9 +55,10 @@ def carbon_reference_cache():
     _, energy, _, converged = crystal_stability.relax([diamond], steps=300, workers=1, progress=False)[0]
     assert converged
 
+    record = crystal_stability.element_cache_record({6: (energy, "diamond")}, crystal_stability.chgnet_version())
+
     def write(data_dir: Path) -> None:
-        np.savez(data_dir / "chgnet_elements.npz", version=np.array(crystal_stability.chgnet_version()), z=np.array([6]),
-                 energy=np.array([energy]), prototype=np.array(["diamond"]))
+        np.savez(data_dir / "chgnet_elements.npz", **record)
     return write
 
 

@@ -16,8 +16,7 @@ import pytest
 from conftest import run_script
 from models.domains import get_domain
 from models.scaling import (JointLaw, PowerLaw, bootstrap, bootstrap_iso_flop, budget_minimum, fit_joint_law, fit_power_law,
-                            near_best_sizes,
-                            held_out_budget)
+                            held_out_budget, near_best_sizes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
