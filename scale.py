@@ -41,7 +41,8 @@ examples seen) to the model and compute sweeps together, with residual-bootstrap
 and from the joint law the compute-optimal N*(C) and D*(C) under C = k N D, k measured from the runs (models/
 scaling.py says how and why). Iso-FLOP runs (also part of the joint fit) give each budget's minimum, the vertex of a
 parabola of log L in log N, and through the minima N*(C) ~ C^a and D*(C) ~ C^b with bootstrap intervals, and the
-largest budget predicted from the smaller ones. RESULTS are the sweeps' results.json files (or lists of run
+largest budget predicted from the smaller ones; where iso-FLOP runs were sampled (--samples), fit.md puts their
+sample metrics in tables beside the losses' and isoflop.png draws them against FLOPs. RESULTS are the sweeps' results.json files (or lists of run
 records that name their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png (one-resource laws), DIR/isoflop.png
 (iso-FLOP profiles) and DIR/fit.log; DIR defaults to the first RESULTS file's directory.
 """
@@ -832,7 +833,7 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
 
     budgets, n, d, loss = (column(runs, key) for key in ("budget", "params", "examples_seen", "loss"))
     fitted = near_best_sizes(budgets, n, loss, args.window) if args.window else np.ones(len(loss), dtype=bool)
-    profiles = iso_flop_table(budgets, n, loss, fitted)
+    profiles = iso_flop_table(budgets, n, loss, fitted) + sample_tables(runs, budgets, n, loss, fitted)
     window = (f"; each budget's parabola through its sizes within a factor {args.window:g} of its best size ({fitted.sum()} of "
               f"{len(runs)} runs)" if args.window else "")
     try:
@@ -899,36 +900,57 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     return md
 
 
-def iso_flop_table(budgets, n, loss, fitted) -> list[str]:
-    """The runs' losses as a budget x size table (markdown lines): the profiles the fit reads, shown whether or not it
-    finds their minima. A size run with several seeds shows their mean and, after it, how many; each budget's lowest
-    is in bold, and a size outside the fit's window in italics."""
+def iso_flop_table(budgets, n, loss, fitted, values=None) -> list[str]:
+    """The runs' losses, or another of their `values` (NaN where a run has none), as a budget x size table (markdown
+    lines): the profiles the fit reads, shown whether or not it finds their minima. A size run with several seeds
+    shows their mean and, after it, how many; each budget's lowest-loss size is in bold, and a size outside the fit's
+    window in italics."""
+    values = loss if values is None else values
     sizes = sorted(set(n.tolist()))
     lines = ["| C (FLOPs) | " + " | ".join(f"N = {p:,.0f}" for p in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
     for c in sorted(set(budgets.tolist())):
         at = budgets == c
-        means = {p: loss[at & (n == p)].mean() for p in sizes if (at & (n == p)).any()}
+        mean_loss = {p: loss[at & (n == p)].mean() for p in sizes if (at & (n == p)).any()}
         cells = []
         for p in sizes:
-            if p not in means:
+            runs = at & (n == p) & np.isfinite(values)
+            if not runs.any():
                 cells.append("")
                 continue
-            runs = at & (n == p)
-            cell = f"{means[p]:.4g}" + (f" ({runs.sum()})" if runs.sum() > 1 else "")
-            cells.append(f"**{cell}**" if means[p] == min(means.values()) else cell if fitted[runs].all() else f"*{cell}*")
+            cell = f"{values[runs].mean():.4g}" + (f" ({runs.sum()})" if runs.sum() > 1 else "")
+            cells.append(f"**{cell}**" if mean_loss[p] == min(mean_loss.values()) else cell if fitted[runs].all() else f"*{cell}*")
         lines.append(f"| {c:.3g} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
+def sample_metric_keys(runs: list[dict]) -> list[str]:
+    """The first two sample metrics (the data set's headline first, as scale.py records them) that any run has."""
+    keys = dict.fromkeys(k for r in runs for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float)))
+    return list(keys)[:2]
+
+
+def sample_tables(runs: list[dict], budgets, n, loss, fitted) -> list[str]:
+    """What compute buys in the metrics users read: each sample metric of the sampled runs as a budget x size table
+    beside the loss's, the lowest-loss size of each budget in bold (fit.md lines; none when no run was sampled)."""
+    lines = []
+    for key in sample_metric_keys(runs):
+        values = np.array([float((r.get("metrics") or {}).get(key, np.nan)) for r in runs])
+        sampled = runs[int(np.flatnonzero(np.isfinite(values))[0])]
+        lines += [f"{key} of {int(np.isfinite(values).sum())} of the {len(runs)} runs ({sampled.get('samples', '?')} samples, "
+                  f"{sampled.get('sample_steps', '?')} sampling steps), in bold at each budget's lowest-loss size:", "",
+                  *iso_flop_table(budgets, n, loss, fitted, values)]
+    return lines
+
+
 def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, fitted, path: Path) -> None:
     """The loss against N at each budget with its parabola (through the `fitted` runs; the others hollow) and
-    minimum; N*(C) and D*(C) with their fits; and, where the runs were sampled, their first two sample metrics
+    minimum; N*(C) and D*(C) with their fits; and, where runs were sampled, the first two sample metrics of those
     against training FLOPs."""
     plt = pyplot()
 
     from models.scaling import iso_flop_parabola
 
-    metrics = [k for k in (runs[0].get("metrics") or {}) if all(k in (r.get("metrics") or {}) for r in runs)][:2]
+    metrics = sample_metric_keys(runs)
     fig, axes = plt.subplots(1, 2 + len(metrics), figsize=(4.5 * (2 + len(metrics)), 3.6), squeeze=False)
     ax = axes[0][0]
     for i, c in enumerate(sorted(set(budgets))):
@@ -954,7 +976,9 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, fitted, path: Path) -
     ax.legend(fontsize=7)
     flops = np.array([r["train_flops"] for r in runs])
     for ax, key in zip(axes[0][2:], metrics):
-        scatter = ax.scatter(flops, [r["metrics"][key] for r in runs], c=np.log10(n), cmap="viridis")
+        values = np.array([float((r.get("metrics") or {}).get(key, np.nan)) for r in runs])
+        sampled = np.isfinite(values)
+        scatter = ax.scatter(flops[sampled], values[sampled], c=np.log10(n[sampled]), cmap="viridis")
         fig.colorbar(scatter, ax=ax, label="log10 parameters")
         ax.set(xscale="log", xlabel="training FLOPs", ylabel=key, title=f"{key} against compute")
     fig.tight_layout()

@@ -160,6 +160,9 @@ def test_fit_command_fits_a_window_of_each_profile_and_shows_every_run(tmp_path)
     budgets, n, d, loss = lopsided_profiles(truth, seeds=(0, 1), noise=0.003, budgets=(1e13, 1e14, 1e15))
     runs = [{"run": f"r{i}", "sweep": "isoflop", "budget": c, "params": p, "examples_seen": e, "train_size": 1e6, "train_flops": c,
              "val_loss": v} for i, (c, p, e, v) in enumerate(zip(budgets, n, d, loss))]
+    for i, r in enumerate(runs):  # the middle budget's runs were sampled, the others not
+        if r["budget"] == 1e14:
+            r.update(samples=100, sample_steps=50, metrics={"mol_stability": i / 100, "atom_stability": 0.5})
     (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
     proc = run_fit(tmp_path / "results.json", "--n-boot", "20", "--window", "4", "--out", tmp_path / "fit")
     assert proc.returncode == 0, proc.stderr
@@ -171,6 +174,17 @@ def test_fit_command_fits_a_window_of_each_profile_and_shows_every_run(tmp_path)
     assert "within a factor 4 of its best size (30 of 54 runs)" in md
     row = next(line for line in md.splitlines() if line.startswith("| 1e+13 |") and "N*" not in line and line.count("|") > 8)
     assert row.count(" (2)") == 9 and row.count("*") == 4 + 2 * 4  # every size of two seeds; the best bold, 4 italic
+    # the sample metrics beside the loss: a table each, blank where a run was not sampled, bold at the lowest loss
+    lines = md.splitlines()
+    table = lines.index("mol_stability of 18 of the 54 runs (100 samples, 50 sampling steps), in bold at each budget's "
+                        "lowest-loss size:")
+    assert lines[table + 4].startswith("| 1e+13 |") and set(lines[table + 4][len("| 1e+13 |"):]) == {" ", "|"}
+    at = [i for i, r in enumerate(runs) if r["budget"] == 1e14]
+    best = min({runs[i]["params"] for i in at}, key=lambda p: np.mean([runs[i]["val_loss"] for i in at if runs[i]["params"] == p]))
+    stability = np.mean([i / 100 for i in at if runs[i]["params"] == best])
+    assert lines[table + 5].startswith("| 1e+14 |") and f"**{stability:.4g} (2)**" in lines[table + 5]
+    atom = next(i for i, line in enumerate(lines) if line.startswith("atom_stability of 18 of the 54 runs"))
+    assert "**0.5 (2)**" in lines[atom + 5]
     assert run_fit(tmp_path / "results.json", "--window", "1").returncode == 2  # a window needs a factor above 1
 
 
