@@ -871,13 +871,15 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     if held_out:
         predicted, measured, c = held_out["predicted"], held_out["measured"], held_out["flops"]
         at = budgets == c
-        nearest = int(np.argmin(np.abs(np.log(n[at] / predicted["params"]))))
-        run = {"run": runs[int(np.flatnonzero(at)[nearest])]["run"], "params": float(n[at][nearest]), "loss": float(loss[at][nearest])}
+        size = n[at][int(np.argmin(np.abs(np.log(n[at] / predicted["params"]))))]
+        same = np.flatnonzero(at & (n == size))  # that size's runs, one a seed
+        run = {"run": runs[int(same[0])]["run"], "params": float(size), "loss": float(loss[same].mean()), "seeds": len(same)}
         held_out["nearest_run"] = run
+        reached = f"reached {run['loss']:.4g}" + (f" (the mean of {len(same)} seeds)" if len(same) > 1 else "")
         line = (f"The largest budget ({c:.3g} FLOPs) predicted from the {len(held_out['from_budgets'])} smaller ones: N* = "
                 f"{predicted['params']:.3g} parameters, D* = {predicted['examples']:.3g} examples, L* = {predicted['loss']:.4g}; its own "
                 f"runs' parabola: N* = {measured['params']:.3g}, L* = {measured['loss']:.4g}. Its run nearest the predicted N*, "
-                f"{run['run']} ({run['params']:.3g} parameters), reached {run['loss']:.4g}"
+                f"{run['run']} ({run['params']:.3g} parameters), {reached}"
                 + ("." if abs(np.log(run["params"] / predicted["params"])) < np.log(1.15) else
                    f"; no run lies within 15 % of the predicted N*: check it with `scale.py isoflop --budgets {c:.3g} "
                    f"--params {predicted['params']:.0f}` and the sweep's other flags."))

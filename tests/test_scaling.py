@@ -185,6 +185,11 @@ def test_fit_command_fits_a_window_of_each_profile_and_shows_every_run(tmp_path)
     assert lines[table + 5].startswith("| 1e+14 |") and f"**{stability:.4g} (2)**" in lines[table + 5]
     atom = next(i for i, line in enumerate(lines) if line.startswith("atom_stability of 18 of the 54 runs"))
     assert "**0.5 (2)**" in lines[atom + 5]
+    # the largest budget's size nearest its predicted N* is judged by its seeds' mean loss
+    nearest = iso["held_out"]["nearest_run"]
+    seeds = [r["val_loss"] for r in runs if r["budget"] == 1e15 and r["params"] == nearest["params"]]
+    assert nearest["seeds"] == len(seeds) == 2 and nearest["loss"] == pytest.approx(np.mean(seeds))
+    assert f"reached {np.mean(seeds):.4g} (the mean of 2 seeds)" in md
     assert run_fit(tmp_path / "results.json", "--window", "1").returncode == 2  # a window needs a factor above 1
 
 
