@@ -831,6 +831,9 @@ def fit_iso_flop_runs(args, runs: list[dict], report: dict, out: Path, log) -> l
     report["laws"], draws OUT/isoflop.png and returns fit.md's section."""
     from models.scaling import bootstrap_iso_flop, held_out_budget, near_best_sizes
 
+    # In one order whatever order the results files list them in (a sweep rerun to sample its runs rewrites its file
+    # in another): the bootstrap's resamples are drawn by position, so its intervals would move with the order.
+    runs = sorted(runs, key=lambda r: (r["budget"], r["params"], r.get("seed", 0), r["run"]))
     budgets, n, d, loss = (column(runs, key) for key in ("budget", "params", "examples_seen", "loss"))
     fitted = near_best_sizes(budgets, n, loss, args.window) if args.window else np.ones(len(loss), dtype=bool)
     profiles = iso_flop_table(budgets, n, loss, fitted) + sample_tables(runs, budgets, n, loss, fitted)

@@ -190,6 +190,11 @@ def test_fit_command_fits_a_window_of_each_profile_and_shows_every_run(tmp_path)
     seeds = [r["val_loss"] for r in runs if r["budget"] == 1e15 and r["params"] == nearest["params"]]
     assert nearest["seeds"] == len(seeds) == 2 and nearest["loss"] == pytest.approx(np.mean(seeds))
     assert f"reached {np.mean(seeds):.4g} (the mean of 2 seeds)" in md
+    # the same runs listed in another order (a sweep rerun to sample its runs rewrites its file so) fit the same
+    (tmp_path / "reversed.json").write_text(json.dumps({"runs": runs[::-1]}))
+    assert run_fit(tmp_path / "reversed.json", "--n-boot", "20", "--window", "4", "--out", tmp_path / "again").returncode == 0
+    again = json.loads((tmp_path / "again" / "fit.json").read_text())["laws"]["iso-FLOP"]
+    assert again["interval"] == iso["interval"]
     assert run_fit(tmp_path / "results.json", "--window", "1").returncode == 2  # a window needs a factor above 1
 
 
