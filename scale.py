@@ -42,9 +42,10 @@ and from the joint law the compute-optimal N*(C) and D*(C) under C = k N D, k me
 scaling.py says how and why). Iso-FLOP runs (also part of the joint fit) give each budget's minimum, the vertex of a
 parabola of log L in log N, and through the minima N*(C) ~ C^a and D*(C) ~ C^b with bootstrap intervals, and the
 largest budget predicted from the smaller ones; where iso-FLOP runs were sampled (--samples), fit.md puts their
-sample metrics in tables beside the losses' and isoflop.png draws them against FLOPs. RESULTS are the sweeps' results.json files (or lists of run
-records that name their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png (one-resource laws), DIR/isoflop.png
-(iso-FLOP profiles) and DIR/fit.log; DIR defaults to the first RESULTS file's directory.
+sample metrics in tables beside the losses' and isoflop.png draws them against FLOPs. RESULTS are the sweeps'
+results.json files (or lists of run records that name their sweep). Writes DIR/fit.json, DIR/fit.md, DIR/fit.png
+(one-resource laws), DIR/isoflop.png (iso-FLOP profiles) and DIR/fit.log; DIR defaults to the first RESULTS file's
+directory.
 """
 import argparse
 import json
