@@ -935,12 +935,17 @@ def sample_metric_keys(runs: list[dict]) -> list[str]:
     return list(keys)[:2]
 
 
+def sample_metric(runs: list[dict], key: str) -> np.ndarray:
+    """Each run's sample metric `key`, NaN for a run that was not sampled."""
+    return np.array([float((r.get("metrics") or {}).get(key, np.nan)) for r in runs])
+
+
 def sample_tables(runs: list[dict], budgets, n, loss, fitted) -> list[str]:
     """What compute buys in the metrics users read: each sample metric of the sampled runs as a budget x size table
     beside the loss's, the lowest-loss size of each budget in bold (fit.md lines; none when no run was sampled)."""
     lines = []
     for key in sample_metric_keys(runs):
-        values = np.array([float((r.get("metrics") or {}).get(key, np.nan)) for r in runs])
+        values = sample_metric(runs, key)
         sampled = runs[int(np.flatnonzero(np.isfinite(values))[0])]
         lines += [f"{key} of {int(np.isfinite(values).sum())} of the {len(runs)} runs ({sampled.get('samples', '?')} samples, "
                   f"{sampled.get('sample_steps', '?')} sampling steps), in bold at each budget's lowest-loss size:", "",
@@ -982,7 +987,7 @@ def plot_iso_flop(runs: list[dict], fit, budgets, n, loss, fitted, path: Path) -
     ax.legend(fontsize=7)
     flops = np.array([r["train_flops"] for r in runs])
     for ax, key in zip(axes[0][2:], metrics):
-        values = np.array([float((r.get("metrics") or {}).get(key, np.nan)) for r in runs])
+        values = sample_metric(runs, key)
         sampled = np.isfinite(values)
         scatter = ax.scatter(flops[sampled], values[sampled], c=np.log10(n[sampled]), cmap="viridis")
         fig.colorbar(scatter, ax=ax, label="log10 parameters")
