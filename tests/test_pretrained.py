@@ -71,11 +71,11 @@ def test_shipped_oracle_reads_the_properties_of_real_molecules():
     assert ORACLE.stat().st_size < 5e6
     ckpt = load_checkpoint(ORACLE, task="oracle")
     assert ckpt["data"] == "qm9" and "optimizer" not in ckpt and "model" not in ckpt
-    names = Normalisation.from_state(ckpt["condition"]).names
-    assert list(names) == list(EDM_N_ATOMS)
+    norm = Normalisation.from_state(ckpt["condition"])
+    assert list(norm.names) == list(EDM_N_ATOMS)
     molecules = read_qm9pack_csv([QM9_FIXTURE])
-    judged = predict(build_oracle(ckpt)[0].eval(), [molecules[i] for i in range(len(molecules))],
-                     Normalisation.from_state(ckpt["condition"]), "molecules", list(ATOMIC_NUMBERS))
-    for k, name in enumerate(names):
+    judged = predict(build_oracle(ckpt)[0].eval(), [molecules[i] for i in range(len(molecules))], norm, "molecules",
+                     list(ATOMIC_NUMBERS))
+    for k, name in enumerate(norm.names):
         mae = np.abs(judged[:, k] - molecules.property_values(name)).mean()
         assert mae < 0.7 * EDM_N_ATOMS[name], f"{name}: MAE {mae:.4g} against the #Atoms baseline's {EDM_N_ATOMS[name]}"
