@@ -228,14 +228,14 @@ def setup_log(out: Path, name: str) -> logging.Logger:
     return logging.getLogger("scale")
 
 
-def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int) -> tuple[int, int]:
-    """(hidden, parameters) of the width (a multiple of 4) whose parameter count is nearest to target, for the
+def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int, step: int = 4) -> tuple[int, int]:
+    """(hidden, parameters) of the width (a multiple of step) whose parameter count is nearest to target, for the
     backbone train.py builds by default (its recipe defaults; --train-args that change the model's size are not
     seen here, but each run's own count is what the tables report)."""
     import torch
 
     cls, best = domain.arch_class(arch), None
-    for hidden in range(4, 4097, 4):
+    for hidden in range(step, 4097, step):
         try:
             with torch.device("meta"):  # shapes only: no memory, no initialisation
                 config = cls.Config(n_types=n_types, hidden=hidden, n_layers=n_layers, **domain.RECIPE)
@@ -250,9 +250,11 @@ def matched_width(domain, arch: str, n_types: int, n_layers: int, target: int) -
 
 
 def width_for_params(domain, arch: str, n_types: int, n_layers: int, target: int, log) -> int:
-    """matched_width's width for a parameter target, logged; exits naming the nearest count when none comes within
-    10 % of it."""
+    """matched_width's width for a parameter target, logged: a multiple of 4 (every published sweep's widths), or any
+    width where no multiple of 4 comes within 10 % of the target; exits naming the nearest count when none does."""
     hidden, n = matched_width(domain, arch, n_types, n_layers, target)
+    if abs(n - target) > 0.1 * target:  # small models: a step of 4 in width moves the count by more than 10 %
+        hidden, n = matched_width(domain, arch, n_types, n_layers, target, step=1)
     if abs(n - target) > 0.1 * target:
         sys.exit(f"scale.py: {arch} cannot be matched to {target:,} parameters within 10 % at depth {n_layers} "
                  f"(nearest: {n:,} at width {hidden}); choose other --params or another --n-layers")

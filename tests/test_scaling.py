@@ -3,6 +3,7 @@ their bootstrap intervals, the compute-optimal allocation is the minimum along i
 writes its report and refuses unusable results with a message naming the file and the run."""
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import shutil
@@ -394,6 +395,16 @@ def test_every_backbone_is_matched_to_the_parameter_target(data, n_types):
         config = cls.Config(n_types=n_types, hidden=hidden, n_layers=4, **domain.RECIPE)
         assert n == sum(p.numel() for p in cls(config).parameters())
         assert abs(n - 200_000) <= 20_000, (arch, hidden, n)
+
+
+def test_small_targets_are_matched_by_any_width_when_no_multiple_of_4_comes_near():
+    # 16,286 parameters at depth 6 (issue 33's predicted N*): widths 16 and 20 lie 23 % and 17 % away
+    script, domain = scale_module(), get_domain("qm9")
+    _, n4 = script.matched_width(domain, "gnn", 5, 6, 16_286)
+    assert abs(n4 - 16_286) > 1_629
+    hidden = script.width_for_params(domain, "gnn", 5, 6, 16_286, logging.getLogger("test"))
+    assert hidden % 4 and abs(script.matched_width(domain, "gnn", 5, 6, 16_286, step=1)[1] - 16_286) <= 1_629
+    assert script.width_for_params(domain, "gnn", 5, 4, 200_000, logging.getLogger("test")) % 4 == 0  # sweeps as published
 
 
 def test_grid_cell_trains_samples_evaluates_and_plots(qm9_dir, tmp_path):
