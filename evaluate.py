@@ -57,9 +57,10 @@ parser.add_argument("--coverage-threshold", type=fraction, default=0.4,
                     help="Tanimoto similarity at which a molecule counts as covered (coverage recall / precision)")
 parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 parser.add_argument("--oracle", type=Path, default=None, help="structures from a conditional checkpoint: the train.py --task oracle "
-                    "checkpoint of --data that judges them. Adds, for each property the structures requested, the mean absolute error between the "
+                    "checkpoint of --data that judges them (QM9's ships: models/pretrained/qm9_oracle.pt). Adds, for each property the structures requested, the mean absolute error between the "
                     "request and the oracle's prediction, beside EDM's baselines computed with the same oracle: its own error on the "
-                    "generator's half (L-bound), the property from the atom count alone (#Atoms), shuffled properties (U-bound)")
+                    "generator's half (L-bound), the property from the atom count alone (#Atoms), shuffled properties (U-bound), and a "
+                    "size-only generator's score (#Atoms, sampled: each structure against one of its size from the oracle's half)")
 parser.add_argument("--condition", nargs="+", default=None, metavar="PROP", help="with --oracle: the properties to score (default: "
                     "every one the oracle predicts that the structures requested)")
 ff = parser.add_argument_group("--task ff (a student force field against its teacher)")
@@ -158,15 +159,16 @@ try:
 
             from models.condition_evaluation import score_condition
             from models.evaluation import write_metrics
-            conditional = score_condition(args.samples, args.oracle, oracle, args.condition, args.data_dir)
+            conditional = score_condition(args.samples, args.oracle, oracle, args.condition, args.data_dir,
+                                          progress=not args.no_progress)
             write_metrics(out_json, {**json.loads(out_json.read_text()), "condition": conditional})
             log = logging.getLogger("evaluate")
             log.info(f"conditional generation, judged by the oracle {args.oracle} (step {conditional['oracle_step']}):")
-            log.info("| property | unit | samples | MAE | its standard error | L-bound | #Atoms | U-bound |")
-            log.info("|---|---|---|---|---|---|---|---|")
+            log.info("| property | unit | samples | MAE | its standard error | L-bound | #Atoms | #Atoms, sampled | U-bound |")
+            log.info("|---|---|---|---|---|---|---|---|---|")
             for name, r in conditional["properties"].items():
                 log.info(f"| {name} | {r['unit']} | {r['n_samples']:,} | {r['mae']:.4g} | {r['mae_se']:.2g} | {r['l_bound']:.4g} | "
-                         f"{r['n_atoms']:.4g} | {r['u_bound']:.4g} |")
+                         f"{r['n_atoms']:.4g} | {r['n_atoms_sampled']:.4g} | {r['u_bound']:.4g} |")
             for name, r in conditional["properties"].items():
                 log.info(f"{name}: among samples of one size, the oracle's value follows the requested one with slope "
                          f"{r['within_size_slope']:.3g} (correlation {r['within_size_corr']:.3g}; 1 follows it exactly, the #Atoms "

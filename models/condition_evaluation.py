@@ -9,6 +9,12 @@ here on the same oracle and data (Hoogeboom et al. 2022, section 4.2 and table 3
   atoms, it is the median);
 - U-bound: the oracle's predictions on the generator's half against the same half's properties shuffled, what a
   generator that ignores its condition scores.
+
+One more, not EDM's: #Atoms, sampled, what a generator that gets each structure's size right and ignores its property
+scores under a perfect judge: each structure of the generator's half against a structure of its size drawn from the
+oracle's half. #Atoms is a point prediction, the median, with no scatter; a generator's structures scatter around
+whatever they follow, so one that conditions on size alone lands about 1.4 times above #Atoms on QM9, and a
+generator between the two conditions on more than size while still losing to the median.
 """
 from __future__ import annotations
 
@@ -23,14 +29,17 @@ BATCH = 256  # structures per oracle pass
 
 
 @torch.no_grad()
-def predict(model, structures: list[tuple], norm, kind: str, vocabulary: list[int]) -> np.ndarray:
+def predict(model, structures: list[tuple], norm, kind: str, vocabulary: list[int], progress: bool = False) -> np.ndarray:
     """The oracle's properties [S, C] in their units for structures: molecules as (atomic numbers [n], positions
     [n, 3]), crystals as (atomic numbers [n], frac [n, 3], lengths [3], angles [3]); vocabulary: the atomic numbers of
-    the oracle's types. Batches of similar sizes, each padded only to its largest."""
+    the oracle's types. Batches of similar sizes, each padded only to its largest. progress: a bar in structures/s."""
+    from tqdm import tqdm
+
     lut = np.full(256, -1)
     lut[np.asarray(vocabulary)] = np.arange(len(vocabulary))
     order = np.argsort([len(s[0]) for s in structures], kind="stable")
     out = np.zeros((len(structures), len(norm.names)))
+    bar = tqdm(total=len(structures), unit="structure", desc="oracle", disable=not progress, dynamic_ncols=True)
     for lo in range(0, len(order), BATCH):
         rows = order[lo:lo + BATCH]
         n = max(len(structures[i][0]) for i in rows)
@@ -46,6 +55,8 @@ def predict(model, structures: list[tuple], norm, kind: str, vocabulary: list[in
                      "lengths": torch.tensor(np.array([structures[i][2] for i in rows])).float(),
                      "angles": torch.tensor(np.array([structures[i][3] for i in rows])).float()}
         out[rows] = model(batch).double().numpy() * norm.std + norm.mean
+        bar.update(len(rows))
+    bar.close()
     return out
 
 
@@ -72,10 +83,11 @@ def as_inputs(train, kind: str) -> list[tuple]:
 
 
 def generator_half_predictions(model, ckpt: dict, oracle_path: Path, generator, norm, kind: str, vocabulary: list[int],
-                               data_dir) -> np.ndarray:
+                               data_dir, progress: bool = True) -> np.ndarray:
     """The oracle's predictions [S, C] on the generator's half, which the L-bound and U-bound read: 50,000 QM9
     molecules, minutes on a CPU. Cached in the data directory under the oracle file's content hash, so every
-    evaluation with the same oracle reuses them and a retrained oracle (another file) never meets its predecessor's."""
+    evaluation with the same oracle reuses them and a retrained oracle (another file) never meets its predecessor's.
+    progress: a bar while they are predicted."""
     import logging
 
     from models.fileio import git_blob_sha1, read_npz_cache, save_npz
@@ -86,7 +98,7 @@ def generator_half_predictions(model, ckpt: dict, oracle_path: Path, generator, 
     cached = read_npz_cache(path, ("predictions",), logging.getLogger("evaluate"))
     if cached is not None and cached["predictions"].shape == (len(generator), len(norm.names)):
         return cached["predictions"]
-    predictions = predict(model, as_inputs(generator, kind), norm, kind, vocabulary)
+    predictions = predict(model, as_inputs(generator, kind), norm, kind, vocabulary, progress)
     try:
         save_npz(path, {"predictions": predictions})
     except OSError as e:  # a read-only data directory: the next evaluation predicts again
@@ -255,7 +267,7 @@ def within_size_response(asked: np.ndarray, judged: np.ndarray, n_atoms: np.ndar
 
 
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, progress: bool = True) -> dict:
     """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), within_size_slope and _corr
     (within_size_response), l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's extxyz of a
     conditional checkpoint: each structure's request in info['condition_<property>']), judged by the --task oracle
@@ -263,7 +275,8 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     oracle predicts that the samples requested). Raises
     DataError naming the file and the problem (a structure without its request, an element the oracle does not know, a
     property the oracle does not predict). A second judge adds its keys where it applies: CHGNet's (chgnet_*) for
-    carbon-24's energy, xtb's (xtb_*, judges_apart_*) for QM9's homo, lumo, gap and mu."""
+    carbon-24's energy, xtb's (xtb_*, judges_apart_*) for QM9's homo, lumo, gap and mu. progress: a bar while the
+    oracle predicts the generator's half (once per oracle file; cached)."""
     from models.condition import Normalisation
     from models.evaluation import read_frames
     from models.molecules import ATOMIC_NUMBERS
@@ -310,7 +323,7 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     predicted = predict(model, structures, norm, kind, vocabulary)
 
     generator, oracle_half = training_halves(ckpt, data_dir)
-    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir)
+    on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir, progress)
     bounds = baselines(model, ckpt, oracle_path, properties, data_dir, seed, (generator, oracle_half), on_generator)
     rng = np.random.default_rng(seed)
     xtb_checked = [n for n in properties if n in XTB_CHECKED] if kind == "molecules" else []
@@ -340,12 +353,23 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
     return {"oracle": str(oracle_path), "oracle_step": ckpt["step"], "properties": result}
 
 
+def size_matched_draw(sizes: np.ndarray, pool_values: np.ndarray, pool_sizes: np.ndarray, rng) -> np.ndarray:
+    """For each size in sizes [S], the value [S] of a random member of the pool (with replacement) of the same size,
+    or of the whole pool where it has none of that size."""
+    drawn = np.empty(len(sizes))
+    for n in np.unique(sizes):
+        rows, same = np.flatnonzero(sizes == n), pool_values[pool_sizes == n]
+        drawn[rows] = rng.choice(same if len(same) else pool_values, len(rows))
+    return drawn
+
+
 def baselines(model, ckpt: dict, oracle_path: Path, properties: list[str], data_dir=None, seed: int = 0,
               halves=None, on_generator=None) -> dict:
     """EDM's three baselines of each property, with this oracle on the generator's half of the training split:
-    {property: {l_bound, n_atoms, u_bound, n_generator_half}} (the module's docstring defines them). They depend on
-    the oracle and the data, not on any samples. The U-bound's shuffle of each property is seeded by (seed, its index
-    in the oracle's properties), so a property's baselines do not depend on which others are scored beside it.
+    {property: {l_bound, n_atoms, n_atoms_sampled, u_bound, n_generator_half}} (the module's docstring defines them).
+    They depend on the oracle and the data, not on any samples. The U-bound's shuffle and the sampled #Atoms' draw of
+    each property are seeded by (seed, its index in the oracle's properties), so a property's baselines do not depend
+    on which others are scored beside it.
     halves: training_halves(ckpt, data_dir), and on_generator: the oracle's predictions [S, C] on the generator's half
     (generator_half_predictions), when the caller has them."""
     from models.condition import Normalisation
@@ -365,8 +389,10 @@ def baselines(model, ckpt: dict, oracle_path: Path, properties: list[str], data_
         fallback = float(np.median(known))
         from_count = np.array([by_count.get(n, fallback) for n in generator.n_atoms])
         shuffled = np.random.default_rng([seed, c]).permutation(truth)
+        drawn = size_matched_draw(generator.n_atoms, known, oracle_half.n_atoms, np.random.default_rng([seed, c, 1]))
         result[name] = {"l_bound": float(np.abs(on_generator[:, c] - truth).mean()),
                         "n_atoms": float(np.abs(from_count - truth).mean()),
+                        "n_atoms_sampled": float(np.abs(drawn - truth).mean()),
                         "u_bound": float(np.abs(on_generator[:, c] - shuffled).mean()),
                         "n_generator_half": len(generator)}
     return result
@@ -393,12 +419,14 @@ def baselines_table(oracle_path: Path, data_dir=None) -> str:
     bounds = baselines(build_oracle(ckpt)[0].eval(), ckpt, oracle_path, norm.names, data_dir)
     qm9 = ckpt["data"] == "qm9"
     theirs = " (EDM's)" if qm9 else ""
-    head = f"| property | unit | L-bound{theirs} | #Atoms{theirs} | U-bound{theirs} |" + (" L-bound / EDM's |" if qm9 else "")
+    head = (f"| property | unit | L-bound{theirs} | #Atoms{theirs} | #Atoms, sampled | U-bound{theirs} |"
+            + (" L-bound / EDM's |" if qm9 else ""))
     lines = [f"oracle {oracle_path} (step {ckpt['step']}, {ckpt['data']}), on the {bounds[norm.names[0]]['n_generator_half']:,} "
              "structures of the generator's half", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, unit in zip(norm.names, norm.units):
         b, edm = bounds[name], EDM_QM9.get(name) if qm9 else None
-        cells = [f"{b[k]:.4g}" + (f" ({edm[k]:g})" if edm else "") for k in ("l_bound", "n_atoms", "u_bound")]
+        cells = [f"{b[k]:.4g}" + (f" ({edm[k]:g})" if edm and k in edm else "")
+                 for k in ("l_bound", "n_atoms", "n_atoms_sampled", "u_bound")]
         lines.append(f"| {name} | {unit} | " + " | ".join(cells) + " |" + (f" {b['l_bound'] / edm['l_bound']:.1f} x |" if edm else ""))
     return "\n".join(lines) + "\n"
 

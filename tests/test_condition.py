@@ -226,6 +226,19 @@ def test_the_oracle_is_invariant_and_overfits_a_few_molecules(qm9_dir):
     assert loss.item() < 0.1 * first, (first, loss.item())
 
 
+def test_the_size_only_baseline_draws_each_value_from_its_own_size():
+    from models.condition_evaluation import size_matched_draw
+    pool_sizes = np.array([3, 3, 5, 5, 5, 9])
+    pool_values = pool_sizes * 100.0 + np.arange(6)  # each value names its size
+    sizes = np.array([5, 3, 5, 7, 3, 9, 5])  # 7: no member of that size, drawn from the whole pool
+    drawn = size_matched_draw(sizes, pool_values, pool_sizes, np.random.default_rng(0))
+    assert all(v in pool_values for v in drawn)
+    known = sizes != 7
+    assert (drawn[known] // 100 == sizes[known]).all()
+    many = size_matched_draw(np.full(2000, 7), pool_values, pool_sizes, np.random.default_rng(1))
+    assert set(many) == set(pool_values)  # the fallback draws from every member
+
+
 def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditional_run, qm9_dir, tmp_path):
     oracle = tmp_path / "oracle"
     code, message = run("train.py", "--task", "oracle", "--condition", "alpha", "--preset", "tiny", "--iters", 6, "--data-dir", qm9_dir,
@@ -252,10 +265,12 @@ def test_the_oracle_trains_on_its_half_and_judges_conditional_samples(conditiona
                   "molecules", list(ATOMIC_NUMBERS))
     assert alpha["l_bound"] == pytest.approx(np.abs(own[:, 0] - half.property_values("alpha")).mean())
     assert alpha["n_generator_half"] == len(half) and all(np.isfinite(alpha[k]) for k in ("mae", "mae_se", "n_atoms", "u_bound"))
+    assert alpha["n_atoms_sampled"] > alpha["n_atoms"]  # the median has no scatter; a size-only generator's draws do
     # the oracle's baselines alone, from the command line, beside EDM's published ones: the numbers evaluate.py gave
     code, message = run("-m", "models.condition_evaluation", oracle / "ckpt.pt", "--data-dir", qm9_dir)
     assert code == 0, message[-3000:]
-    row = f"| alpha | Bohr^3 | {alpha['l_bound']:.4g} (0.1) | {alpha['n_atoms']:.4g} (3.86) | {alpha['u_bound']:.4g} (9.01) |"
+    row = (f"| alpha | Bohr^3 | {alpha['l_bound']:.4g} (0.1) | {alpha['n_atoms']:.4g} (3.86) | {alpha['n_atoms_sampled']:.4g} | "
+           f"{alpha['u_bound']:.4g} (9.01) |")
     assert row in message and f"on the {len(half):,} structures of the generator's half" in message, message[-3000:]
     # a structure with non-finite coordinates is left out of the MAE and counted
     frames = ase.io.read(tmp_path / "s" / "samples.extxyz", ":")
