@@ -658,8 +658,9 @@ def run_sweep(args) -> None:
 
 
 def read_runs(paths: list[Path], loss_key: str) -> list[dict]:
-    """Every run of every RESULTS file, each with its sweep; a file or record that cannot be used ends the program
-    with a message naming it."""
+    """Every run of every RESULTS file, each with its sweep, in an order fixed by their contents: the bootstrap's
+    resamples depend on the order, and a sweep that merges its records again (sampling them later, say) writes them
+    in another. A file or record that cannot be used ends the program with a message naming it."""
     runs = []
     for path in paths:
         try:
@@ -677,7 +678,7 @@ def read_runs(paths: list[Path], loss_key: str) -> list[dict]:
             if not isinstance(loss, (int, float)) or not np.isfinite(loss) or loss <= 0:
                 sys.exit(f"scale.py: {path}, run {i}: {loss_key} = {loss!r}; a fit needs a finite loss > 0")
             runs.append({**record, "sweep": sweep, "loss": float(loss), "source": f"{path}, run {i}"})
-    return runs
+    return sorted(runs, key=lambda r: json.dumps({k: v for k, v in r.items() if k != "source"}, sort_keys=True, default=str))
 
 
 def column(runs: list[dict], key: str) -> np.ndarray:

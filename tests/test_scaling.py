@@ -215,6 +215,10 @@ def test_fit_command_writes_report_json_and_plot(tmp_path):
     assert abs(joint["n_opt_exponent"] - truth.beta / (truth.alpha + truth.beta)) < 0.05
     assert (tmp_path / "fit" / "fit.png").stat().st_size > 0 and "## L(N, D)" in (tmp_path / "fit" / "fit.md").read_text()
     assert "not fitted" in (tmp_path / "fit" / "fit.log").read_text()
+    # the records in another order (a sweep that merges them again writes them so): the same resamples, the same fit
+    (tmp_path / "shuffled.json").write_text(json.dumps({"runs": [runs[i] for i in rng.permutation(len(runs))]}))
+    assert run_fit(tmp_path / "shuffled.json", "--n-boot", "50", "--out", tmp_path / "again").returncode == 0
+    assert json.loads((tmp_path / "again" / "fit.json").read_text())["laws"] == report["laws"]
 
 
 @pytest.mark.parametrize("record, message", [
