@@ -269,14 +269,14 @@ def within_size_response(asked: np.ndarray, judged: np.ndarray, n_atoms: np.ndar
 def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, properties: list[str] | None, data_dir=None,
                     seed: int = 0, progress: bool = True) -> dict:
     """{property: {unit, n_samples, mae, mae_se (its standard error over the samples), within_size_slope and _corr
-    (within_size_response), l_bound, n_atoms, u_bound}} of the structures in samples_path (sample.py's extxyz of a
+    (within_size_response), l_bound, n_atoms, n_atoms_sampled, u_bound}} of the structures in samples_path (sample.py's extxyz of a
     conditional checkpoint: each structure's request in info['condition_<property>']), judged by the --task oracle
     checkpoint ckpt read from oracle_path (load_oracle). properties: those to score (default: every property the
     oracle predicts that the samples requested). Raises
     DataError naming the file and the problem (a structure without its request, an element the oracle does not know, a
     property the oracle does not predict). A second judge adds its keys where it applies: CHGNet's (chgnet_*) for
-    carbon-24's energy, xtb's (xtb_*, judges_apart_*) for QM9's homo, lumo, gap and mu. progress: a bar while the
-    oracle predicts the generator's half (once per oracle file; cached)."""
+    carbon-24's energy, xtb's (xtb_*, judges_apart_*) for QM9's homo, lumo, gap and mu. progress: bars while the
+    oracle predicts the samples and the generator's half (once per oracle file; cached)."""
     from models.condition import Normalisation
     from models.evaluation import read_frames
     from models.molecules import ATOMIC_NUMBERS
@@ -320,7 +320,7 @@ def score_condition(samples_path: Path, oracle_path: Path, ckpt: dict, propertie
         else:
             cell = atoms.cell.cellpar()
             structures.append((atoms.numbers, atoms.get_scaled_positions(wrap=True), cell[:3], cell[3:]))
-    predicted = predict(model, structures, norm, kind, vocabulary)
+    predicted = predict(model, structures, norm, kind, vocabulary, progress)
 
     generator, oracle_half = training_halves(ckpt, data_dir)
     on_generator = generator_half_predictions(model, ckpt, oracle_path, generator, norm, kind, vocabulary, data_dir, progress)
